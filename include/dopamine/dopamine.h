@@ -1,0 +1,6 @@
+#pragma once
+
+// The public C++ API of torch-dopamine.
+#include <dopamine/ops.h>
+#include <dopamine/options.h>
+#include <dopamine/optimizer.h>

@@ -1,0 +1,65 @@
+#pragma once
+
+#include <torch/arg.h>
+#include <torch/optim/optimizer.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace dopamine {
+
+// How the reward prediction error (RPE) sets the step size eta_t (SPEC §2.5).
+enum class LrAdaptation : int64_t {
+  // eta_t = lr: standard weight perturbation, the paper's baseline.
+  None = 0,
+  // eta_t = lr / (m_hat + eps), m the bias-corrected EMA of |delta| / sigma.
+  RpeNormalized = 1,
+  // eta_t = (1 - beta_eta) eta_{t-1} + beta_eta s_t, s the EMA of |delta|.
+  RpeTracking = 2,
+};
+
+// What a step does when a loss is NaN or infinite.
+enum class NonFiniteLoss : int64_t {
+  // Restore the parameters, count the step as skipped, return the loss.
+  Skip = 0,
+  // Restore the parameters, then throw with the loss value in the message.
+  Raise = 1,
+};
+
+std::string to_string(LrAdaptation mode);
+std::string to_string(NonFiniteLoss policy);
+
+// Hyperparameters of one parameter group. `seed` is per group (a group's
+// noise is keyed by it); `non_finite_loss` is read from the optimizer's
+// defaults, since the loss is shared by all groups.
+struct DopamineOptions
+    : public torch::optim::OptimizerCloneableOptions<DopamineOptions> {
+  // One double, the lr, as torch's optimizer serializer requires.
+  DopamineOptions(double lr = 0.1);
+  TORCH_ARG(double, lr) = 0.1;
+  TORCH_ARG(double, sigma) = 0.01;
+  TORCH_ARG(LrAdaptation, lr_adaptation) = LrAdaptation::RpeNormalized;
+  TORCH_ARG(double, beta) = 0.9;
+  TORCH_ARG(double, beta_s) = 0.9998;
+  TORCH_ARG(double, beta_eta) = 2e-4;
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(std::optional<double>, lr_min) = std::nullopt;
+  TORCH_ARG(std::optional<double>, lr_max) = std::nullopt;
+  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(int64_t, seed) = 0;
+  TORCH_ARG(NonFiniteLoss, non_finite_loss) = NonFiniteLoss::Skip;
+
+ public:
+  // Throws c10::Error naming the first invalid option and its value.
+  void validate() const;
+
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  friend bool operator==(const DopamineOptions& lhs,
+                         const DopamineOptions& rhs);
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+};
+
+}  // namespace dopamine

@@ -1,0 +1,211 @@
+// Checkpoints, schedulers, parameter groups, dtypes, threads and devices.
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+#include <torch/optim/schedulers/step_lr.h>
+
+#include <filesystem>
+
+#include "test_utils.h"
+#include "xor/xor_task.h"
+
+namespace dopamine::testing {
+namespace {
+
+std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() /
+          ("dopamine_test_" + std::to_string(::getpid()) + "_" + name))
+      .string();
+}
+
+std::vector<torch::Tensor> train_xor(XorNet& net, Dopamine& optimizer, int steps) {
+  const auto inputs = xor_inputs();
+  const auto targets = xor_targets();
+  for (int i = 0; i < steps; ++i) {
+    optimizer.step([&] { return torch::mse_loss(net->forward(inputs), targets); });
+  }
+  return clones(net->parameters());
+}
+
+class Resume : public ::testing::TestWithParam<LrAdaptation> {};
+
+TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
+  const auto options = DopamineOptions(0.1).lr_adaptation(GetParam()).seed(3);
+  auto straight = make_xor_net(1);
+  Dopamine straight_optimizer(straight->parameters(), options);
+  const auto expected = train_xor(straight, straight_optimizer, 40);
+
+  const auto model_path = temp_path("model.pt");
+  const auto optimizer_path = temp_path("optimizer.pt");
+  {
+    auto first_half = make_xor_net(1);
+    Dopamine optimizer(first_half->parameters(), options);
+    train_xor(first_half, optimizer, 20);
+    torch::save(first_half, model_path);
+    torch::save(optimizer, optimizer_path);
+  }
+  auto resumed = make_xor_net(99);
+  torch::load(resumed, model_path);
+  // Different constructor options: load must restore the saved ones.
+  Dopamine optimizer(resumed->parameters(), DopamineOptions(0.7).seed(5));
+  torch::load(optimizer, optimizer_path);
+  EXPECT_EQ(optimizer.group_state(0)->step(), 20);
+  EXPECT_EQ(static_cast<DopamineOptions&>(optimizer.param_groups()[0].options()),
+            options);
+  const auto actual = train_xor(resumed, optimizer, 20);
+  EXPECT_TRUE(bitwise_equal(actual, expected));
+  EXPECT_EQ(*optimizer.group_state(0), *straight_optimizer.group_state(0));
+  std::filesystem::remove(model_path);
+  std::filesystem::remove(optimizer_path);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllModes,
+                         Resume,
+                         ::testing::Values(LrAdaptation::None,
+                                           LrAdaptation::RpeNormalized,
+                                           LrAdaptation::RpeTracking),
+                         [](const auto& info) { return to_string(info.param); });
+
+TEST(Scheduler, StepLRDrivesTheLearningRate) {
+  const Quadratic loss({{6}}, torch::kDouble, 8);
+  std::vector<torch::Tensor> params = {torch::ones({6}, torch::kDouble)};
+  const auto options = DopamineOptions(0.2).lr_adaptation(LrAdaptation::None);
+  ReferenceDopamine reference;
+  reference.add_group(params, options);
+  Dopamine optimizer(params, options);
+  torch::optim::StepLR schedule(optimizer, /*step_size=*/2, /*gamma=*/0.5);
+  for (int t = 0; t < 6; ++t) {
+    const double lr = optimizer.param_groups()[0].options().get_lr();
+    reference.group(0).options.lr(lr);
+    reference.step(loss);
+    optimizer.step([&] { return loss(params); });
+    schedule.step();
+    EXPECT_DOUBLE_EQ(optimizer.group_state(0)->current_lr(), lr);
+  }
+  // torch's C++ StepLR first decays after step_size + 1 calls.
+  EXPECT_DOUBLE_EQ(optimizer.param_groups()[0].options().get_lr(), 0.05);
+  EXPECT_LT(max_abs_diff(params, reference.all(false)), 1e-10);
+}
+
+TEST(ParamGroups, EachGroupUsesItsOwnOptions) {
+  const Quadratic loss({{4}, {3}, {2, 3}}, torch::kDouble, 6);
+  torch::manual_seed(2);
+  std::vector<torch::Tensor> params = {torch::randn({4}, torch::kDouble),
+                                       torch::randn({3}, torch::kDouble),
+                                       torch::randn({2, 3}, torch::kDouble)};
+  const auto defaults = DopamineOptions(0.05).sigma(1e-3).seed(1);
+  const auto second = DopamineOptions(0.3)
+                          .sigma(1e-2)
+                          .seed(8)
+                          .lr_adaptation(LrAdaptation::RpeTracking)
+                          .weight_decay(0.01);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{params[0]});
+  groups.emplace_back(std::vector<torch::Tensor>{params[1], params[2]},
+                      std::make_unique<DopamineOptions>(second));
+  Dopamine optimizer(groups, defaults);
+
+  ReferenceDopamine reference;
+  reference.add_group({params[0]}, defaults);
+  reference.add_group({params[1], params[2]}, second);
+  for (int t = 0; t < 5; ++t) {
+    reference.step(loss);
+    optimizer.step([&] { return loss(params); });
+  }
+  EXPECT_LT(max_abs_diff(params, reference.all(false)), 1e-10);
+  EXPECT_NE(optimizer.group_state(0)->current_lr(),
+            optimizer.group_state(1)->current_lr());
+  EXPECT_EQ(optimizer.group_state(1)->step(), 5);
+}
+
+TEST(ParamGroups, GroupAddedLaterStartsItsOwnCount) {
+  auto first = torch::ones({3});
+  auto later = torch::ones({2});
+  Dopamine optimizer({first});
+  auto closure = [&] { return (first.square().sum() + later.square().sum()); };
+  optimizer.step(closure);
+  optimizer.add_param_group(torch::optim::OptimizerParamGroup(
+      {later}, std::make_unique<DopamineOptions>(0.05)));
+  optimizer.step(closure);
+  EXPECT_EQ(optimizer.group_state(0)->step(), 2);
+  EXPECT_EQ(optimizer.group_state(1)->step(), 1);
+  EXPECT_FALSE(torch::equal(later, torch::ones({2})));
+}
+
+TEST(Dtypes, Float64MatchesReferenceAndBFloat16Trains) {
+  // float64 is covered to 1e-10 by the UpdateRule tests; here bfloat16 and
+  // float16 parameters keep their dtype, draw the float32 noise rounded
+  // once, and train.
+  for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    const auto rounded = noise_of(torch::zeros({64}, dtype), 5, 1, 0);
+    const auto exact = noise_of(torch::zeros({64}), 5, 1, 0);
+    EXPECT_EQ(rounded.scalar_type(), dtype);
+    EXPECT_TRUE(torch::equal(rounded, exact.to(dtype)));
+
+    const Quadratic loss({{64}}, torch::kFloat, 3);
+    std::vector<torch::Tensor> params = {torch::full({64}, 2.0, dtype)};
+    auto closure = [&] { return loss({params[0].to(torch::kFloat)}); };
+    const double initial = closure().item<double>();
+    Dopamine optimizer(params, DopamineOptions(0.01).sigma(0.05));
+    for (int t = 0; t < 500; ++t) {
+      optimizer.step(closure);
+    }
+    EXPECT_EQ(params[0].scalar_type(), dtype);
+    EXPECT_LT(closure().item<double>(), initial / 2) << dtype;
+  }
+}
+
+TEST(Threads, OpsAndTrajectoriesIndependentOfThreadCount) {
+  const int threads_before = at::get_num_threads();
+  auto run = [](int threads) {
+    at::set_num_threads(threads);
+    torch::manual_seed(0);
+    // Large enough for ATen to split the elementwise work across threads.
+    std::vector<torch::Tensor> params = {torch::randn({1 << 20}),
+                                         torch::randn({1000, 300})};
+    ops::perturb_(params, 1, 2, 0, 0.01);
+    ops::restore_update_(params, 1, 2, 0, 0.01, 0.003, 0.001);
+    auto net = make_xor_net(4);
+    Dopamine optimizer(net->parameters());
+    auto trained = train_xor(net, optimizer, 10);
+    params.insert(params.end(), trained.begin(), trained.end());
+    return params;
+  };
+  const auto one = run(1);
+  const auto two = run(2);
+  at::set_num_threads(threads_before);
+  EXPECT_TRUE(bitwise_equal(one, two));
+}
+
+TEST(Cuda, UpdateMatchesReferenceAndXorTrains) {
+  if (!torch::cuda::is_available()) {
+    GTEST_SKIP() << "CUDA is not available";
+  }
+  const torch::Device cuda(torch::kCUDA);
+  const Quadratic loss({{5}, {2, 3}}, torch::kDouble, 7);
+  std::vector<torch::Tensor> params = {torch::randn({5}, torch::kDouble).to(cuda),
+                                       torch::randn({2, 3}, torch::kDouble).to(cuda)};
+  const auto options = DopamineOptions(0.05).sigma(1e-3).weight_decay(0.1);
+  ReferenceDopamine reference;
+  reference.add_group(params, options);
+  Dopamine optimizer(params, options);
+  for (int t = 0; t < 4; ++t) {
+    reference.step(loss);
+    optimizer.step([&] { return loss(params); });
+  }
+  EXPECT_LT(max_abs_diff(params, reference.all(false)), 1e-10);
+
+  auto net = make_xor_net(0);
+  net->to(cuda);
+  const auto inputs = xor_inputs().to(cuda);
+  const auto targets = xor_targets().to(cuda);
+  Dopamine xor_optimizer(net->parameters());
+  auto closure = [&] { return torch::mse_loss(net->forward(inputs), targets); };
+  double last = 1;
+  for (int t = 0; t < 2000 && last >= 0.01; ++t) {
+    last = xor_optimizer.step(closure).item<double>();
+  }
+  EXPECT_LT(last, 0.01);
+}
+
+}  // namespace
+}  // namespace dopamine::testing

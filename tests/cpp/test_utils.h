@@ -1,0 +1,186 @@
+#pragma once
+
+// Helpers shared by the C++ tests: an independent, double-precision
+// implementation of SPEC §2 to compare the optimizer against, and the noise
+// the ops draw.
+#include <dopamine/dopamine.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace dopamine::testing {
+
+// z for tensor `index` at `step`: perturbing zeros by sigma = 1 yields z
+// exactly, so the test reads the noise without a second noise source.
+inline torch::Tensor noise_of(const torch::Tensor& like,
+                              int64_t seed,
+                              int64_t step,
+                              int64_t index) {
+  auto noise = torch::zeros_like(like);
+  ops::perturb_({noise}, seed, step, index, 1.0);
+  return noise;
+}
+
+using LossFn = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
+
+// SPEC §2 written out step by step, on copies of the parameters.
+class ReferenceDopamine {
+ public:
+  struct Group {
+    std::vector<torch::Tensor> theta;
+    DopamineOptions options;
+    int64_t first_index = 0;
+    int64_t t = 0;
+    double m = 0, s = 0, eta = 0;
+  };
+
+  void add_group(const std::vector<torch::Tensor>& params,
+                 const DopamineOptions& options) {
+    Group group{{}, options, first_index_};
+    for (const auto& p : params) {
+      group.theta.push_back(p.detach().clone());
+    }
+    first_index_ += static_cast<int64_t>(params.size());
+    groups_.push_back(std::move(group));
+  }
+
+  std::vector<torch::Tensor> all(bool perturbed) const {
+    std::vector<torch::Tensor> out;
+    for (const auto& g : groups_) {
+      for (size_t i = 0; i < g.theta.size(); ++i) {
+        out.push_back(perturbed ? g.theta[i] + g.options.sigma() *
+                                                   noise(g, i, g.t + 1)
+                                : g.theta[i]);
+      }
+    }
+    return out;
+  }
+
+  // One step; returns L0.
+  double step(const LossFn& loss) {
+    const double l0 = loss(all(false)).item<double>();
+    const double l1 = loss(all(true)).item<double>();
+    const double delta = l1 - l0;
+    for (auto& g : groups_) {
+      const auto& o = g.options;
+      g.t += 1;
+      double eta = o.lr();
+      if (o.lr_adaptation() == LrAdaptation::RpeNormalized) {
+        g.m = o.beta() * g.m + (1 - o.beta()) * std::abs(delta) / o.sigma();
+        eta = o.lr() / (g.m / (1 - std::pow(o.beta(), g.t)) + o.eps());
+      } else if (o.lr_adaptation() == LrAdaptation::RpeTracking) {
+        g.s = o.beta_s() * g.s + (1 - o.beta_s()) * std::abs(delta);
+        const double previous = g.t == 1 ? o.lr() : g.eta;
+        eta = (1 - o.beta_eta()) * previous + o.beta_eta() * g.s;
+      }
+      if (o.lr_min()) {
+        eta = std::max(eta, *o.lr_min());
+      }
+      if (o.lr_max()) {
+        eta = std::min(eta, *o.lr_max());
+      }
+      g.eta = eta;
+      for (size_t i = 0; i < g.theta.size(); ++i) {
+        const auto grad_estimate = (delta / o.sigma()) * noise(g, i, g.t);
+        g.theta[i] = g.theta[i] - eta * grad_estimate -
+                     o.lr() * o.weight_decay() * g.theta[i];
+      }
+    }
+    return l0;
+  }
+
+  Group& group(size_t i) {
+    return groups_.at(i);
+  }
+
+ private:
+  torch::Tensor noise(const Group& g, size_t i, int64_t step) const {
+    return noise_of(g.theta[i], g.options.seed(), step, g.first_index + i);
+  }
+
+  std::vector<Group> groups_;
+  int64_t first_index_ = 0;
+};
+
+// 0.5 * sum(a * p^2) + sum(b * p) over all tensors, a > 0: a convex quadratic
+// with known gradient a * p + b.
+struct Quadratic {
+  std::vector<torch::Tensor> a, b;
+
+  Quadratic(const std::vector<torch::IntArrayRef>& shapes,
+            torch::Dtype dtype,
+            uint64_t seed) {
+    torch::manual_seed(seed);
+    for (const auto& shape : shapes) {
+      a.push_back(torch::rand(shape, dtype) + 0.5);
+      b.push_back(torch::randn(shape, dtype));
+    }
+  }
+
+  torch::Tensor operator()(const std::vector<torch::Tensor>& params) const {
+    auto loss = torch::zeros({}, params.front().options());
+    for (size_t i = 0; i < params.size(); ++i) {
+      loss = loss + (0.5 * a[i].to(params[i].device()) * params[i].square() +
+                     b[i].to(params[i].device()) * params[i])
+                        .sum();
+    }
+    return loss;
+  }
+};
+
+inline std::vector<torch::Tensor> clones(
+    const std::vector<torch::Tensor>& tensors) {
+  std::vector<torch::Tensor> out;
+  for (const auto& t : tensors) {
+    out.push_back(t.detach().clone());
+  }
+  return out;
+}
+
+inline bool bitwise_equal(const std::vector<torch::Tensor>& x,
+                          const std::vector<torch::Tensor>& y) {
+  if (x.size() != y.size()) {
+    return false;
+  }
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (!torch::equal(x[i], y[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+inline double max_abs_diff(const std::vector<torch::Tensor>& x,
+                           const std::vector<torch::Tensor>& y) {
+  double diff = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    diff = std::max(
+        diff,
+        (x[i].to(torch::kDouble) - y[i].to(torch::kDouble).to(x[i].device()))
+            .abs()
+            .max()
+            .item<double>());
+  }
+  return diff;
+}
+
+// Runs `fn`, expects a c10::Error whose message holds every piece of `parts`.
+template <typename Fn>
+void expect_error(Fn&& fn, const std::vector<std::string>& parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected a c10::Error mentioning " << parts.front();
+  } catch (const c10::Error& e) {
+    const std::string message = e.what_without_backtrace();
+    for (const auto& part : parts) {
+      EXPECT_NE(message.find(part), std::string::npos)
+          << "message lacks '" << part << "': " << message;
+    }
+  }
+}
+
+}  // namespace dopamine::testing
