@@ -81,12 +81,16 @@ int main(int argc, char** argv) {
   using dopamine::DopamineOptions;
   using dopamine::LrAdaptation;
   const std::vector<Contender> contenders = {
-      {"dopamine", "lr 0.1, sigma 0.01, rpe_normalized", false,
+      {"dopamine",
+       "lr 0.1, sigma 0.01, rpe_normalized",
+       false,
        [](auto params, uint64_t seed) {
          return std::make_unique<dopamine::Dopamine>(
              params, DopamineOptions(0.1).sigma(0.01).seed(seed));
        }},
-      {"dopamine[rpe_tracking]", "lr 1.0, sigma 0.01", false,
+      {"dopamine[rpe_tracking]",
+       "lr 1.0, sigma 0.01",
+       false,
        [](auto params, uint64_t seed) {
          return std::make_unique<dopamine::Dopamine>(
              params,
@@ -95,7 +99,9 @@ int main(int argc, char** argv) {
                  .lr_adaptation(LrAdaptation::RpeTracking)
                  .seed(seed));
        }},
-      {"wp", "lr 1.0, sigma 0.01 (lr_adaptation None)", false,
+      {"wp",
+       "lr 1.0, sigma 0.01 (lr_adaptation None)",
+       false,
        [](auto params, uint64_t seed) {
          return std::make_unique<dopamine::Dopamine>(
              params,
@@ -104,23 +110,32 @@ int main(int argc, char** argv) {
                  .lr_adaptation(LrAdaptation::None)
                  .seed(seed));
        }},
-      {"sgd", "lr 1.0", true,
+      {"sgd",
+       "lr 1.0",
+       true,
        [](auto params, uint64_t) {
          return std::make_unique<torch::optim::SGD>(
              params, torch::optim::SGDOptions(1.0));
        }},
-      {"adam", "lr 0.05", true,
+      {"adam",
+       "lr 0.05",
+       true,
        [](auto params, uint64_t) {
          return std::make_unique<torch::optim::Adam>(
              params, torch::optim::AdamOptions(0.05));
        }},
   };
 
-  std::printf("XOR 2-4-1 MLP, MSE, full batch, target loss %.2g, %d seeds, "
-              "at most %d steps, 1 thread, torch %s\n\n",
-              kTarget, seeds, max_steps, TORCH_VERSION);
-  std::printf("| optimizer | settings | solved | median steps | median ms "
-              "| forwards/step | backwards/step |\n");
+  std::printf(
+      "XOR 2-4-1 MLP, MSE, full batch, target loss %.2g, %d seeds, "
+      "at most %d steps, 1 thread, torch %s\n\n",
+      kTarget,
+      seeds,
+      max_steps,
+      TORCH_VERSION);
+  std::printf(
+      "| optimizer | settings | solved | median steps | median ms "
+      "| forwards/step | backwards/step |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
   for (const auto& contender : contenders) {
     std::vector<double> steps, milliseconds;
@@ -132,8 +147,12 @@ int main(int argc, char** argv) {
       }
     }
     std::printf("| %s | %s | %zu/%d | %.0f | %.2f | %d | %d |\n",
-                contender.name.c_str(), contender.settings.c_str(),
-                steps.size(), seeds, median(steps), median(milliseconds),
+                contender.name.c_str(),
+                contender.settings.c_str(),
+                steps.size(),
+                seeds,
+                median(steps),
+                median(milliseconds),
                 contender.uses_gradients ? 1 : 2,
                 contender.uses_gradients ? 1 : 0);
     std::fflush(stdout);

@@ -46,8 +46,7 @@ at::Tensor noise_like(const at::Tensor& param, uint64_t key) {
   }
   generator.set_current_seed(key);
   auto noise = at::empty(
-      param.sizes(),
-      param.options().dtype(compute_type(param.scalar_type())));
+      param.sizes(), param.options().dtype(compute_type(param.scalar_type())));
   noise.normal_(0.0, 1.0, generator);
   return noise;
 }
@@ -88,7 +87,8 @@ void restore_update_kernel(at::TensorList params,
   check_params(params, "restore_update_");
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& param = params[i];
-    const auto noise = noise_like(param, noise_key(seed, step, first_index + i));
+    const auto noise =
+        noise_like(param, noise_key(seed, step, first_index + i));
     const bool same_type = param.scalar_type() == noise.scalar_type();
     const auto work = same_type ? param : param.to(noise.scalar_type());
     if (decay == 0) {

@@ -21,10 +21,10 @@ void perturb_(at::TensorList params,
               int64_t step,
               int64_t first_index,
               double sigma) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dopamine::perturb_", "")
-                       .typed<void(at::TensorList, int64_t, int64_t, int64_t,
-                                   double)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dopamine::perturb_", "")
+          .typed<void(at::TensorList, int64_t, int64_t, int64_t, double)>();
   op.call(params, seed, step, first_index, sigma);
 }
 
@@ -37,8 +37,13 @@ void restore_update_(at::TensorList params,
                      double decay) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dopamine::restore_update_", "")
-                       .typed<void(at::TensorList, int64_t, int64_t, int64_t,
-                                   double, double, double)>();
+                       .typed<void(at::TensorList,
+                                   int64_t,
+                                   int64_t,
+                                   int64_t,
+                                   double,
+                                   double,
+                                   double)>();
   op.call(params, seed, step, first_index, sigma, step_size, decay);
 }
 

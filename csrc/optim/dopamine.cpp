@@ -41,21 +41,23 @@ std::string to_string(NonFiniteLoss policy) {
 DopamineOptions::DopamineOptions(double lr) : lr_(lr) {}
 
 void DopamineOptions::validate() const {
-  auto check = [](bool valid, const char* name, double value, const char* rule) {
-    TORCH_CHECK(valid,
-                "Dopamine: invalid ",
-                name,
-                ": ",
-                value,
-                " (expected ",
-                rule,
-                ")");
-  };
+  auto check =
+      [](bool valid, const char* name, double value, const char* rule) {
+        TORCH_CHECK(valid,
+                    "Dopamine: invalid ",
+                    name,
+                    ": ",
+                    value,
+                    " (expected ",
+                    rule,
+                    ")");
+      };
   check(std::isfinite(lr()) && lr() >= 0, "lr", lr(), ">= 0");
   check(std::isfinite(sigma()) && sigma() > 0, "sigma", sigma(), "> 0");
   check(beta() >= 0 && beta() < 1, "beta", beta(), "in [0, 1)");
   check(beta_s() >= 0 && beta_s() < 1, "beta_s", beta_s(), "in [0, 1)");
-  check(beta_eta() >= 0 && beta_eta() <= 1, "beta_eta", beta_eta(), "in [0, 1]");
+  check(
+      beta_eta() >= 0 && beta_eta() <= 1, "beta_eta", beta_eta(), "in [0, 1]");
   check(std::isfinite(eps()) && eps() > 0, "eps", eps(), "> 0");
   check(std::isfinite(weight_decay()) && weight_decay() >= 0,
         "weight_decay",
@@ -71,7 +73,10 @@ void DopamineOptions::validate() const {
     check(*lr_min() <= *lr_max(), "lr_min", *lr_min(), "<= lr_max");
   }
   const auto mode = static_cast<int64_t>(lr_adaptation());
-  check(mode >= 0 && mode <= 2, "lr_adaptation", mode, "None, RpeNormalized or RpeTracking");
+  check(mode >= 0 && mode <= 2,
+        "lr_adaptation",
+        mode,
+        "None, RpeNormalized or RpeTracking");
   const auto policy = static_cast<int64_t>(non_finite_loss());
   check(policy >= 0 && policy <= 1, "non_finite_loss", policy, "Skip or Raise");
 }
@@ -82,12 +87,12 @@ bool operator==(const DopamineOptions& lhs, const DopamineOptions& rhs) {
          lhs.beta() == rhs.beta() && lhs.beta_s() == rhs.beta_s() &&
          lhs.beta_eta() == rhs.beta_eta() && lhs.eps() == rhs.eps() &&
          lhs.lr_min() == rhs.lr_min() && lhs.lr_max() == rhs.lr_max() &&
-         lhs.weight_decay() == rhs.weight_decay() &&
-         lhs.seed() == rhs.seed() &&
+         lhs.weight_decay() == rhs.weight_decay() && lhs.seed() == rhs.seed() &&
          lhs.non_finite_loss() == rhs.non_finite_loss();
 }
 
-void DopamineOptions::serialize(torch::serialize::OutputArchive& archive) const {
+void DopamineOptions::serialize(
+    torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(sigma);
   archive.write("lr_adaptation", static_cast<int64_t>(lr_adaptation()));
@@ -157,8 +162,8 @@ void DopamineParamState::serialize(torch::serialize::InputArchive& archive) {
 
 namespace {
 
-const DopamineOptions& options_of(const torch::optim::OptimizerParamGroup& group,
-                                  size_t group_index) {
+const DopamineOptions& options_of(
+    const torch::optim::OptimizerParamGroup& group, size_t group_index) {
   const auto* options = dynamic_cast<const DopamineOptions*>(&group.options());
   TORCH_CHECK(options != nullptr,
               "Dopamine: parameter group ",
@@ -167,7 +172,8 @@ const DopamineOptions& options_of(const torch::optim::OptimizerParamGroup& group
   return *options;
 }
 
-void check_params(const std::vector<torch::Tensor>& params, size_t group_index) {
+void check_params(const std::vector<torch::Tensor>& params,
+                  size_t group_index) {
   for (const auto i : c10::irange(params.size())) {
     const auto& param = params[i];
     TORCH_CHECK(param.defined(),
@@ -233,8 +239,7 @@ double adapt_lr(const DopamineOptions& options,
       state.rpe_trace(beta * state.rpe_trace() +
                       (1 - beta) * std::abs(delta) / options.sigma());
       const double bias_correction = 1 - std::pow(beta, updates);
-      lr = options.lr() /
-           (state.rpe_trace() / bias_correction + options.eps());
+      lr = options.lr() / (state.rpe_trace() / bias_correction + options.eps());
       break;
     }
     case LrAdaptation::RpeTracking: {
@@ -361,23 +366,23 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     }
   };
   // A non-finite loss leaves the parameters as they were before the step.
-  auto non_finite = [&](const torch::Tensor& loss, double value,
-                        const char* which) {
-    const auto policy =
-        static_cast<const DopamineOptions&>(defaults()).non_finite_loss();
-    TORCH_CHECK(policy == NonFiniteLoss::Skip,
-                "Dopamine: the ",
-                which,
-                " loss is ",
-                value,
-                "; parameters restored, step not taken "
-                "(non_finite_loss=Raise)");
-    for (auto& group : groups) {
-      group.next.skipped_steps(group.next.skipped_steps() + 1);
-      commit(group);
-    }
-    return loss;
-  };
+  auto non_finite =
+      [&](const torch::Tensor& loss, double value, const char* which) {
+        const auto policy =
+            static_cast<const DopamineOptions&>(defaults()).non_finite_loss();
+        TORCH_CHECK(policy == NonFiniteLoss::Skip,
+                    "Dopamine: the ",
+                    which,
+                    " loss is ",
+                    value,
+                    "; parameters restored, step not taken "
+                    "(non_finite_loss=Raise)");
+        for (auto& group : groups) {
+          group.next.skipped_steps(group.next.skipped_steps() + 1);
+          commit(group);
+        }
+        return loss;
+      };
 
   const torch::Tensor loss = closure();
   const double unperturbed = loss_value(loss, "unperturbed");

@@ -14,8 +14,7 @@ int main(int argc, char** argv) {
   const auto targets = xor_targets();
 
   dopamine::Dopamine optimizer(
-      net->parameters(),
-      dopamine::DopamineOptions(0.1).sigma(0.01).seed(seed));
+      net->parameters(), dopamine::DopamineOptions(0.1).sigma(0.01).seed(seed));
   auto closure = [&] { return torch::mse_loss(net->forward(inputs), targets); };
 
   for (int step = 1; step <= 2000; ++step) {

@@ -62,8 +62,7 @@ class Dopamine : public torch::optim::Optimizer {
  private:
   template <typename Self, typename Archive>
   static void serialize(Self& self, Archive& archive) {
-    torch::optim::serialize<DopamineParamState, DopamineOptions>(archive,
-                                                                 self);
+    torch::optim::serialize<DopamineParamState, DopamineOptions>(archive, self);
   }
 };
 

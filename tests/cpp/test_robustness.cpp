@@ -47,8 +47,9 @@ TEST_F(BadInput, ClosureReturnsNonScalar) {
 
 TEST_F(BadInput, ClosureReturnsNonFloating) {
   Dopamine optimizer(params_);
-  expect_error([&] { optimizer.step([] { return torch::ones({}, torch::kLong); }); },
-               {"floating-point", "Long"});
+  expect_error(
+      [&] { optimizer.step([] { return torch::ones({}, torch::kLong); }); },
+      {"floating-point", "Long"});
   EXPECT_TRUE(bitwise_equal(params_, initial_));
 }
 
@@ -64,9 +65,8 @@ TEST_F(BadInput, PerturbedLossNonScalarRestores) {
   int calls = 0;
   expect_error(
       [&] {
-        optimizer.step([&] {
-          return ++calls == 1 ? good_loss() : torch::ones({3});
-        });
+        optimizer.step(
+            [&] { return ++calls == 1 ? good_loss() : torch::ones({3}); });
       },
       {"scalar", "perturbed"});
   EXPECT_EQ(calls, 2);
@@ -105,7 +105,8 @@ TEST_F(BadInput, ClosureThrowsRestoresAndKeepsState) {
   const auto& twin_state = *twin_optimizer.group_state(0);
   EXPECT_EQ(state.step(), 2);
   EXPECT_EQ(twin_state.step(), 2);
-  EXPECT_NEAR(state.rpe_trace(), twin_state.rpe_trace(), 1e-5 * twin_state.rpe_trace());
+  EXPECT_NEAR(
+      state.rpe_trace(), twin_state.rpe_trace(), 1e-5 * twin_state.rpe_trace());
   EXPECT_GT(max_abs_diff(params_, untouched), 1e-3);
 }
 
@@ -191,7 +192,8 @@ TEST(InvalidOptions, RejectedAtConstruction) {
 TEST(InvalidOptions, ChangedAfterConstructionRejectedAtStep) {
   auto param = torch::ones({2});
   Dopamine optimizer({param});
-  static_cast<DopamineOptions&>(optimizer.param_groups()[0].options()).sigma(-2);
+  static_cast<DopamineOptions&>(optimizer.param_groups()[0].options())
+      .sigma(-2);
   expect_error([&] { optimizer.step([&] { return param.sum(); }); },
                {"sigma", "-2"});
   EXPECT_TRUE(torch::equal(param, torch::ones({2})));
@@ -202,7 +204,9 @@ TEST(InvalidParams, RejectedAtConstruction) {
   expect_error([] { Dopamine({torch::ones({2}, torch::kLong)}); },
                {"parameter 0 of group 0", "Long", "floating-point"});
   expect_error(
-      [] { Dopamine({torch::ones({2}), torch::eye(2).to_sparse()}); },
+      [] {
+        Dopamine({torch::ones({2}), torch::eye(2).to_sparse()});
+      },
       {"parameter 1 of group 0", "Sparse"});
   expect_error([&] { Dopamine({leaf * 2}); }, {"not a leaf"});
   expect_error([&] { Dopamine({leaf, leaf}); }, {"more than once"});

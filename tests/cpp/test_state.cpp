@@ -17,11 +17,14 @@ std::string temp_path(const std::string& name) {
       .string();
 }
 
-std::vector<torch::Tensor> train_xor(XorNet& net, Dopamine& optimizer, int steps) {
+std::vector<torch::Tensor> train_xor(XorNet& net,
+                                     Dopamine& optimizer,
+                                     int steps) {
   const auto inputs = xor_inputs();
   const auto targets = xor_targets();
   for (int i = 0; i < steps; ++i) {
-    optimizer.step([&] { return torch::mse_loss(net->forward(inputs), targets); });
+    optimizer.step(
+        [&] { return torch::mse_loss(net->forward(inputs), targets); });
   }
   return clones(net->parameters());
 }
@@ -49,8 +52,9 @@ TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
   Dopamine optimizer(resumed->parameters(), DopamineOptions(0.7).seed(5));
   torch::load(optimizer, optimizer_path);
   EXPECT_EQ(optimizer.group_state(0)->step(), 20);
-  EXPECT_EQ(static_cast<DopamineOptions&>(optimizer.param_groups()[0].options()),
-            options);
+  EXPECT_EQ(
+      static_cast<DopamineOptions&>(optimizer.param_groups()[0].options()),
+      options);
   const auto actual = train_xor(resumed, optimizer, 20);
   EXPECT_TRUE(bitwise_equal(actual, expected));
   EXPECT_EQ(*optimizer.group_state(0), *straight_optimizer.group_state(0));
@@ -63,7 +67,9 @@ INSTANTIATE_TEST_SUITE_P(AllModes,
                          ::testing::Values(LrAdaptation::None,
                                            LrAdaptation::RpeNormalized,
                                            LrAdaptation::RpeTracking),
-                         [](const auto& info) { return to_string(info.param); });
+                         [](const auto& info) {
+                           return to_string(info.param);
+                         });
 
 TEST(Scheduler, StepLRDrivesTheLearningRate) {
   const Quadratic loss({{6}}, torch::kDouble, 8);
@@ -182,8 +188,9 @@ TEST(Cuda, UpdateMatchesReferenceAndXorTrains) {
   }
   const torch::Device cuda(torch::kCUDA);
   const Quadratic loss({{5}, {2, 3}}, torch::kDouble, 7);
-  std::vector<torch::Tensor> params = {torch::randn({5}, torch::kDouble).to(cuda),
-                                       torch::randn({2, 3}, torch::kDouble).to(cuda)};
+  std::vector<torch::Tensor> params = {
+      torch::randn({5}, torch::kDouble).to(cuda),
+      torch::randn({2, 3}, torch::kDouble).to(cuda)};
   const auto options = DopamineOptions(0.05).sigma(1e-3).weight_decay(0.1);
   ReferenceDopamine reference;
   reference.add_group(params, options);

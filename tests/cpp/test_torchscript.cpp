@@ -28,20 +28,23 @@ TEST(TorchScript, DefinedModuleTrainsExactlyLikeTheCppModule) {
   double cpp_loss = 0, script_loss = 0;
   const double initial =
       torch::mse_loss(net->forward(inputs), xor_targets()).item<double>();
-  const auto cpp = train([&] { return net->forward(inputs); },
-                         net->parameters(), 600, &cpp_loss);
-  const auto script = train(
-      [&] { return scripted.forward({inputs}).toTensor(); },
-      parameters_of(scripted), 600, &script_loss);
+  const auto cpp = train(
+      [&] { return net->forward(inputs); }, net->parameters(), 600, &cpp_loss);
+  const auto script =
+      train([&] { return scripted.forward({inputs}).toTensor(); },
+            parameters_of(scripted),
+            600,
+            &script_loss);
   EXPECT_TRUE(bitwise_equal(cpp, script));
   EXPECT_EQ(cpp_loss, script_loss);
   EXPECT_LT(script_loss, initial / 2);
 }
 
 TEST(TorchScript, LoadedModuleTrains) {
-  const auto path = (std::filesystem::temp_directory_path() /
-                     ("dopamine_scripted_" + std::to_string(::getpid()) + ".pt"))
-                        .string();
+  const auto path =
+      (std::filesystem::temp_directory_path() /
+       ("dopamine_scripted_" + std::to_string(::getpid()) + ".pt"))
+          .string();
   auto in_memory = scripted_xor_net(make_xor_net(5));
   in_memory.save(path);
   auto loaded = torch::jit::load(path);
@@ -51,11 +54,16 @@ TEST(TorchScript, LoadedModuleTrains) {
       torch::mse_loss(loaded.forward({inputs}).toTensor(), xor_targets())
           .item<double>();
   double loaded_loss = 0, in_memory_loss = 0;
-  const auto trained = train([&] { return loaded.forward({inputs}).toTensor(); },
-                             parameters_of(loaded), 300, &loaded_loss);
+  const auto trained =
+      train([&] { return loaded.forward({inputs}).toTensor(); },
+            parameters_of(loaded),
+            300,
+            &loaded_loss);
   const auto reference =
       train([&] { return in_memory.forward({inputs}).toTensor(); },
-            parameters_of(in_memory), 300, &in_memory_loss);
+            parameters_of(in_memory),
+            300,
+            &in_memory_loss);
   EXPECT_TRUE(bitwise_equal(trained, reference));
   EXPECT_LT(loaded_loss, initial / 2);
 }

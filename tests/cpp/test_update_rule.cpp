@@ -32,7 +32,8 @@ TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
 
   for (int t = 1; t <= 5; ++t) {
     const double expected_l0 = reference.step(loss);
-    const double l0 = optimizer.step([&] { return loss(params); }).item<double>();
+    const double l0 =
+        optimizer.step([&] { return loss(params); }).item<double>();
     EXPECT_NEAR(l0, expected_l0, 1e-10) << "step " << t;
     // Loss differences are divided by sigma = 1e-3, so double rounding of
     // ~1e-16 in the losses shows up as ~1e-13 in the parameters.
@@ -73,7 +74,8 @@ TEST(UpdateRule, LrMinAndLrMaxClamp) {
       reference.step(loss);
       optimizer.step([&] { return loss(params); });
     }
-    const double clamped = options.lr_max() ? *options.lr_max() : *options.lr_min();
+    const double clamped =
+        options.lr_max() ? *options.lr_max() : *options.lr_min();
     EXPECT_DOUBLE_EQ(optimizer.group_state(0)->current_lr(), clamped);
     EXPECT_LT(max_abs_diff(params, reference.all(false)), 1e-10);
   }
@@ -100,9 +102,11 @@ TEST(GradientEstimate, IsUnbiased) {
   const auto gradient = a.matmul(x0) + b;
 
   auto x = x0.clone();
-  Dopamine optimizer(
-      {x},
-      DopamineOptions(1.0).sigma(1e-3).lr_adaptation(LrAdaptation::None).seed(9));
+  Dopamine optimizer({x},
+                     DopamineOptions(1.0)
+                         .sigma(1e-3)
+                         .lr_adaptation(LrAdaptation::None)
+                         .seed(9));
   auto closure = [&] { return 0.5 * x.dot(a.matmul(x)) + b.dot(x); };
   auto sum = torch::zeros({dim}, torch::kDouble);
   auto sum_sq = torch::zeros({dim}, torch::kDouble);

@@ -52,8 +52,8 @@ class ReferenceDopamine {
     std::vector<torch::Tensor> out;
     for (const auto& g : groups_) {
       for (size_t i = 0; i < g.theta.size(); ++i) {
-        out.push_back(perturbed ? g.theta[i] + g.options.sigma() *
-                                                   noise(g, i, g.t + 1)
+        out.push_back(perturbed ? g.theta[i] +
+                                      g.options.sigma() * noise(g, i, g.t + 1)
                                 : g.theta[i]);
       }
     }

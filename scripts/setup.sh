@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what `make` needs and is missing: a C++ toolchain, CMake,
+# GoogleTest (Debian packages) and torch (pinned, see requirements.txt).
+# Safe to run again: it installs nothing that is already there.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(g++)
+command -v make >/dev/null || missing+=(make)
+command -v ccache >/dev/null || missing+=(ccache)
+[ -f /usr/lib/x86_64-linux-gnu/cmake/GTest/GTestConfig.cmake ] ||
+  [ -n "$(find /usr/lib* -name GTestConfig.cmake -print -quit 2>/dev/null)" ] ||
+  missing+=(libgtest-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
+  echo "setup: installing Python packages from requirements.txt"
+  "$PYTHON" -m pip install -q -r requirements.txt
+fi
+"$PYTHON" -c 'import torch; print("setup: torch", torch.__version__)'
