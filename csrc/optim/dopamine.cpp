@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 #include <string>
 #include <unordered_set>
 #include <utility>
@@ -161,6 +162,23 @@ void DopamineParamState::serialize(torch::serialize::InputArchive& archive) {
 }
 
 namespace {
+
+// torch keys optimizer state by TensorImpl* since 2.x and by the pointer's
+// text before; the key follows the map's own type.
+using StateKey = std::decay_t<
+    decltype(std::declval<const torch::optim::Optimizer&>().state())>::key_type;
+
+template <typename Key = StateKey>
+Key state_key(const torch::Tensor& param) {
+  void* impl = param.unsafeGetTensorImpl();
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream text;
+    text << impl;
+    return text.str();
+  } else {
+    return impl;
+  }
+}
 
 const DopamineOptions& options_of(
     const torch::optim::OptimizerParamGroup& group, size_t group_index) {
@@ -337,7 +355,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     const auto& options = options_of(param_groups_[g], g);
     options.validate();
     if (!params.empty()) {
-      const auto found = state_.find(params.front().unsafeGetTensorImpl());
+      const auto found = state_.find(state_key(params.front()));
       DopamineParamState next;
       if (found != state_.end()) {
         next = static_cast<const DopamineParamState&>(*found->second);
@@ -353,7 +371,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   }
 
   auto commit = [this](const GroupStep& group) {
-    auto& slot = state_[group.params.front().unsafeGetTensorImpl()];
+    auto& slot = state_[state_key(group.params.front())];
     if (slot) {
       static_cast<DopamineParamState&>(*slot) = group.next;
     } else {
@@ -442,7 +460,7 @@ const DopamineParamState* Dopamine::group_state(size_t group_index) const {
   if (params.empty()) {
     return nullptr;
   }
-  const auto found = state_.find(params.front().unsafeGetTensorImpl());
+  const auto found = state_.find(state_key(params.front()));
   return found == state_.end()
              ? nullptr
              : static_cast<const DopamineParamState*>(found->second.get());
