@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,18 @@ struct Run {
   int steps;
   double milliseconds;
 };
+
+// Dopamine with `options`, its noise seeded like the net's initialisation.
+Contender dopamine_contender(const std::string& name,
+                             const dopamine::DopamineOptions& options) {
+  std::ostringstream settings;
+  settings << "lr " << options.lr() << ", sigma " << options.sigma() << ", "
+           << dopamine::to_string(options.lr_adaptation());
+  return {name, settings.str(), false, [options](auto params, uint64_t seed) {
+            return std::make_unique<dopamine::Dopamine>(
+                params, dopamine::DopamineOptions(options).seed(seed));
+          }};
+}
 
 Run train(const Contender& contender, uint64_t seed, int max_steps) {
   auto net = make_xor_net(seed);
@@ -81,35 +94,13 @@ int main(int argc, char** argv) {
   using dopamine::DopamineOptions;
   using dopamine::LrAdaptation;
   const std::vector<Contender> contenders = {
-      {"dopamine",
-       "lr 0.1, sigma 0.01, rpe_normalized",
-       false,
-       [](auto params, uint64_t seed) {
-         return std::make_unique<dopamine::Dopamine>(
-             params, DopamineOptions(0.1).sigma(0.01).seed(seed));
-       }},
-      {"dopamine[rpe_tracking]",
-       "lr 1.0, sigma 0.01",
-       false,
-       [](auto params, uint64_t seed) {
-         return std::make_unique<dopamine::Dopamine>(
-             params,
-             DopamineOptions(1.0)
-                 .sigma(0.01)
-                 .lr_adaptation(LrAdaptation::RpeTracking)
-                 .seed(seed));
-       }},
-      {"wp",
-       "lr 1.0, sigma 0.01 (lr_adaptation None)",
-       false,
-       [](auto params, uint64_t seed) {
-         return std::make_unique<dopamine::Dopamine>(
-             params,
-             DopamineOptions(1.0)
-                 .sigma(0.01)
-                 .lr_adaptation(LrAdaptation::None)
-                 .seed(seed));
-       }},
+      dopamine_contender("dopamine", DopamineOptions(0.1).sigma(0.01)),
+      dopamine_contender("dopamine[rpe_tracking]",
+                         DopamineOptions(1.0).sigma(0.01).lr_adaptation(
+                             LrAdaptation::RpeTracking)),
+      dopamine_contender(
+          "wp",
+          DopamineOptions(1.0).sigma(0.01).lr_adaptation(LrAdaptation::None)),
       {"sgd",
        "lr 1.0",
        true,

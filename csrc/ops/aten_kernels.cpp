@@ -102,16 +102,19 @@ void restore_update_kernel(at::TensorList params,
   }
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dopamine, CPU, m) {
+void register_kernels(torch::Library& m) {
   m.impl("perturb_", &perturb_kernel);
   m.impl("restore_update_", &restore_update_kernel);
 }
 
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dopamine, CPU, m) {
+  register_kernels(m);
+}
+
 TORCH_LIBRARY_IMPL(dopamine, CUDA, m) {
-  m.impl("perturb_", &perturb_kernel);
-  m.impl("restore_update_", &restore_update_kernel);
+  register_kernels(m);
 }
 
 }  // namespace dopamine::ops

@@ -121,6 +121,8 @@ TEST(ParamGroups, EachGroupUsesItsOwnOptions) {
   EXPECT_NE(optimizer.group_state(0)->current_lr(),
             optimizer.group_state(1)->current_lr());
   EXPECT_EQ(optimizer.group_state(1)->step(), 5);
+  // O(1) state: one scalar record per group, no tensor anywhere.
+  EXPECT_EQ(optimizer.state().size(), 2);
 }
 
 TEST(ParamGroups, GroupAddedLaterStartsItsOwnCount) {
