@@ -30,10 +30,16 @@ TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
   reference.add_group(params, options);
   Dopamine optimizer(params, options);
 
+  int calls = 0;
+  auto closure = [&] {
+    ++calls;
+    EXPECT_FALSE(torch::GradMode::is_enabled());
+    return loss(params);
+  };
   for (int t = 1; t <= 5; ++t) {
     const double expected_l0 = reference.step(loss);
-    const double l0 =
-        optimizer.step([&] { return loss(params); }).item<double>();
+    const double l0 = optimizer.step(closure).item<double>();
+    EXPECT_EQ(calls, 2 * t);
     EXPECT_NEAR(l0, expected_l0, 1e-10) << "step " << t;
     // Loss differences are divided by sigma = 1e-3, so double rounding of
     // ~1e-16 in the losses shows up as ~1e-13 in the parameters.
