@@ -1,7 +1,7 @@
 // Device-generic kernels for Dopamine's ops, composed of ATen calls and
 // registered for CPU and CUDA. They allocate the noise of one tensor at a
 // time and free it before the next; fused kernels that never materialise it
-// are the next step (issue 5).
+// are planned.
 #include <ATen/Context.h>
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
