@@ -11,8 +11,7 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
 command -v ccache >/dev/null || missing+=(ccache)
-[ -f /usr/lib/x86_64-linux-gnu/cmake/GTest/GTestConfig.cmake ] ||
-  [ -n "$(find /usr/lib* -name GTestConfig.cmake -print -quit 2>/dev/null)" ] ||
+[ -n "$(find /usr/lib* -name GTestConfig.cmake -print -quit 2>/dev/null)" ] ||
   missing+=(libgtest-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"

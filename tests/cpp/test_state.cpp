@@ -139,7 +139,7 @@ TEST(ParamGroups, GroupAddedLaterStartsItsOwnCount) {
   EXPECT_FALSE(torch::equal(later, torch::ones({2})));
 }
 
-TEST(Dtypes, Float64MatchesReferenceAndBFloat16Trains) {
+TEST(Dtypes, HalfTypesDrawRoundedNoiseAndTrain) {
   // float64 is covered to 1e-10 by the UpdateRule tests; here bfloat16 and
   // float16 parameters keep their dtype, draw the float32 noise rounded
   // once, and train.
