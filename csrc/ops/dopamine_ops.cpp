@@ -1,5 +1,6 @@
 // The schemas of Dopamine's ops, and the C++ entry points that call them
-// through the dispatcher. Kernels are registered per backend elsewhere.
+// through the dispatcher. Kernels are registered elsewhere: per backend for
+// the tensor ops, once for the scalar ops.
 #include <dopamine/ops.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -14,7 +15,27 @@ TORCH_LIBRARY(dopamine, m) {
   m.def(
       "restore_update_(Tensor(a!)[] params, int seed, int step, "
       "int first_index, float sigma, float step_size, float decay) -> ()");
+  m.def(
+      "adapt_lr(str mode, float delta, int updates, float lr, float sigma, "
+      "float beta, float beta_s, float beta_eta, float eps, float? lr_min, "
+      "float? lr_max, float rpe_trace, float rpe_magnitude, "
+      "float current_lr) -> (float, float, float)");
+  m.def(
+      "check_options(float lr, float sigma, str lr_adaptation, float beta, "
+      "float beta_s, float beta_eta, float eps, float? lr_min, "
+      "float? lr_max, float weight_decay, str non_finite_loss) -> ()");
 }
+
+namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow(name, "")
+      .typed<Signature>();
+}
+
+}  // namespace
 
 void perturb_(at::TensorList params,
               int64_t seed,
@@ -22,9 +43,8 @@ void perturb_(at::TensorList params,
               int64_t first_index,
               double sigma) {
   static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("dopamine::perturb_", "")
-          .typed<void(at::TensorList, int64_t, int64_t, int64_t, double)>();
+      find_op<void(at::TensorList, int64_t, int64_t, int64_t, double)>(
+          "dopamine::perturb_");
   op.call(params, seed, step, first_index, sigma);
 }
 
@@ -35,16 +55,75 @@ void restore_update_(at::TensorList params,
                      double sigma,
                      double step_size,
                      double decay) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dopamine::restore_update_", "")
-                       .typed<void(at::TensorList,
-                                   int64_t,
-                                   int64_t,
-                                   int64_t,
-                                   double,
-                                   double,
-                                   double)>();
+  static auto op = find_op<void(
+      at::TensorList, int64_t, int64_t, int64_t, double, double, double)>(
+      "dopamine::restore_update_");
   op.call(params, seed, step, first_index, sigma, step_size, decay);
+}
+
+LrAdaptationState adapt_lr(const std::string& mode,
+                           double delta,
+                           int64_t updates,
+                           const LrAdaptationParams& params,
+                           const LrAdaptationState& state) {
+  static auto op =
+      find_op<std::tuple<double, double, double>(c10::string_view,
+                                                 double,
+                                                 int64_t,
+                                                 double,
+                                                 double,
+                                                 double,
+                                                 double,
+                                                 double,
+                                                 double,
+                                                 std::optional<double>,
+                                                 std::optional<double>,
+                                                 double,
+                                                 double,
+                                                 double)>("dopamine::adapt_lr");
+  const auto [rpe_trace, rpe_magnitude, lr] = op.call(mode,
+                                                      delta,
+                                                      updates,
+                                                      params.lr,
+                                                      params.sigma,
+                                                      params.beta,
+                                                      params.beta_s,
+                                                      params.beta_eta,
+                                                      params.eps,
+                                                      params.lr_min,
+                                                      params.lr_max,
+                                                      state.rpe_trace,
+                                                      state.rpe_magnitude,
+                                                      state.lr);
+  return {rpe_trace, rpe_magnitude, lr};
+}
+
+void check_options(const LrAdaptationParams& params,
+                   const std::string& lr_adaptation,
+                   double weight_decay,
+                   const std::string& non_finite_loss) {
+  static auto op = find_op<void(double,
+                                double,
+                                c10::string_view,
+                                double,
+                                double,
+                                double,
+                                double,
+                                std::optional<double>,
+                                std::optional<double>,
+                                double,
+                                c10::string_view)>("dopamine::check_options");
+  op.call(params.lr,
+          params.sigma,
+          lr_adaptation,
+          params.beta,
+          params.beta_s,
+          params.beta_eta,
+          params.eps,
+          params.lr_min,
+          params.lr_max,
+          weight_decay,
+          non_finite_loss);
 }
 
 }  // namespace dopamine::ops

@@ -7,7 +7,6 @@
 
 #include <c10/util/irange.h>
 
-#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -20,11 +19,11 @@ namespace dopamine {
 std::string to_string(LrAdaptation mode) {
   switch (mode) {
     case LrAdaptation::None:
-      return "None";
+      return "none";
     case LrAdaptation::RpeNormalized:
-      return "RpeNormalized";
+      return "rpe_normalized";
     case LrAdaptation::RpeTracking:
-      return "RpeTracking";
+      return "rpe_tracking";
   }
   return "LrAdaptation(" + std::to_string(static_cast<int64_t>(mode)) + ")";
 }
@@ -32,54 +31,35 @@ std::string to_string(LrAdaptation mode) {
 std::string to_string(NonFiniteLoss policy) {
   switch (policy) {
     case NonFiniteLoss::Skip:
-      return "Skip";
+      return "skip";
     case NonFiniteLoss::Raise:
-      return "Raise";
+      return "raise";
   }
   return "NonFiniteLoss(" + std::to_string(static_cast<int64_t>(policy)) + ")";
 }
 
 DopamineOptions::DopamineOptions(double lr) : lr_(lr) {}
 
+namespace {
+
+ops::LrAdaptationParams lr_adaptation_params(const DopamineOptions& options) {
+  return {options.lr(),
+          options.sigma(),
+          options.beta(),
+          options.beta_s(),
+          options.beta_eta(),
+          options.eps(),
+          options.lr_min(),
+          options.lr_max()};
+}
+
+}  // namespace
+
 void DopamineOptions::validate() const {
-  auto check =
-      [](bool valid, const char* name, double value, const char* rule) {
-        TORCH_CHECK(valid,
-                    "Dopamine: invalid ",
-                    name,
-                    ": ",
-                    value,
-                    " (expected ",
-                    rule,
-                    ")");
-      };
-  check(std::isfinite(lr()) && lr() >= 0, "lr", lr(), ">= 0");
-  check(std::isfinite(sigma()) && sigma() > 0, "sigma", sigma(), "> 0");
-  check(beta() >= 0 && beta() < 1, "beta", beta(), "in [0, 1)");
-  check(beta_s() >= 0 && beta_s() < 1, "beta_s", beta_s(), "in [0, 1)");
-  check(
-      beta_eta() >= 0 && beta_eta() <= 1, "beta_eta", beta_eta(), "in [0, 1]");
-  check(std::isfinite(eps()) && eps() > 0, "eps", eps(), "> 0");
-  check(std::isfinite(weight_decay()) && weight_decay() >= 0,
-        "weight_decay",
-        weight_decay(),
-        ">= 0");
-  if (lr_min()) {
-    check(*lr_min() >= 0, "lr_min", *lr_min(), ">= 0");
-  }
-  if (lr_max()) {
-    check(*lr_max() >= 0, "lr_max", *lr_max(), ">= 0");
-  }
-  if (lr_min() && lr_max()) {
-    check(*lr_min() <= *lr_max(), "lr_min", *lr_min(), "<= lr_max");
-  }
-  const auto mode = static_cast<int64_t>(lr_adaptation());
-  check(mode >= 0 && mode <= 2,
-        "lr_adaptation",
-        mode,
-        "None, RpeNormalized or RpeTracking");
-  const auto policy = static_cast<int64_t>(non_finite_loss());
-  check(policy >= 0 && policy <= 1, "non_finite_loss", policy, "Skip or Raise");
+  ops::check_options(lr_adaptation_params(*this),
+                     to_string(lr_adaptation()),
+                     weight_decay(),
+                     to_string(non_finite_loss()));
 }
 
 bool operator==(const DopamineOptions& lhs, const DopamineOptions& rhs) {
@@ -247,37 +227,16 @@ double loss_value(const torch::Tensor& loss, const char* which) {
 double adapt_lr(const DopamineOptions& options,
                 DopamineParamState& state,
                 double delta) {
-  const int64_t updates = state.step() - state.skipped_steps();
-  double lr = options.lr();
-  switch (options.lr_adaptation()) {
-    case LrAdaptation::None:
-      break;
-    case LrAdaptation::RpeNormalized: {
-      const double beta = options.beta();
-      state.rpe_trace(beta * state.rpe_trace() +
-                      (1 - beta) * std::abs(delta) / options.sigma());
-      const double bias_correction = 1 - std::pow(beta, updates);
-      lr = options.lr() / (state.rpe_trace() / bias_correction + options.eps());
-      break;
-    }
-    case LrAdaptation::RpeTracking: {
-      const double beta_s = options.beta_s();
-      state.rpe_magnitude(beta_s * state.rpe_magnitude() +
-                          (1 - beta_s) * std::abs(delta));
-      const double previous = updates == 1 ? options.lr() : state.current_lr();
-      lr = (1 - options.beta_eta()) * previous +
-           options.beta_eta() * state.rpe_magnitude();
-      break;
-    }
-  }
-  if (options.lr_min()) {
-    lr = std::max(lr, *options.lr_min());
-  }
-  if (options.lr_max()) {
-    lr = std::min(lr, *options.lr_max());
-  }
-  state.current_lr(lr);
-  return lr;
+  const auto next = ops::adapt_lr(
+      to_string(options.lr_adaptation()),
+      delta,
+      state.step() - state.skipped_steps(),
+      lr_adaptation_params(options),
+      {state.rpe_trace(), state.rpe_magnitude(), state.current_lr()});
+  state.rpe_trace(next.rpe_trace);
+  state.rpe_magnitude(next.rpe_magnitude);
+  state.current_lr(next.lr);
+  return next.lr;
 }
 
 }  // namespace
