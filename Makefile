@@ -7,7 +7,7 @@ CONSUMER_DIR := $(BUILD_DIR)/consumer
 TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')
 LAUNCHER = $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 
-.PHONY: all setup configure build test test-cpp test-install bench format clean
+.PHONY: all setup configure build python test test-cpp test-install test-python bench format clean
 
 all: build
 
@@ -20,7 +20,7 @@ configure: setup
 build: configure
 	cmake --build $(BUILD_DIR) -j$(JOBS)
 
-test: test-cpp test-install
+test: test-cpp test-install test-python
 
 test-cpp: build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j$(JOBS)
@@ -34,6 +34,16 @@ test-install: build
 	cmake --build $(CONSUMER_DIR) -j$(JOBS)
 	$(CONSUMER_DIR)/xor_train
 	$(CONSUMER_DIR)/train_torchscript - 500
+
+# The Python package, built by scikit-build-core from this CMakeLists.txt
+# against the torch already installed.
+python: setup
+	CMAKE_CXX_COMPILER_LAUNCHER=$(if $(shell command -v ccache),ccache) \
+	  $(PYTHON) -m pip install -q --no-build-isolation .
+
+# Needs the C++ build too: the parity test runs examples/ from it.
+test-python: build python
+	DOPAMINE_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pytest -q -rs tests/python
 
 bench: build
 	@mkdir -p results

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make` needs and is missing: a C++ toolchain, CMake,
-# GoogleTest (Debian packages) and torch (pinned, see requirements.txt).
+# GoogleTest (Debian packages), torch (pinned) and the Python packages the
+# build, the tests and the benchmarks use (requirements.txt).
 # Safe to run again: it installs nothing that is already there.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -21,8 +22,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# torch is installed only where it is missing: a machine with its own torch
+# (a CUDA build, say) keeps it.
 if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
   echo "setup: installing Python packages from requirements.txt"
   "$PYTHON" -m pip install -q -r requirements.txt
+elif ! "$PYTHON" -c 'import scikit_build_core, pytest, numpy, matplotlib, sklearn' 2>/dev/null; then
+  echo "setup: installing Python packages from requirements.txt, torch excepted"
+  grep -v '^torch' requirements.txt | "$PYTHON" -m pip install -q -r /dev/stdin
 fi
 "$PYTHON" -c 'import torch; print("setup: torch", torch.__version__)'

@@ -9,6 +9,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "kernel_common.h"
+
 #include <cstdint>
 #include <mutex>
 
@@ -49,19 +51,6 @@ at::Tensor noise_like(const at::Tensor& param, uint64_t key) {
       param.sizes(), param.options().dtype(compute_type(param.scalar_type())));
   noise.normal_(0.0, 1.0, generator);
   return noise;
-}
-
-void check_params(at::TensorList params, const char* op) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].defined() && params[i].is_floating_point(),
-                "dopamine::",
-                op,
-                ": params[",
-                i,
-                "] must be a floating-point tensor, got ",
-                params[i].defined() ? c10::toString(params[i].scalar_type())
-                                    : "an undefined tensor");
-  }
 }
 
 void perturb_kernel(at::TensorList params,
@@ -105,6 +94,8 @@ void restore_update_kernel(at::TensorList params,
 void register_kernels(torch::Library& m) {
   m.impl("perturb_", &perturb_kernel);
   m.impl("restore_update_", &restore_update_kernel);
+  m.impl("perturb_tensor_", &OnOneTensor<&perturb_kernel>::call);
+  m.impl("restore_update_tensor_", &OnOneTensor<&restore_update_kernel>::call);
 }
 
 }  // namespace

@@ -15,6 +15,15 @@ TORCH_LIBRARY(dopamine, m) {
   m.def(
       "restore_update_(Tensor(a!)[] params, int seed, int step, "
       "int first_index, float sigma, float step_size, float decay) -> ()");
+  // One tensor each: what TorchScript code calls. Its alias analysis does not
+  // see the writes through a Tensor(a!)[] (it drops or merges code around
+  // them, as it does for torch._foreach_add_), but it tracks a Tensor(a!).
+  m.def(
+      "perturb_tensor_(Tensor(a!) param, int seed, int step, int index, "
+      "float sigma) -> ()");
+  m.def(
+      "restore_update_tensor_(Tensor(a!) param, int seed, int step, "
+      "int index, float sigma, float step_size, float decay) -> ()");
   m.def(
       "adapt_lr(str mode, float delta, int updates, float lr, float sigma, "
       "float beta, float beta_s, float beta_eta, float eps, float? lr_min, "

@@ -1,8 +1,9 @@
-// Trains a TorchScript module on XOR with Dopamine.
-//   train_torchscript [module.pt] [steps]
+// Trains a TorchScript module on XOR with Dopamine (lr 0.1, sigma 0.01).
+//   train_torchscript [module.pt|-] [steps] [trained.pt]
 // With a path, the module is loaded with torch::jit::load (one saved by
 // torch.jit.save in Python works); it must map a [4, 2] float tensor to
-// [4, 1]. Without one, the XOR MLP is defined in C++ with define().
+// [4, 1]. With "-", the XOR MLP is defined in C++ with define(). With a third
+// argument, the trained module is saved there.
 #include <dopamine/dopamine.h>
 
 #include <cstdlib>
@@ -35,5 +36,8 @@ int main(int argc, char** argv) {
     }
   }
   std::cout << "loss " << first << " -> " << loss << "\n";
+  if (argc > 3) {
+    module.save(argv[3]);
+  }
   return loss < first ? 0 : 1;
 }

@@ -1,0 +1,204 @@
+"""Bad input gets a clear error and loses nothing (SPEC §3)."""
+
+import math
+import re
+
+import pytest
+import torch
+
+import torch_dopamine
+from reference import quadratic, same_bits, snapshot
+
+
+def fresh(device, **options):
+    params, loss = quadratic([4, 3], device)
+    opt = torch_dopamine.Dopamine(params, **options)
+    opt.step(lambda: loss(params))  # a step already taken, so state exists
+    return params, loss, opt
+
+
+def state_of(opt):
+    return {k: dict(v) for k, v in opt.state.items()}
+
+
+def test_step_without_closure_raises_and_changes_nothing(device):
+    params, _, opt = fresh(device)
+    before, state = snapshot(params), state_of(opt)
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()
+    assert same_bits(params, before) and state_of(opt) == state
+
+
+BAD_LOSSES = {
+    "non-scalar": lambda: torch.ones(3),
+    "string": lambda: "0.5",
+    "None": lambda: None,
+    "integer tensor": lambda: torch.tensor(1),
+}
+
+
+@pytest.mark.parametrize("which", ["unperturbed", "perturbed"])
+@pytest.mark.parametrize("bad", BAD_LOSSES, ids=list(BAD_LOSSES))
+def test_bad_loss_raises_and_restores(device, which, bad):
+    params, loss, opt = fresh(device)
+    before, state = snapshot(params), state_of(opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if which == "unperturbed" or len(calls) == 2:
+            return BAD_LOSSES[bad]()
+        return loss(params)
+
+    with pytest.raises(RuntimeError, match=f"closure must return a scalar.*{which} loss"):
+        opt.step(closure)
+    assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
+    assert state_of(opt) == state
+
+
+class ClosureFailure(Exception):
+    pass
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_closure_exception_propagates_and_restores(device, failing_call):
+    params, loss, opt = fresh(device)
+    before, state = snapshot(params), state_of(opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise ClosureFailure("data loader broke")
+        return loss(params)
+
+    with pytest.raises(ClosureFailure, match="data loader broke"):
+        opt.step(closure)
+    assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
+    assert state_of(opt) == state
+    # The next step is the step that would have been taken.
+    twin_params, _, twin = fresh(device)
+    opt.step(lambda: loss(params))
+    twin.step(lambda: loss(twin_params))
+    assert all(torch.allclose(p, q, atol=1e-12) for p, q in zip(params, twin_params))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("which", ["unperturbed", "perturbed"])
+def test_non_finite_loss_is_skipped(device, value, which):
+    params, loss, opt = fresh(device)
+    before, state = snapshot(params), state_of(opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if which == "unperturbed" or len(calls) == 2:
+            return torch.tensor(value)
+        return loss(params)
+
+    returned = opt.step(closure)
+    assert len(calls) == (1 if which == "unperturbed" else 2)
+    if which == "unperturbed":
+        assert math.isnan(returned.item()) if math.isnan(value) else returned.item() == value
+    assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
+    after = state_of(opt)[params[0]]
+    expected = dict(state[params[0]], step=state[params[0]]["step"] + 1, skipped_steps=1)
+    assert after == expected
+
+
+@pytest.mark.parametrize("which", ["unperturbed", "perturbed"])
+def test_non_finite_loss_raises_when_asked(device, which):
+    params, loss, opt = fresh(device, non_finite_loss="raise")
+    before, state = snapshot(params), state_of(opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if which == "unperturbed" or len(calls) == 2:
+            return float("nan")
+        return loss(params)
+
+    with pytest.raises(RuntimeError, match=f"the {which} loss is nan.*non_finite_loss='raise'"):
+        opt.step(closure)
+    assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
+    assert state_of(opt) == state
+
+
+BAD_OPTIONS = [
+    ("lr", -1.0),
+    ("lr", math.nan),
+    ("sigma", 0.0),
+    ("sigma", -0.1),
+    ("beta", 1.0),
+    ("beta", -0.5),
+    ("beta_s", 1.0),
+    ("beta_eta", 1.5),
+    ("eps", 0.0),
+    ("weight_decay", -1.0),
+    ("lr_min", -1.0),
+    ("lr_max", -2.0),
+    ("lr_adaptation", "adam"),
+    ("non_finite_loss", "ignore"),
+    ("seed", 1.5),
+    ("lr", "fast"),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_OPTIONS, ids=[f"{n}={v}" for n, v in BAD_OPTIONS])
+def test_invalid_option_raises_value_error_naming_it(name, value):
+    param = torch.zeros(3, requires_grad=True)
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    with pytest.raises(ValueError, match=f"invalid {name}: '?{re.escape(shown)}"):
+        torch_dopamine.Dopamine([param], **{name: value})
+    opt = torch_dopamine.Dopamine([param])
+    with pytest.raises(ValueError, match=f"invalid {name}"):
+        opt.add_param_group({"params": [torch.zeros(2)], name: value})
+    assert len(opt.param_groups) == 1
+
+
+def test_lr_min_above_lr_max_is_rejected():
+    with pytest.raises(ValueError, match="invalid lr_min: 2.*<= lr_max"):
+        torch_dopamine.Dopamine([torch.zeros(1)], lr_min=2.0, lr_max=1.0)
+
+
+def test_option_changed_to_invalid_after_construction_fails_the_step(device):
+    params, loss, opt = fresh(device)
+    before, state = snapshot(params), state_of(opt)
+    opt.param_groups[0]["sigma"] = -1.0
+    with pytest.raises(ValueError, match="invalid sigma: -1"):
+        opt.step(lambda: loss(params))
+    assert same_bits(params, before) and state_of(opt) == state
+
+
+@pytest.mark.parametrize(
+    "param,message",
+    [
+        (torch.zeros(3, dtype=torch.int64), "dtype torch.int64; expected a floating-point"),
+        (torch.zeros(3, dtype=torch.bool), "dtype torch.bool; expected a floating-point"),
+        (torch.zeros(3).to_sparse(), "sparse parameters are not supported"),
+    ],
+    ids=["int64", "bool", "sparse"],
+)
+def test_unsupported_parameter_is_rejected(param, message):
+    with pytest.raises(ValueError, match=f"parameter 0 of group 0 .*{message}"):
+        torch_dopamine.Dopamine([param])
+
+
+def test_non_leaf_and_duplicate_parameters_are_rejected():
+    leaf = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="non-leaf"):
+        torch_dopamine.Dopamine([leaf * 2])
+    with pytest.raises(ValueError, match="more than once"):
+        torch_dopamine.Dopamine([leaf, leaf])
+    opt = torch_dopamine.Dopamine([leaf])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [leaf]})
+    assert len(opt.param_groups) == 1
+
+
+def test_parameter_made_integer_after_construction_fails_in_the_op(device):
+    params, loss = quadratic([3], device)
+    opt = torch_dopamine.Dopamine(params)
+    opt.param_groups[0]["params"] = [torch.zeros(3, dtype=torch.int32, device=device)]
+    with pytest.raises(ValueError, match="expected a floating-point tensor"):
+        opt.step(lambda: loss(params))

@@ -1,0 +1,157 @@
+"""state_dict round trips, LR schedulers and the rest of torch's Optimizer
+contract."""
+
+import inspect
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+import torch_dopamine
+from reference import ReferenceDopamine, isclose, quadratic, same_bits, snapshot
+from test_update_rule import DEFAULTS
+
+MODES = ["none", "rpe_normalized", "rpe_tracking"]
+
+
+def two_group_optimizer(params, mode):
+    return torch_dopamine.Dopamine(
+        [{"params": params[:1]}, {"params": params[1:], "lr": 0.02, "seed": 9}],
+        lr=0.05,
+        sigma=0.05,
+        lr_adaptation=mode,
+    )
+
+
+@pytest.mark.parametrize("through_disk", [False, True], ids=["in_memory", "disk"])
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_is_bit_identical(device, mode, through_disk, tmp_path):
+    params, loss = quadratic([5, 4], device, dtype=torch.float32)
+    opt = two_group_optimizer(params, mode)
+    for _ in range(7):
+        opt.step(lambda: loss(params))
+    saved_params, saved_state = snapshot(params), opt.state_dict()
+    if through_disk:
+        torch.save({"params": saved_params, "optimizer": saved_state}, tmp_path / "checkpoint.pt")
+        checkpoint = torch.load(tmp_path / "checkpoint.pt")
+        saved_params, saved_state = checkpoint["params"], checkpoint["optimizer"]
+    for _ in range(8):
+        opt.step(lambda: loss(params))
+
+    resumed = [p.clone().requires_grad_() for p in saved_params]
+    resumed_opt = two_group_optimizer(resumed, "none")
+    resumed_opt.load_state_dict(saved_state)
+    assert resumed_opt.param_groups[0]["lr_adaptation"] == mode
+    for _ in range(8):
+        resumed_opt.step(lambda: loss(resumed))
+    assert same_bits(params, resumed)
+    assert resumed_opt.state_dict()["state"] == opt.state_dict()["state"]
+
+
+def test_state_is_one_scalar_record_per_group():
+    params, loss = quadratic([5, 4, 3], "cpu")
+    opt = two_group_optimizer(params, "rpe_normalized")
+    opt.step(lambda: loss(params))
+    state = opt.state_dict()["state"]
+    assert sorted(state) == [0, 1]
+    for record in state.values():
+        assert sorted(record) == ["current_lr", "rpe_magnitude", "rpe_trace", "skipped_steps", "step"]
+        assert all(isinstance(v, (int, float)) for v in record.values())
+
+
+def load_fails_and_changes_nothing(opt, params, state_dict, match):
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state_dict)
+    assert opt.state_dict() == before
+
+
+def test_load_state_dict_of_another_optimizer_is_rejected():
+    params, loss = quadratic([5, 4], "cpu")
+    opt = torch_dopamine.Dopamine(params)
+    opt.step(lambda: loss(params))
+    adam = torch.optim.Adam(params)
+    loss(params).backward()
+    adam.step()
+    load_fails_and_changes_nothing(opt, params, adam.state_dict(), "lacks .*not a Dopamine optimizer's")
+    other = torch_dopamine.Dopamine(params)
+    other.step(lambda: loss(params))
+    foreign = other.state_dict()
+    foreign["state"][0] = {"exp_avg": torch.zeros(5), "step": 1}
+    load_fails_and_changes_nothing(opt, params, foreign, "keys .*not a Dopamine optimizer's")
+
+
+def test_load_state_dict_for_other_parameters_is_rejected():
+    params, loss = quadratic([5, 4, 3], "cpu")
+    opt = torch_dopamine.Dopamine(params[:2])
+    opt.step(lambda: loss(params))
+    three = torch_dopamine.Dopamine(params)
+    load_fails_and_changes_nothing(opt, params, three.state_dict(), "2 parameter\\(s\\) in the state|3 parameter")
+    grouped = two_group_optimizer(params[:2], "none")
+    load_fails_and_changes_nothing(opt, params, grouped.state_dict(), "2 parameter group")
+    invalid = opt.state_dict()
+    invalid["param_groups"][0]["sigma"] = 0.0
+    load_fails_and_changes_nothing(opt, params, invalid, "invalid sigma: 0")
+
+
+def scheduled(opt, kind):
+    if kind == "StepLR":
+        return lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    if kind == "CosineAnnealingLR":
+        return lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    if kind == "OneCycleLR":
+        # Dopamine has no momentum for OneCycleLR to cycle.
+        return lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=12, cycle_momentum=False)
+    # mode="max" on a falling loss: every step is a plateau, so lr halves.
+    return lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+
+
+@pytest.mark.parametrize("kind", ["StepLR", "CosineAnnealingLR", "OneCycleLR", "ReduceLROnPlateau"])
+def test_lr_schedulers_drive_the_step_size(kind):
+    params, loss = quadratic([6, 3], "cpu")
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.05, lr_adaptation="none")
+    scheduler = scheduled(opt, kind)
+    reference = ReferenceDopamine([(params, dict(DEFAULTS, lr=0.05, sigma=0.05, lr_adaptation="none"))])
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        reference.step(loss, lrs=[lrs[-1]])
+        returned = opt.step(lambda: loss(params))
+        if kind == "ReduceLROnPlateau":
+            scheduler.step(returned)
+        else:
+            scheduler.step()
+        assert opt.state[params[0]]["current_lr"] == lrs[-1]
+    assert len(set(lrs)) > 2, lrs
+    assert isclose(params, reference.params(), rtol=1e-10, atol=1e-12)
+
+
+def test_zero_grad_is_a_harmless_no_op():
+    params, loss = quadratic([3], "cpu")
+    params[0].grad = torch.ones(3, dtype=params[0].dtype)
+    opt = torch_dopamine.Dopamine(params)
+    opt.zero_grad()
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(params[0].grad, torch.ones(3, dtype=params[0].dtype))
+    before = snapshot(params)
+    opt.step(lambda: loss(params))
+    assert not same_bits(params, before)
+    assert torch.equal(params[0].grad, torch.ones(3, dtype=params[0].dtype))
+
+
+def test_repr_shows_the_options():
+    opt = torch_dopamine.Dopamine([torch.zeros(2)], lr=0.2, lr_adaptation="rpe_tracking")
+    text = repr(opt)
+    assert text.startswith("Dopamine (")
+    for fragment in ("lr: 0.2", "sigma: 0.01", "lr_adaptation: rpe_tracking", "seed: 0"):
+        assert fragment in text
+
+
+def test_every_public_name_has_a_docstring():
+    names = [torch_dopamine, torch_dopamine.Dopamine]
+    names += [getattr(torch_dopamine.Dopamine, name) for name in ("step", "add_param_group", "zero_grad", "load_state_dict")]
+    for obj in names:
+        assert inspect.getdoc(obj), obj
+    doc = inspect.getdoc(torch_dopamine.Dopamine)
+    for option in DEFAULTS:
+        assert option in doc, option
