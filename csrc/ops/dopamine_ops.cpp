@@ -11,19 +11,21 @@ namespace dopamine::ops {
 TORCH_LIBRARY(dopamine, m) {
   m.def(
       "perturb_(Tensor(a!)[] params, int seed, int step, int first_index, "
-      "float sigma) -> ()");
+      "float sigma, str noise=\"gaussian\") -> ()");
   m.def(
       "restore_update_(Tensor(a!)[] params, int seed, int step, "
-      "int first_index, float sigma, float step_size, float decay) -> ()");
+      "int first_index, float sigma, float step_size, float decay, "
+      "str noise=\"gaussian\") -> ()");
   // One tensor each: what TorchScript code calls. Its alias analysis does not
   // see the writes through a Tensor(a!)[] (it drops or merges code around
   // them, as it does for torch._foreach_add_), but it tracks a Tensor(a!).
   m.def(
       "perturb_tensor_(Tensor(a!) param, int seed, int step, int index, "
-      "float sigma) -> ()");
+      "float sigma, str noise=\"gaussian\") -> ()");
   m.def(
       "restore_update_tensor_(Tensor(a!) param, int seed, int step, "
-      "int index, float sigma, float step_size, float decay) -> ()");
+      "int index, float sigma, float step_size, float decay, "
+      "str noise=\"gaussian\") -> ()");
   m.def(
       "adapt_lr(str mode, float delta, int updates, float lr, float sigma, "
       "float beta, float beta_s, float beta_eta, float eps, float? lr_min, "
@@ -32,7 +34,8 @@ TORCH_LIBRARY(dopamine, m) {
   m.def(
       "check_options(float lr, float sigma, str lr_adaptation, float beta, "
       "float beta_s, float beta_eta, float eps, float? lr_min, "
-      "float? lr_max, float weight_decay, str non_finite_loss) -> ()");
+      "float? lr_max, float weight_decay, str noise, str non_finite_loss) "
+      "-> ()");
 }
 
 namespace {
@@ -50,11 +53,12 @@ void perturb_(at::TensorList params,
               int64_t seed,
               int64_t step,
               int64_t first_index,
-              double sigma) {
-  static auto op =
-      find_op<void(at::TensorList, int64_t, int64_t, int64_t, double)>(
-          "dopamine::perturb_");
-  op.call(params, seed, step, first_index, sigma);
+              double sigma,
+              const std::string& noise) {
+  static auto op = find_op<void(
+      at::TensorList, int64_t, int64_t, int64_t, double, c10::string_view)>(
+      "dopamine::perturb_");
+  op.call(params, seed, step, first_index, sigma, noise);
 }
 
 void restore_update_(at::TensorList params,
@@ -63,11 +67,17 @@ void restore_update_(at::TensorList params,
                      int64_t first_index,
                      double sigma,
                      double step_size,
-                     double decay) {
-  static auto op = find_op<void(
-      at::TensorList, int64_t, int64_t, int64_t, double, double, double)>(
-      "dopamine::restore_update_");
-  op.call(params, seed, step, first_index, sigma, step_size, decay);
+                     double decay,
+                     const std::string& noise) {
+  static auto op = find_op<void(at::TensorList,
+                                int64_t,
+                                int64_t,
+                                int64_t,
+                                double,
+                                double,
+                                double,
+                                c10::string_view)>("dopamine::restore_update_");
+  op.call(params, seed, step, first_index, sigma, step_size, decay, noise);
 }
 
 LrAdaptationState adapt_lr(const std::string& mode,
@@ -110,6 +120,7 @@ LrAdaptationState adapt_lr(const std::string& mode,
 void check_options(const LrAdaptationParams& params,
                    const std::string& lr_adaptation,
                    double weight_decay,
+                   const std::string& noise,
                    const std::string& non_finite_loss) {
   static auto op = find_op<void(double,
                                 double,
@@ -121,6 +132,7 @@ void check_options(const LrAdaptationParams& params,
                                 std::optional<double>,
                                 std::optional<double>,
                                 double,
+                                c10::string_view,
                                 c10::string_view)>("dopamine::check_options");
   op.call(params.lr,
           params.sigma,
@@ -132,6 +144,7 @@ void check_options(const LrAdaptationParams& params,
           params.lr_min,
           params.lr_max,
           weight_decay,
+          noise,
           non_finite_loss);
 }
 

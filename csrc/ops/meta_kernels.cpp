@@ -12,7 +12,8 @@ void perturb_meta(at::TensorList params,
                   int64_t /*seed*/,
                   int64_t /*step*/,
                   int64_t /*first_index*/,
-                  double /*sigma*/) {
+                  double /*sigma*/,
+                  c10::string_view /*noise*/) {
   check_params(params, "perturb_");
 }
 
@@ -22,7 +23,8 @@ void restore_update_meta(at::TensorList params,
                          int64_t /*first_index*/,
                          double /*sigma*/,
                          double /*step_size*/,
-                         double /*decay*/) {
+                         double /*decay*/,
+                         c10::string_view /*noise*/) {
   check_params(params, "restore_update_");
 }
 

@@ -71,6 +71,7 @@ void check_options_kernel(double lr,
                           std::optional<double> lr_min,
                           std::optional<double> lr_max,
                           double weight_decay,
+                          c10::string_view noise,
                           c10::string_view non_finite_loss) {
   check(std::isfinite(lr) && lr >= 0, "lr", lr, ">= 0");
   check(std::isfinite(sigma) && sigma > 0, "sigma", sigma, "> 0");
@@ -96,6 +97,10 @@ void check_options_kernel(double lr,
               "Dopamine: invalid lr_adaptation: '",
               lr_adaptation,
               "' (expected none, rpe_normalized or rpe_tracking)");
+  TORCH_CHECK(noise == "gaussian" || noise == "rademacher",
+              "Dopamine: invalid noise: '",
+              noise,
+              "' (expected gaussian or rademacher)");
   TORCH_CHECK(non_finite_loss == "skip" || non_finite_loss == "raise",
               "Dopamine: invalid non_finite_loss: '",
               non_finite_loss,

@@ -28,6 +28,16 @@ std::string to_string(LrAdaptation mode) {
   return "LrAdaptation(" + std::to_string(static_cast<int64_t>(mode)) + ")";
 }
 
+std::string to_string(Noise noise) {
+  switch (noise) {
+    case Noise::Gaussian:
+      return "gaussian";
+    case Noise::Rademacher:
+      return "rademacher";
+  }
+  return "Noise(" + std::to_string(static_cast<int64_t>(noise)) + ")";
+}
+
 std::string to_string(NonFiniteLoss policy) {
   switch (policy) {
     case NonFiniteLoss::Skip:
@@ -59,6 +69,7 @@ void DopamineOptions::validate() const {
   ops::check_options(lr_adaptation_params(*this),
                      to_string(lr_adaptation()),
                      weight_decay(),
+                     to_string(noise()),
                      to_string(non_finite_loss()));
 }
 
@@ -69,6 +80,7 @@ bool operator==(const DopamineOptions& lhs, const DopamineOptions& rhs) {
          lhs.beta_eta() == rhs.beta_eta() && lhs.eps() == rhs.eps() &&
          lhs.lr_min() == rhs.lr_min() && lhs.lr_max() == rhs.lr_max() &&
          lhs.weight_decay() == rhs.weight_decay() && lhs.seed() == rhs.seed() &&
+         lhs.noise() == rhs.noise() &&
          lhs.non_finite_loss() == rhs.non_finite_loss();
 }
 
@@ -85,6 +97,7 @@ void DopamineOptions::serialize(
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr_max);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+  archive.write("noise", static_cast<int64_t>(noise()));
   archive.write("non_finite_loss", static_cast<int64_t>(non_finite_loss()));
 }
 
@@ -102,6 +115,9 @@ void DopamineOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG_OPTIONAL(double, lr_max);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  c10::IValue noise_kind;
+  archive.read("noise", noise_kind);
+  noise(static_cast<Noise>(noise_kind.toInt()));
   c10::IValue policy;
   archive.read("non_finite_loss", policy);
   non_finite_loss(static_cast<NonFiniteLoss>(policy.toInt()));
@@ -294,7 +310,12 @@ struct GroupStep {
   DopamineParamState next;
 
   void perturb(double sigma) const {
-    ops::perturb_(params, options.seed(), next.step(), first_index, sigma);
+    ops::perturb_(params,
+                  options.seed(),
+                  next.step(),
+                  first_index,
+                  sigma,
+                  to_string(options.noise()));
   }
 };
 
@@ -394,7 +415,8 @@ torch::Tensor Dopamine::step(LossClosure closure) {
                          group.first_index,
                          options.sigma(),
                          lr * delta / options.sigma(),
-                         options.lr() * options.weight_decay());
+                         options.lr() * options.weight_decay(),
+                         to_string(options.noise()));
     commit(group);
   }
   return loss;

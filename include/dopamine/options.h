@@ -27,7 +27,17 @@ enum class NonFiniteLoss : int64_t {
   Raise = 1,
 };
 
+// The distribution of the perturbation z.
+enum class Noise : int64_t {
+  // Standard normal per element (SPEC §2.1).
+  Gaussian = 0,
+  // +1 or -1 with equal probability per element, as in SPSA: E[z z^T] = I
+  // still holds, from one random bit per element instead of 32.
+  Rademacher = 1,
+};
+
 std::string to_string(LrAdaptation mode);
+std::string to_string(Noise noise);
 std::string to_string(NonFiniteLoss policy);
 
 // Hyperparameters of one parameter group. `seed` is per group (a group's
@@ -48,6 +58,7 @@ struct DopamineOptions
   TORCH_ARG(std::optional<double>, lr_max) = std::nullopt;
   TORCH_ARG(double, weight_decay) = 0;
   TORCH_ARG(int64_t, seed) = 0;
+  TORCH_ARG(Noise, noise) = Noise::Gaussian;
   TORCH_ARG(NonFiniteLoss, non_finite_loss) = NonFiniteLoss::Skip;
 
  public:

@@ -21,6 +21,7 @@ _OPTION_NAMES = (
     "lr_max",
     "weight_decay",
     "seed",
+    "noise",
     "non_finite_loss",
 )
 _STATE_NAMES = ("step", "skipped_steps", "rpe_trace", "rpe_magnitude", "current_lr")
@@ -41,7 +42,7 @@ def _check_options(group: Dict[str, Any]) -> None:
     rules are the C++ ones (the dopamine::check_options op)."""
     if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
         raise ValueError(f"Dopamine: invalid seed: {group['seed']!r} (expected an int)")
-    for name in ("lr_adaptation", "non_finite_loss"):
+    for name in ("lr_adaptation", "noise", "non_finite_loss"):
         if not isinstance(group[name], str):
             raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a string)")
     try:
@@ -56,6 +57,7 @@ def _check_options(group: Dict[str, Any]) -> None:
             _as_float("lr_min", group["lr_min"], optional=True),
             _as_float("lr_max", group["lr_max"], optional=True),
             _as_float("weight_decay", group["weight_decay"]),
+            group["noise"],
             group["non_finite_loss"],
         )
     except RuntimeError as error:
@@ -107,7 +109,7 @@ class _GroupStep:
     def perturb(self, sigma: float) -> None:
         group = self.group
         torch.ops.dopamine.perturb_(
-            group["params"], group["seed"], self.next["step"], self.first_index, sigma
+            group["params"], group["seed"], self.next["step"], self.first_index, sigma, group["noise"]
         )
 
 
@@ -117,7 +119,7 @@ class Dopamine(Optimizer):
 
     Each :meth:`step` evaluates the closure twice under ``torch.no_grad()``:
     ``L0 = L(theta)`` and ``L1 = L(theta + sigma * z)``, with ``z`` standard
-    normal noise that is a pure function of (``seed``, step, parameter index,
+    noise (normal, or +-1) that is a pure function of (``seed``, step, parameter index,
     element index) and is never stored. With ``delta = L1 - L0`` it updates
     ``theta <- theta - eta_t * (delta / sigma) * z - lr * weight_decay * theta``
     in the same pass that removes the perturbation.
@@ -137,6 +139,8 @@ class Dopamine(Optimizer):
         lr_min, lr_max: optional clamp of ``eta_t`` in every mode.
         weight_decay: decoupled weight decay, applied as ``lr * weight_decay``.
         seed: key of the group's noise (an int).
+        noise: ``"gaussian"`` (default; ``z`` standard normal) or ``"rademacher"``
+            (each element +1 or -1, as in SPSA; ``E[z z^T] = I`` still holds).
         non_finite_loss: ``"skip"`` (restore, count the step in
             ``skipped_steps``, return the loss) or ``"raise"`` (restore, raise
             RuntimeError). Read from the optimizer's defaults.
@@ -159,6 +163,7 @@ class Dopamine(Optimizer):
         lr_max: Optional[float] = None,
         weight_decay: float = 0.0,
         seed: int = 0,
+        noise: str = "gaussian",
         non_finite_loss: str = "skip",
     ):
         defaults = dict(
@@ -173,6 +178,7 @@ class Dopamine(Optimizer):
             lr_max=lr_max,
             weight_decay=weight_decay,
             seed=seed,
+            noise=noise,
             non_finite_loss=non_finite_loss,
         )
         _check_options(defaults)
@@ -281,6 +287,7 @@ class Dopamine(Optimizer):
                 float(group["sigma"]),
                 lr * delta / group["sigma"],
                 float(group["lr"]) * float(group["weight_decay"]),
+                group["noise"],
             )
             commit(group_step)
         return loss

@@ -11,12 +11,13 @@ namespace {
 struct RuleCase {
   LrAdaptation mode;
   double weight_decay;
+  Noise noise = Noise::Gaussian;
 };
 
 class UpdateRule : public ::testing::TestWithParam<RuleCase> {};
 
 TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
-  const auto [mode, weight_decay] = GetParam();
+  const auto [mode, weight_decay, noise] = GetParam();
   const Quadratic loss({{3}, {2, 2}}, torch::kDouble, 7);
   torch::manual_seed(11);
   std::vector<torch::Tensor> params = {torch::randn({3}, torch::kDouble),
@@ -25,6 +26,7 @@ TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
                            .sigma(1e-3)
                            .lr_adaptation(mode)
                            .weight_decay(weight_decay)
+                           .noise(noise)
                            .seed(42);
   ReferenceDopamine reference;
   reference.add_group(params, options);
@@ -60,10 +62,14 @@ INSTANTIATE_TEST_SUITE_P(
                       RuleCase{LrAdaptation::RpeNormalized, 0},
                       RuleCase{LrAdaptation::RpeNormalized, 0.1},
                       RuleCase{LrAdaptation::RpeTracking, 0},
-                      RuleCase{LrAdaptation::RpeTracking, 0.1}),
+                      RuleCase{LrAdaptation::RpeTracking, 0.1},
+                      RuleCase{LrAdaptation::None, 0, Noise::Rademacher},
+                      RuleCase{
+                          LrAdaptation::RpeNormalized, 0.1, Noise::Rademacher}),
     [](const auto& info) {
       return to_string(info.param.mode) +
-             (info.param.weight_decay == 0 ? "" : "WithWeightDecay");
+             (info.param.weight_decay == 0 ? "" : "_weight_decay") + "_" +
+             to_string(info.param.noise);
     });
 
 TEST(UpdateRule, LrMinAndLrMaxClamp) {
@@ -97,7 +103,9 @@ TEST(UpdateRule, LrMinAndLrMaxClamp) {
 // With N = 20000 that bound is ~4% of |grad|, tight enough to catch a wrong
 // scale, sign or missing 1/sigma. The seeds are fixed, so the test is
 // deterministic.
-TEST(GradientEstimate, IsUnbiased) {
+class GradientEstimate : public ::testing::TestWithParam<Noise> {};
+
+TEST_P(GradientEstimate, IsUnbiased) {
   constexpr int64_t dim = 6;
   constexpr int samples = 20000;
   torch::manual_seed(5);
@@ -112,6 +120,7 @@ TEST(GradientEstimate, IsUnbiased) {
                      DopamineOptions(1.0)
                          .sigma(1e-3)
                          .lr_adaptation(LrAdaptation::None)
+                         .noise(GetParam())
                          .seed(9));
   auto closure = [&] { return 0.5 * x.dot(a.matmul(x)) + b.dot(x); };
   auto sum = torch::zeros({dim}, torch::kDouble);
@@ -138,6 +147,13 @@ TEST(GradientEstimate, IsUnbiased) {
   EXPECT_LT(tolerance.max().item<double>(),
             0.1 * gradient.norm().item<double>());
 }
+
+INSTANTIATE_TEST_SUITE_P(BothNoises,
+                         GradientEstimate,
+                         ::testing::Values(Noise::Gaussian, Noise::Rademacher),
+                         [](const auto& info) {
+                           return to_string(info.param);
+                         });
 
 // Steps to reach MSE < 0.01 on XOR, or -1.
 int xor_steps(uint64_t seed, const DopamineOptions& options, int max_steps) {

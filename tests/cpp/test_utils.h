@@ -19,9 +19,10 @@ namespace dopamine::testing {
 inline torch::Tensor noise_of(const torch::Tensor& like,
                               int64_t seed,
                               int64_t step,
-                              int64_t index) {
+                              int64_t index,
+                              Noise kind = Noise::Gaussian) {
   auto noise = torch::zeros_like(like);
-  ops::perturb_({noise}, seed, step, index, 1.0);
+  ops::perturb_({noise}, seed, step, index, 1.0, to_string(kind));
   return noise;
 }
 
@@ -99,7 +100,11 @@ class ReferenceDopamine {
 
  private:
   torch::Tensor noise(const Group& g, size_t i, int64_t step) const {
-    return noise_of(g.theta[i], g.options.seed(), step, g.first_index + i);
+    return noise_of(g.theta[i],
+                    g.options.seed(),
+                    step,
+                    g.first_index + i,
+                    g.options.noise());
   }
 
   std::vector<Group> groups_;

@@ -1,0 +1,294 @@
+// Fused CPU kernels of the tensor ops: one pass over each parameter that
+// draws the noise of a tile of 128 elements into a stack buffer and applies
+// the update to it, with no tensor allocated. Tiles are split among threads
+// with at::parallel_for; a tile's noise depends only on its position, so the
+// result is the same for any thread count.
+//
+// The tile loops are compiled for the baseline instruction set and, on
+// x86-64, for AVX2 + FMA and for AVX-512 (function attributes, so no header
+// code is compiled for an ISA the machine may lack); the widest one the CPU
+// has runs. All compute the same bits: the noise uses explicit fmaf and this
+// file is built with -ffp-contract=off.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
+
+#include "../kernel_common.h"
+#include "../noise.h"
+
+namespace dopamine::ops {
+namespace {
+
+using noise::Kind;
+using noise::kLanes;
+using noise::kTile;
+
+// Tiles per parallel task: about 64K elements, to amortise thread start-up.
+constexpr int64_t kGrainTiles = 512;
+
+struct NoiseStream {
+  Kind kind;
+  noise::Key key;
+  uint32_t index;
+  uint32_t step;
+};
+
+// z of the 128 elements of tile `tile` (SPEC's z, see noise.h) into `z`.
+C10_ALWAYS_INLINE void fill_tile(const NoiseStream& stream,
+                                 uint64_t tile,
+                                 float* z) {
+  if (stream.kind == Kind::Rademacher) {
+    uint32_t words[4] = {static_cast<uint32_t>(tile),
+                         static_cast<uint32_t>(tile >> 32),
+                         stream.index,
+                         stream.step};
+    noise::philox(
+        words[0], words[1], words[2], words[3], stream.key.lo, stream.key.hi);
+    for (int word = 0; word < 4; ++word) {
+      for (int bit = 0; bit < 32; ++bit) {
+        z[word * 32 + bit] = noise::rademacher_sign(words[word], bit);
+      }
+    }
+    return;
+  }
+  // Struct of arrays, so that the compiler vectorizes across counters.
+  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    const uint64_t block = tile * kLanes + j;
+    c0[j] = static_cast<uint32_t>(block);
+    c1[j] = static_cast<uint32_t>(block >> 32);
+    c2[j] = stream.index;
+    c3[j] = stream.step;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    noise::philox(c0[j], c1[j], c2[j], c3[j], stream.key.lo, stream.key.hi);
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    noise::box_muller(c0[j], c1[j], z[j], z[kLanes + j]);
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    noise::box_muller(c2[j], c3[j], z[2 * kLanes + j], z[3 * kLanes + j]);
+  }
+}
+
+// data[e] = update(data[e], z[e]) for the tiles [begin, end) of a tensor of
+// `numel` elements, in the arithmetic of opmath_t.
+template <typename scalar_t, typename Update>
+C10_ALWAYS_INLINE void update_tiles(scalar_t* data,
+                                    int64_t numel,
+                                    const NoiseStream& stream,
+                                    int64_t begin,
+                                    int64_t end,
+                                    const Update& update) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  alignas(64) float z[kTile];
+  for (int64_t tile = begin; tile < end; ++tile) {
+    fill_tile(stream, static_cast<uint64_t>(tile), z);
+    scalar_t* p = data + tile * kTile;
+    const int64_t count = std::min<int64_t>(kTile, numel - tile * kTile);
+    for (int64_t e = 0; e < count; ++e) {
+      p[e] = static_cast<scalar_t>(
+          update(static_cast<opmath_t>(p[e]), static_cast<opmath_t>(z[e])));
+    }
+  }
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#define DOPAMINE_HAS_X86_PATHS 1
+template <typename scalar_t, typename Update>
+__attribute__((target("avx2,fma"))) void update_tiles_avx2(
+    scalar_t* data,
+    int64_t numel,
+    const NoiseStream& stream,
+    int64_t begin,
+    int64_t end,
+    const Update& update) {
+  update_tiles(data, numel, stream, begin, end, update);
+}
+
+template <typename scalar_t, typename Update>
+__attribute__((target(
+    "avx512f,avx512vl,avx512dq,avx512bw,fma,prefer-vector-width=512"))) void
+update_tiles_avx512(scalar_t* data,
+                    int64_t numel,
+                    const NoiseStream& stream,
+                    int64_t begin,
+                    int64_t end,
+                    const Update& update) {
+  update_tiles(data, numel, stream, begin, end, update);
+}
+
+enum class CpuPath { Baseline, Avx2, Avx512 };
+
+// The widest path this CPU runs, capped by DOPAMINE_CPU_CAPABILITY
+// (baseline, avx2 or avx512) when set: all paths compute the same bits, and
+// the cap lets tests and benchmarks compare them.
+CpuPath cpu_path() {
+  static const CpuPath path = [] {
+    CpuPath best = CpuPath::Baseline;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = CpuPath::Avx2;
+      if (__builtin_cpu_supports("avx512f") &&
+          __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512dq") &&
+          __builtin_cpu_supports("avx512bw")) {
+        best = CpuPath::Avx512;
+      }
+    }
+    const char* cap = std::getenv("DOPAMINE_CPU_CAPABILITY");
+    if (cap == nullptr) {
+      return best;
+    }
+    const std::string name(cap);
+    const CpuPath wanted = name == "baseline" ? CpuPath::Baseline
+                           : name == "avx2"   ? CpuPath::Avx2
+                                              : CpuPath::Avx512;
+    return std::min(best, wanted);
+  }();
+  return path;
+}
+#endif
+
+template <typename scalar_t, typename Update>
+void update_tensor(const at::Tensor& param,
+                   const NoiseStream& stream,
+                   const Update& update) {
+  scalar_t* data = param.data_ptr<scalar_t>();
+  const int64_t numel = param.numel();
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
+#ifdef DOPAMINE_HAS_X86_PATHS
+    switch (cpu_path()) {
+      case CpuPath::Avx512:
+        update_tiles_avx512<scalar_t>(data, numel, stream, begin, end, update);
+        return;
+      case CpuPath::Avx2:
+        update_tiles_avx2<scalar_t>(data, numel, stream, begin, end, update);
+        return;
+      case CpuPath::Baseline:
+        break;
+    }
+#endif
+    update_tiles<scalar_t>(data, numel, stream, begin, end, update);
+  });
+}
+
+uint32_t counter_word(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<uint32_t>::max(),
+              "dopamine: ",
+              name,
+              " must be in [0, 2^32), got ",
+              value);
+  return static_cast<uint32_t>(value);
+}
+
+Kind noise_kind(c10::string_view name) {
+  if (name == "gaussian") {
+    return Kind::Gaussian;
+  }
+  TORCH_CHECK(name == "rademacher",
+              "dopamine: unknown noise '",
+              name,
+              "' (expected gaussian or rademacher)");
+  return Kind::Rademacher;
+}
+
+// Applies `make_update(opmath_t{})`'s update to every parameter, each with
+// its own noise stream. Non-contiguous parameters are updated through a
+// contiguous copy (elements are numbered in row-major order).
+template <typename MakeUpdate>
+void update_params(at::TensorList params,
+                   int64_t seed,
+                   int64_t step,
+                   int64_t first_index,
+                   c10::string_view noise,
+                   const char* op,
+                   const MakeUpdate& make_update) {
+  check_params(params, op);
+  const NoiseStream base{
+      noise_kind(noise), noise::key_of(seed), 0, counter_word(step, "step")};
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& param = params[i];
+    TORCH_CHECK(param.device().is_cpu(),
+                "dopamine::",
+                op,
+                ": params[",
+                i,
+                "] is on ",
+                param.device(),
+                "; one call takes tensors of one device");
+    NoiseStream stream = base;
+    stream.index = counter_word(first_index + static_cast<int64_t>(i),
+                                "a parameter's global index");
+    const at::Tensor work = param.is_contiguous() ? param : param.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, param.scalar_type(), "dopamine_update", [&] {
+          using opmath_t = at::opmath_type<scalar_t>;
+          update_tensor<scalar_t>(work, stream, make_update(opmath_t{}));
+        });
+    if (!work.is_same(param)) {
+      param.copy_(work);
+    }
+  }
+}
+
+void perturb_kernel(at::TensorList params,
+                    int64_t seed,
+                    int64_t step,
+                    int64_t first_index,
+                    double sigma,
+                    c10::string_view noise) {
+  update_params(
+      params, seed, step, first_index, noise, "perturb_", [sigma](auto zero) {
+        using T = decltype(zero);
+        const T scale = static_cast<T>(sigma);
+        return [scale](T p, T z) { return p + scale * z; };
+      });
+}
+
+void restore_update_kernel(at::TensorList params,
+                           int64_t seed,
+                           int64_t step,
+                           int64_t first_index,
+                           double sigma,
+                           double step_size,
+                           double decay,
+                           c10::string_view noise) {
+  update_params(params,
+                seed,
+                step,
+                first_index,
+                noise,
+                "restore_update_",
+                [=](auto zero) {
+                  using T = decltype(zero);
+                  const T keep = static_cast<T>(1 - decay);
+                  const T restore = static_cast<T>(sigma);
+                  const T move = static_cast<T>(step_size);
+                  const T both = static_cast<T>(sigma + step_size);
+                  const bool decays = decay != 0;
+                  return [=](T p, T z) {
+                    return decays ? keep * (p - restore * z) - move * z
+                                  : p - both * z;
+                  };
+                });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dopamine, CPU, m) {
+  m.impl("perturb_", &perturb_kernel);
+  m.impl("restore_update_", &restore_update_kernel);
+  m.impl("perturb_tensor_", &OnOneTensor<&perturb_kernel>::call);
+  m.impl("restore_update_tensor_", &OnOneTensor<&restore_update_kernel>::call);
+}
+
+}  // namespace dopamine::ops
