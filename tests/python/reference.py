@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 
-def noise_of(like, seed, step, index):
+def noise_of(like, seed, step, index, kind="gaussian"):
     """z for parameter `index` at `step`: perturbing zeros by sigma = 1 yields
     z itself, so the tests read the noise without a second noise source."""
     noise = torch.zeros_like(like)
-    torch.ops.dopamine.perturb_([noise], seed, step, index, 1.0)
+    torch.ops.dopamine.perturb_([noise], seed, step, index, 1.0, kind)
     return noise
 
 class ReferenceDopamine:
@@ -29,7 +29,7 @@ class ReferenceDopamine:
         for g in self.groups:
             for i, theta in enumerate(g["theta"]):
                 if perturbed:
-                    z = noise_of(theta, g["o"]["seed"], g["t"] + 1, g["first"] + i)
+                    z = noise_of(theta, g["o"]["seed"], g["t"] + 1, g["first"] + i, g["o"]["noise"])
                     theta = theta + g["o"]["sigma"] * z
                 out.append(theta)
         return out
@@ -57,7 +57,7 @@ class ReferenceDopamine:
                 eta = min(eta, o["lr_max"])
             g["eta"] = eta
             for i, theta in enumerate(g["theta"]):
-                z = noise_of(theta, o["seed"], g["t"], g["first"] + i)
+                z = noise_of(theta, o["seed"], g["t"], g["first"] + i, o["noise"])
                 grad = (delta / o["sigma"]) * z
                 theta.sub_(eta * grad + o["lr"] * o.get("weight_decay", 0.0) * theta)
         return l0

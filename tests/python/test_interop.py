@@ -23,7 +23,7 @@ def op_cases(device):
         ]
 
     return [
-        (torch.ops.dopamine.perturb_.default, (params(), 3, 1, 0, 0.01)),
+        (torch.ops.dopamine.perturb_.default, (params(), 3, 1, 0, 0.01, "rademacher")),
         (torch.ops.dopamine.restore_update_.default, (params(), 3, 1, 2, 0.01, 0.5, 0.001)),
         (torch.ops.dopamine.perturb_tensor_.default, (params()[0], 3, 1, 4, 0.01)),
         (torch.ops.dopamine.restore_update_tensor_.default, (params()[2], 3, 1, 4, 0.01, 0.5, 0.001)),
@@ -43,7 +43,7 @@ def test_opcheck_passes(device, op_index):
     "op,args",
     [
         ("adapt_lr", ("rpe_normalized", 0.5, 1, 0.1, 0.01, 0.9, 0.9998, 2e-4, 1e-8, None, 1.0, 0.0, 0.0, 0.0)),
-        ("check_options", (0.1, 0.01, "none", 0.9, 0.9998, 2e-4, 1e-8, 0.0, None, 0.0, "skip")),
+        ("check_options", (0.1, 0.01, "none", 0.9, 0.9998, 2e-4, 1e-8, 0.0, None, 0.0, "rademacher", "skip")),
     ],
     ids=["adapt_lr", "check_options"],
 )

@@ -139,6 +139,7 @@ BAD_OPTIONS = [
     ("lr_max", -2.0),
     ("lr_adaptation", "adam"),
     ("non_finite_loss", "ignore"),
+    ("noise", "uniform"),
     ("seed", 1.5),
     ("lr", "fast"),
 ]

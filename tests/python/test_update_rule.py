@@ -1,5 +1,9 @@
 """The optimizer against the float64 reference of SPEC §2, on every device."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,15 +22,17 @@ DEFAULTS = dict(
     lr_max=None,
     weight_decay=0.0,
     seed=0,
+    noise="gaussian",
     non_finite_loss="skip",
 )
 
 
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("mode", ["none", "rpe_normalized", "rpe_tracking"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_update_matches_reference(device, mode, weight_decay):
+def test_update_matches_reference(device, mode, weight_decay, noise):
     params, loss = quadratic([5, 7, 3], device)
-    options = dict(DEFAULTS, lr=0.05, sigma=0.05, lr_adaptation=mode, weight_decay=weight_decay, seed=7)
+    options = dict(DEFAULTS, lr=0.05, sigma=0.05, lr_adaptation=mode, weight_decay=weight_decay, seed=7, noise=noise)
     reference = ReferenceDopamine([(params, options)])
     opt = torch_dopamine.Dopamine(params, **options)
     for _ in range(20):
@@ -112,6 +118,25 @@ def test_xor_trains_in_every_dtype(dtype):
 def xor_loss_in(model, dtype):
     """MSE in float32 of a model whose parameters are `dtype`."""
     return torch.nn.functional.mse_loss(model(XOR_INPUTS.to(dtype)).float(), XOR_TARGETS)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_every_cpu_path_draws_the_same_bits(noise):
+    """The kernels' baseline, AVX2 and AVX-512 paths (capped with
+    DOPAMINE_CPU_CAPABILITY in a fresh process) give identical parameters."""
+    code = (
+        "import hashlib, torch, torch_dopamine\n"
+        "ps = [torch.zeros(100003), torch.zeros(77, dtype=torch.float64), torch.zeros(300, dtype=torch.bfloat16)]\n"
+        f"torch.ops.dopamine.perturb_(ps, 3, 2, 1, 0.5, '{noise}')\n"
+        f"torch.ops.dopamine.restore_update_(ps, 3, 1, 1, 0.5, 0.25, 0.01, '{noise}')\n"
+        "print(hashlib.sha256(b''.join(p.view(torch.uint8).numpy().tobytes() for p in ps)).hexdigest())\n"
+    )
+    digests = set()
+    for cap in ("baseline", "avx2", "avx512"):
+        env = dict(os.environ, DOPAMINE_CPU_CAPABILITY=cap)
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        digests.add(result.stdout.strip())
+    assert len(digests) == 1
 
 
 def test_same_seed_same_trajectory_and_threads_do_not_matter():
