@@ -13,8 +13,9 @@ void perturb_meta(at::TensorList params,
                   int64_t /*step*/,
                   int64_t /*first_index*/,
                   double /*sigma*/,
-                  c10::string_view /*noise*/) {
+                  c10::string_view noise) {
   check_params(params, "perturb_");
+  noise_kind(noise);
 }
 
 void restore_update_meta(at::TensorList params,
@@ -24,8 +25,9 @@ void restore_update_meta(at::TensorList params,
                          double /*sigma*/,
                          double /*step_size*/,
                          double /*decay*/,
-                         c10::string_view /*noise*/) {
+                         c10::string_view noise) {
   check_params(params, "restore_update_");
+  noise_kind(noise);
 }
 
 }  // namespace

@@ -22,7 +22,6 @@
 #include <string>
 
 #include "../kernel_common.h"
-#include "../noise.h"
 
 namespace dopamine::ops {
 namespace {
@@ -181,63 +180,36 @@ void update_tensor(const at::Tensor& param,
   });
 }
 
-uint32_t counter_word(int64_t value, const char* name) {
-  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<uint32_t>::max(),
-              "dopamine: ",
-              name,
-              " must be in [0, 2^32), got ",
-              value);
-  return static_cast<uint32_t>(value);
-}
-
-Kind noise_kind(c10::string_view name) {
-  if (name == "gaussian") {
-    return Kind::Gaussian;
-  }
-  TORCH_CHECK(name == "rademacher",
-              "dopamine: unknown noise '",
-              name,
-              "' (expected gaussian or rademacher)");
-  return Kind::Rademacher;
-}
-
-// Applies `make_update(opmath_t{})`'s update to every parameter, each with
-// its own noise stream. Non-contiguous parameters are updated through a
-// contiguous copy (elements are numbered in row-major order).
-template <typename MakeUpdate>
+// Applies Update<opmath_t>(update_args...) to every parameter, each with
+// its own noise stream.
+template <template <typename> class Update, typename... UpdateArgs>
 void update_params(at::TensorList params,
                    int64_t seed,
                    int64_t step,
                    int64_t first_index,
                    c10::string_view noise,
                    const char* op,
-                   const MakeUpdate& make_update) {
-  check_params(params, op);
-  const NoiseStream base{
-      noise_kind(noise), noise::key_of(seed), 0, counter_word(step, "step")};
+                   UpdateArgs... update_args) {
+  const TensorOpArgs args(params, seed, step, first_index, noise, op);
   for (size_t i = 0; i < params.size(); ++i) {
-    const auto& param = params[i];
-    TORCH_CHECK(param.device().is_cpu(),
+    TORCH_CHECK(params[i].device().is_cpu(),
                 "dopamine::",
                 op,
-                ": params[",
-                i,
-                "] is on ",
-                param.device(),
-                "; one call takes tensors of one device");
-    NoiseStream stream = base;
-    stream.index = counter_word(first_index + static_cast<int64_t>(i),
-                                "a parameter's global index");
-    const at::Tensor work = param.is_contiguous() ? param : param.contiguous();
+                ": the CPU kernel got a tensor on ",
+                params[i].device());
+    const NoiseStream stream{args.kind, args.key, args.index[i], args.step};
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, param.scalar_type(), "dopamine_update", [&] {
+        at::kHalf,
+        at::kBFloat16,
+        params[i].scalar_type(),
+        "dopamine_update",
+        [&] {
           using opmath_t = at::opmath_type<scalar_t>;
-          update_tensor<scalar_t>(work, stream, make_update(opmath_t{}));
+          update_tensor<scalar_t>(
+              args.work[i], stream, Update<opmath_t>(update_args...));
         });
-    if (!work.is_same(param)) {
-      param.copy_(work);
-    }
   }
+  args.write_back(params);
 }
 
 void perturb_kernel(at::TensorList params,
@@ -246,12 +218,8 @@ void perturb_kernel(at::TensorList params,
                     int64_t first_index,
                     double sigma,
                     c10::string_view noise) {
-  update_params(
-      params, seed, step, first_index, noise, "perturb_", [sigma](auto zero) {
-        using T = decltype(zero);
-        const T scale = static_cast<T>(sigma);
-        return [scale](T p, T z) { return p + scale * z; };
-      });
+  update_params<Perturb>(
+      params, seed, step, first_index, noise, "perturb_", sigma);
 }
 
 void restore_update_kernel(at::TensorList params,
@@ -262,24 +230,15 @@ void restore_update_kernel(at::TensorList params,
                            double step_size,
                            double decay,
                            c10::string_view noise) {
-  update_params(params,
-                seed,
-                step,
-                first_index,
-                noise,
-                "restore_update_",
-                [=](auto zero) {
-                  using T = decltype(zero);
-                  const T keep = static_cast<T>(1 - decay);
-                  const T restore = static_cast<T>(sigma);
-                  const T move = static_cast<T>(step_size);
-                  const T both = static_cast<T>(sigma + step_size);
-                  const bool decays = decay != 0;
-                  return [=](T p, T z) {
-                    return decays ? keep * (p - restore * z) - move * z
-                                  : p - both * z;
-                  };
-                });
+  update_params<RestoreUpdate>(params,
+                               seed,
+                               step,
+                               first_index,
+                               noise,
+                               "restore_update_",
+                               sigma,
+                               step_size,
+                               decay);
 }
 
 }  // namespace
