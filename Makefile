@@ -7,7 +7,7 @@ CONSUMER_DIR := $(BUILD_DIR)/consumer
 TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')
 LAUNCHER = $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 
-.PHONY: all setup configure build python test test-cpp test-install test-python bench format clean
+.PHONY: all setup configure build python test test-cpp test-install test-python bench bench-full check-cuda-build format clean
 
 all: build
 
@@ -45,9 +45,40 @@ python: setup
 test-python: build python
 	DOPAMINE_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pytest -q -rs tests/python
 
-bench: build
+# The suite (quick: under 15 minutes on 2 cores): the C++ XOR benchmark,
+# then the Python suite, which merges its records into results/bench.json and
+# writes results/REPORT.md and the plots.
+bench: build python
 	@mkdir -p results
-	$(BUILD_DIR)/benchmarks/cpp/dopamine_bench_xor | tee results/xor_cpp.md
+	$(BUILD_DIR)/benchmarks/cpp/dopamine_bench_xor 20 2000 results/bench_cpp.json
+	$(PYTHON) benchmarks/python/run_suite.py --out results --cpp-json results/bench_cpp.json
+
+# The paper-size configurations (512-unit RNNs, 2000 epochs): hours on a CPU.
+bench-full: build python
+	@mkdir -p results
+	$(BUILD_DIR)/benchmarks/cpp/dopamine_bench_xor 20 5000 results/bench_cpp.json
+	$(PYTHON) benchmarks/python/run_suite.py --full --out results --cpp-json results/bench_cpp.json
+
+# Compiles the CUDA kernels against the CUDA build of torch 2.14.1 (from the
+# local package mirror, into its own virtual environment), with this
+# machine's nvcc. Nothing CUDA runs here; skipped without nvcc.
+CUDA_VENV := $(BUILD_DIR)/cuda-venv
+NVCC := $(shell command -v nvcc)
+check-cuda-build:
+ifeq ($(NVCC),)
+	@echo "check-cuda-build: no nvcc; skipped"
+else
+	test -x $(CUDA_VENV)/bin/python || ( $(PYTHON) -m venv $(CUDA_VENV) && \
+	  $(CUDA_VENV)/bin/pip install -q torch==2.14.1 )
+	TORCH_CUDA_ARCH_LIST=9.0 cmake -S . -B $(BUILD_DIR)/cuda $(LAUNCHER) \
+	  -DCMAKE_PREFIX_PATH="$$($(CUDA_VENV)/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)" \
+	  -DCMAKE_CUDA_COMPILER=$(realpath $(NVCC)) \
+	  -DCUDA_TOOLKIT_ROOT_DIR=$(abspath $(dir $(realpath $(NVCC)))..) \
+	  -DDOPAMINE_CUDA=ON -DDOPAMINE_BUILD_TESTS=OFF \
+	  -DDOPAMINE_BUILD_BENCHMARKS=OFF -DDOPAMINE_BUILD_EXAMPLES=OFF
+	cmake --build $(BUILD_DIR)/cuda -j$(JOBS)
+	@echo "check-cuda-build: the CUDA kernels compile and link"
+endif
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h' '*.cu' '*.cuh')

@@ -1,13 +1,17 @@
 // XOR (2-4-1 MLP, MSE, full batch): steps and time to reach loss < 0.01 for
 // Dopamine, standard WP, torch::optim::SGD and torch::optim::Adam.
-//   dopamine_bench_xor [seeds] [max_steps]
+//   dopamine_bench_xor [seeds] [max_steps] [records.json]
+// Prints a markdown table; with a path, also writes the rows as records of
+// the suite's schema (benchmarks/python/harness.py), front_end "cpp".
 #include <dopamine/dopamine.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <sstream>
@@ -23,6 +27,7 @@ constexpr double kTarget = 0.01;
 struct Contender {
   std::string name;
   std::string settings;
+  double lr;
   bool uses_gradients;
   std::function<std::unique_ptr<torch::optim::Optimizer>(
       std::vector<torch::Tensor>, uint64_t seed)>
@@ -35,13 +40,28 @@ struct Run {
   double milliseconds;
 };
 
+// One row of results/bench.json.
+struct Row {
+  const Contender& contender;
+  int seeds;
+  int max_steps;
+  size_t solved;
+  double median_steps;
+  double median_ms;
+  double ms_per_step;
+};
+
 // Dopamine with `options`, its noise seeded like the net's initialisation.
 Contender dopamine_contender(const std::string& name,
                              const dopamine::DopamineOptions& options) {
   std::ostringstream settings;
   settings << "lr " << options.lr() << ", sigma " << options.sigma() << ", "
            << dopamine::to_string(options.lr_adaptation());
-  return {name, settings.str(), false, [options](auto params, uint64_t seed) {
+  return {name,
+          settings.str(),
+          options.lr(),
+          false,
+          [options](auto params, uint64_t seed) {
             return std::make_unique<dopamine::Dopamine>(
                 params, dopamine::DopamineOptions(options).seed(seed));
           }};
@@ -64,15 +84,18 @@ Run train(const Contender& contender, uint64_t seed, int max_steps) {
     closure = [&] { return torch::mse_loss(net->forward(inputs), targets); };
   }
   const auto start = std::chrono::steady_clock::now();
+  auto elapsed = [&] {
+    return std::chrono::duration<double, std::milli>(
+               std::chrono::steady_clock::now() - start)
+        .count();
+  };
   for (int step = 0; step < max_steps; ++step) {
     // step() returns the loss before its update.
     if (optimizer->step(closure).item<double>() < kTarget) {
-      const std::chrono::duration<double, std::milli> elapsed =
-          std::chrono::steady_clock::now() - start;
-      return {true, step, elapsed.count()};
+      return {true, step, elapsed()};
     }
   }
-  return {false, max_steps, 0};
+  return {false, max_steps, elapsed()};
 }
 
 double median(std::vector<double> values) {
@@ -82,6 +105,43 @@ double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
   const size_t n = values.size();
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+std::string json_number(double value) {
+  if (!std::isfinite(value)) {
+    return "null";
+  }
+  std::ostringstream text;
+  text.precision(10);
+  text << value;
+  return text.str();
+}
+
+void write_records(const std::string& path, const std::vector<Row>& rows) {
+  std::ofstream out(path);
+  out << "{\"records\": [\n";
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const Row& r = rows[i];
+    const bool gradients = r.contender.uses_gradients;
+    out << "  {\"front_end\": \"cpp\", \"task\": \"xor\", \"optimizer\": \""
+        << r.contender.name
+        << "\", \"config\": {\"lr\": " << json_number(r.contender.lr)
+        << ", \"settings\": \"" << r.contender.settings
+        << "\", \"seeds\": " << r.seeds << ", \"max_steps\": " << r.max_steps
+        << ", \"target\": \"MSE < 0.01\"}, \"success_rate\": "
+        << json_number(double(r.solved) / r.seeds)
+        << ", \"median_steps_to_target\": " << json_number(r.median_steps)
+        << ", \"median_seconds_to_target\": " << json_number(r.median_ms / 1000)
+        << ", \"final_metric\": null, \"peak_memory_bytes\": null"
+        << ", \"ms_per_step\": " << json_number(r.ms_per_step)
+        << ", \"forward_passes_per_step\": " << (gradients ? 1 : 2)
+        << ", \"backward_passes_per_step\": " << (gradients ? 1 : 0)
+        << ", \"torch_version\": \"" << TORCH_VERSION
+        << "\", \"device\": \"cpu\", \"threads\": " << torch::get_num_threads()
+        << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
+  }
+  out << "]}\n";
+  TORCH_CHECK(out.good(), "could not write ", path);
 }
 
 }  // namespace
@@ -103,6 +163,7 @@ int main(int argc, char** argv) {
           DopamineOptions(1.0).sigma(0.01).lr_adaptation(LrAdaptation::None)),
       {"sgd",
        "lr 1.0",
+       1.0,
        true,
        [](auto params, uint64_t) {
          return std::make_unique<torch::optim::SGD>(
@@ -110,6 +171,7 @@ int main(int argc, char** argv) {
        }},
       {"adam",
        "lr 0.05",
+       0.05,
        true,
        [](auto params, uint64_t) {
          return std::make_unique<torch::optim::Adam>(
@@ -128,15 +190,26 @@ int main(int argc, char** argv) {
       "| optimizer | settings | solved | median steps | median ms "
       "| forwards/step | backwards/step |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
+  std::vector<Row> rows;
   for (const auto& contender : contenders) {
     std::vector<double> steps, milliseconds;
+    double total_ms = 0, total_steps = 0;
     for (int seed = 0; seed < seeds; ++seed) {
       const Run run = train(contender, seed, max_steps);
+      total_ms += run.milliseconds;
+      total_steps += run.solved ? run.steps + 1 : run.steps;
       if (run.solved) {
         steps.push_back(run.steps);
         milliseconds.push_back(run.milliseconds);
       }
     }
+    rows.push_back({contender,
+                    seeds,
+                    max_steps,
+                    steps.size(),
+                    median(steps),
+                    median(milliseconds),
+                    total_ms / total_steps});
     std::printf("| %s | %s | %zu/%d | %.0f | %.2f | %d | %d |\n",
                 contender.name.c_str(),
                 contender.settings.c_str(),
@@ -147,6 +220,9 @@ int main(int argc, char** argv) {
                 contender.uses_gradients ? 1 : 2,
                 contender.uses_gradients ? 1 : 0);
     std::fflush(stdout);
+  }
+  if (argc > 3) {
+    write_records(argv[3], rows);
   }
   return 0;
 }

@@ -3,6 +3,7 @@ torch imported now is the torch the library was built against: LibTorch has
 no stable ABI, and a mismatch otherwise ends in a crash or an undefined
 symbol."""
 
+import os
 from pathlib import Path
 
 import torch
@@ -24,17 +25,26 @@ def check_torch_version(built: str, running: str) -> None:
 
 
 def load() -> Path:
-    """Loads the library once; returns its path."""
-    from . import _build_info
+    """Loads the library once; returns its path. TORCH_DOPAMINE_LIBRARY, when
+    set, names a library to load instead of the installed one (a CMake build
+    tree's, say, with PYTHONPATH=python); its torch version is then the
+    caller's responsibility."""
+    override = os.environ.get("TORCH_DOPAMINE_LIBRARY")
+    if override:
+        path = Path(override)
+        built = "unknown (TORCH_DOPAMINE_LIBRARY)"
+    else:
+        from . import _build_info
 
-    check_torch_version(_build_info.TORCH_VERSION, torch.__version__)
-    path = Path(__file__).with_name(_build_info.LIBRARY)
+        built = _build_info.TORCH_VERSION
+        check_torch_version(built, torch.__version__)
+        path = Path(__file__).with_name(_build_info.LIBRARY)
     try:
         torch.ops.load_library(str(path))
     except OSError as error:
         raise ImportError(
             f"torch_dopamine could not load its ops library {path}: {error}. "
-            f"It was built against torch {_build_info.TORCH_VERSION}; torch "
+            f"It was built against torch {built}; torch "
             f"{torch.__version__} is imported."
         ) from error
     return path

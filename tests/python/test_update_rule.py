@@ -129,7 +129,7 @@ def test_every_cpu_path_draws_the_same_bits(noise):
         "ps = [torch.zeros(100003), torch.zeros(77, dtype=torch.float64), torch.zeros(300, dtype=torch.bfloat16)]\n"
         f"torch.ops.dopamine.perturb_(ps, 3, 2, 1, 0.5, '{noise}')\n"
         f"torch.ops.dopamine.restore_update_(ps, 3, 1, 1, 0.5, 0.25, 0.01, '{noise}')\n"
-        "print(hashlib.sha256(b''.join(p.view(torch.uint8).numpy().tobytes() for p in ps)).hexdigest())\n"
+        "print(hashlib.sha256(b''.join(bytes(p.view(torch.uint8).tolist()) for p in ps)).hexdigest())\n"
     )
     digests = set()
     for cap in ("baseline", "avx2", "avx512"):

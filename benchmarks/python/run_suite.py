@@ -1,0 +1,105 @@
+"""The benchmark suite: Dopamine against standard WP, SGD and Adam on XOR,
+Lorenz and Rössler forecasting, scikit-learn's digits and MLP scaling, plus
+the op benchmark. Writes results/bench.json, results/REPORT.md and the plots.
+
+    python benchmarks/python/run_suite.py            # quick (make bench)
+    python benchmarks/python/run_suite.py --full     # paper-size (make bench-full)
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import report
+import scaling
+import tasks
+from harness import CONTENDERS, TASK_CONTENDERS, Progress, machine, record
+
+SCALING_CONTENDERS = ["dopamine", "dopamine[rademacher]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
+
+
+def scaling_records(sizes, device, progress):
+    records = []
+    for params in sizes:
+        for name in SCALING_CONTENDERS:
+            point = scaling.run_point(name, params, device, repeats=5 if params >= 10**7 else 20)
+            records.append(
+                record(
+                    "python",
+                    "scaling",
+                    CONTENDERS[name],
+                    dict(params=point["params"], param_bytes=point["param_bytes"], model="64-h-h-10 MLP, ReLU", batch=scaling.BATCH),
+                    device=device,
+                    ms_per_step=point["ms_per_step"],
+                    optimizer_ms_per_step=point["optimizer_ms_per_step"],
+                    peak_memory_bytes=point["peak_memory_bytes"],
+                    threads=point["threads"],
+                )
+            )
+            progress(
+                f"scaling: {name} at {point['params']:.2g} params on {device}: {point['ms_per_step']:.2f} ms/step, "
+                f"optimizer {point['optimizer_ms_per_step']:.2f} ms, +{point['peak_memory_bytes'] / 2**20:.1f} MiB"
+            )
+    return records
+
+
+def ops_record(device, progress):
+    result = scaling.ops_benchmark(device)
+    progress(
+        f"ops on {device}: step/Adam {result['step_vs_adam']['gaussian']:.2f}x gaussian, "
+        f"{result['step_vs_adam']['rademacher']:.2f}x rademacher; noise vs normal_ {result['noise_throughput_vs_normal_']:.2f}x"
+    )
+    return record(
+        "python",
+        "ops",
+        CONTENDERS["dopamine"],
+        dict(numel=result["numel"], tensors=result["tensors"], dtype="float32"),
+        device=device,
+        ms_per_step=result["ms"]["step[gaussian]"],
+        optimizer_ms_per_step=result["ms"]["step[gaussian]"],
+        ops=result,
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="paper-size configurations (hours on a CPU)")
+    parser.add_argument("--out", default="results", help="output folder")
+    parser.add_argument("--cpp-json", help="records written by the C++ benchmark, merged into bench.json")
+    parser.add_argument("--device", default="cpu", help="device of the scaling and op benchmarks (cpu or cuda)")
+    parser.add_argument("--skip", nargs="*", default=[], help="tasks to leave out (xor lorenz rossler digits scaling ops)")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    started = time.time()
+    info = machine()
+    progress(f"machine: {info}")
+    records = []
+    for task in tasks.all_tasks(args.full):
+        if task.name in args.skip:
+            continue
+        progress(f"{task.name}: {len(TASK_CONTENDERS)} optimizers x 3 learning rates x {len(task.seeds)} seed(s), {task.steps} steps")
+        records += tasks.run_task(task, TASK_CONTENDERS, progress)
+    if "scaling" not in args.skip:
+        sizes = [10**3, 10**4, 10**5, 10**6, 10**7]
+        if args.device == "cuda":
+            sizes += [10**8, 10**9] if args.full else [10**8]
+        records += scaling_records(sizes, args.device, progress)
+    if "ops" not in args.skip:
+        records.append(ops_record(args.device, progress))
+    if args.cpp_json:
+        cpp = json.loads(Path(args.cpp_json).read_text())["records"]
+        progress(f"merged {len(cpp)} C++ records from {args.cpp_json}")
+        records += cpp
+    meta = dict(machine=info, mode="full" if args.full else "quick", seconds=time.time() - started, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    report.write(records, meta, out)
+    progress(f"wrote {out / 'bench.json'}, {out / 'REPORT.md'} and the plots")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

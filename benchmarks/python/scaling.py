@@ -1,0 +1,208 @@
+"""Scaling: MLPs from about 1e3 to 1e7 parameters (1e9 on a GPU), each point
+measured in a fresh subprocess: milliseconds per training step, optimizer-only
+milliseconds, and peak memory above a no-grad inference run of the same model
+(process peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA), each
+peak counted from the start of its own phase. Also the
+op benchmark: the fused ops against torch's own kernels at 1e7 parameters.
+
+Run as a script, it measures one point and prints it as JSON."""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import torch_dopamine  # noqa: F401  (loads the ops)
+from harness import CONTENDERS, take_step
+
+INPUTS, CLASSES, BATCH = 64, 10, 64
+
+
+def width_for(params: int) -> int:
+    """Width h of a 64-h-h-10 MLP with about `params` parameters."""
+    h = 1
+    while (h * h + h) + (INPUTS * h + h) + (h * CLASSES + CLASSES) < params:
+        h += 1
+    return h
+
+
+def mlp(width: int, device) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(INPUTS, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, CLASSES),
+    ).to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak(device) -> int:
+    """Restarts the peak count at the current use; returns that use. On
+    Linux, writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM), so
+    the peak measured next is this phase's, not one left by start-up."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        return _status_bytes("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dict:
+    device = torch.device(device)
+    contender = CONTENDERS[optimizer]
+    torch.manual_seed(0)
+    model = mlp(width_for(params), device)
+    x = torch.randn(BATCH, INPUTS, device=device)
+    y = torch.randint(CLASSES, (BATCH,), device=device)
+    weights = list(model.parameters())
+    # Library code the first step of an optimizer loads (torch.optim's
+    # machinery, the ops) is not per-parameter memory: load it first.
+    warm = torch.nn.Linear(2, 1).to(device)
+    warm_opt = contender.make(list(warm.parameters()), 1e-4, 1e-3, 0)
+    take_step(warm_opt, contender, lambda: warm(torch.ones(1, 2, device=device)).sum())
+    del warm, warm_opt
+    # The inference run the memory is compared with: its own peak.
+    reset_peak(device)
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    sync(device)
+    inference_peak = peak_bytes(device)
+    reset_peak(device)
+
+    opt = contender.make(weights, 1e-4, 1e-3, 0)
+    loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    step_ms = timed(lambda: take_step(opt, contender, loss_fn), device, repeats)
+    peak = peak_bytes(device)
+    if contender.gradient:
+        optimizer_ms = timed(opt.step, device, repeats)
+    else:
+        group = opt.param_groups[0]
+        noise = group["noise"]
+
+        def ops():
+            torch.ops.dopamine.perturb_(weights, 0, 1, 0, 1e-3, noise)
+            torch.ops.dopamine.restore_update_(weights, 0, 1, 0, 1e-3, 0.0, 0.0, noise)
+
+        with torch.no_grad():
+            optimizer_ms = timed(ops, device, repeats)
+    return {
+        "optimizer": optimizer,
+        "params": sum(w.numel() for w in weights),
+        "param_bytes": sum(w.numel() * w.element_size() for w in weights),
+        "ms_per_step": step_ms,
+        "optimizer_ms_per_step": optimizer_ms,
+        "peak_memory_bytes": max(0, peak - inference_peak),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_point(optimizer, params, device, repeats) -> dict:
+    """measure_point in a fresh interpreter, so peak RSS is this point's."""
+    command = [sys.executable, __file__, "--optimizer", optimizer, "--params", str(params), "--device", device]
+    command += ["--repeats", str(repeats)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"scaling point {optimizer} {params} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 4, repeats: int = 30) -> dict:
+    """The fused ops at `numel` float32 elements in `tensors` tensors, against
+    torch's normal_, copy_ and the fastest Adam steps, in one process."""
+    device = torch.device(device)
+    size = numel // tensors
+    params = [torch.zeros(size, device=device) for _ in range(tensors)]
+    others = [torch.zeros(size, device=device) for _ in range(tensors)]
+    times = {}
+    for noise in ("gaussian", "rademacher"):
+        times[f"perturb_[{noise}]"] = timed(lambda: torch.ops.dopamine.perturb_(params, 0, 1, 0, 1e-3, noise), device, repeats)
+        times[f"restore_update_[{noise}]"] = timed(
+            lambda: torch.ops.dopamine.restore_update_(params, 0, 1, 0, 1e-3, 1e-4, 0.0, noise), device, repeats
+        )
+        times[f"step[{noise}]"] = times[f"perturb_[{noise}]"] + times[f"restore_update_[{noise}]"]
+    times["normal_"] = timed(lambda: [p.normal_() for p in params], device, repeats)
+    times["copy_"] = timed(lambda: [o.copy_(p) for o, p in zip(others, params)], device, repeats)
+    adam_params = [torch.nn.Parameter(torch.zeros(size, device=device)) for _ in range(tensors)]
+    for p in adam_params:
+        p.grad = torch.zeros_like(p)
+    for variant in ("fused", "foreach"):
+        try:
+            adam = torch.optim.Adam(adam_params, lr=1e-3, **{variant: True})
+            times[f"adam[{variant}]"] = timed(adam.step, device, repeats)
+        except (RuntimeError, ValueError) as error:  # fused Adam is missing on some builds
+            times[f"adam[{variant}]"] = None
+            print(f"adam[{variant}] unavailable: {error}", file=sys.stderr)
+    adam_best = min(v for k, v in times.items() if k.startswith("adam[") and v is not None)
+    copy_gbs = 8 * numel / (times["copy_"] * 1e-3) / 1e9
+    return {
+        "numel": numel,
+        "tensors": tensors,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "ms": times,
+        "adam_fastest_ms": adam_best,
+        "step_vs_adam": {k: times[f"step[{k}]"] / adam_best for k in ("gaussian", "rademacher")},
+        "noise_throughput_vs_normal_": times["normal_"] / times["perturb_[gaussian]"],
+        # Each op reads and writes every element once: 8 bytes per float.
+        "gb_per_s": {k: 8 * numel / (v * 1e-3) / 1e9 for k, v in times.items() if k.startswith(("perturb_", "restore_update_"))},
+        "copy_gb_per_s": copy_gbs,
+        # A step reads and writes the parameters twice; copy_ does it once.
+        "step_vs_two_copies": {k: times[f"step[{k}]"] / (2 * times["copy_"]) for k in ("gaussian", "rademacher")},
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--optimizer", required=True)
+    parser.add_argument("--params", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    print(json.dumps(measure_point(args.optimizer, args.params, args.device, args.repeats)))

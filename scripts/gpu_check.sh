@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU check: run from the project root on a machine with an NVIDIA GPU,
+# nvcc and a CUDA build of torch, no network and no package manager.
+#   OUT=/some/folder bash scripts/gpu_check.sh
+# It prints the GPU and versions, builds against that torch with the CUDA
+# kernels (GoogleTest from $GTEST_SOURCE_DIR, default .device/googletest,
+# when none is installed), runs the C++ and Python suites (CUDA cases
+# included), checks that CPU and CUDA draw the same noise, and runs the op
+# and scaling benchmarks on CUDA. Logs and results go under $OUT (default
+# build/gpu_check); summary.txt says what passed. On a machine without a
+# CUDA device it prints the versions, says so and skips the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-build/gpu_check}
+BUILD=${BUILD:-build/gpu}
+JOBS=${JOBS:-$(nproc)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+: > "$OUT/summary.txt"
+failed=0
+
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
+run() { # run NAME COMMAND...: its output goes to $OUT/NAME.log
+  local name=$1
+  shift
+  log "start $name"
+  if "$@" >"$OUT/$name.log" 2>&1; then
+    log "pass  $name"
+  else
+    log "FAIL  $name (exit $?; last lines of $OUT/$name.log:)"
+    tail -n 25 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+    failed=1
+  fi
+}
+
+{
+  echo "== nvidia-smi"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "nvidia-smi: not found"
+  echo "== nvcc"
+  nvcc --version 2>&1 | tail -n 2 || echo "nvcc: not found"
+  echo "== cmake"
+  cmake --version | head -n 1
+  echo "== torch"
+  "$PYTHON" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda, "available:", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
+} 2>&1 | tee "$OUT/versions.txt"
+
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  log "no CUDA device: skipped the CUDA build, the suites on CUDA, the noise check and the CUDA benchmarks"
+  exit 0
+fi
+
+TORCH_PREFIX=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+CUDA_ROOT=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
+cmake_args=(-S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH_PREFIX"
+  -DDOPAMINE_CUDA=ON -DCMAKE_CUDA_COMPILER="$NVCC" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"
+  -DPython3_EXECUTABLE="$(command -v "$PYTHON")")
+command -v ninja >/dev/null && cmake_args+=(-G Ninja)
+if [ -z "$(find /usr/lib* /usr/local/lib* -name GTestConfig.cmake -print -quit 2>/dev/null)" ]; then
+  GTEST_SOURCE_DIR=${GTEST_SOURCE_DIR:-.device/googletest}
+  if [ -f "$GTEST_SOURCE_DIR/CMakeLists.txt" ]; then
+    cmake_args+=(-DDOPAMINE_GTEST_SOURCE_DIR="$(cd "$GTEST_SOURCE_DIR" && pwd)")
+  else
+    log "no GoogleTest installed and no sources in $GTEST_SOURCE_DIR: C++ tests off"
+    cmake_args+=(-DDOPAMINE_BUILD_TESTS=OFF)
+  fi
+fi
+
+run configure cmake "${cmake_args[@]}"
+run build cmake --build "$BUILD" -j "$JOBS"
+if [ -f "$BUILD/CTestTestfile.cmake" ]; then
+  run cpp-tests ctest --test-dir "$BUILD" --output-on-failure -j 4
+fi
+if "$PYTHON" -c 'import scikit_build_core' 2>/dev/null; then
+  run python-install env CMAKE_ARGS="-DDOPAMINE_CUDA=ON -DCMAKE_CUDA_COMPILER=$NVCC -DCUDA_TOOLKIT_ROOT_DIR=$CUDA_ROOT" \
+    "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v .
+else
+  # No scikit-build-core and no network to get it: the package from the
+  # source tree over the library just built.
+  log "no scikit-build-core: using python/ with $BUILD's library"
+  export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+  export TORCH_DOPAMINE_LIBRARY=$PWD/$BUILD/libdopamine.so
+fi
+run python-tests env DOPAMINE_BUILD_DIR="$BUILD" "$PYTHON" -m pytest -q -rs tests/python
+run noise-equality "$PYTHON" scripts/noise_equality.py
+run bench-cuda "$PYTHON" benchmarks/python/run_suite.py --device cuda --skip xor lorenz rossler digits --out "$OUT/bench"
+cat "$OUT/noise-equality.log" >>"$OUT/summary.txt" 2>/dev/null
+grep -A 14 "^## Ops" "$OUT/bench/REPORT.md" >>"$OUT/summary.txt" 2>/dev/null
+log "done: $([ $failed = 0 ] && echo all passed || echo some steps FAILED)"
+exit $failed
