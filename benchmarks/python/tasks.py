@@ -32,10 +32,11 @@ class Task:
 def _choose(task: Task, rows: List[dict]) -> dict:
     def key(row):
         metric = row["final_metric"]
-        metric = float("-inf") if metric is None or metric != metric else metric
         steps = row["median_steps_to_target"] or float("inf")
         if task.name == "xor":
             return (row["success_rate"], -steps)
+        if metric is None or metric != metric:  # diverged: worst of all
+            return (float("-inf"), row["success_rate"])
         return (metric if task.higher_is_better else -metric, row["success_rate"])
 
     return max(rows, key=key)

@@ -8,6 +8,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
@@ -137,6 +138,45 @@ template <typename... Args, void (*kernel)(at::TensorList, Args...)>
 struct OnOneTensor<kernel> {
   static void call(const at::Tensor& param, Args... args) {
     kernel(at::TensorList(param), args...);
+  }
+};
+
+// The kernels of the four tensor ops on one backend, from the backend's
+// Backend::update_params<Update>(params, args, update arguments...), which
+// applies Update<opmath_t>(update arguments...) to every element.
+template <typename Backend>
+struct TensorOps {
+  static void perturb(at::TensorList params,
+                      int64_t seed,
+                      int64_t step,
+                      int64_t first_index,
+                      double sigma,
+                      c10::string_view noise) {
+    const TensorOpArgs args(params, seed, step, first_index, noise, "perturb_");
+    Backend::template update_params<Perturb>(params, args, sigma);
+    args.write_back(params);
+  }
+
+  static void restore_update(at::TensorList params,
+                             int64_t seed,
+                             int64_t step,
+                             int64_t first_index,
+                             double sigma,
+                             double step_size,
+                             double decay,
+                             c10::string_view noise) {
+    const TensorOpArgs args(
+        params, seed, step, first_index, noise, "restore_update_");
+    Backend::template update_params<RestoreUpdate>(
+        params, args, sigma, step_size, decay);
+    args.write_back(params);
+  }
+
+  static void register_kernels(torch::Library& m) {
+    m.impl("perturb_", &perturb);
+    m.impl("restore_update_", &restore_update);
+    m.impl("perturb_tensor_", &OnOneTensor<&perturb>::call);
+    m.impl("restore_update_tensor_", &OnOneTensor<&restore_update>::call);
   }
 };
 

@@ -180,74 +180,36 @@ void update_tensor(const at::Tensor& param,
   });
 }
 
-// Applies Update<opmath_t>(update_args...) to every parameter, each with
-// its own noise stream.
-template <template <typename> class Update, typename... UpdateArgs>
-void update_params(at::TensorList params,
-                   int64_t seed,
-                   int64_t step,
-                   int64_t first_index,
-                   c10::string_view noise,
-                   const char* op,
-                   UpdateArgs... update_args) {
-  const TensorOpArgs args(params, seed, step, first_index, noise, op);
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].device().is_cpu(),
-                "dopamine::",
-                op,
-                ": the CPU kernel got a tensor on ",
-                params[i].device());
-    const NoiseStream stream{args.kind, args.key, args.index[i], args.step};
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf,
-        at::kBFloat16,
-        params[i].scalar_type(),
-        "dopamine_update",
-        [&] {
-          using opmath_t = at::opmath_type<scalar_t>;
-          update_tensor<scalar_t>(
-              args.work[i], stream, Update<opmath_t>(update_args...));
-        });
+struct Cpu {
+  // Applies Update<opmath_t>(update_args...) to every parameter, each with
+  // its own noise stream.
+  template <template <typename> class Update, typename... UpdateArgs>
+  static void update_params(at::TensorList params,
+                            const TensorOpArgs& args,
+                            UpdateArgs... update_args) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      TORCH_CHECK(params[i].device().is_cpu(),
+                  "dopamine: the CPU kernel got a tensor on ",
+                  params[i].device());
+      const NoiseStream stream{args.kind, args.key, args.index[i], args.step};
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf,
+          at::kBFloat16,
+          params[i].scalar_type(),
+          "dopamine_update",
+          [&] {
+            using opmath_t = at::opmath_type<scalar_t>;
+            update_tensor<scalar_t>(
+                args.work[i], stream, Update<opmath_t>(update_args...));
+          });
+    }
   }
-  args.write_back(params);
-}
-
-void perturb_kernel(at::TensorList params,
-                    int64_t seed,
-                    int64_t step,
-                    int64_t first_index,
-                    double sigma,
-                    c10::string_view noise) {
-  update_params<Perturb>(
-      params, seed, step, first_index, noise, "perturb_", sigma);
-}
-
-void restore_update_kernel(at::TensorList params,
-                           int64_t seed,
-                           int64_t step,
-                           int64_t first_index,
-                           double sigma,
-                           double step_size,
-                           double decay,
-                           c10::string_view noise) {
-  update_params<RestoreUpdate>(params,
-                               seed,
-                               step,
-                               first_index,
-                               noise,
-                               "restore_update_",
-                               sigma,
-                               step_size,
-                               decay);
-}
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dopamine, CPU, m) {
-  m.impl("perturb_", &perturb_kernel);
-  m.impl("restore_update_", &restore_update_kernel);
-  m.impl("perturb_tensor_", &OnOneTensor<&perturb_kernel>::call);
-  m.impl("restore_update_tensor_", &OnOneTensor<&restore_update_kernel>::call);
+  TensorOps<Cpu>::register_kernels(m);
 }
 
 }  // namespace dopamine::ops

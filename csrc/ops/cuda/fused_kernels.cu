@@ -117,84 +117,48 @@ void launch(TensorTable<scalar_t>& table,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Applies Update<opmath_t>(update_args...) to every parameter: consecutive
-// parameters of one dtype share a launch, kMaxTensors at most.
-template <template <typename> class Update, typename... UpdateArgs>
-void update_params(at::TensorList params,
-                   int64_t seed,
-                   int64_t step,
-                   int64_t first_index,
-                   c10::string_view noise,
-                   const char* op,
-                   UpdateArgs... update_args) {
-  const TensorOpArgs args(params, seed, step, first_index, noise, op);
-  if (params.empty()) {
-    return;
+struct Cuda {
+  // Applies Update<opmath_t>(update_args...) to every parameter:
+  // consecutive parameters of one dtype share a launch, kMaxTensors at most.
+  template <template <typename> class Update, typename... UpdateArgs>
+  static void update_params(at::TensorList params,
+                            const TensorOpArgs& args,
+                            UpdateArgs... update_args) {
+    if (params.empty()) {
+      return;
+    }
+    const c10::cuda::CUDAGuard guard(params[0].device());
+    size_t begin = 0;
+    while (begin < args.work.size()) {
+      const auto dtype = args.work[begin].scalar_type();
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, dtype, "dopamine_update", [&] {
+            using opmath_t = at::opmath_type<scalar_t>;
+            TensorTable<scalar_t> table{};
+            while (begin < args.work.size() && table.count < kMaxTensors &&
+                   args.work[begin].scalar_type() == dtype) {
+              const int c = table.count++;
+              table.data[c] = args.work[begin].data_ptr<scalar_t>();
+              table.numel[c] = args.work[begin].numel();
+              table.index[c] = args.index[begin];
+              table.first_tile[c + 1] =
+                  table.first_tile[c] + (table.numel[c] + kTile - 1) / kTile;
+              ++begin;
+            }
+            launch(table,
+                   args.kind,
+                   args.key,
+                   args.step,
+                   Update<opmath_t>(update_args...));
+          });
+    }
   }
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  size_t begin = 0;
-  while (begin < args.work.size()) {
-    const auto dtype = args.work[begin].scalar_type();
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, dtype, "dopamine_update", [&] {
-          using opmath_t = at::opmath_type<scalar_t>;
-          TensorTable<scalar_t> table{};
-          while (begin < args.work.size() && table.count < kMaxTensors &&
-                 args.work[begin].scalar_type() == dtype) {
-            const int c = table.count++;
-            table.data[c] = args.work[begin].data_ptr<scalar_t>();
-            table.numel[c] = args.work[begin].numel();
-            table.index[c] = args.index[begin];
-            table.first_tile[c + 1] =
-                table.first_tile[c] + (table.numel[c] + kTile - 1) / kTile;
-            ++begin;
-          }
-          launch(table,
-                 args.kind,
-                 args.key,
-                 args.step,
-                 Update<opmath_t>(update_args...));
-        });
-  }
-  args.write_back(params);
-}
-
-void perturb_kernel(at::TensorList params,
-                    int64_t seed,
-                    int64_t step,
-                    int64_t first_index,
-                    double sigma,
-                    c10::string_view noise) {
-  update_params<Perturb>(
-      params, seed, step, first_index, noise, "perturb_", sigma);
-}
-
-void restore_update_kernel(at::TensorList params,
-                           int64_t seed,
-                           int64_t step,
-                           int64_t first_index,
-                           double sigma,
-                           double step_size,
-                           double decay,
-                           c10::string_view noise) {
-  update_params<RestoreUpdate>(params,
-                               seed,
-                               step,
-                               first_index,
-                               noise,
-                               "restore_update_",
-                               sigma,
-                               step_size,
-                               decay);
-}
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dopamine, CUDA, m) {
-  m.impl("perturb_", &perturb_kernel);
-  m.impl("restore_update_", &restore_update_kernel);
-  m.impl("perturb_tensor_", &OnOneTensor<&perturb_kernel>::call);
-  m.impl("restore_update_tensor_", &OnOneTensor<&restore_update_kernel>::call);
+  TensorOps<Cuda>::register_kernels(m);
 }
 
 }  // namespace dopamine::ops
