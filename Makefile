@@ -64,6 +64,9 @@ bench-full: build python
 # machine's nvcc. Nothing CUDA runs here; skipped without nvcc.
 CUDA_VENV := $(BUILD_DIR)/cuda-venv
 NVCC := $(shell command -v nvcc)
+# The toolkit's root: $CUDA_HOME, else /usr/local/cuda, else above nvcc
+# (which may be a wrapper script elsewhere).
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,$(abspath $(dir $(realpath $(NVCC)))..))
 check-cuda-build:
 ifeq ($(NVCC),)
 	@echo "check-cuda-build: no nvcc; skipped"
@@ -72,8 +75,7 @@ else
 	  $(CUDA_VENV)/bin/pip install -q torch==2.14.1 )
 	TORCH_CUDA_ARCH_LIST=9.0 cmake -S . -B $(BUILD_DIR)/cuda $(LAUNCHER) \
 	  -DCMAKE_PREFIX_PATH="$$($(CUDA_VENV)/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)" \
-	  -DCMAKE_CUDA_COMPILER=$(realpath $(NVCC)) \
-	  -DCUDA_TOOLKIT_ROOT_DIR=$(abspath $(dir $(realpath $(NVCC)))..) \
+	  -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
 	  -DDOPAMINE_CUDA=ON -DDOPAMINE_BUILD_TESTS=OFF \
 	  -DDOPAMINE_BUILD_BENCHMARKS=OFF -DDOPAMINE_BUILD_EXAMPLES=OFF
 	cmake --build $(BUILD_DIR)/cuda -j$(JOBS)

@@ -52,8 +52,15 @@ fi
 
 TORCH_PREFIX=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
-NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-CUDA_ROOT=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
+# The toolkit's root: $CUDA_HOME, else /usr/local/cuda, else above nvcc.
+if [ -n "${CUDA_HOME:-}" ]; then
+  CUDA_ROOT=$CUDA_HOME
+elif [ -x /usr/local/cuda/bin/nvcc ]; then
+  CUDA_ROOT=/usr/local/cuda
+else
+  CUDA_ROOT=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+fi
+NVCC=$CUDA_ROOT/bin/nvcc
 cmake_args=(-S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TORCH_PREFIX"
   -DDOPAMINE_CUDA=ON -DCMAKE_CUDA_COMPILER="$NVCC" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"
   -DPython3_EXECUTABLE="$(command -v "$PYTHON")")
