@@ -91,7 +91,7 @@ else
   export TORCH_DOPAMINE_LIBRARY=$PWD/$BUILD/libdopamine.so
 fi
 run python-tests env DOPAMINE_BUILD_DIR="$BUILD" "$PYTHON" -m pytest -q -rs tests/python
-run noise-equality "$PYTHON" scripts/noise_equality.py
+run noise-equality "$PYTHON" -m pytest -v tests/python/test_noise.py
 run bench-cuda "$PYTHON" benchmarks/python/run_suite.py --device cuda --skip xor lorenz rossler digits --out "$OUT/bench"
 cat "$OUT/noise-equality.log" >>"$OUT/summary.txt" 2>/dev/null
 grep -A 14 "^## Ops" "$OUT/bench/REPORT.md" >>"$OUT/summary.txt" 2>/dev/null
