@@ -29,6 +29,20 @@ def test_step_without_closure_raises_and_changes_nothing(device):
     assert same_bits(params, before) and state_of(opt) == state
 
 
+def closure_returning(bad, which, loss, params):
+    """A closure that returns bad() at the unperturbed (first) or perturbed
+    (second) evaluation and the true loss otherwise; .calls counts calls."""
+
+    def closure():
+        closure.calls += 1
+        if which == "unperturbed" or closure.calls == 2:
+            return bad()
+        return loss(params)
+
+    closure.calls = 0
+    return closure
+
+
 BAD_LOSSES = {
     "non-scalar": lambda: torch.ones(3),
     "string": lambda: "0.5",
@@ -42,14 +56,7 @@ BAD_LOSSES = {
 def test_bad_loss_raises_and_restores(device, which, bad):
     params, loss, opt = fresh(device)
     before, state = snapshot(params), state_of(opt)
-    calls = []
-
-    def closure():
-        calls.append(1)
-        if which == "unperturbed" or len(calls) == 2:
-            return BAD_LOSSES[bad]()
-        return loss(params)
-
+    closure = closure_returning(BAD_LOSSES[bad], which, loss, params)
     with pytest.raises(RuntimeError, match=f"closure must return a scalar.*{which} loss"):
         opt.step(closure)
     assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
@@ -88,16 +95,9 @@ def test_closure_exception_propagates_and_restores(device, failing_call):
 def test_non_finite_loss_is_skipped(device, value, which):
     params, loss, opt = fresh(device)
     before, state = snapshot(params), state_of(opt)
-    calls = []
-
-    def closure():
-        calls.append(1)
-        if which == "unperturbed" or len(calls) == 2:
-            return torch.tensor(value)
-        return loss(params)
-
+    closure = closure_returning(lambda: torch.tensor(value), which, loss, params)
     returned = opt.step(closure)
-    assert len(calls) == (1 if which == "unperturbed" else 2)
+    assert closure.calls == (1 if which == "unperturbed" else 2)
     if which == "unperturbed":
         assert math.isnan(returned.item()) if math.isnan(value) else returned.item() == value
     assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
@@ -110,14 +110,7 @@ def test_non_finite_loss_is_skipped(device, value, which):
 def test_non_finite_loss_raises_when_asked(device, which):
     params, loss, opt = fresh(device, non_finite_loss="raise")
     before, state = snapshot(params), state_of(opt)
-    calls = []
-
-    def closure():
-        calls.append(1)
-        if which == "unperturbed" or len(calls) == 2:
-            return float("nan")
-        return loss(params)
-
+    closure = closure_returning(lambda: float("nan"), which, loss, params)
     with pytest.raises(RuntimeError, match=f"the {which} loss is nan.*non_finite_loss='raise'"):
         opt.step(closure)
     assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
