@@ -235,7 +235,8 @@ def write(records: List[dict], meta: dict, out: Path) -> None:
             "## Scaling",
             "",
             "Each point runs in a fresh process. Memory is the peak above a no-grad inference run of the same model in that "
-            "process (process peak RSS on CPU, max_memory_allocated on CUDA), after loading each optimizer's code on a tiny model.",
+            "process, evaluating the same loss (process peak RSS on CPU, max_memory_allocated on CUDA; each peak counted from "
+            "the start of its phase), after loading each optimizer's code on a tiny model.",
             "",
             "| parameters | optimizer | device | ms/step | optimizer-only ms | peak memory above inference | / parameter bytes |",
             "|---|---|---|---|---|---|---|",

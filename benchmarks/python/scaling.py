@@ -1,8 +1,9 @@
 """Scaling: MLPs from about 1e3 to 1e7 parameters (1e9 on a GPU), each point
 measured in a fresh subprocess: milliseconds per training step, optimizer-only
 milliseconds, and peak memory above a no-grad inference run of the same model
-(process peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA), each
-peak counted from the start of its own phase. Also the
+that evaluates the same loss (process peak RSS on CPU,
+torch.cuda.max_memory_allocated on CUDA), each peak counted from the start of
+its own phase. Also the
 op benchmark: the fused ops against torch's own kernels at 1e7 parameters.
 
 Run as a script, it measures one point and prints it as JSON."""
@@ -100,23 +101,26 @@ def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dic
     x = torch.randn(BATCH, INPUTS, device=device)
     y = torch.randint(CLASSES, (BATCH,), device=device)
     weights = list(model.parameters())
-    # Library code the first step of an optimizer loads (torch.optim's
-    # machinery, the ops) is not per-parameter memory: load it first.
-    warm = torch.nn.Linear(2, 1).to(device)
+    # What the first step of an optimizer loads or starts (torch.optim's
+    # machinery, the ops, the kernels' worker threads) is not per-parameter
+    # memory: run one step on a small model first (large enough to use the
+    # thread pool).
+    warm = torch.nn.Linear(512, 512).to(device)
     warm_opt = contender.make(list(warm.parameters()), 1e-4, 1e-3, 0)
-    take_step(warm_opt, contender, lambda: warm(torch.ones(1, 2, device=device)).sum())
+    take_step(warm_opt, contender, lambda: warm(torch.ones(1, 512, device=device)).sum())
     del warm, warm_opt
-    # The inference run the memory is compared with: its own peak.
+    loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    # The inference run the memory is compared with, its own peak: the same
+    # evaluation as a training step's (forward and loss), without autograd.
     reset_peak(device)
     with torch.no_grad():
         for _ in range(2):
-            model(x)
+            loss_fn()
     sync(device)
     inference_peak = peak_bytes(device)
     reset_peak(device)
 
     opt = contender.make(weights, 1e-4, 1e-3, 0)
-    loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
     step_ms = timed(lambda: take_step(opt, contender, loss_fn), device, repeats)
     peak = peak_bytes(device)
     if contender.gradient:
