@@ -93,6 +93,15 @@ def peak_bytes(device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def warm_up(contender, device) -> None:
+    """One step on a small model (large enough to use the thread pool): what
+    the first step of an optimizer loads or starts (torch.optim's machinery,
+    the ops, the kernels' worker threads) is not per-parameter memory."""
+    layer = torch.nn.Linear(512, 512).to(device)
+    optimizer = contender.make(list(layer.parameters()), 1e-4, 1e-3, 0)
+    take_step(optimizer, contender, lambda: layer(torch.ones(1, 512, device=device)).sum())
+
+
 def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dict:
     device = torch.device(device)
     contender = CONTENDERS[optimizer]
@@ -101,14 +110,7 @@ def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dic
     x = torch.randn(BATCH, INPUTS, device=device)
     y = torch.randint(CLASSES, (BATCH,), device=device)
     weights = list(model.parameters())
-    # What the first step of an optimizer loads or starts (torch.optim's
-    # machinery, the ops, the kernels' worker threads) is not per-parameter
-    # memory: run one step on a small model first (large enough to use the
-    # thread pool).
-    warm = torch.nn.Linear(512, 512).to(device)
-    warm_opt = contender.make(list(warm.parameters()), 1e-4, 1e-3, 0)
-    take_step(warm_opt, contender, lambda: warm(torch.ones(1, 512, device=device)).sum())
-    del warm, warm_opt
+    warm_up(contender, device)
     loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
     # The inference run the memory is compared with, its own peak: the same
     # evaluation as a training step's (forward and loss), without autograd.

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from harness import CONTENDERS, TASK_CONTENDERS, Contender, Run, grid, median, record, train
+from harness import CONTENDERS, Run, grid, median, record, train
 
 
 @dataclasses.dataclass

@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <limits>
 #include <string>
 
 #include "../kernel_common.h"
@@ -255,9 +254,6 @@ struct Cpu {
                             const TensorOpArgs& args,
                             UpdateArgs... update_args) {
     for (size_t i = 0; i < params.size(); ++i) {
-      TORCH_CHECK(params[i].device().is_cpu(),
-                  "dopamine: the CPU kernel got a tensor on ",
-                  params[i].device());
       const NoiseStream stream{args.kind, args.key, args.index[i], args.step};
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kHalf,
