@@ -296,7 +296,7 @@ class Dopamine(Optimizer):
         """Loads a state saved by :meth:`state_dict`. A state of another
         optimizer, or for other parameters, raises ValueError and leaves this
         optimizer as it was."""
-        if not isinstance(state_dict, dict) or set(state_dict) < {"state", "param_groups"}:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("Dopamine.load_state_dict: expected a dict with 'state' and 'param_groups'")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):

@@ -81,6 +81,14 @@ def test_load_state_dict_of_another_optimizer_is_rejected():
     load_fails_and_changes_nothing(opt, params, foreign, "keys .*not a Dopamine optimizer's")
 
 
+def test_load_state_dict_without_state_or_groups_is_rejected():
+    params, loss = quadratic([3], "cpu")
+    opt = torch_dopamine.Dopamine(params)
+    opt.step(lambda: loss(params))
+    for bad in ({"state": {}}, {"weights": 1, "other": 2}, [1, 2]):
+        load_fails_and_changes_nothing(opt, params, bad, "expected a dict with 'state' and 'param_groups'")
+
+
 def test_load_state_dict_for_other_parameters_is_rejected():
     params, loss = quadratic([5, 4, 3], "cpu")
     opt = torch_dopamine.Dopamine(params[:2])
