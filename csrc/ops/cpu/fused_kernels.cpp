@@ -115,56 +115,88 @@ C10_ALWAYS_INLINE void update_tiles(scalar_t* data,
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #define DOPAMINE_HAS_X86_PATHS 1
 
-// philox_lanes with intrinsics, BITS / 32 counters per vector. The
-// widening multiply of even lanes (mul_epu32), done for the even and the odd
-// lanes and blended, gives the high and low halves of M * c of every lane
-// without widening the lanes. One body for AVX2 and AVX-512.
-#define DOPAMINE_PHILOX_LANES(BITS, VEC, PFX, BLEND)                     \
-  const VEC m0 = PFX##_set1_epi32(static_cast<int>(noise::kPhiloxM0));   \
-  const VEC m1 = PFX##_set1_epi32(static_cast<int>(noise::kPhiloxM1));   \
-  for (int j = 0; j < kLanes; j += BITS / 32) {                          \
-    VEC x0 = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c0 + j)); \
-    VEC x1 = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c1 + j)); \
-    VEC x2 = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c2 + j)); \
-    VEC x3 = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c3 + j)); \
-    VEC k0 = PFX##_set1_epi32(static_cast<int>(key.lo));                 \
-    VEC k1 = PFX##_set1_epi32(static_cast<int>(key.hi));                 \
-    for (int round = 0; round < 10; ++round) {                           \
-      const VEC even0 = PFX##_mul_epu32(x0, m0);                         \
-      const VEC odd0 = PFX##_mul_epu32(PFX##_srli_epi64(x0, 32), m0);    \
-      const VEC even1 = PFX##_mul_epu32(x2, m1);                         \
-      const VEC odd1 = PFX##_mul_epu32(PFX##_srli_epi64(x2, 32), m1);    \
-      const VEC hi0 = BLEND(PFX##_srli_epi64(even0, 32), odd0);          \
-      const VEC lo0 = BLEND(even0, PFX##_slli_epi64(odd0, 32));          \
-      const VEC hi1 = BLEND(PFX##_srli_epi64(even1, 32), odd1);          \
-      const VEC lo1 = BLEND(even1, PFX##_slli_epi64(odd1, 32));          \
-      x0 = PFX##_xor_si##BITS(PFX##_xor_si##BITS(hi1, x1), k0);          \
-      x2 = PFX##_xor_si##BITS(PFX##_xor_si##BITS(hi0, x3), k1);          \
-      x1 = lo1;                                                          \
-      x3 = lo0;                                                          \
-      k0 = PFX##_add_epi32(                                              \
-          k0, PFX##_set1_epi32(static_cast<int>(noise::kPhiloxW0)));     \
-      k1 = PFX##_add_epi32(                                              \
-          k1, PFX##_set1_epi32(static_cast<int>(noise::kPhiloxW1)));     \
-    }                                                                    \
-    PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c0 + j), x0);           \
-    PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c1 + j), x1);           \
-    PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c2 + j), x2);           \
-    PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c3 + j), x3);           \
+// philox_lanes with intrinsics, BITS / 32 counters per vector and two
+// vectors per pass (independent chains, for instruction-level parallelism).
+// The widening multiply of even lanes (mul_epu32), done for the even and the
+// odd lanes, gives M * c of every lane as 64-bit products; HI_LO gathers
+// their high and low halves without widening the state, and XOR3 is a
+// three-way xor. One body for AVX2 and AVX-512.
+#define DOPAMINE_PHILOX_LANES(BITS, VEC, PFX, HI_LO, XOR3)                 \
+  constexpr int kStride = BITS / 32;                                       \
+  const VEC m0 = PFX##_set1_epi32(static_cast<int>(noise::kPhiloxM0));     \
+  const VEC m1 = PFX##_set1_epi32(static_cast<int>(noise::kPhiloxM1));     \
+  for (int j = 0; j < kLanes; j += 2 * kStride) {                          \
+    VEC x0[2], x1[2], x2[2], x3[2];                                        \
+    for (int v = 0; v < 2; ++v) {                                          \
+      const int at = j + v * kStride;                                      \
+      x0[v] = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c0 + at)); \
+      x1[v] = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c1 + at)); \
+      x2[v] = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c2 + at)); \
+      x3[v] = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c3 + at)); \
+    }                                                                      \
+    uint32_t k0 = key.lo;                                                  \
+    uint32_t k1 = key.hi;                                                  \
+    for (int round = 0; round < 10; ++round) {                             \
+      const VEC key0 = PFX##_set1_epi32(static_cast<int>(k0));             \
+      const VEC key1 = PFX##_set1_epi32(static_cast<int>(k1));             \
+      for (int v = 0; v < 2; ++v) {                                        \
+        VEC hi0, lo0, hi1, lo1;                                            \
+        HI_LO(PFX##_mul_epu32(x0[v], m0),                                  \
+              PFX##_mul_epu32(PFX##_srli_epi64(x0[v], 32), m0),            \
+              hi0,                                                         \
+              lo0);                                                        \
+        HI_LO(PFX##_mul_epu32(x2[v], m1),                                  \
+              PFX##_mul_epu32(PFX##_srli_epi64(x2[v], 32), m1),            \
+              hi1,                                                         \
+              lo1);                                                        \
+        x0[v] = XOR3(hi1, x1[v], key0);                                    \
+        x2[v] = XOR3(hi0, x3[v], key1);                                    \
+        x1[v] = lo1;                                                       \
+        x3[v] = lo0;                                                       \
+      }                                                                    \
+      k0 += noise::kPhiloxW0;                                              \
+      k1 += noise::kPhiloxW1;                                              \
+    }                                                                      \
+    for (int v = 0; v < 2; ++v) {                                          \
+      const int at = j + v * kStride;                                      \
+      PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c0 + at), x0[v]);       \
+      PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c1 + at), x1[v]);       \
+      PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c2 + at), x2[v]);       \
+      PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c3 + at), x3[v]);       \
+    }                                                                      \
   }
 
-#define DOPAMINE_BLEND256(a, b) _mm256_blend_epi32(a, b, 0xAA)
-#define DOPAMINE_BLEND512(a, b) _mm512_mask_blend_epi32(0xAAAA, a, b)
+// High and low halves of the products of the even lanes (even) and of the
+// odd lanes (odd): AVX2 shifts and blends; AVX-512 moves each half into
+// place with one masked in-lane shuffle.
+#define DOPAMINE_HI_LO_256(even, odd, hi, lo)                   \
+  {                                                             \
+    const __m256i e = (even);                                   \
+    const __m256i o = (odd);                                    \
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(e, 32), o, 0xAA); \
+    lo = _mm256_blend_epi32(e, _mm256_slli_epi64(o, 32), 0xAA); \
+  }
+#define DOPAMINE_HI_LO_512(even, odd, hi, lo)                    \
+  {                                                              \
+    const __m512i e = (even);                                    \
+    const __m512i o = (odd);                                     \
+    hi = _mm512_mask_shuffle_epi32(o, 0x5555, e, _MM_PERM_CDAB); \
+    lo = _mm512_mask_shuffle_epi32(e, 0xAAAA, o, _MM_PERM_CDAB); \
+  }
+#define DOPAMINE_XOR3_256(a, b, c) _mm256_xor_si256(_mm256_xor_si256(a, b), c)
+#define DOPAMINE_XOR3_512(a, b, c) _mm512_ternarylogic_epi32(a, b, c, 0x96)
 
 __attribute__((target("avx2,fma"))) void philox_lanes_avx2(
     uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, noise::Key key) {
-  DOPAMINE_PHILOX_LANES(256, __m256i, _mm256, DOPAMINE_BLEND256)
+  DOPAMINE_PHILOX_LANES(
+      256, __m256i, _mm256, DOPAMINE_HI_LO_256, DOPAMINE_XOR3_256)
 }
 
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma"))) void
 philox_lanes_avx512(
     uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, noise::Key key) {
-  DOPAMINE_PHILOX_LANES(512, __m512i, _mm512, DOPAMINE_BLEND512)
+  DOPAMINE_PHILOX_LANES(
+      512, __m512i, _mm512, DOPAMINE_HI_LO_512, DOPAMINE_XOR3_512)
 }
 
 template <typename scalar_t, typename Update>
