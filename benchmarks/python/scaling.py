@@ -10,6 +10,7 @@ Run as a script, it measures one point and prints it as JSON."""
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -150,10 +151,18 @@ def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dic
 
 
 def run_point(optimizer, params, device, repeats) -> dict:
-    """measure_point in a fresh interpreter, so peak RSS is this point's."""
+    """measure_point in a fresh interpreter, so peak RSS is this point's.
+
+    glibc's mmap threshold is fixed at its default (128 KiB): left dynamic,
+    it rises after the first large free, and the activation buffers then come
+    from the heap, whose top may keep a freed one resident; the peak then
+    varied by one or two activation buffers between runs of the same point.
+    Fixed, every buffer above it is returned on free, so the peak counts only
+    what is alive, in the inference run and the training run alike."""
     command = [sys.executable, __file__, "--optimizer", optimizer, "--params", str(params), "--device", device]
     command += ["--repeats", str(repeats)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"scaling point {optimizer} {params} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
