@@ -1,94 +1,29 @@
 // Fused CPU kernels of the tensor ops: one pass over each parameter that
-// draws the noise of a tile of 128 elements into a stack buffer and applies
-// the update to it, with no tensor allocated. Tiles are split among threads
-// with at::parallel_for; a tile's noise depends only on its position, so the
-// result is the same for any thread count.
-//
-// The tile loops are compiled for the baseline instruction set and, on
-// x86-64, for AVX2 + FMA and for AVX-512 (function attributes, so no header
-// code is compiled for an ISA the machine may lack); the widest one the CPU
-// has runs. All compute the same bits: the noise uses explicit fmaf and this
-// file is built with -ffp-contract=off.
+// draws the noise of a tile of 128 elements into a stack buffer
+// (noise_tiles.h) and applies the update to it, with no tensor allocated.
+// Tiles are split among threads with at::parallel_for; a tile's noise
+// depends only on its position, so the result is the same for any thread
+// count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "../kernel_common.h"
+#include "noise_tiles.h"
 
 namespace dopamine::ops {
 namespace {
 
-using noise::Kind;
-using noise::kLanes;
+using cpu::NoiseStream;
 using noise::kTile;
 
 // Tiles per parallel task: about 64K elements, to amortise thread start-up.
 constexpr int64_t kGrainTiles = 512;
-
-struct NoiseStream {
-  Kind kind;
-  noise::Key key;
-  uint32_t index;
-  uint32_t step;
-};
-
-// Philox of the kLanes counters of a Gaussian tile, in place, in plain C++
-// (the compiler vectorizes it, poorly: it widens every lane to 64 bits).
-void philox_lanes(
-    uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, noise::Key key) {
-  for (int j = 0; j < kLanes; ++j) {
-    noise::philox(c0[j], c1[j], c2[j], c3[j], key.lo, key.hi);
-  }
-}
-
-// z of the 128 elements of tile `tile` (SPEC's z, see noise.h) into `z`;
-// `philox` is philox_lanes or one of its vector forms.
-template <auto philox>
-C10_ALWAYS_INLINE void fill_tile(const NoiseStream& stream,
-                                 uint64_t tile,
-                                 float* z) {
-  if (stream.kind == Kind::Rademacher) {
-    uint32_t words[4] = {static_cast<uint32_t>(tile),
-                         static_cast<uint32_t>(tile >> 32),
-                         stream.index,
-                         stream.step};
-    noise::philox(
-        words[0], words[1], words[2], words[3], stream.key.lo, stream.key.hi);
-    for (int word = 0; word < 4; ++word) {
-      for (int bit = 0; bit < 32; ++bit) {
-        z[word * 32 + bit] = noise::rademacher_sign(words[word], bit);
-      }
-    }
-    return;
-  }
-  // Struct of arrays, so that the compiler vectorizes across counters.
-  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    const uint64_t block = tile * kLanes + j;
-    c0[j] = static_cast<uint32_t>(block);
-    c1[j] = static_cast<uint32_t>(block >> 32);
-    c2[j] = stream.index;
-    c3[j] = stream.step;
-  }
-  philox(c0, c1, c2, c3, stream.key);
-  for (int j = 0; j < kLanes; ++j) {
-    noise::box_muller(c0[j], c1[j], z[j], z[kLanes + j]);
-  }
-  for (int j = 0; j < kLanes; ++j) {
-    noise::box_muller(c2[j], c3[j], z[2 * kLanes + j], z[3 * kLanes + j]);
-  }
-}
 
 // data[e] = update(data[e], z[e]) for the tiles [begin, end) of a tensor of
 // `numel` elements, in the arithmetic of opmath_t.
@@ -102,7 +37,7 @@ C10_ALWAYS_INLINE void update_tiles(scalar_t* data,
   using opmath_t = at::opmath_type<scalar_t>;
   alignas(64) float z[kTile];
   for (int64_t tile = begin; tile < end; ++tile) {
-    fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
+    cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
     scalar_t* p = data + tile * kTile;
     const int64_t count = std::min<int64_t>(kTile, numel - tile * kTile);
     for (int64_t e = 0; e < count; ++e) {
@@ -112,147 +47,6 @@ C10_ALWAYS_INLINE void update_tiles(scalar_t* data,
   }
 }
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
-#define DOPAMINE_HAS_X86_PATHS 1
-
-// philox_lanes with intrinsics, BITS / 32 counters per vector and two
-// vectors per pass (independent chains, for instruction-level parallelism).
-// The widening multiply of even lanes (mul_epu32), done for the even and the
-// odd lanes, gives M * c of every lane as 64-bit products; HI_LO gathers
-// their high and low halves without widening the state, and XOR3 is a
-// three-way xor. One body for AVX2 and AVX-512.
-#define DOPAMINE_PHILOX_LANES(BITS, VEC, PFX, HI_LO, XOR3)                 \
-  constexpr int kStride = BITS / 32;                                       \
-  const VEC m0 = PFX##_set1_epi32(static_cast<int>(noise::kPhiloxM0));     \
-  const VEC m1 = PFX##_set1_epi32(static_cast<int>(noise::kPhiloxM1));     \
-  for (int j = 0; j < kLanes; j += 2 * kStride) {                          \
-    VEC x0[2], x1[2], x2[2], x3[2];                                        \
-    for (int v = 0; v < 2; ++v) {                                          \
-      const int at = j + v * kStride;                                      \
-      x0[v] = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c0 + at)); \
-      x1[v] = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c1 + at)); \
-      x2[v] = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c2 + at)); \
-      x3[v] = PFX##_loadu_si##BITS(reinterpret_cast<const VEC*>(c3 + at)); \
-    }                                                                      \
-    uint32_t k0 = key.lo;                                                  \
-    uint32_t k1 = key.hi;                                                  \
-    for (int round = 0; round < 10; ++round) {                             \
-      const VEC key0 = PFX##_set1_epi32(static_cast<int>(k0));             \
-      const VEC key1 = PFX##_set1_epi32(static_cast<int>(k1));             \
-      for (int v = 0; v < 2; ++v) {                                        \
-        VEC hi0, lo0, hi1, lo1;                                            \
-        HI_LO(PFX##_mul_epu32(x0[v], m0),                                  \
-              PFX##_mul_epu32(PFX##_srli_epi64(x0[v], 32), m0),            \
-              hi0,                                                         \
-              lo0);                                                        \
-        HI_LO(PFX##_mul_epu32(x2[v], m1),                                  \
-              PFX##_mul_epu32(PFX##_srli_epi64(x2[v], 32), m1),            \
-              hi1,                                                         \
-              lo1);                                                        \
-        x0[v] = XOR3(hi1, x1[v], key0);                                    \
-        x2[v] = XOR3(hi0, x3[v], key1);                                    \
-        x1[v] = lo1;                                                       \
-        x3[v] = lo0;                                                       \
-      }                                                                    \
-      k0 += noise::kPhiloxW0;                                              \
-      k1 += noise::kPhiloxW1;                                              \
-    }                                                                      \
-    for (int v = 0; v < 2; ++v) {                                          \
-      const int at = j + v * kStride;                                      \
-      PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c0 + at), x0[v]);       \
-      PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c1 + at), x1[v]);       \
-      PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c2 + at), x2[v]);       \
-      PFX##_storeu_si##BITS(reinterpret_cast<VEC*>(c3 + at), x3[v]);       \
-    }                                                                      \
-  }
-
-// High and low halves of the products of the even lanes (even) and of the
-// odd lanes (odd): AVX2 shifts and blends; AVX-512 moves each half into
-// place with one masked in-lane shuffle.
-#define DOPAMINE_HI_LO_256(even, odd, hi, lo)                   \
-  {                                                             \
-    const __m256i e = (even);                                   \
-    const __m256i o = (odd);                                    \
-    hi = _mm256_blend_epi32(_mm256_srli_epi64(e, 32), o, 0xAA); \
-    lo = _mm256_blend_epi32(e, _mm256_slli_epi64(o, 32), 0xAA); \
-  }
-#define DOPAMINE_HI_LO_512(even, odd, hi, lo)                    \
-  {                                                              \
-    const __m512i e = (even);                                    \
-    const __m512i o = (odd);                                     \
-    hi = _mm512_mask_shuffle_epi32(o, 0x5555, e, _MM_PERM_CDAB); \
-    lo = _mm512_mask_shuffle_epi32(e, 0xAAAA, o, _MM_PERM_CDAB); \
-  }
-#define DOPAMINE_XOR3_256(a, b, c) _mm256_xor_si256(_mm256_xor_si256(a, b), c)
-#define DOPAMINE_XOR3_512(a, b, c) _mm512_ternarylogic_epi32(a, b, c, 0x96)
-
-__attribute__((target("avx2,fma"))) void philox_lanes_avx2(
-    uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, noise::Key key) {
-  DOPAMINE_PHILOX_LANES(
-      256, __m256i, _mm256, DOPAMINE_HI_LO_256, DOPAMINE_XOR3_256)
-}
-
-__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma"))) void
-philox_lanes_avx512(
-    uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, noise::Key key) {
-  DOPAMINE_PHILOX_LANES(
-      512, __m512i, _mm512, DOPAMINE_HI_LO_512, DOPAMINE_XOR3_512)
-}
-
-template <typename scalar_t, typename Update>
-__attribute__((target("avx2,fma"))) void update_tiles_avx2(
-    scalar_t* data,
-    int64_t numel,
-    const NoiseStream& stream,
-    int64_t begin,
-    int64_t end,
-    const Update& update) {
-  update_tiles<&philox_lanes_avx2>(data, numel, stream, begin, end, update);
-}
-
-template <typename scalar_t, typename Update>
-__attribute__((target(
-    "avx512f,avx512vl,avx512dq,avx512bw,fma,prefer-vector-width=512"))) void
-update_tiles_avx512(scalar_t* data,
-                    int64_t numel,
-                    const NoiseStream& stream,
-                    int64_t begin,
-                    int64_t end,
-                    const Update& update) {
-  update_tiles<&philox_lanes_avx512>(data, numel, stream, begin, end, update);
-}
-
-enum class CpuPath { Baseline, Avx2, Avx512 };
-
-// The widest path this CPU runs, capped by DOPAMINE_CPU_CAPABILITY
-// (baseline, avx2 or avx512) when set: all paths compute the same bits, and
-// the cap lets tests and benchmarks compare them.
-CpuPath cpu_path() {
-  static const CpuPath path = [] {
-    CpuPath best = CpuPath::Baseline;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      best = CpuPath::Avx2;
-      if (__builtin_cpu_supports("avx512f") &&
-          __builtin_cpu_supports("avx512vl") &&
-          __builtin_cpu_supports("avx512dq") &&
-          __builtin_cpu_supports("avx512bw")) {
-        best = CpuPath::Avx512;
-      }
-    }
-    const char* cap = std::getenv("DOPAMINE_CPU_CAPABILITY");
-    if (cap == nullptr) {
-      return best;
-    }
-    const std::string name(cap);
-    const CpuPath wanted = name == "baseline" ? CpuPath::Baseline
-                           : name == "avx2"   ? CpuPath::Avx2
-                                              : CpuPath::Avx512;
-    return std::min(best, wanted);
-  }();
-  return path;
-}
-#endif
-
 template <typename scalar_t, typename Update>
 void update_tensor(const at::Tensor& param,
                    const NoiseStream& stream,
@@ -261,20 +55,10 @@ void update_tensor(const at::Tensor& param,
   const int64_t numel = param.numel();
   const int64_t tiles = (numel + kTile - 1) / kTile;
   at::parallel_for(0, tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
-#ifdef DOPAMINE_HAS_X86_PATHS
-    switch (cpu_path()) {
-      case CpuPath::Avx512:
-        update_tiles_avx512<scalar_t>(data, numel, stream, begin, end, update);
-        return;
-      case CpuPath::Avx2:
-        update_tiles_avx2<scalar_t>(data, numel, stream, begin, end, update);
-        return;
-      case CpuPath::Baseline:
-        break;
-    }
-#endif
-    update_tiles<&philox_lanes, scalar_t>(
-        data, numel, stream, begin, end, update);
+    cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
+      update_tiles<decltype(lanes)::philox>(
+          data, numel, stream, begin, end, update);
+    });
   });
 }
 
