@@ -190,6 +190,21 @@ def _claims(records) -> List[str]:
     return lines
 
 
+def _cpu_breakdown(breakdown: Optional[dict]) -> List[str]:
+    """The C++ noise benchmark's figures (benchmarks/cpp/noise_bench.cpp)."""
+    if not breakdown:
+        return []
+    ms = breakdown["ms"]
+    return [
+        f"Where a CPU pass goes (C++ noise benchmark, {breakdown['elements']:.0e} elements, {breakdown['threads']} thread, "
+        f"{breakdown['path']} path): `perturb_` with Gaussian noise takes {ms['perturb_gaussian']:.2f} ms, of which Philox "
+        f"{ms['philox']:.2f} ms, Box-Muller {ms['box_muller']:.2f} ms, and reading and writing the parameters "
+        f"{ms['memory_and_update_gaussian']:.2f} ms; with Rademacher noise {ms['perturb_rademacher']:.2f} ms, of which the signs "
+        f"{ms['rademacher_noise']:.2f} ms.",
+        "",
+    ]
+
+
 def write(records: List[dict], meta: dict, out: Path) -> None:
     m = meta["machine"]
     lines = [
@@ -268,6 +283,7 @@ def write(records: List[dict], meta: dict, out: Path) -> None:
             "time of two copies, the bandwidth bound of reading and writing the parameters twice.",
             "",
         ]
+        lines += _cpu_breakdown(ops.get("cpu_breakdown"))
     cpp = [r for r in records if r["front_end"] == "cpp"]
     if cpp:
         lines += [

@@ -68,6 +68,7 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="paper-size configurations (hours on a CPU)")
     parser.add_argument("--out", default="results", help="output folder")
     parser.add_argument("--cpp-json", help="records written by the C++ benchmark, merged into bench.json")
+    parser.add_argument("--noise-json", help="the C++ noise benchmark's breakdown of a CPU op, added to the ops record")
     parser.add_argument("--device", default="cpu", help="device of the scaling and op benchmarks (cpu or cuda)")
     parser.add_argument("--skip", nargs="*", default=[], help="tasks to leave out (xor lorenz rossler digits scaling ops)")
     args = parser.parse_args(argv)
@@ -91,6 +92,8 @@ def main(argv=None):
         records += scaling_records(sizes, args.device, progress)
     if "ops" not in args.skip:
         records.append(ops_record(args.device, progress))
+        if args.noise_json:
+            records[-1]["ops"]["cpu_breakdown"] = json.loads(Path(args.noise_json).read_text())
     if args.cpp_json:
         cpp = json.loads(Path(args.cpp_json).read_text())["records"]
         progress(f"merged {len(cpp)} C++ records from {args.cpp_json}")

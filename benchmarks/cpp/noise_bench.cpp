@@ -1,0 +1,134 @@
+// Where the time of a fused CPU op goes, on one thread, per 1e7 float32
+// elements: Philox alone, a tile's noise (Philox + the normal transform, or
+// the Rademacher signs), and the whole perturb_ op (noise + reading and
+// writing the parameters), on the widest CPU path (noise_tiles.h).
+//   dopamine_bench_noise [out.json]
+// Prints a table; with a path, also writes the figures as JSON, which
+// benchmarks/python/run_suite.py --noise-json adds to the report's ops
+// section.
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <dopamine/ops.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "ops/cpu/noise_tiles.h"
+
+namespace {
+
+using dopamine::ops::cpu::NoiseStream;
+namespace cpu = dopamine::ops::cpu;
+namespace noise = dopamine::noise;
+
+constexpr int64_t kElements = 10'000'000;
+constexpr int64_t kTiles = kElements / noise::kTile;
+constexpr int kRepeats = 15;
+
+// Keeps the compiler from dropping work whose result is otherwise unused.
+volatile float sink;
+
+double median_ms(const std::function<void()>& run) {
+  run();
+  std::vector<double> times;
+  for (int i = 0; i < kRepeats; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    times.push_back(std::chrono::duration<double, std::milli>(
+                        std::chrono::steady_clock::now() - start)
+                        .count());
+  }
+  std::nth_element(times.begin(), times.begin() + kRepeats / 2, times.end());
+  return times[kRepeats / 2];
+}
+
+NoiseStream stream_of(noise::Kind kind) {
+  return {kind, noise::key_of(0), 0, 1};
+}
+
+// Philox of every Gaussian counter of kTiles tiles.
+double philox_ms() {
+  const NoiseStream stream = stream_of(noise::Kind::Gaussian);
+  return median_ms([&] {
+    cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
+      uint32_t mixed = 0;
+      for (int64_t tile = 0; tile < kTiles; ++tile) {
+        uint32_t c0[noise::kLanes], c1[noise::kLanes], c2[noise::kLanes],
+            c3[noise::kLanes];
+        cpu::gaussian_counters(stream, tile, c0, c1, c2, c3);
+        decltype(lanes)::philox(c0, c1, c2, c3, stream.key);
+        mixed ^= c0[tile % noise::kLanes] ^ c3[(tile + 7) % noise::kLanes];
+      }
+      sink = static_cast<float>(mixed);
+    });
+  });
+}
+
+// The noise of kTiles tiles into a stack buffer, as the kernels draw it.
+double noise_ms(noise::Kind kind) {
+  const NoiseStream stream = stream_of(kind);
+  return median_ms([&] {
+    cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
+      alignas(64) float z[noise::kTile];
+      float sum = 0.0f;
+      for (int64_t tile = 0; tile < kTiles; ++tile) {
+        cpu::fill_tile<decltype(lanes)::philox>(stream, tile, z);
+        sum += z[tile % noise::kTile];
+      }
+      sink = sum;
+    });
+  });
+}
+
+// perturb_ over kElements float32 elements in 4 tensors.
+double perturb_ms(const std::string& kind) {
+  std::vector<at::Tensor> params;
+  for (int i = 0; i < 4; ++i) {
+    params.push_back(at::zeros({kElements / 4}));
+  }
+  return median_ms(
+      [&] { dopamine::ops::perturb_(params, 0, 1, 0, 1e-3, kind); });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  at::set_num_threads(1);
+  const double philox = philox_ms();
+  const double gaussian = noise_ms(noise::Kind::Gaussian);
+  const double rademacher = noise_ms(noise::Kind::Rademacher);
+  const double perturb_gaussian = perturb_ms("gaussian");
+  const double perturb_rademacher = perturb_ms("rademacher");
+  const struct {
+    const char* name;
+    double ms;
+  } rows[] = {
+      {"philox", philox},
+      {"box_muller", gaussian - philox},
+      {"gaussian_noise", gaussian},
+      {"perturb_gaussian", perturb_gaussian},
+      {"memory_and_update_gaussian", perturb_gaussian - gaussian},
+      {"rademacher_noise", rademacher},
+      {"perturb_rademacher", perturb_rademacher},
+  };
+  const char* path = cpu::to_string(cpu::cpu_path());
+  std::printf("ms per 1e7 float32 elements, one thread, %s path\n", path);
+  for (const auto& row : rows) {
+    std::printf("%-28s %8.2f\n", row.name, row.ms);
+  }
+  if (argc > 1) {
+    std::ofstream out(argv[1]);
+    out << "{\"elements\": " << kElements << ", \"threads\": 1, \"path\": \""
+        << path << "\", \"ms\": {";
+    for (size_t i = 0; i < std::size(rows); ++i) {
+      out << (i ? ", " : "") << '"' << rows[i].name << "\": " << rows[i].ms;
+    }
+    out << "}}\n";
+  }
+  return 0;
+}
