@@ -45,6 +45,13 @@ def scaling_records(sizes, device, progress):
     return records
 
 
+def default_scaling_sizes(device, full):
+    sizes = [10**3, 10**4, 10**5, 10**6, 10**7]
+    if device == "cuda":
+        sizes += [10**8, 10**9] if full else [10**8]
+    return sizes
+
+
 def ops_record(device, progress):
     result = scaling.ops_benchmark(device)
     progress(
@@ -71,6 +78,12 @@ def main(argv=None):
     parser.add_argument("--noise-json", help="the C++ noise benchmark's breakdown of a CPU op, added to the ops record")
     parser.add_argument("--device", default="cpu", help="device of the scaling and op benchmarks (cpu or cuda)")
     parser.add_argument("--skip", nargs="*", default=[], help="tasks to leave out (xor lorenz rossler digits scaling ops)")
+    parser.add_argument(
+        "--scaling-sizes",
+        nargs="+",
+        type=int,
+        help="parameter counts of the scaling runs (default 1e3 to 1e7, and 1e8 on CUDA, 1e9 too with --full)",
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -86,9 +99,7 @@ def main(argv=None):
         progress(f"{task.name}: {len(TASK_CONTENDERS)} optimizers x 3 learning rates x {len(task.seeds)} seed(s), {task.steps} steps")
         records += tasks.run_task(task, TASK_CONTENDERS, progress)
     if "scaling" not in args.skip:
-        sizes = [10**3, 10**4, 10**5, 10**6, 10**7]
-        if args.device == "cuda":
-            sizes += [10**8, 10**9] if args.full else [10**8]
+        sizes = args.scaling_sizes or default_scaling_sizes(args.device, args.full)
         records += scaling_records(sizes, args.device, progress)
     if "ops" not in args.skip:
         records.append(ops_record(args.device, progress))
