@@ -45,23 +45,24 @@ python: setup
 test-python: build python
 	DOPAMINE_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pytest -q -rs tests/python
 
-# The suite (quick: under 15 minutes on 2 cores): the C++ XOR benchmark and
-# the C++ breakdown of a CPU op, then the Python suite, which merges them into
-# results/bench.json and writes results/REPORT.md and the plots.
-bench: build python
+# The suite: the C++ XOR benchmark ($(1) steps at most) and the C++
+# breakdown of a CPU op, then the Python suite (options $(2)), which merges
+# them into results/bench.json and writes results/REPORT.md and the plots.
+define run_bench
 	@mkdir -p results
-	$(BUILD_DIR)/benchmarks/cpp/dopamine_bench_xor 20 2000 results/bench_cpp.json
+	$(BUILD_DIR)/benchmarks/cpp/dopamine_bench_xor 20 $(1) results/bench_cpp.json
 	$(BUILD_DIR)/benchmarks/cpp/dopamine_bench_noise results/noise_cpp.json
-	$(PYTHON) benchmarks/python/run_suite.py --out results --cpp-json results/bench_cpp.json \
-	  --noise-json results/noise_cpp.json
+	$(PYTHON) benchmarks/python/run_suite.py $(2) --out results \
+	  --cpp-json results/bench_cpp.json --noise-json results/noise_cpp.json
+endef
+
+# Quick: under 15 minutes on 2 cores.
+bench: build python
+	$(call run_bench,2000,)
 
 # The paper-size configurations (512-unit RNNs, 2000 epochs): hours on a CPU.
 bench-full: build python
-	@mkdir -p results
-	$(BUILD_DIR)/benchmarks/cpp/dopamine_bench_xor 20 5000 results/bench_cpp.json
-	$(BUILD_DIR)/benchmarks/cpp/dopamine_bench_noise results/noise_cpp.json
-	$(PYTHON) benchmarks/python/run_suite.py --full --out results --cpp-json results/bench_cpp.json \
-	  --noise-json results/noise_cpp.json
+	$(call run_bench,5000,--full)
 
 # Compiles the CUDA kernels against the CUDA build of torch 2.14.1 (from the
 # local package mirror, into its own virtual environment), with this
