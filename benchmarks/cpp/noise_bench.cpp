@@ -86,13 +86,15 @@ double noise_ms(noise::Kind kind) {
 }
 
 // perturb_ over kElements float32 elements in 4 tensors.
-double perturb_ms(const std::string& kind) {
+double perturb_ms(dopamine::Noise kind) {
   std::vector<at::Tensor> params;
   for (int i = 0; i < 4; ++i) {
     params.push_back(at::zeros({kElements / 4}));
   }
-  return median_ms(
-      [&] { dopamine::ops::perturb_(params, 0, 1, 0, 1e-3, kind); });
+  const auto state = at::zeros({5}, at::kDouble);
+  return median_ms([&] {
+    dopamine::ops::perturb_(params, {}, state, {0, 1, 2, 3}, 0, 1e-3, kind, 1);
+  });
 }
 
 }  // namespace
@@ -102,8 +104,8 @@ int main(int argc, char** argv) {
   const double philox = philox_ms();
   const double gaussian = noise_ms(noise::Kind::Gaussian);
   const double rademacher = noise_ms(noise::Kind::Rademacher);
-  const double perturb_gaussian = perturb_ms("gaussian");
-  const double perturb_rademacher = perturb_ms("rademacher");
+  const double perturb_gaussian = perturb_ms(dopamine::Noise::Gaussian);
+  const double perturb_rademacher = perturb_ms(dopamine::Noise::Rademacher);
   const struct {
     const char* name;
     double ms;

@@ -1,41 +1,38 @@
-// The schemas of Dopamine's ops, and the C++ entry points that call them
-// through the dispatcher. Kernels are registered elsewhere: per backend for
-// the tensor ops, once for the scalar ops.
+// The schemas of Dopamine's ops, and the typed C++ entry points that call
+// them through the dispatcher. Kernels are registered elsewhere: the step ops
+// in step_ops.cpp (over each backend's kernels), check_options in
+// scalar_ops.cpp. Enums cross the boundary as the int codes of the C++ enums
+// (include/dopamine/options.h); every argument after the tensors is
+// keyword-only.
 #include <dopamine/ops.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 namespace dopamine::ops {
 
 TORCH_LIBRARY(dopamine, m) {
   m.def(
-      "perturb_(Tensor(a!)[] params, int seed, int step, int first_index, "
-      "float sigma, str noise=\"gaussian\") -> ()");
-  m.def(
-      "restore_update_(Tensor(a!)[] params, int seed, int step, "
-      "int first_index, float sigma, float step_size, float decay, "
-      "str noise=\"gaussian\") -> ()");
-  // One tensor each: what TorchScript code calls. Its alias analysis does not
-  // see the writes through a Tensor(a!)[] (it drops or merges code around
-  // them, as it does for torch._foreach_add_), but it tracks a Tensor(a!).
-  m.def(
-      "perturb_tensor_(Tensor(a!) param, int seed, int step, int index, "
-      "float sigma, str noise=\"gaussian\") -> ()");
-  m.def(
-      "restore_update_tensor_(Tensor(a!) param, int seed, int step, "
-      "int index, float sigma, float step_size, float decay, "
-      "str noise=\"gaussian\") -> ()");
-  m.def(
-      "adapt_lr(str mode, float delta, int updates, float lr, float sigma, "
+      "check_options(*, float lr, float sigma, int lr_adaptation, "
       "float beta, float beta_s, float beta_eta, float eps, float? lr_min, "
-      "float? lr_max, float rpe_trace, float rpe_magnitude, "
-      "float current_lr) -> (float, float, float)");
+      "float? lr_max, float weight_decay, int noise, int non_finite_loss, "
+      "bool capturable) -> ()");
+  m.def("check_state(Tensor state) -> ()");
   m.def(
-      "check_options(float lr, float sigma, str lr_adaptation, float beta, "
-      "float beta_s, float beta_eta, float eps, float? lr_min, "
-      "float? lr_max, float weight_decay, str noise, str non_finite_loss) "
+      "perturb_(Tensor(a!)[] params, Tensor[] master_weights, Tensor state, "
+      "*, int[] indices, int seed, float sigma, int noise, int direction) "
       "-> ()");
+  m.def(
+      "plan_step(Tensor state, Tensor losses, *, int lr_adaptation, "
+      "float lr, float sigma, float beta, float beta_s, float beta_eta, "
+      "float eps, float? lr_min, float? lr_max, float weight_decay, int seed, "
+      "int noise) -> Tensor");
+  m.def(
+      "finish_step_(Tensor(a!)[] params, Tensor(b!)[] master_weights, "
+      "Tensor(c!)[] states, Tensor[] plans, *, int[] indices, "
+      "int[] group_sizes) -> Tensor");
 }
 
 namespace {
@@ -47,84 +44,22 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
       .typed<Signature>();
 }
 
+int64_t code(LrAdaptation mode) {
+  return static_cast<int64_t>(mode);
+}
+int64_t code(Noise noise) {
+  return static_cast<int64_t>(noise);
+}
+int64_t code(NonFiniteLoss policy) {
+  return static_cast<int64_t>(policy);
+}
+
 }  // namespace
 
-void perturb_(at::TensorList params,
-              int64_t seed,
-              int64_t step,
-              int64_t first_index,
-              double sigma,
-              const std::string& noise) {
-  static auto op = find_op<void(
-      at::TensorList, int64_t, int64_t, int64_t, double, c10::string_view)>(
-      "dopamine::perturb_");
-  op.call(params, seed, step, first_index, sigma, noise);
-}
-
-void restore_update_(at::TensorList params,
-                     int64_t seed,
-                     int64_t step,
-                     int64_t first_index,
-                     double sigma,
-                     double step_size,
-                     double decay,
-                     const std::string& noise) {
-  static auto op = find_op<void(at::TensorList,
-                                int64_t,
-                                int64_t,
-                                int64_t,
-                                double,
-                                double,
-                                double,
-                                c10::string_view)>("dopamine::restore_update_");
-  op.call(params, seed, step, first_index, sigma, step_size, decay, noise);
-}
-
-LrAdaptationState adapt_lr(const std::string& mode,
-                           double delta,
-                           int64_t updates,
-                           const LrAdaptationParams& params,
-                           const LrAdaptationState& state) {
-  static auto op =
-      find_op<std::tuple<double, double, double>(c10::string_view,
-                                                 double,
-                                                 int64_t,
-                                                 double,
-                                                 double,
-                                                 double,
-                                                 double,
-                                                 double,
-                                                 double,
-                                                 std::optional<double>,
-                                                 std::optional<double>,
-                                                 double,
-                                                 double,
-                                                 double)>("dopamine::adapt_lr");
-  const auto [rpe_trace, rpe_magnitude, lr] = op.call(mode,
-                                                      delta,
-                                                      updates,
-                                                      params.lr,
-                                                      params.sigma,
-                                                      params.beta,
-                                                      params.beta_s,
-                                                      params.beta_eta,
-                                                      params.eps,
-                                                      params.lr_min,
-                                                      params.lr_max,
-                                                      state.rpe_trace,
-                                                      state.rpe_magnitude,
-                                                      state.lr);
-  return {rpe_trace, rpe_magnitude, lr};
-}
-
-void check_options(const LrAdaptationParams& params,
-                   const std::string& lr_adaptation,
-                   double weight_decay,
-                   const std::string& noise,
-                   const std::string& non_finite_loss) {
+void check_options(const DopamineOptions& o) {
   static auto op = find_op<void(double,
                                 double,
-                                c10::string_view,
+                                int64_t,
                                 double,
                                 double,
                                 double,
@@ -132,20 +67,103 @@ void check_options(const LrAdaptationParams& params,
                                 std::optional<double>,
                                 std::optional<double>,
                                 double,
-                                c10::string_view,
-                                c10::string_view)>("dopamine::check_options");
-  op.call(params.lr,
-          params.sigma,
-          lr_adaptation,
-          params.beta,
-          params.beta_s,
-          params.beta_eta,
-          params.eps,
-          params.lr_min,
-          params.lr_max,
-          weight_decay,
-          noise,
-          non_finite_loss);
+                                int64_t,
+                                int64_t,
+                                bool)>("dopamine::check_options");
+  op.call(o.lr(),
+          o.sigma(),
+          code(o.lr_adaptation()),
+          o.beta(),
+          o.beta_s(),
+          o.beta_eta(),
+          o.eps(),
+          o.lr_min(),
+          o.lr_max(),
+          o.weight_decay(),
+          code(o.noise()),
+          code(o.non_finite_loss()),
+          o.capturable());
+}
+
+void check_state(const at::Tensor& state) {
+  static auto op =
+      find_op<void(const at::Tensor&)>("dopamine::check_state");
+  op.call(state);
+}
+
+void perturb_(at::TensorList params,
+              at::TensorList master_weights,
+              const at::Tensor& state,
+              c10::IntArrayRef indices,
+              int64_t seed,
+              double sigma,
+              Noise noise,
+              int64_t direction) {
+  static auto op = find_op<void(at::TensorList,
+                                at::TensorList,
+                                const at::Tensor&,
+                                c10::IntArrayRef,
+                                int64_t,
+                                double,
+                                int64_t,
+                                int64_t)>("dopamine::perturb_");
+  op.call(params,
+          master_weights,
+          state,
+          indices,
+          seed,
+          sigma,
+          code(noise),
+          direction);
+}
+
+at::Tensor plan_step(const at::Tensor& state,
+                     const at::Tensor& losses,
+                     const DopamineOptions& o) {
+  static auto op = find_op<at::Tensor(const at::Tensor&,
+                                      const at::Tensor&,
+                                      int64_t,
+                                      double,
+                                      double,
+                                      double,
+                                      double,
+                                      double,
+                                      double,
+                                      std::optional<double>,
+                                      std::optional<double>,
+                                      double,
+                                      int64_t,
+                                      int64_t)>("dopamine::plan_step");
+  return op.call(state,
+                 losses,
+                 code(o.lr_adaptation()),
+                 o.lr(),
+                 o.sigma(),
+                 o.beta(),
+                 o.beta_s(),
+                 o.beta_eta(),
+                 o.eps(),
+                 o.lr_min(),
+                 o.lr_max(),
+                 o.weight_decay(),
+                 o.seed(),
+                 code(o.noise()));
+}
+
+at::Tensor finish_step_(at::TensorList params,
+                        at::TensorList master_weights,
+                        at::TensorList states,
+                        at::TensorList plans,
+                        c10::IntArrayRef indices,
+                        c10::IntArrayRef group_sizes) {
+  static auto op = find_op<at::Tensor(at::TensorList,
+                                      at::TensorList,
+                                      at::TensorList,
+                                      at::TensorList,
+                                      c10::IntArrayRef,
+                                      c10::IntArrayRef)>(
+      "dopamine::finish_step_");
+  return op.call(params, master_weights, states, plans, indices, group_sizes);
 }
 
 }  // namespace dopamine::ops

@@ -1,182 +1,123 @@
 #pragma once
 
-// What the kernels of every backend share: the argument checks they run
-// first (so each reports bad input in the same words), the element updates
-// of the two ops, and the adapter from a list kernel to a one-tensor op.
+// What the step ops (step_ops.cpp) hand to the kernels of each backend: a
+// table of parameter tensors, each with the noise and the element update it
+// takes (docs/DESIGN.md, "Kernels"). The ops check the arguments, bucket the
+// tensors by device and call that device's Backend; a backend runs the whole
+// table in one pass (CPU) or one launch per dtype (CUDA).
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/ArrayRef.h>
-#include <c10/util/Exception.h>
-#include <c10/util/string_view.h>
-#include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
-#include <vector>
 
+#include "engine.h"
 #include "noise.h"
 
 namespace dopamine::ops {
 
-inline void check_params(at::TensorList params, const char* op) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].defined() && params[i].is_floating_point(),
-                "dopamine::",
-                op,
-                ": params[",
-                i,
-                "] must be a floating-point tensor, got ",
-                params[i].defined() ? c10::toString(params[i].scalar_type())
-                                    : "an undefined tensor");
-  }
-}
-
-inline uint32_t counter_word(int64_t value, const char* name) {
-  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<uint32_t>::max(),
-              "dopamine: ",
-              name,
-              " must be in [0, 2^32), got ",
-              value);
-  return static_cast<uint32_t>(value);
-}
-
-inline noise::Kind noise_kind(c10::string_view name) {
-  if (name == "gaussian") {
-    return noise::Kind::Gaussian;
-  }
-  TORCH_CHECK(name == "rademacher",
-              "dopamine: unknown noise '",
-              name,
-              "' (expected gaussian or rademacher)");
-  return noise::Kind::Rademacher;
-}
-
-// The checked arguments of a tensor op and the tensors its kernel updates:
-// the parameters themselves, or contiguous copies of the non-contiguous ones
-// (elements are numbered in row-major order), written back by write_back().
-struct TensorOpArgs {
+// The noise and element update of one tensor in one op.
+struct TensorStep {
   noise::Kind kind;
   noise::Key key;
   uint32_t step;
-  std::vector<at::Tensor> work;
-  std::vector<uint32_t> index;
-
-  TensorOpArgs(at::TensorList params,
-               int64_t seed,
-               int64_t step,
-               int64_t first_index,
-               c10::string_view noise,
-               const char* op)
-      : kind(noise_kind(noise)),
-        key(noise::key_of(seed)),
-        step(counter_word(step, "step")) {
-    check_params(params, op);
-    for (size_t i = 0; i < params.size(); ++i) {
-      TORCH_CHECK(params[i].device() == params[0].device(),
-                  "dopamine::",
-                  op,
-                  ": params[",
-                  i,
-                  "] is on ",
-                  params[i].device(),
-                  ", params[0] on ",
-                  params[0].device(),
-                  "; one call takes tensors of one device");
-      index.push_back(counter_word(first_index + static_cast<int64_t>(i),
-                                   "a parameter's global index"));
-      work.push_back(params[i].is_contiguous() ? params[i]
-                                               : params[i].contiguous());
-    }
-  }
-
-  void write_back(at::TensorList params) const {
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (!work[i].is_same(params[i])) {
-        params[i].copy_(work[i]);
-      }
-    }
-  }
+  engine::Coefficients coefficients;
 };
 
-// perturb_: p + sigma z, in the arithmetic type T (float for the half types).
+// Where a TensorStep comes from when the host cannot read it (a capturable
+// step's state on a GPU): the kernel reads the step from `state` (perturb_)
+// or everything from `plan` and `taken` (finish_step_).
+struct DeviceStepSource {
+  const double* state = nullptr;
+  const double* plan = nullptr;
+  const double* taken = nullptr;
+  // perturb_'s options, known on the host.
+  noise::Kind kind = noise::Kind::Gaussian;
+  noise::Key key = {0, 0};
+  double sigma = 0;
+  int64_t direction = 1;
+  bool has_master = false;
+};
+
+C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
+                                               noise::Key key,
+                                               const double* state,
+                                               double sigma,
+                                               int64_t direction,
+                                               bool has_master) {
+  return {kind,
+          key,
+          static_cast<uint32_t>(state[engine::kStep] + 1),
+          engine::perturb_coefficients(sigma, direction, has_master)};
+}
+
+C10_HOST_DEVICE inline TensorStep finish_tensor_step(const double* plan,
+                                              bool taken,
+                                              bool has_master) {
+  return {engine::plan_noise(plan),
+          engine::plan_key(plan),
+          static_cast<uint32_t>(plan[engine::kNextState + engine::kStep]),
+          engine::finish_coefficients(plan, taken, has_master)};
+}
+
+C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
+  if (source.plan != nullptr) {
+    return finish_tensor_step(source.plan, *source.taken != 0, source.has_master);
+  }
+  return perturb_tensor_step(source.kind,
+                      source.key,
+                      source.state,
+                      source.sigma,
+                      source.direction,
+                      source.has_master);
+}
+
+// One tensor of an op: its contiguous data (the parameter, or a contiguous
+// copy written back afterwards), its float32 master weight or nullptr, its
+// global index (which keys its noise) and its step.
+struct UpdateEntry {
+  void* data;
+  float* master;
+  int64_t numel;
+  at::ScalarType dtype;
+  uint32_t index;
+  // Read on the host when `resolved`, else by the kernel from `source`.
+  bool resolved;
+  TensorStep step;
+  DeviceStepSource source;
+};
+
+// x' = keep * (x - shift * z) - move * z in the arithmetic type T.
 template <typename T>
-struct Perturb {
-  T sigma;
+C10_HOST_DEVICE C10_ALWAYS_INLINE T apply(const engine::Coefficients& c,
+                                          T x,
+                                          T z) {
+  return static_cast<T>(c.keep) * (x - static_cast<T>(c.shift) * z) -
+         static_cast<T>(c.move) * z;
+}
 
-  explicit Perturb(double sigma) : sigma(static_cast<T>(sigma)) {}
-
-  C10_HOST_DEVICE T operator()(T p, T z) const {
-    return p + sigma * z;
-  }
+// A backend's kernels. `update` runs the entries of one device; `plan` and
+// `settle` run the state arithmetic (engine.h) where the state lives.
+struct Backend {
+  void (*update)(c10::ArrayRef<UpdateEntry> entries);
+  // plan = engine::plan_group(state, losses[0], losses[1], options).
+  void (*plan)(const at::Tensor& state,
+               const at::Tensor& losses,
+               const engine::GroupOptions& options,
+               const at::Tensor& plan);
+  // taken = all plans finite; commits every state; returns `taken` as a
+  // float64 scalar on the states' device.
+  at::Tensor (*settle)(at::TensorList states, at::TensorList plans);
 };
 
-// restore_update_: (1 - decay)(p - sigma z) - step_size z; without decay,
-// p - (sigma + step_size) z.
-template <typename T>
-struct RestoreUpdate {
-  T keep, sigma, step_size, both;
-  bool decays;
+// The backend of a device type; registered by the file that defines it.
+void register_backend(c10::DeviceType type, const Backend& backend);
+const Backend& backend_for(c10::DeviceType type);
 
-  RestoreUpdate(double sigma, double step_size, double decay)
-      : keep(static_cast<T>(1 - decay)),
-        sigma(static_cast<T>(sigma)),
-        step_size(static_cast<T>(step_size)),
-        both(static_cast<T>(sigma + step_size)),
-        decays(decay != 0) {}
-
-  C10_HOST_DEVICE T operator()(T p, T z) const {
-    return decays ? keep * (p - sigma * z) - step_size * z : p - both * z;
-  }
-};
-
-// The kernel of a one-tensor op (perturb_tensor_, restore_update_tensor_):
-// the list kernel `kernel` applied to a list of one.
-template <auto kernel>
-struct OnOneTensor;
-
-template <typename... Args, void (*kernel)(at::TensorList, Args...)>
-struct OnOneTensor<kernel> {
-  static void call(const at::Tensor& param, Args... args) {
-    kernel(at::TensorList(param), args...);
-  }
-};
-
-// The kernels of the four tensor ops on one backend, from the backend's
-// Backend::update_params<Update>(params, args, update arguments...), which
-// applies Update<opmath_t>(update arguments...) to every element.
-template <typename Backend>
-struct TensorOps {
-  static void perturb(at::TensorList params,
-                      int64_t seed,
-                      int64_t step,
-                      int64_t first_index,
-                      double sigma,
-                      c10::string_view noise) {
-    const TensorOpArgs args(params, seed, step, first_index, noise, "perturb_");
-    Backend::template update_params<Perturb>(params, args, sigma);
-    args.write_back(params);
-  }
-
-  static void restore_update(at::TensorList params,
-                             int64_t seed,
-                             int64_t step,
-                             int64_t first_index,
-                             double sigma,
-                             double step_size,
-                             double decay,
-                             c10::string_view noise) {
-    const TensorOpArgs args(
-        params, seed, step, first_index, noise, "restore_update_");
-    Backend::template update_params<RestoreUpdate>(
-        params, args, sigma, step_size, decay);
-    args.write_back(params);
-  }
-
-  static void register_kernels(torch::Library& m) {
-    m.impl("perturb_", &perturb);
-    m.impl("restore_update_", &restore_update);
-    m.impl("perturb_tensor_", &OnOneTensor<&perturb>::call);
-    m.impl("restore_update_tensor_", &OnOneTensor<&restore_update>::call);
+struct BackendRegistrar {
+  BackendRegistrar(c10::DeviceType type, const Backend& backend) {
+    register_backend(type, backend);
   }
 };
 

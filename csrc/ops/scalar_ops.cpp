@@ -1,60 +1,17 @@
-// The ops on scalars: the step-size rule and the option checks. They are
-// ops, not C++ helpers, so that the Python optimizer and TorchScript code run
-// this very code. With no tensor argument they dispatch to the
-// CompositeExplicitAutograd kernel.
+// The checks of options and of loaded states: ops, not C++ helpers, so that
+// the Python optimizer runs this very code. They dispatch to the
+// CompositeExplicitAutograd kernels on any device.
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <c10/util/string_view.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <optional>
-#include <tuple>
+
+#include "engine.h"
 
 namespace dopamine::ops {
 namespace {
-
-std::tuple<double, double, double> adapt_lr_kernel(c10::string_view mode,
-                                                   double delta,
-                                                   int64_t updates,
-                                                   double base_lr,
-                                                   double sigma,
-                                                   double beta,
-                                                   double beta_s,
-                                                   double beta_eta,
-                                                   double eps,
-                                                   std::optional<double> lr_min,
-                                                   std::optional<double> lr_max,
-                                                   double rpe_trace,
-                                                   double rpe_magnitude,
-                                                   double current_lr) {
-  TORCH_CHECK(updates >= 1,
-              "dopamine::adapt_lr: updates must count this update (>= 1), "
-              "got ",
-              updates);
-  double lr = base_lr;
-  if (mode == "rpe_normalized") {
-    rpe_trace = beta * rpe_trace + (1 - beta) * std::abs(delta) / sigma;
-    const double bias_correction = 1 - std::pow(beta, updates);
-    lr = base_lr / (rpe_trace / bias_correction + eps);
-  } else if (mode == "rpe_tracking") {
-    rpe_magnitude = beta_s * rpe_magnitude + (1 - beta_s) * std::abs(delta);
-    const double previous = updates == 1 ? base_lr : current_lr;
-    lr = (1 - beta_eta) * previous + beta_eta * rpe_magnitude;
-  } else {
-    TORCH_CHECK(mode == "none",
-                "dopamine::adapt_lr: unknown mode '",
-                mode,
-                "' (expected none, rpe_normalized or rpe_tracking)");
-  }
-  if (lr_min) {
-    lr = std::max(lr, *lr_min);
-  }
-  if (lr_max) {
-    lr = std::min(lr, *lr_max);
-  }
-  return {rpe_trace, rpe_magnitude, lr};
-}
 
 void check(bool valid, const char* name, double value, const char* rule) {
   TORCH_CHECK(
@@ -63,7 +20,7 @@ void check(bool valid, const char* name, double value, const char* rule) {
 
 void check_options_kernel(double lr,
                           double sigma,
-                          c10::string_view lr_adaptation,
+                          int64_t lr_adaptation,
                           double beta,
                           double beta_s,
                           double beta_eta,
@@ -71,8 +28,9 @@ void check_options_kernel(double lr,
                           std::optional<double> lr_min,
                           std::optional<double> lr_max,
                           double weight_decay,
-                          c10::string_view noise,
-                          c10::string_view non_finite_loss) {
+                          int64_t noise,
+                          int64_t non_finite_loss,
+                          bool capturable) {
   check(std::isfinite(lr) && lr >= 0, "lr", lr, ">= 0");
   check(std::isfinite(sigma) && sigma > 0, "sigma", sigma, "> 0");
   check(beta >= 0 && beta < 1, "beta", beta, "in [0, 1)");
@@ -92,26 +50,76 @@ void check_options_kernel(double lr,
   if (lr_min && lr_max) {
     check(*lr_min <= *lr_max, "lr_min", *lr_min, "<= lr_max");
   }
-  TORCH_CHECK(lr_adaptation == "none" || lr_adaptation == "rpe_normalized" ||
-                  lr_adaptation == "rpe_tracking",
-              "Dopamine: invalid lr_adaptation: '",
+  // The codes of the enums in include/dopamine/options.h.
+  TORCH_CHECK(lr_adaptation >= 0 && lr_adaptation <= 2,
+              "Dopamine: invalid lr_adaptation code ",
               lr_adaptation,
-              "' (expected none, rpe_normalized or rpe_tracking)");
-  TORCH_CHECK(noise == "gaussian" || noise == "rademacher",
-              "Dopamine: invalid noise: '",
+              " (0 none, 1 rpe_normalized, 2 rpe_tracking)");
+  TORCH_CHECK(noise == 0 || noise == 1,
+              "Dopamine: invalid noise code ",
               noise,
-              "' (expected gaussian or rademacher)");
-  TORCH_CHECK(non_finite_loss == "skip" || non_finite_loss == "raise",
-              "Dopamine: invalid non_finite_loss: '",
+              " (0 gaussian, 1 rademacher)");
+  TORCH_CHECK(non_finite_loss == 0 || non_finite_loss == 1,
+              "Dopamine: invalid non_finite_loss code ",
               non_finite_loss,
-              "' (expected skip or raise)");
+              " (0 skip, 1 raise)");
+  TORCH_CHECK(!(capturable && non_finite_loss == 1),
+              "Dopamine: invalid non_finite_loss: raise with capturable=True "
+              "(a capturable step never reads a loss on the host; a "
+              "non-finite one skips the step)");
+}
+
+// A loaded state must be one a run can reach: the next step's noise counter
+// in range, traces finite, so that no later step writes NaN into the
+// parameters.
+void check_state_shape(const at::Tensor& state) {
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.dim() == 1 &&
+                  state.sym_size(0) == engine::kStateSize,
+              "Dopamine: a group state must be a float64 tensor of shape [",
+              engine::kStateSize,
+              "], got ",
+              state.scalar_type(),
+              " of shape ",
+              state.sym_sizes());
+}
+
+void check_state_kernel(const at::Tensor& state) {
+  check_state_shape(state);
+  const auto values = state.to(at::kCPU).contiguous();
+  const double* v = values.data_ptr<double>();
+  const double step = v[engine::kStep];
+  const double skipped = v[engine::kSkippedSteps];
+  check(std::isfinite(step) && step >= 0 && step < 4294967295.0 &&
+            step == std::floor(step),
+        "state step",
+        step,
+        "an integer in [0, 2^32 - 1)");
+  check(skipped >= 0 && skipped <= step && skipped == std::floor(skipped),
+        "state skipped_steps",
+        skipped,
+        "an integer in [0, step]");
+  for (const auto field : {engine::kRpeTrace,
+                           engine::kRpeMagnitude,
+                           engine::kCurrentLr}) {
+    check(std::isfinite(v[field]) && v[field] >= 0,
+          field == engine::kRpeTrace       ? "state rpe_trace"
+          : field == engine::kRpeMagnitude ? "state rpe_magnitude"
+                                           : "state current_lr",
+          v[field],
+          "finite and >= 0");
+  }
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dopamine, CompositeExplicitAutograd, m) {
-  m.impl("adapt_lr", &adapt_lr_kernel);
+  m.impl("check_state", &check_state_kernel);
   m.impl("check_options", &check_options_kernel);
+}
+
+// Under fake tensors only the shape is known.
+TORCH_LIBRARY_IMPL(dopamine, Meta, m) {
+  m.impl("check_state", &check_state_shape);
 }
 
 }  // namespace dopamine::ops

@@ -50,27 +50,8 @@ std::string to_string(NonFiniteLoss policy) {
 
 DopamineOptions::DopamineOptions(double lr) : lr_(lr) {}
 
-namespace {
-
-ops::LrAdaptationParams lr_adaptation_params(const DopamineOptions& options) {
-  return {options.lr(),
-          options.sigma(),
-          options.beta(),
-          options.beta_s(),
-          options.beta_eta(),
-          options.eps(),
-          options.lr_min(),
-          options.lr_max()};
-}
-
-}  // namespace
-
 void DopamineOptions::validate() const {
-  ops::check_options(lr_adaptation_params(*this),
-                     to_string(lr_adaptation()),
-                     weight_decay(),
-                     to_string(noise()),
-                     to_string(non_finite_loss()));
+  ops::check_options(*this);
 }
 
 bool operator==(const DopamineOptions& lhs, const DopamineOptions& rhs) {
@@ -81,7 +62,9 @@ bool operator==(const DopamineOptions& lhs, const DopamineOptions& rhs) {
          lhs.lr_min() == rhs.lr_min() && lhs.lr_max() == rhs.lr_max() &&
          lhs.weight_decay() == rhs.weight_decay() && lhs.seed() == rhs.seed() &&
          lhs.noise() == rhs.noise() &&
-         lhs.non_finite_loss() == rhs.non_finite_loss();
+         lhs.non_finite_loss() == rhs.non_finite_loss() &&
+         lhs.capturable() == rhs.capturable() &&
+         lhs.master_weights() == rhs.master_weights();
 }
 
 void DopamineOptions::serialize(
@@ -99,6 +82,8 @@ void DopamineOptions::serialize(
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
   archive.write("noise", static_cast<int64_t>(noise()));
   archive.write("non_finite_loss", static_cast<int64_t>(non_finite_loss()));
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(capturable);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master_weights);
 }
 
 void DopamineOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -121,6 +106,8 @@ void DopamineOptions::serialize(torch::serialize::InputArchive& archive) {
   c10::IValue policy;
   archive.read("non_finite_loss", policy);
   non_finite_loss(static_cast<NonFiniteLoss>(policy.toInt()));
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, capturable);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, master_weights);
   validate();
 }
 
@@ -132,29 +119,54 @@ void DopamineOptions::set_lr(const double lr) {
   this->lr(lr);
 }
 
+namespace {
+
+double state_entry(const torch::Tensor& group_state, int64_t field) {
+  return group_state[field].item<double>();
+}
+
+}  // namespace
+
+int64_t DopamineParamState::step() const {
+  return static_cast<int64_t>(state_entry(group_state(), 0));
+}
+int64_t DopamineParamState::skipped_steps() const {
+  return static_cast<int64_t>(state_entry(group_state(), 1));
+}
+double DopamineParamState::rpe_trace() const {
+  return state_entry(group_state(), 2);
+}
+double DopamineParamState::rpe_magnitude() const {
+  return state_entry(group_state(), 3);
+}
+double DopamineParamState::current_lr() const {
+  return state_entry(group_state(), 4);
+}
+
+namespace {
+
+bool same_values(const torch::Tensor& lhs, const torch::Tensor& rhs) {
+  return lhs.defined() == rhs.defined() &&
+         (!lhs.defined() ||
+          (lhs.sizes() == rhs.sizes() && torch::equal(lhs.cpu(), rhs.cpu())));
+}
+
+}  // namespace
+
 bool operator==(const DopamineParamState& lhs, const DopamineParamState& rhs) {
-  return lhs.step() == rhs.step() &&
-         lhs.skipped_steps() == rhs.skipped_steps() &&
-         lhs.rpe_trace() == rhs.rpe_trace() &&
-         lhs.rpe_magnitude() == rhs.rpe_magnitude() &&
-         lhs.current_lr() == rhs.current_lr();
+  return same_values(lhs.group_state(), rhs.group_state()) &&
+         same_values(lhs.master_weight(), rhs.master_weight());
 }
 
 void DopamineParamState::serialize(
     torch::serialize::OutputArchive& archive) const {
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(skipped_steps);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rpe_trace);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rpe_magnitude);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(current_lr);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(group_state);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master_weight);
 }
 
 void DopamineParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, skipped_steps);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, rpe_trace);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, rpe_magnitude);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, current_lr);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, group_state);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, master_weight);
 }
 
 namespace {
@@ -222,7 +234,8 @@ void check_params(const std::vector<torch::Tensor>& params,
   }
 }
 
-double loss_value(const torch::Tensor& loss, const char* which) {
+// The loss as a float64 scalar, after checking what the closure returned.
+torch::Tensor loss_tensor(const torch::Tensor& loss, const char* which) {
   TORCH_CHECK(loss.defined(),
               "Dopamine: the closure returned an undefined tensor as the ",
               which,
@@ -235,25 +248,36 @@ double loss_value(const torch::Tensor& loss, const char* which) {
               loss.sizes(),
               " and dtype ",
               loss.scalar_type());
-  return loss.item<double>();
+  return loss.detach().reshape({}).to(torch::kDouble);
 }
 
-// eta_t for this step (SPEC §2.5); advances the group's traces in `state`,
-// whose step() already counts this step.
-double adapt_lr(const DopamineOptions& options,
-                DopamineParamState& state,
-                double delta) {
-  const auto next = ops::adapt_lr(
-      to_string(options.lr_adaptation()),
-      delta,
-      state.step() - state.skipped_steps(),
-      lr_adaptation_params(options),
-      {state.rpe_trace(), state.rpe_magnitude(), state.current_lr()});
-  state.rpe_trace(next.rpe_trace);
-  state.rpe_magnitude(next.rpe_magnitude);
-  state.current_lr(next.lr);
-  return next.lr;
+bool is_half(const torch::Tensor& param) {
+  return param.scalar_type() == torch::kHalf ||
+         param.scalar_type() == torch::kBFloat16;
 }
+
+// One group's share of a step, taken when the step starts: its options, its
+// trainable parameters with their global indices (which key their noise),
+// master weights, and its state, which finish_step_ commits.
+struct GroupStep {
+  size_t group_index;
+  DopamineOptions options;
+  std::vector<torch::Tensor> params;
+  std::vector<int64_t> indices;
+  std::vector<torch::Tensor> masters;
+  torch::Tensor state;
+
+  void perturb(int64_t direction) const {
+    ops::perturb_(params,
+                  masters,
+                  state,
+                  indices,
+                  options.seed(),
+                  options.sigma(),
+                  options.noise(),
+                  direction);
+  }
+};
 
 }  // namespace
 
@@ -271,6 +295,13 @@ Dopamine::Dopamine(
 Dopamine::Dopamine(std::vector<torch::Tensor> params, DopamineOptions defaults)
     : Dopamine({torch::optim::OptimizerParamGroup(std::move(params))},
                std::move(defaults)) {}
+
+Dopamine::Dopamine(
+    const torch::OrderedDict<std::string, torch::Tensor>& named_params,
+    DopamineOptions defaults)
+    : Dopamine(named_params.values(), std::move(defaults)) {
+  param_names_ = named_params.keys();
+}
 
 void Dopamine::add_param_group(
     const torch::optim::OptimizerParamGroup& param_group) {
@@ -291,6 +322,9 @@ void Dopamine::add_param_group(
                 g,
                 " appears more than once among the parameter groups");
   }
+  TORCH_CHECK(param_names_.empty(),
+              "Dopamine: an optimizer built from named parameters takes no "
+              "further groups");
   Optimizer::add_param_group(param_group);
   // Recent torch replaces a custom optimizer's group options with the
   // defaults; a group keeps the options it was given.
@@ -299,135 +333,211 @@ void Dopamine::add_param_group(
   }
 }
 
-namespace {
-
-// One parameter group's share of a step: what it perturbs and its next state,
-// committed only when the step completes.
-struct GroupStep {
-  const DopamineOptions& options;
-  const std::vector<torch::Tensor>& params;
-  int64_t first_index;
-  DopamineParamState next;
-
-  void perturb(double sigma) const {
-    ops::perturb_(params,
-                  options.seed(),
-                  next.step(),
-                  first_index,
-                  sigma,
-                  to_string(options.noise()));
-  }
-};
-
-}  // namespace
-
 torch::Tensor Dopamine::step(LossClosure closure) {
   TORCH_CHECK(closure != nullptr,
               "Dopamine::step() needs a closure that returns the loss: each "
               "step evaluates the model twice, unperturbed and perturbed");
   torch::NoGradGuard no_grad;
+  const auto& defaults = static_cast<const DopamineOptions&>(this->defaults());
+  defaults.validate();
 
+  auto state_of = [this](const torch::Tensor& param) -> DopamineParamState* {
+    const auto found = state_.find(state_key(param));
+    return found == state_.end()
+               ? nullptr
+               : static_cast<DopamineParamState*>(found->second.get());
+  };
+
+  // The snapshot: a closure that changes options or groups affects the next
+  // step only.
   std::vector<GroupStep> groups;
-  groups.reserve(param_groups_.size());
-  int64_t first_index = 0;
+  int64_t index = 0;
   for (const auto g : c10::irange(param_groups_.size())) {
-    const auto& params = param_groups_[g].params();
-    const auto& options = options_of(param_groups_[g], g);
-    options.validate();
-    if (!params.empty()) {
-      const auto found = state_.find(state_key(params.front()));
-      DopamineParamState next;
-      if (found != state_.end()) {
-        next = static_cast<const DopamineParamState&>(*found->second);
-      } else {
-        // Catches a group added through Optimizer::add_param_group, which
-        // bypasses Dopamine::add_param_group.
-        check_params(params, g);
+    const auto& all = param_groups_[g].params();
+    GroupStep group{g, options_of(param_groups_[g], g)};
+    group.options.validate();
+    check_params(all, g);
+    torch::Tensor state;
+    for (const auto i : c10::irange(all.size())) {
+      const auto* held = state_of(all[i]);
+      if (held != nullptr && held->group_state().defined()) {
+        TORCH_CHECK(!state.defined() || state.is_same(held->group_state()),
+                    "Dopamine: the parameters of group ",
+                    g,
+                    " hold the states of different groups (was a parameter "
+                    "moved between groups?)");
+        state = held->group_state();
       }
-      next.step(next.step() + 1);
-      groups.push_back({options, params, first_index, std::move(next)});
+      if (!all[i].requires_grad()) {
+        continue;
+      }
+      group.params.push_back(all[i]);
+      group.indices.push_back(index + static_cast<int64_t>(i));
+      if (defaults.master_weights() && is_half(all[i])) {
+        group.masters.push_back(
+            held != nullptr && held->master_weight().defined()
+                ? held->master_weight()
+                : all[i].detach().to(torch::kFloat).contiguous());
+      }
     }
-    first_index += static_cast<int64_t>(params.size());
+    index += static_cast<int64_t>(all.size());
+    if (group.params.empty()) {
+      continue;
+    }
+    const auto device = defaults.capturable() ? group.params.front().device()
+                                              : torch::Device(torch::kCPU);
+    group.state = !state.defined()
+                      ? torch::zeros({5}, torch::dtype(torch::kDouble).device(device))
+                      : state.to(device);
+    groups.push_back(std::move(group));
   }
 
-  auto commit = [this](const GroupStep& group) {
-    auto& slot = state_[state_key(group.params.front())];
-    if (slot) {
-      static_cast<DopamineParamState&>(*slot) = group.next;
-    } else {
-      slot = std::make_unique<DopamineParamState>(group.next);
-    }
-  };
   auto restore = [&groups](size_t count) {
     for (const auto g : c10::irange(count)) {
-      groups[g].perturb(-groups[g].options.sigma());
+      groups[g].perturb(-1);
     }
   };
-  // A non-finite loss leaves the parameters as they were before the step.
-  auto non_finite =
-      [&](const torch::Tensor& loss, double value, const char* which) {
-        const auto policy =
-            static_cast<const DopamineOptions&>(defaults()).non_finite_loss();
-        TORCH_CHECK(policy == NonFiniteLoss::Skip,
-                    "Dopamine: the ",
-                    which,
-                    " loss is ",
-                    value,
-                    "; parameters restored, step not taken "
-                    "(non_finite_loss=Raise)");
-        for (auto& group : groups) {
-          group.next.skipped_steps(group.next.skipped_steps() + 1);
-          commit(group);
-        }
-        return loss;
-      };
 
   const torch::Tensor loss = closure();
-  const double unperturbed = loss_value(loss, "unperturbed");
-  if (!std::isfinite(unperturbed)) {
-    return non_finite(loss, unperturbed, "unperturbed");
+  auto unperturbed = loss_tensor(loss, "unperturbed");
+  if (groups.empty()) {
+    return loss;
   }
-
   size_t perturbed_groups = 0;
-  double perturbed = 0;
+  torch::Tensor perturbed;
   try {
     for (; perturbed_groups < groups.size(); ++perturbed_groups) {
-      groups[perturbed_groups].perturb(
-          groups[perturbed_groups].options.sigma());
+      groups[perturbed_groups].perturb(1);
     }
-    perturbed = loss_value(closure(), "perturbed");
+    perturbed = loss_tensor(closure(), "perturbed");
   } catch (...) {
     restore(perturbed_groups);
     throw;
   }
-  if (!std::isfinite(perturbed)) {
+
+  // Without capturable the states are on the CPU, and moving the losses there
+  // is the step's one host synchronisation.
+  const auto losses =
+      torch::stack({unperturbed, perturbed.to(unperturbed.device())})
+          .to(groups.front().state.device());
+  const bool raises = defaults.non_finite_loss() == NonFiniteLoss::Raise;
+  std::vector<torch::Tensor> params, masters, states, plans, saved;
+  std::vector<int64_t> indices, group_sizes;
+  torch::Tensor taken;
+  try {
+    for (const auto& group : groups) {
+      plans.push_back(ops::plan_step(group.state, losses, group.options));
+      states.push_back(group.state);
+      saved.push_back(raises ? group.state.clone() : torch::Tensor());
+      params.insert(params.end(), group.params.begin(), group.params.end());
+      masters.insert(masters.end(), group.masters.begin(), group.masters.end());
+      indices.insert(indices.end(), group.indices.begin(), group.indices.end());
+      group_sizes.push_back(static_cast<int64_t>(group.params.size()));
+    }
+    taken = ops::finish_step_(params, masters, states, plans, indices, group_sizes);
+  } catch (...) {
+    // finish_step_ checks everything before it writes: the parameters are
+    // still perturbed.
     restore(groups.size());
-    return non_finite(loss, perturbed, "perturbed");
+    throw;
   }
 
-  const double delta = perturbed - unperturbed;
-  for (auto& group : groups) {
-    const auto& options = group.options;
-    const double lr = adapt_lr(options, group.next, delta);
-    ops::restore_update_(group.params,
-                         options.seed(),
-                         group.next.step(),
-                         group.first_index,
-                         options.sigma(),
-                         lr * delta / options.sigma(),
-                         options.lr() * options.weight_decay(),
-                         to_string(options.noise()));
-    commit(group);
+  if (raises && taken.item<double>() == 0) {
+    for (const auto g : c10::irange(groups.size())) {
+      groups[g].state.copy_(saved[g]);
+    }
+    const double l0 = losses[0].item<double>();
+    const double l1 = losses[1].item<double>();
+    TORCH_CHECK(std::isfinite(l0),
+                "Dopamine: the unperturbed loss is ",
+                l0,
+                "; parameters restored, step not taken "
+                "(non_finite_loss=Raise)");
+    TORCH_CHECK(std::isfinite(l1),
+                "Dopamine: the perturbed loss is ",
+                l1,
+                "; parameters restored, step not taken "
+                "(non_finite_loss=Raise)");
+    TORCH_CHECK(false,
+                "Dopamine: the step size is not finite (losses ",
+                l0,
+                " and ",
+                l1,
+                "); parameters restored, step not taken "
+                "(non_finite_loss=Raise)");
+  }
+
+  // Commit: every parameter of a group holds the group's state.
+  size_t master = 0;
+  for (const auto& group : groups) {
+    for (const auto& param : param_groups_[group.group_index].params()) {
+      auto& slot = state_[state_key(param)];
+      if (!slot) {
+        slot = std::make_unique<DopamineParamState>();
+      }
+      static_cast<DopamineParamState&>(*slot).group_state(group.state);
+    }
+    for (const auto& param : group.params) {
+      if (defaults.master_weights() && is_half(param)) {
+        static_cast<DopamineParamState&>(*state_[state_key(param)])
+            .master_weight(masters[master++]);
+      }
+    }
   }
   return loss;
 }
 
 void Dopamine::save(torch::serialize::OutputArchive& archive) const {
   serialize(*this, archive);
+  archive.write("param_names", c10::IValue(c10::List<std::string>(param_names_)));
 }
 
 void Dopamine::load(torch::serialize::InputArchive& archive) {
+  c10::IValue names;
+  if (archive.try_read("param_names", names) && !param_names_.empty()) {
+    std::vector<std::string> saved_names;
+    for (const c10::IValue name : names.toList()) {
+      saved_names.push_back(name.toStringRef());
+    }
+    TORCH_CHECK(saved_names.empty() || saved_names == param_names_,
+                "Dopamine::load: the checkpoint's parameter names differ from "
+                "this optimizer's (were the parameters reordered or renamed?)");
+  }
   serialize(*this, archive);
+  // Each parameter was loaded with a copy of its group's state: check it,
+  // and let the group's parameters share one again.
+  for (const auto g : c10::irange(param_groups_.size())) {
+    torch::Tensor shared;
+    for (const auto& param : param_groups_[g].params()) {
+      const auto found = state_.find(state_key(param));
+      if (found == state_.end()) {
+        continue;
+      }
+      auto& state = static_cast<DopamineParamState&>(*found->second);
+      TORCH_CHECK(state.group_state().defined(),
+                  "Dopamine::load: a parameter of group ",
+                  g,
+                  " has a state without group_state; not a Dopamine "
+                  "checkpoint");
+      ops::check_state(state.group_state());
+      if (!shared.defined()) {
+        shared = state.group_state();
+      }
+      TORCH_CHECK(same_values(shared, state.group_state()),
+                  "Dopamine::load: the parameters of group ",
+                  g,
+                  " hold different group states");
+      state.group_state(shared);
+      if (state.master_weight().defined()) {
+        TORCH_CHECK(state.master_weight().scalar_type() == torch::kFloat &&
+                        state.master_weight().numel() == param.numel(),
+                    "Dopamine::load: a master weight of group ",
+                    g,
+                    " is not a float32 tensor of its parameter's size");
+        state.master_weight(state.master_weight().to(param.device()));
+      }
+    }
+  }
 }
 
 const DopamineParamState* Dopamine::group_state(size_t group_index) const {
@@ -437,14 +547,13 @@ const DopamineParamState* Dopamine::group_state(size_t group_index) const {
               " (there are ",
               param_groups_.size(),
               ")");
-  const auto& params = param_groups_[group_index].params();
-  if (params.empty()) {
-    return nullptr;
+  for (const auto& param : param_groups_[group_index].params()) {
+    const auto found = state_.find(state_key(param));
+    if (found != state_.end()) {
+      return static_cast<const DopamineParamState*>(found->second.get());
+    }
   }
-  const auto found = state_.find(state_key(params.front()));
-  return found == state_.end()
-             ? nullptr
-             : static_cast<const DopamineParamState*>(found->second.get());
+  return nullptr;
 }
 
 }  // namespace dopamine

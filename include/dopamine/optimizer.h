@@ -4,38 +4,46 @@
 
 #include <torch/optim/optimizer.h>
 #include <torch/optim/serialize.h>
+#include <torch/ordered_dict.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace dopamine {
 
-// O(1) state of one parameter group. It is kept in the optimizer's state map
-// under the group's first parameter, so torch's serializer saves and restores
-// it like any per-parameter state.
+// The state of one parameter. Every parameter of a group holds the group's
+// state tensor (ops.h: step, skipped_steps, rpe_trace, rpe_magnitude,
+// current_lr), one tensor shared by all of them, so that reordering the
+// group or replacing some of its parameters keeps it (docs/DESIGN.md,
+// "State"). O(1) per parameter, but for the master weight of a
+// bfloat16/float16 parameter under master_weights.
 struct DopamineParamState
     : public torch::optim::OptimizerCloneableParamState<DopamineParamState> {
-  // Steps taken by the group, skipped ones included; keys the noise.
-  TORCH_ARG(int64_t, step) = 0;
-  // Steps skipped because a loss was NaN or infinite.
-  TORCH_ARG(int64_t, skipped_steps) = 0;
-  // m_t, EMA of |delta| / sigma (rpe_normalized).
-  TORCH_ARG(double, rpe_trace) = 0;
-  // s_t, EMA of |delta| (rpe_tracking).
-  TORCH_ARG(double, rpe_magnitude) = 0;
-  // eta_t of the last completed step; eta_{t-1} of rpe_tracking.
-  TORCH_ARG(double, current_lr) = 0;
+  // float64 [5], on the CPU, or on the parameters' device when capturable.
+  TORCH_ARG(torch::Tensor, group_state);
+  // float32 copy of a bfloat16/float16 parameter; undefined otherwise.
+  TORCH_ARG(torch::Tensor, master_weight);
 
  public:
+  // The entries of group_state (a host synchronisation when it is on a GPU).
+  int64_t step() const;
+  int64_t skipped_steps() const;
+  double rpe_trace() const;
+  double rpe_magnitude() const;
+  double current_lr() const;
+
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
+  // Equal group states and master weights.
   friend bool operator==(const DopamineParamState& lhs,
                          const DopamineParamState& rhs);
 };
 
 // Dopamine: derivative-free, forward-only weight perturbation whose step size
 // is adapted by the reward prediction error delta = L(theta + sigma z) -
-// L(theta). See SPEC.md §2 for the rule and §3 for the guarantees.
+// L(theta). See docs/DESIGN.md for the rule, the step protocol and the
+// guarantees.
 class Dopamine : public torch::optim::Optimizer {
  public:
   explicit Dopamine(
@@ -43,9 +51,15 @@ class Dopamine : public torch::optim::Optimizer {
       DopamineOptions defaults = {});
   explicit Dopamine(std::vector<torch::Tensor> params,
                     DopamineOptions defaults = {});
+  // A module's named_parameters(); the names are kept (param_names) and
+  // saved, and a checkpoint whose names differ is refused by load().
+  explicit Dopamine(
+      const torch::OrderedDict<std::string, torch::Tensor>& named_params,
+      DopamineOptions defaults = {});
 
   // Evaluates `closure` exactly twice under NoGradGuard (unperturbed, then
   // perturbed) and returns the unperturbed loss. The closure is required.
+  // Parameters with requires_grad() false are left untouched.
   torch::Tensor step(LossClosure closure = nullptr) override;
 
   // Checks the group's parameters and options, then adds it. Its
@@ -54,12 +68,23 @@ class Dopamine : public torch::optim::Optimizer {
   void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
 
   void save(torch::serialize::OutputArchive& archive) const override;
+  // Loads a checkpoint and checks it: its parameter names (when both have
+  // them), its group states (dopamine::ops::check_state) and that the
+  // parameters of a group agree on their group's state.
   void load(torch::serialize::InputArchive& archive) override;
 
-  // The state of group `group_index`, or nullptr before its first step.
+  // The state of a parameter of group `group_index`, or nullptr before the
+  // group's first step.
   const DopamineParamState* group_state(size_t group_index) const;
 
+  // The names given with named parameters, in order; empty otherwise.
+  const std::vector<std::string>& param_names() const {
+    return param_names_;
+  }
+
  private:
+  std::vector<std::string> param_names_;
+
   template <typename Self, typename Archive>
   static void serialize(Self& self, Archive& archive) {
     torch::optim::serialize<DopamineParamState, DopamineOptions>(archive, self);

@@ -41,8 +41,8 @@ std::string to_string(Noise noise);
 std::string to_string(NonFiniteLoss policy);
 
 // Hyperparameters of one parameter group. `seed` is per group (a group's
-// noise is keyed by it); `non_finite_loss` is read from the optimizer's
-// defaults, since the loss is shared by all groups.
+// noise is keyed by it). `non_finite_loss`, `capturable` and `master_weights`
+// are read from the optimizer's defaults, since a step spans all groups.
 struct DopamineOptions
     : public torch::optim::OptimizerCloneableOptions<DopamineOptions> {
   // One double, the lr, as torch's optimizer serializer requires.
@@ -60,6 +60,15 @@ struct DopamineOptions
   TORCH_ARG(int64_t, seed) = 0;
   TORCH_ARG(Noise, noise) = Noise::Gaussian;
   TORCH_ARG(NonFiniteLoss, non_finite_loss) = NonFiniteLoss::Skip;
+  // Losses, step sizes and state stay on the parameters' device: a step makes
+  // no host synchronisation (and can be captured in a CUDA graph). A
+  // non-finite loss then skips on the device; NonFiniteLoss::Raise is
+  // refused.
+  TORCH_ARG(bool, capturable) = false;
+  // bfloat16/float16 parameters get a float32 master weight in the state;
+  // perturbation and update are computed on it and the parameter is its
+  // rounding (4 bytes per such element).
+  TORCH_ARG(bool, master_weights) = false;
 
  public:
   // Throws c10::Error naming the first invalid option and its value.

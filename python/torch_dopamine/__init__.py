@@ -14,7 +14,7 @@ from . import _library
 LIBRARY_PATH = _library.load()
 """Path of the loaded ops library."""
 
-from .optimizer import Dopamine  # noqa: E402
+from .optimizer import STATE_FIELDS, Dopamine  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Dopamine", "LIBRARY_PATH", "__version__"]
+__all__ = ["Dopamine", "LIBRARY_PATH", "STATE_FIELDS", "__version__"]

@@ -2,12 +2,12 @@
 
 import math
 import numbers
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["Dopamine"]
+__all__ = ["Dopamine", "STATE_FIELDS"]
 
 _OPTION_NAMES = (
     "lr",
@@ -23,8 +23,18 @@ _OPTION_NAMES = (
     "seed",
     "noise",
     "non_finite_loss",
+    "capturable",
+    "master_weights",
 )
-_STATE_NAMES = ("step", "skipped_steps", "rpe_trace", "rpe_magnitude", "current_lr")
+# The names of the C++ enums' values, in the order of their codes
+# (include/dopamine/options.h): the ops take the codes.
+_ENUM_NAMES = {
+    "lr_adaptation": ("none", "rpe_normalized", "rpe_tracking"),
+    "noise": ("gaussian", "rademacher"),
+    "non_finite_loss": ("skip", "raise"),
+}
+# The fields of a group's state tensor (docs/DESIGN.md, "State").
+STATE_FIELDS = ("step", "skipped_steps", "rpe_trace", "rpe_magnitude", "current_lr")
 
 Loss = Union[torch.Tensor, float]
 
@@ -37,28 +47,37 @@ def _as_float(name: str, value: Any, optional: bool = False) -> Optional[float]:
     return float(value)
 
 
+def _code(name: str, value: Any) -> int:
+    names = _ENUM_NAMES[name]
+    if value not in names:
+        raise ValueError(f"Dopamine: invalid {name}: {value!r} (expected one of {', '.join(names)})")
+    return names.index(value)
+
+
 def _check_options(group: Dict[str, Any]) -> None:
     """Raises ValueError naming the first invalid option and its value; the
     rules are the C++ ones (the dopamine::check_options op)."""
-    if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
-        raise ValueError(f"Dopamine: invalid seed: {group['seed']!r} (expected an int)")
-    for name in ("lr_adaptation", "noise", "non_finite_loss"):
-        if not isinstance(group[name], str):
-            raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a string)")
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"Dopamine: invalid seed: {seed!r} (expected an int in [-2**63, 2**63))")
+    for name in ("capturable", "master_weights"):
+        if not isinstance(group[name], bool):
+            raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a bool)")
     try:
         torch.ops.dopamine.check_options(
-            _as_float("lr", group["lr"]),
-            _as_float("sigma", group["sigma"]),
-            group["lr_adaptation"],
-            _as_float("beta", group["beta"]),
-            _as_float("beta_s", group["beta_s"]),
-            _as_float("beta_eta", group["beta_eta"]),
-            _as_float("eps", group["eps"]),
-            _as_float("lr_min", group["lr_min"], optional=True),
-            _as_float("lr_max", group["lr_max"], optional=True),
-            _as_float("weight_decay", group["weight_decay"]),
-            group["noise"],
-            group["non_finite_loss"],
+            lr=_as_float("lr", group["lr"]),
+            sigma=_as_float("sigma", group["sigma"]),
+            lr_adaptation=_code("lr_adaptation", group["lr_adaptation"]),
+            beta=_as_float("beta", group["beta"]),
+            beta_s=_as_float("beta_s", group["beta_s"]),
+            beta_eta=_as_float("beta_eta", group["beta_eta"]),
+            eps=_as_float("eps", group["eps"]),
+            lr_min=_as_float("lr_min", group["lr_min"], optional=True),
+            lr_max=_as_float("lr_max", group["lr_max"], optional=True),
+            weight_decay=_as_float("weight_decay", group["weight_decay"]),
+            noise=_code("noise", group["noise"]),
+            non_finite_loss=_code("non_finite_loss", group["non_finite_loss"]),
+            capturable=group["capturable"],
         )
     except RuntimeError as error:
         raise ValueError(str(error).splitlines()[0]) from None
@@ -79,7 +98,9 @@ def _check_params(params: List[torch.Tensor], group_index: int) -> None:
         seen.add(id(param))
 
 
-def _loss_value(loss: Any, which: str) -> float:
+def _loss_tensor(loss: Any, which: str) -> torch.Tensor:
+    """The loss as a float64 scalar tensor, after checking what the closure
+    returned."""
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1 or not loss.is_floating_point():
             raise RuntimeError(
@@ -87,29 +108,61 @@ def _loss_value(loss: Any, which: str) -> float:
                 f"Python float; the {which} loss has shape {tuple(loss.shape)} and dtype "
                 f"{loss.dtype}"
             )
-        return loss.item()
+        return loss.detach().reshape(()).to(torch.float64)
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
+        return torch.tensor(float(loss), dtype=torch.float64)
     raise RuntimeError(
         "Dopamine: the closure must return a scalar floating-point tensor or a Python "
         f"float; the {which} loss is {loss!r} of type {type(loss).__name__}"
     )
 
 
+def _is_half(param: torch.Tensor) -> bool:
+    return param.dtype in (torch.bfloat16, torch.float16)
+
+
 class _GroupStep:
-    """One parameter group's share of a step: what it perturbs and its next
-    state, committed only when the step completes."""
+    """One group's share of a step, taken when the step starts: its options,
+    its trainable parameters with their global indices (which key their
+    noise), master weights, and its state, which finish_step_ commits."""
 
-    def __init__(self, group: Dict[str, Any], first_index: int, state: Dict[str, Any]):
-        self.group = group
-        self.first_index = first_index
-        self.next = {name: state.get(name, 0) for name in _STATE_NAMES}
-        self.next["step"] += 1
+    def __init__(self, group: Dict[str, Any], params, indices, masters, state):
+        self.group = dict(group)
+        self.params = params
+        self.indices = indices
+        self.masters = masters
+        self.state = state
 
-    def perturb(self, sigma: float) -> None:
+    def perturb(self, direction: int) -> None:
         group = self.group
         torch.ops.dopamine.perturb_(
-            group["params"], group["seed"], self.next["step"], self.first_index, sigma, group["noise"]
+            self.params,
+            self.masters,
+            self.state,
+            indices=self.indices,
+            seed=group["seed"],
+            sigma=float(group["sigma"]),
+            noise=_code("noise", group["noise"]),
+            direction=direction,
+        )
+
+    def plan(self, losses: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        return torch.ops.dopamine.plan_step(
+            self.state,
+            losses,
+            lr_adaptation=_code("lr_adaptation", group["lr_adaptation"]),
+            lr=float(group["lr"]),
+            sigma=float(group["sigma"]),
+            beta=float(group["beta"]),
+            beta_s=float(group["beta_s"]),
+            beta_eta=float(group["beta_eta"]),
+            eps=float(group["eps"]),
+            lr_min=_as_float("lr_min", group["lr_min"], optional=True),
+            lr_max=_as_float("lr_max", group["lr_max"], optional=True),
+            weight_decay=float(group["weight_decay"]),
+            seed=group["seed"],
+            noise=_code("noise", group["noise"]),
         )
 
 
@@ -120,12 +173,26 @@ class Dopamine(Optimizer):
     Each :meth:`step` evaluates the closure twice under ``torch.no_grad()``:
     ``L0 = L(theta)`` and ``L1 = L(theta + sigma * z)``, with ``z`` standard
     noise (normal, or +-1) that is a pure function of (``seed``, step, parameter index,
-    element index) and is never stored. With ``delta = L1 - L0`` it updates
-    ``theta <- theta - eta_t * (delta / sigma) * z - lr * weight_decay * theta``
-    in the same pass that removes the perturbation.
+    element index) and is never stored. With ``delta = L1 - L0``:
+
+    .. math::
+        \begin{aligned}
+        m_t &= \beta m_{t-1} + (1 - \beta) |\delta| / \sigma,
+            \qquad \eta_t = \eta_0 / (m_t / (1 - \beta^t) + \epsilon)
+            \quad \text{(rpe\_normalized)} \\
+        \theta &\leftarrow \theta - \eta_t (\delta / \sigma) z
+            - \eta_0 \lambda \theta
+        \end{aligned}
+
+    in the same pass that removes the perturbation. The arithmetic is the
+    registered ops ``torch.ops.dopamine.*``, which the C++ optimizer calls too
+    (docs/DESIGN.md has the whole protocol).
 
     Args:
-        params: parameters, or dicts defining parameter groups.
+        params: parameters, named parameters (``model.named_parameters()``), or
+            dicts defining parameter groups. Parameters with
+            ``requires_grad=False`` are left untouched, as torch's optimizers
+            leave them; they still count in the indices that key the noise.
         lr: base learning rate ``eta0`` (>= 0).
         sigma: perturbation scale (> 0).
         lr_adaptation: ``"rpe_normalized"`` (default; ``eta_t = lr / (m_hat + eps)``,
@@ -138,20 +205,31 @@ class Dopamine(Optimizer):
         eps: added to the RPE trace before dividing (> 0).
         lr_min, lr_max: optional clamp of ``eta_t`` in every mode.
         weight_decay: decoupled weight decay, applied as ``lr * weight_decay``.
-        seed: key of the group's noise (an int).
+        seed: key of the group's noise (an int in [-2**63, 2**63)).
         noise: ``"gaussian"`` (default; ``z`` standard normal) or ``"rademacher"``
             (each element +1 or -1, as in SPSA; ``E[z z^T] = I`` still holds).
         non_finite_loss: ``"skip"`` (restore, count the step in
             ``skipped_steps``, return the loss) or ``"raise"`` (restore, raise
-            RuntimeError). Read from the optimizer's defaults.
+            RuntimeError). A step size that is not finite is treated alike.
+            Read from the optimizer's defaults.
+        capturable: keep losses, step sizes and state on the parameters'
+            device, so that a step makes no host synchronisation (and can be
+            captured in a CUDA graph); ``non_finite_loss="raise"`` is refused.
+            Read from the defaults.
+        master_weights: give bfloat16/float16 parameters a float32 master
+            weight in the state; the perturbation and the update are computed
+            on it and the parameter is its rounding (4 bytes per such
+            element). Read from the defaults.
 
-    The state is one record per group, kept under the group's first parameter:
-    ``step``, ``skipped_steps``, ``rpe_trace``, ``rpe_magnitude``, ``current_lr``.
+    The state of every parameter of a group holds the same ``group_state``
+    tensor, float64 ``[step, skipped_steps, rpe_trace, rpe_magnitude,
+    current_lr]`` (see :meth:`group_state`), and, with ``master_weights``,
+    its ``master_weight``.
     """
 
     def __init__(
         self,
-        params: Iterable[Union[torch.Tensor, Dict[str, Any]]],
+        params: Iterable[Union[torch.Tensor, Tuple[str, torch.Tensor], Dict[str, Any]]],
         lr: float = 0.1,
         sigma: float = 0.01,
         lr_adaptation: str = "rpe_normalized",
@@ -165,6 +243,9 @@ class Dopamine(Optimizer):
         seed: int = 0,
         noise: str = "gaussian",
         non_finite_loss: str = "skip",
+        *,
+        capturable: bool = False,
+        master_weights: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -180,18 +261,25 @@ class Dopamine(Optimizer):
             seed=seed,
             noise=noise,
             non_finite_loss=non_finite_loss,
+            capturable=capturable,
+            master_weights=master_weights,
         )
         _check_options(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Adds a group after checking its options and parameters; options it
-        does not set are taken from the defaults."""
+        does not set are taken from the defaults. Named parameters
+        (``(name, tensor)`` pairs) keep their names in ``param_names``."""
         if not isinstance(param_group, dict):
             raise TypeError(f"Dopamine: a parameter group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        unknown = sorted(set(param_group) - set(_OPTION_NAMES) - {"params", "initial_lr"})
+        param_group = dict(param_group)
+        if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
+            param_group["param_names"] = [name for name, _ in params]
+            params = [param for _, param in params]
+        unknown = sorted(set(param_group) - set(_OPTION_NAMES) - {"params", "initial_lr", "param_names"})
         if unknown:
             raise ValueError(f"Dopamine: unknown option(s) {unknown} in parameter group {len(self.param_groups)}")
         _check_options({**self.defaults, **param_group})
@@ -200,6 +288,51 @@ class Dopamine(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Does nothing: Dopamine never reads or writes gradients."""
+
+    def group_state(self, group_index: int) -> Optional[Dict[str, float]]:
+        """The state of group ``group_index`` as Python numbers (a host
+        synchronisation when it lives on a GPU), or None before its first
+        step."""
+        for param in self.param_groups[group_index]["params"]:
+            record = self.state.get(param)
+            if record and "group_state" in record:
+                return dict(zip(STATE_FIELDS, record["group_state"].tolist()))
+        return None
+
+    def _snapshot(self) -> List[_GroupStep]:
+        """The groups' shares of the next step: a closure that changes options
+        or groups affects the step after it only."""
+        steps: List[_GroupStep] = []
+        index = 0
+        for g, group in enumerate(self.param_groups):
+            _check_options(group)
+            _check_params(group["params"], g)
+            state = None
+            params, indices, masters = [], [], []
+            for i, param in enumerate(group["params"]):
+                record = self.state.get(param)
+                if record and "group_state" in record:
+                    if state is not None and record["group_state"] is not state:
+                        raise RuntimeError(
+                            f"Dopamine: the parameters of group {g} hold the states of "
+                            "different groups (was a parameter moved between groups?)"
+                        )
+                    state = record["group_state"]
+                if not param.requires_grad:
+                    continue
+                params.append(param)
+                indices.append(index + i)
+                if self.defaults["master_weights"] and _is_half(param):
+                    master = record.get("master_weight") if record else None
+                    masters.append(master if master is not None else param.detach().float().contiguous())
+            index += len(group["params"])
+            if not params:
+                continue
+            device = params[0].device if self.defaults["capturable"] else torch.device("cpu")
+            if state is None:
+                state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64, device=device)
+            steps.append(_GroupStep(group, params, indices, masters, state.to(device)))
+        return steps
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Loss]] = None) -> Loss:  # type: ignore[override]
@@ -213,89 +346,81 @@ class Dopamine(Optimizer):
                 "Dopamine.step() needs a closure that returns the loss: each step "
                 "evaluates the model twice, unperturbed and perturbed"
             )
-        steps: List[_GroupStep] = []
-        first_index = 0
-        for g, group in enumerate(self.param_groups):
-            _check_options(group)
-            params = group["params"]
-            if params:
-                state = self.state.get(params[0])
-                if not state:
-                    _check_params(params, g)
-                steps.append(_GroupStep(group, first_index, state or {}))
-            first_index += len(params)
-
-        def commit(group_step: _GroupStep) -> None:
-            self.state[group_step.group["params"][0]] = dict(group_step.next)
-
-        def skip(loss: Loss, value: float, which: str) -> Loss:
-            if self.defaults["non_finite_loss"] == "raise":
-                raise RuntimeError(
-                    f"Dopamine: the {which} loss is {value}; parameters restored, step "
-                    "not taken (non_finite_loss='raise')"
-                )
-            for group_step in steps:
-                group_step.next["skipped_steps"] += 1
-                commit(group_step)
-            return loss
+        _check_options(self.defaults)
+        steps = self._snapshot()
 
         loss = closure()
-        unperturbed = _loss_value(loss, "unperturbed")
-        if not math.isfinite(unperturbed):
-            return skip(loss, unperturbed, "unperturbed")
-
+        unperturbed = _loss_tensor(loss, "unperturbed")
+        if not steps:
+            return loss
         perturbed_groups = 0
         try:
             for group_step in steps:
-                group_step.perturb(group_step.group["sigma"])
+                group_step.perturb(1)
                 perturbed_groups += 1
-            perturbed = _loss_value(closure(), "perturbed")
+            perturbed = _loss_tensor(closure(), "perturbed")
         except BaseException:
             for group_step in steps[:perturbed_groups]:
-                group_step.perturb(-group_step.group["sigma"])
+                group_step.perturb(-1)
             raise
-        if not math.isfinite(perturbed):
-            for group_step in steps:
-                group_step.perturb(-group_step.group["sigma"])
-            return skip(loss, perturbed, "perturbed")
 
-        delta = perturbed - unperturbed
+        # Without capturable the states are on the CPU, and moving the losses
+        # there is the step's one host synchronisation.
+        losses = torch.stack([unperturbed, perturbed.to(unperturbed.device)]).to(steps[0].state.device)
+        raises = self.defaults["non_finite_loss"] == "raise"
+        try:
+            plans = [group_step.plan(losses) for group_step in steps]
+            saved = [group_step.state.clone() for group_step in steps] if raises else []
+            taken = torch.ops.dopamine.finish_step_(
+                [p for group_step in steps for p in group_step.params],
+                [m for group_step in steps for m in group_step.masters],
+                [group_step.state for group_step in steps],
+                plans,
+                indices=[i for group_step in steps for i in group_step.indices],
+                group_sizes=[len(group_step.params) for group_step in steps],
+            )
+        except BaseException:
+            # finish_step_ checks everything before it writes: the parameters
+            # are still perturbed.
+            for group_step in steps:
+                group_step.perturb(-1)
+            raise
+        if raises and not taken.item():
+            for group_step, before in zip(steps, saved):
+                group_step.state.copy_(before)
+            l0, l1 = losses.tolist()
+            which = "unperturbed" if not math.isfinite(l0) else "perturbed" if not math.isfinite(l1) else None
+            cause = f"the {which} loss is {l0 if which == 'unperturbed' else l1}" if which else (
+                f"the step size is not finite (losses {l0} and {l1})"
+            )
+            raise RuntimeError(
+                f"Dopamine: {cause}; parameters restored, step not taken (non_finite_loss='raise')"
+            )
         for group_step in steps:
-            group, state = group_step.group, group_step.next
-            rpe_trace, rpe_magnitude, lr = torch.ops.dopamine.adapt_lr(
-                group["lr_adaptation"],
-                delta,
-                state["step"] - state["skipped_steps"],
-                float(group["lr"]),
-                float(group["sigma"]),
-                float(group["beta"]),
-                float(group["beta_s"]),
-                float(group["beta_eta"]),
-                float(group["eps"]),
-                _as_float("lr_min", group["lr_min"], optional=True),
-                _as_float("lr_max", group["lr_max"], optional=True),
-                state["rpe_trace"],
-                state["rpe_magnitude"],
-                state["current_lr"],
-            )
-            state.update(rpe_trace=rpe_trace, rpe_magnitude=rpe_magnitude, current_lr=lr)
-            torch.ops.dopamine.restore_update_(
-                group["params"],
-                group["seed"],
-                state["step"],
-                group_step.first_index,
-                float(group["sigma"]),
-                lr * delta / group["sigma"],
-                float(group["lr"]) * float(group["weight_decay"]),
-                group["noise"],
-            )
-            commit(group_step)
+            for param in group_step.group["params"]:
+                self.state[param]["group_state"] = group_step.state
+            for param, master in zip([p for p in group_step.params if _is_half(p)], group_step.masters):
+                self.state[param]["master_weight"] = master
         return loss
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state dict, with copies of the group states (five numbers
+        per group, updated in place by every step), so that a dict taken now
+        keeps describing now; parameters of one group share one copy."""
+        state_dict = super().state_dict()
+        copies: Dict[int, torch.Tensor] = {}
+        for index, record in state_dict["state"].items():
+            record = dict(record)
+            group_state = record["group_state"]
+            record["group_state"] = copies.setdefault(id(group_state), group_state.clone())
+            state_dict["state"][index] = record
+        return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a state saved by :meth:`state_dict`. A state of another
-        optimizer, or for other parameters, raises ValueError and leaves this
-        optimizer as it was."""
+        optimizer, for other parameters, with other parameter names, or with
+        values no run can reach (checked by ``dopamine::check_state``) raises
+        ValueError and leaves this optimizer as it was."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("Dopamine.load_state_dict: expected a dict with 'state' and 'param_groups'")
         groups = state_dict["param_groups"]
@@ -304,8 +429,9 @@ class Dopamine(Optimizer):
                 f"Dopamine.load_state_dict: the state has {len(groups)} parameter group(s), "
                 f"this optimizer {len(self.param_groups)}"
             )
+        params_of_id = {}
         for g, (saved, ours) in enumerate(zip(groups, self.param_groups)):
-            missing = [name for name in _OPTION_NAMES if name not in saved]
+            missing = [name for name in _OPTION_NAMES if name not in saved and name not in ("capturable", "master_weights")]
             if missing:
                 raise ValueError(
                     f"Dopamine.load_state_dict: parameter group {g} lacks {missing}; "
@@ -316,12 +442,58 @@ class Dopamine(Optimizer):
                     f"Dopamine.load_state_dict: parameter group {g} has {len(saved['params'])} "
                     f"parameter(s) in the state, {len(ours['params'])} in this optimizer"
                 )
-            _check_options(saved)
+            if "param_names" in saved and "param_names" in ours and saved["param_names"] != ours["param_names"]:
+                raise ValueError(
+                    f"Dopamine.load_state_dict: the parameter names of group {g} differ from "
+                    "this optimizer's (were the parameters reordered or renamed?)"
+                )
+            _check_options({**self.defaults, **saved})
+            params_of_id.update(zip(saved["params"], ours["params"]))
+        loaded = {}
         for index, entry in state_dict["state"].items():
-            if set(entry) != set(_STATE_NAMES):
+            if not isinstance(entry, dict) or not {"group_state"} <= set(entry) <= {"group_state", "master_weight"}:
                 raise ValueError(
                     f"Dopamine.load_state_dict: the state of parameter {index} has keys "
-                    f"{sorted(entry)}, expected {sorted(_STATE_NAMES)}; the state is not "
-                    "a Dopamine optimizer's"
+                    f"{sorted(entry) if isinstance(entry, dict) else entry!r}, expected group_state "
+                    "(and master_weight); the state is not a Dopamine optimizer's"
                 )
+            try:
+                torch.ops.dopamine.check_state(entry["group_state"])
+            except RuntimeError as error:
+                raise ValueError(f"Dopamine.load_state_dict: parameter {index}: {str(error).splitlines()[0]}") from None
+            param = params_of_id.get(index)
+            master = entry.get("master_weight")
+            if param is not None and master is not None and (master.dtype != torch.float32 or master.shape != param.shape):
+                raise ValueError(
+                    f"Dopamine.load_state_dict: the master weight of parameter {index} is not a "
+                    "float32 tensor of its parameter's shape"
+                )
+            loaded[index] = entry
+        # One state tensor per group, shared by its parameters.
+        shared_states = []
+        for g, (saved, ours) in enumerate(zip(groups, self.param_groups)):
+            shared = None
+            for index in saved["params"]:
+                if index not in loaded:
+                    continue
+                group_state = loaded[index]["group_state"]
+                if shared is None:
+                    device = ours["params"][0].device if self.defaults["capturable"] else torch.device("cpu")
+                    shared = group_state.to(device=device, dtype=torch.float64).clone()
+                elif not torch.equal(shared.cpu(), group_state.cpu().to(torch.float64)):
+                    raise ValueError(
+                        f"Dopamine.load_state_dict: the parameters of group {g} hold different group states"
+                    )
+            shared_states.append(shared)
         super().load_state_dict(state_dict)
+        # torch casts floating-point state to the parameter's dtype: the
+        # group states (float64) and master weights (float32) are set anew.
+        for saved, ours, shared in zip(groups, self.param_groups, shared_states):
+            for index, param in zip(saved["params"], ours["params"]):
+                self.state.pop(param, None)
+                if index not in loaded:
+                    continue
+                self.state[param]["group_state"] = shared
+                master = loaded[index].get("master_weight")
+                if master is not None:
+                    self.state[param]["master_weight"] = master.to(param.device).clone()

@@ -95,7 +95,7 @@ TEST(Noise, NonContiguousParametersGetTheNoiseOfTheirRowMajorOrder) {
   const auto contiguous = noise_of(torch::zeros({40, 30}), 4, 2, 1);
   auto transposed = torch::zeros({30, 40}).t();
   ASSERT_FALSE(transposed.is_contiguous());
-  ops::perturb_({transposed}, 4, 2, 1, 1.0);
+  ops::perturb_({transposed}, {}, state_at(2), {1}, 4, 1.0, Noise::Gaussian, 1);
   EXPECT_TRUE(torch::equal(transposed, contiguous));
 }
 
@@ -104,7 +104,14 @@ TEST(Noise, CounterWordsOutOfRangeAreRejected) {
   EXPECT_THROW(
       {
         try {
-          ops::perturb_({p}, 0, int64_t{1} << 32, 0, 1.0);
+          ops::perturb_({p},
+                        {},
+                        state_at(int64_t{1} << 32),
+                        {0},
+                        0,
+                        1.0,
+                        Noise::Gaussian,
+                        1);
         } catch (const c10::Error& e) {
           EXPECT_NE(std::string(e.what()).find("step must be in [0, 2^32)"),
                     std::string::npos);
@@ -112,8 +119,12 @@ TEST(Noise, CounterWordsOutOfRangeAreRejected) {
         }
       },
       c10::Error);
-  EXPECT_THROW(ops::perturb_({p}, 0, 1, -1, 1.0), c10::Error);
-  EXPECT_THROW(ops::perturb_({p}, 0, 1, 0, 1.0, "uniform"), c10::Error);
+  EXPECT_THROW(
+      ops::perturb_({p}, {}, state_at(1), {-1}, 0, 1.0, Noise::Gaussian, 1),
+      c10::Error);
+  EXPECT_THROW(ops::perturb_(
+                   {p}, {}, state_at(1), {0}, 0, 1.0, static_cast<Noise>(2), 1),
+               c10::Error);
   EXPECT_TRUE(torch::equal(p, torch::zeros({4})));
 }
 

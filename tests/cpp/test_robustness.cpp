@@ -11,7 +11,8 @@ class BadInput : public ::testing::Test {
  protected:
   BadInput() : loss_({{5}, {3, 2}}, torch::kFloat, 2) {
     torch::manual_seed(4);
-    params_ = {torch::randn({5}), torch::randn({3, 2})};
+    params_ = {torch::randn({5}).requires_grad_(),
+               torch::randn({3, 2}).requires_grad_()};
     initial_ = clones(params_);
   }
 
@@ -121,7 +122,8 @@ TEST_F(BadInput, NonFiniteLossSkipped) {
       const auto loss = optimizer.step([&] {
         return ++calls == bad_call ? torch::full({}, bad) : good_loss();
       });
-      EXPECT_EQ(calls, bad_call);
+      // Both evaluations run: the check is made on the losses together.
+      EXPECT_EQ(calls, 2);
       if (bad_call == 1) {
         EXPECT_FALSE(std::isfinite(loss.item<double>()));
       }

@@ -73,7 +73,8 @@ INSTANTIATE_TEST_SUITE_P(AllModes,
 
 TEST(Scheduler, StepLRDrivesTheLearningRate) {
   const Quadratic loss({{6}}, torch::kDouble, 8);
-  std::vector<torch::Tensor> params = {torch::ones({6}, torch::kDouble)};
+  std::vector<torch::Tensor> params = {
+      torch::ones({6}, torch::kDouble).requires_grad_()};
   const auto options = DopamineOptions(0.2).lr_adaptation(LrAdaptation::None);
   ReferenceDopamine reference;
   reference.add_group(params, options);
@@ -95,9 +96,10 @@ TEST(Scheduler, StepLRDrivesTheLearningRate) {
 TEST(ParamGroups, EachGroupUsesItsOwnOptions) {
   const Quadratic loss({{4}, {3}, {2, 3}}, torch::kDouble, 6);
   torch::manual_seed(2);
-  std::vector<torch::Tensor> params = {torch::randn({4}, torch::kDouble),
-                                       torch::randn({3}, torch::kDouble),
-                                       torch::randn({2, 3}, torch::kDouble)};
+  std::vector<torch::Tensor> params = {
+      torch::randn({4}, torch::kDouble).requires_grad_(),
+      torch::randn({3}, torch::kDouble).requires_grad_(),
+      torch::randn({2, 3}, torch::kDouble).requires_grad_()};
   const auto defaults = DopamineOptions(0.05).sigma(1e-3).seed(1);
   const auto second = DopamineOptions(0.3)
                           .sigma(1e-2)
@@ -121,13 +123,22 @@ TEST(ParamGroups, EachGroupUsesItsOwnOptions) {
   EXPECT_NE(optimizer.group_state(0)->current_lr(),
             optimizer.group_state(1)->current_lr());
   EXPECT_EQ(optimizer.group_state(1)->step(), 5);
-  // O(1) state: one scalar record per group, no tensor anywhere.
-  EXPECT_EQ(optimizer.state().size(), 2);
+  // O(1) state: each parameter holds its group's one state tensor.
+  EXPECT_EQ(optimizer.state().size(), 3);
+  const auto& state = optimizer.state();
+  auto group_state_of = [&](const torch::Tensor& p) {
+    return static_cast<const DopamineParamState&>(
+               *state.at(p.unsafeGetTensorImpl()))
+        .group_state();
+  };
+  EXPECT_TRUE(group_state_of(params[1]).is_same(group_state_of(params[2])));
+  EXPECT_FALSE(group_state_of(params[0]).is_same(group_state_of(params[1])));
+  EXPECT_EQ(group_state_of(params[0]).numel(), 5);
 }
 
 TEST(ParamGroups, GroupAddedLaterStartsItsOwnCount) {
-  auto first = torch::ones({3});
-  auto later = torch::ones({2});
+  auto first = torch::ones({3}).requires_grad_();
+  auto later = torch::ones({2}).requires_grad_();
   Dopamine optimizer({first});
   auto closure = [&] { return (first.square().sum() + later.square().sum()); };
   optimizer.step(closure);
@@ -150,7 +161,8 @@ TEST(Dtypes, HalfTypesDrawRoundedNoiseAndTrain) {
     EXPECT_TRUE(torch::equal(rounded, exact.to(dtype)));
 
     const Quadratic loss({{64}}, torch::kFloat, 3);
-    std::vector<torch::Tensor> params = {torch::full({64}, 2.0, dtype)};
+    std::vector<torch::Tensor> params = {
+        torch::full({64}, 2.0, dtype).requires_grad_()};
     auto closure = [&] { return loss({params[0].to(torch::kFloat)}); };
     const double initial = closure().item<double>();
     Dopamine optimizer(params, DopamineOptions(0.01).sigma(0.05));
@@ -170,8 +182,9 @@ TEST(Threads, OpsAndTrajectoriesIndependentOfThreadCount) {
     // Large enough for ATen to split the elementwise work across threads.
     std::vector<torch::Tensor> params = {torch::randn({1 << 20}),
                                          torch::randn({1000, 300})};
-    ops::perturb_(params, 1, 2, 0, 0.01);
-    ops::restore_update_(params, 1, 2, 0, 0.01, 0.003, 0.001);
+    ops::perturb_(params, {}, state_at(2), {0, 1}, 1, 0.01, Noise::Gaussian, 1);
+    ops::perturb_(
+        params, {}, state_at(3), {0, 1}, 1, 0.02, Noise::Rademacher, -1);
     auto net = make_xor_net(4);
     Dopamine optimizer(net->parameters());
     auto trained = train_xor(net, optimizer, 10);
@@ -191,8 +204,8 @@ TEST(Cuda, UpdateMatchesReferenceAndXorTrains) {
   const torch::Device cuda(torch::kCUDA);
   const Quadratic loss({{5}, {2, 3}}, torch::kDouble, 7);
   std::vector<torch::Tensor> params = {
-      torch::randn({5}, torch::kDouble).to(cuda),
-      torch::randn({2, 3}, torch::kDouble).to(cuda)};
+      torch::randn({5}, torch::kDouble).to(cuda).requires_grad_(),
+      torch::randn({2, 3}, torch::kDouble).to(cuda).requires_grad_()};
   const auto options = DopamineOptions(0.05).sigma(1e-3).weight_decay(0.1);
   ReferenceDopamine reference;
   reference.add_group(params, options);

@@ -20,8 +20,9 @@ TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
   const auto [mode, weight_decay, noise] = GetParam();
   const Quadratic loss({{3}, {2, 2}}, torch::kDouble, 7);
   torch::manual_seed(11);
-  std::vector<torch::Tensor> params = {torch::randn({3}, torch::kDouble),
-                                       torch::randn({2, 2}, torch::kDouble)};
+  std::vector<torch::Tensor> params = {
+      torch::randn({3}, torch::kDouble).requires_grad_(),
+      torch::randn({2, 2}, torch::kDouble).requires_grad_()};
   const auto options = DopamineOptions(0.05)
                            .sigma(1e-3)
                            .lr_adaptation(mode)
@@ -78,7 +79,8 @@ TEST(UpdateRule, LrMinAndLrMaxClamp) {
        {DopamineOptions(1.0).lr_max(0.01).lr_adaptation(LrAdaptation::None),
         DopamineOptions(1e-6).lr_min(0.02).lr_adaptation(LrAdaptation::None),
         DopamineOptions(0.1).lr_max(1e-3)}) {
-    std::vector<torch::Tensor> params = {torch::ones({4}, torch::kDouble)};
+    std::vector<torch::Tensor> params = {
+        torch::ones({4}, torch::kDouble).requires_grad_()};
     ReferenceDopamine reference;
     reference.add_group(params, options);
     Dopamine optimizer(params, options);
@@ -115,7 +117,7 @@ TEST_P(GradientEstimate, IsUnbiased) {
   const auto x0 = torch::randn({dim}, torch::kDouble);
   const auto gradient = a.matmul(x0) + b;
 
-  auto x = x0.clone();
+  auto x = x0.clone().requires_grad_();
   Dopamine optimizer({x},
                      DopamineOptions(1.0)
                          .sigma(1e-3)
@@ -180,7 +182,8 @@ TEST(Convergence, XorSolvedByDefaultOptions) {
 
 TEST(Convergence, Quadratic1000DimsReducedHundredfold) {
   const Quadratic loss({{1000}}, torch::kFloat, 1);
-  std::vector<torch::Tensor> params = {torch::full({1000}, 2.0f)};
+  std::vector<torch::Tensor> params = {
+      torch::full({1000}, 2.0f).requires_grad_()};
   auto closure = [&] { return loss(params); };
   const double initial = closure().item<double>();
   // Normalised steps have a noise floor proportional to lr, so the lr decays.

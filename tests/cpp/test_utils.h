@@ -14,6 +14,13 @@
 
 namespace dopamine::testing {
 
+// A group state whose next step is `step`.
+inline torch::Tensor state_at(int64_t step) {
+  auto state = torch::zeros({5}, torch::kDouble);
+  state[0] = static_cast<double>(step - 1);
+  return state;
+}
+
 // z for tensor `index` at `step`: perturbing zeros by sigma = 1 yields z
 // exactly, so the test reads the noise without a second noise source.
 inline torch::Tensor noise_of(const torch::Tensor& like,
@@ -22,7 +29,7 @@ inline torch::Tensor noise_of(const torch::Tensor& like,
                               int64_t index,
                               Noise kind = Noise::Gaussian) {
   auto noise = torch::zeros_like(like);
-  ops::perturb_({noise}, seed, step, index, 1.0, to_string(kind));
+  ops::perturb_({noise}, {}, state_at(step), {index}, seed, 1.0, kind, 1);
   return noise;
 }
 
@@ -141,7 +148,7 @@ inline std::vector<torch::Tensor> clones(
     const std::vector<torch::Tensor>& tensors) {
   std::vector<torch::Tensor> out;
   for (const auto& t : tensors) {
-    out.push_back(t.detach().clone());
+    out.push_back(t.detach().clone().requires_grad_(t.requires_grad()));
   }
   return out;
 }

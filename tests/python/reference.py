@@ -5,11 +5,23 @@ import torch
 import torch.nn.functional as F
 
 
+NOISE_CODES = {"gaussian": 0, "rademacher": 1}
+
+
+def state_at(step, device="cpu"):
+    """A group state whose next step is `step`."""
+    state = torch.zeros(5, dtype=torch.float64, device=device)
+    state[0] = step - 1
+    return state
+
+
 def noise_of(like, seed, step, index, kind="gaussian"):
     """z for parameter `index` at `step`: perturbing zeros by sigma = 1 yields
     z itself, so the tests read the noise without a second noise source."""
     noise = torch.zeros_like(like)
-    torch.ops.dopamine.perturb_([noise], seed, step, index, 1.0, kind)
+    torch.ops.dopamine.perturb_(
+        [noise], [], state_at(step), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[kind], direction=1
+    )
     return noise
 
 class ReferenceDopamine:
@@ -96,7 +108,8 @@ def xor_loss(model):
     return F.mse_loss(model(XOR_INPUTS), XOR_TARGETS)
 
 def snapshot(params):
-    return [p.detach().clone() for p in params]
+    """Copies, trainable where the originals are."""
+    return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
 
 def same_bits(a, b):
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))

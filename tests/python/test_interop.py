@@ -1,6 +1,7 @@
 """The ops as torch.library ops, TorchScript, the C++ optimizer, and the
 check of the torch version at import."""
 
+import math
 import os
 import subprocess
 import sys
@@ -8,131 +9,128 @@ from typing import Tuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import torch_dopamine
-from reference import XOR_INPUTS, XOR_TARGETS, same_bits, snapshot, xor_loss, xor_net
+from reference import XOR_INPUTS, XOR_TARGETS, same_bits, snapshot, state_at, xor_loss, xor_net
+
+
+def step_args(device):
+    """Arguments of a whole step's ops over parameters of three dtypes, one
+    with a master weight."""
+    params = [
+        torch.randn(5, 3, device=device),
+        torch.randn(7, device=device, dtype=torch.float64),
+        torch.randn(4, device=device, dtype=torch.bfloat16),
+    ]
+    masters = [params[2].float()]
+    state = state_at(3, device)
+    losses = torch.tensor([1.0, 1.25], dtype=torch.float64, device=device)
+    return params, masters, state, losses
+
+
+def plan_options(**overrides):
+    options = dict(
+        lr_adaptation=1, lr=0.1, sigma=0.01, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
+        lr_min=None, lr_max=None, weight_decay=0.01, seed=3, noise=0,
+    )
+    options.update(overrides)
+    return options
 
 
 def op_cases(device):
-    def params():
-        return [
-            torch.randn(5, 3, device=device),
-            torch.randn(7, device=device, dtype=torch.float64),
-            torch.randn(4, device=device, dtype=torch.bfloat16),
-        ]
-
-    return [
-        (torch.ops.dopamine.perturb_.default, (params(), 3, 1, 0, 0.01, "rademacher")),
-        (torch.ops.dopamine.restore_update_.default, (params(), 3, 1, 2, 0.01, 0.5, 0.001)),
-        (torch.ops.dopamine.perturb_tensor_.default, (params()[0], 3, 1, 4, 0.01)),
-        (torch.ops.dopamine.restore_update_tensor_.default, (params()[2], 3, 1, 4, 0.01, 0.5, 0.001)),
-    ]
-
-
-OPS = ["perturb_", "restore_update_", "perturb_tensor_", "restore_update_tensor_"]
-
-
-@pytest.mark.parametrize("op_index", range(len(OPS)), ids=OPS)
-def test_opcheck_passes(device, op_index):
-    op, args = op_cases(device)[op_index]
-    torch.library.opcheck(op, args)
+    params, masters, state, losses = step_args(device)
+    plan = torch.ops.dopamine.plan_step(state, losses, **plan_options())
+    return {
+        "perturb_": (
+            torch.ops.dopamine.perturb_.default,
+            (params, masters, state),
+            dict(indices=[0, 1, 2], seed=3, sigma=0.01, noise=1, direction=1),
+        ),
+        "plan_step": (torch.ops.dopamine.plan_step.default, (state, losses), plan_options(noise=1)),
+        "finish_step_": (
+            torch.ops.dopamine.finish_step_.default,
+            (params, masters, [state.clone()], [plan]),
+            dict(indices=[0, 1, 2], group_sizes=[3]),
+        ),
+        "check_state": (torch.ops.dopamine.check_state.default, (state,), {}),
+    }
 
 
-@pytest.mark.parametrize(
-    "op,args",
-    [
-        ("adapt_lr", ("rpe_normalized", 0.5, 1, 0.1, 0.01, 0.9, 0.9998, 2e-4, 1e-8, None, 1.0, 0.0, 0.0, 0.0)),
-        ("check_options", (0.1, 0.01, "none", 0.9, 0.9998, 2e-4, 1e-8, 0.0, None, 0.0, "rademacher", "skip")),
-    ],
-    ids=["adapt_lr", "check_options"],
-)
-def test_opcheck_passes_for_the_scalar_ops(op, args):
-    torch.library.opcheck(getattr(torch.ops.dopamine, op).default, args)
+OPS = ["perturb_", "plan_step", "finish_step_", "check_state"]
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_opcheck_passes(device, op_name):
+    op, args, kwargs = op_cases(device)[op_name]
+    torch.library.opcheck(op, args, kwargs)
+
+
+def test_opcheck_passes_for_check_options():
+    torch.library.opcheck(
+        torch.ops.dopamine.check_options.default,
+        (),
+        dict(lr=0.1, sigma=0.01, lr_adaptation=0, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
+             lr_min=0.0, lr_max=None, weight_decay=0.0, noise=1, non_finite_loss=0, capturable=False),
+    )
+
+
+def test_op_arguments_after_the_tensors_are_keyword_only():
+    params, masters, state, _ = step_args("cpu")
+    with pytest.raises(RuntimeError):
+        torch.ops.dopamine.perturb_(params, masters, state, [0, 1, 2], 3, 0.01, 1, 1)
 
 
 def test_fake_kernels_check_arguments_without_computing():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        params = [torch.empty(10), torch.empty(3, dtype=torch.float16)]
-        torch.ops.dopamine.perturb_(params, 0, 1, 0, 0.1)
-        torch.ops.dopamine.restore_update_(params, 0, 1, 0, 0.1, 0.2, 0.0)
-        with pytest.raises(RuntimeError, match="must be a floating-point tensor"):
-            torch.ops.dopamine.perturb_([torch.empty(3, dtype=torch.int32)], 0, 1, 0, 0.1)
-    meta = [torch.empty(4, device="meta")]
-    torch.ops.dopamine.perturb_(meta, 0, 1, 0, 0.1)
-
-
-def test_one_tensor_ops_equal_the_list_ops(device):
-    params = [torch.randn(6, device=device), torch.randn(2, 3, device=device, dtype=torch.float16)]
-    singles = [p.clone() for p in params]
-    torch.ops.dopamine.perturb_(params, 9, 4, 3, 0.1)
-    torch.ops.dopamine.restore_update_(params, 9, 3, 3, 0.1, 0.2, 0.01)
-    for offset, param in enumerate(singles):
-        torch.ops.dopamine.perturb_tensor_(param, 9, 4, 3 + offset, 0.1)
-        torch.ops.dopamine.restore_update_tensor_(param, 9, 3, 3 + offset, 0.1, 0.2, 0.01)
-    assert same_bits(params, singles)
-
-
-def test_scalar_ops_compute_the_spec_rule():
-    trace, magnitude, lr = torch.ops.dopamine.adapt_lr(
-        "rpe_normalized", 0.5, 1, 0.1, 0.01, 0.9, 0.9998, 2e-4, 1e-8, None, None, 0.0, 0.0, 0.0
-    )
-    assert trace == pytest.approx(0.1 * 0.5 / 0.01) and magnitude == 0.0
-    assert lr == pytest.approx(0.1 / (trace / (1 - 0.9) + 1e-8))
-    _, magnitude, lr = torch.ops.dopamine.adapt_lr(
-        "rpe_tracking", -0.5, 2, 0.1, 0.01, 0.9, 0.5, 0.25, 1e-8, None, 0.06, 0.0, 1.0, 0.2
-    )
-    assert magnitude == pytest.approx(0.75) and lr == 0.06  # 0.75 * 0.2 + 0.25 * 0.75, clamped
-    with pytest.raises(RuntimeError, match="unknown mode 'adam'"):
-        torch.ops.dopamine.adapt_lr("adam", 0.5, 1, 0.1, 0.01, 0.9, 0.9, 0.1, 1e-8, None, None, 0.0, 0.0, 0.0)
-
-
-class ScriptedStep(torch.nn.Module):
-    """A full Dopamine step (default options, rpe_normalized) written in
-    TorchScript over the ops, training the XOR MLP it holds. It calls the
-    one-tensor ops: TorchScript does not track writes through a list argument
-    (it drops or merges the code around them, as for torch._foreach_add_)."""
-
-    def __init__(self, model: torch.nn.Module, seed: int, lr: float, sigma: float):
-        super().__init__()
-        self.model = model
-        self.seed = seed
-        self.lr = lr
-        self.sigma = sigma
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return float(F.mse_loss(self.model(x), y))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, step: int, rpe_trace: float) -> Tuple[float, float]:
-        model = self.model
-        params = [model.hidden.weight, model.hidden.bias, model.output.weight, model.output.bias]
-        with torch.no_grad():
-            unperturbed = self.loss(x, y)
-            for index, param in enumerate(params):
-                torch.ops.dopamine.perturb_tensor_(param, self.seed, step, index, self.sigma)
-            delta = self.loss(x, y) - unperturbed
-            rpe_trace, _, lr = torch.ops.dopamine.adapt_lr(
-                "rpe_normalized", delta, step, self.lr, self.sigma, 0.9, 0.9998, 2e-4, 1e-8, None, None, rpe_trace, 0.0, 0.0
+        params, masters, state, losses = step_args("cpu")
+        torch.ops.dopamine.perturb_(params, masters, state, indices=[0, 1, 2], seed=0, sigma=0.1, noise=0, direction=1)
+        plan = torch.ops.dopamine.plan_step(state, losses, **plan_options())
+        assert plan.shape == (12,) and plan.dtype == torch.float64
+        taken = torch.ops.dopamine.finish_step_(params, masters, [state], [plan], indices=[0, 1, 2], group_sizes=[3])
+        assert taken.shape == ()
+        with pytest.raises(RuntimeError, match="must be a strided float32, float64, bfloat16 or float16"):
+            torch.ops.dopamine.perturb_(
+                [torch.empty(3, dtype=torch.int32)], [], state, indices=[0], seed=0, sigma=0.1, noise=0, direction=1
             )
-            for index, param in enumerate(params):
-                torch.ops.dopamine.restore_update_tensor_(
-                    param, self.seed, step, index, self.sigma, lr * delta / self.sigma, 0.0
-                )
-        return unperturbed, rpe_trace
+    meta = [torch.empty(4, device="meta")]
+    torch.ops.dopamine.perturb_(
+        meta, [], state_at(1, "meta"), indices=[0], seed=0, sigma=0.1, noise=0, direction=1
+    )
 
 
-def test_torchscript_step_matches_the_python_optimizer():
-    scripted = torch.jit.script(ScriptedStep(xor_net(3), seed=5, lr=0.1, sigma=0.01))
-    model = xor_net(3)
-    opt = torch_dopamine.Dopamine(model.parameters(), seed=5)
-    rpe_trace = 0.0
-    for step in range(1, 31):
-        scripted_loss, rpe_trace = scripted(XOR_INPUTS, XOR_TARGETS, step, rpe_trace)
-        assert scripted_loss == opt.step(lambda: xor_loss(model)).item()
-    assert same_bits(list(scripted.parameters()), list(model.parameters()))
-    assert rpe_trace == opt.state[next(model.parameters())]["rpe_trace"]
+def test_plan_computes_the_spec_rule():
+    state = state_at(1)
+    losses = torch.tensor([1.0, 1.5], dtype=torch.float64)
+    plan = torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=1)).tolist()
+    trace = 0.1 * 0.5 / 0.01
+    lr = 0.1 / (trace / (1 - 0.9) + 1e-8)
+    assert plan[:5] == pytest.approx([1, 0, trace, 0, lr])
+    assert plan[5] == pytest.approx(lr * 0.5 / 0.01) and plan[6] == pytest.approx(0.1 * 0.01) and plan[7] == 1
+    state = torch.tensor([1, 0, 0, 1.0, 0.2], dtype=torch.float64)
+    losses = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    plan = torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=2, beta_s=0.5, beta_eta=0.25, lr_max=0.06))
+    # s = 0.5 * 1 + 0.5 * 0.5 = 0.75; eta = 0.75 * 0.2 + 0.25 * 0.75 = 0.3375, clamped.
+    assert plan[3].item() == pytest.approx(0.75) and plan[4].item() == 0.06
+    with pytest.raises(RuntimeError, match="invalid lr_adaptation code 3"):
+        torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=3))
+    for bad in ([1.0, math.nan], [math.inf, 1.0]):
+        plan = torch.ops.dopamine.plan_step(state, torch.tensor(bad, dtype=torch.float64), **plan_options())
+        assert plan[7].item() == 0
+
+
+def test_finish_checks_everything_before_it_writes():
+    params, masters, state, losses = step_args("cpu")
+    plan = torch.ops.dopamine.plan_step(state, losses, **plan_options())
+    before, state_before = snapshot(params), state.clone()
+    with pytest.raises(RuntimeError, match="group sizes add up to 2"):
+        torch.ops.dopamine.finish_step_(params, masters, [state], [plan], indices=[0, 1, 2], group_sizes=[2])
+    with pytest.raises(RuntimeError, match="master weight of params"):
+        torch.ops.dopamine.finish_step_(
+            params, [torch.zeros(3)], [state], [plan], indices=[0, 1, 2], group_sizes=[3]
+        )
+    assert same_bits(params, before) and torch.equal(state, state_before)
 
 
 def test_cpp_optimizer_trains_a_python_saved_module_bit_identically(build_dir, tmp_path):

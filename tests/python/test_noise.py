@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import torch_dopamine  # noqa: F401
+from reference import NOISE_CODES, state_at
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -14,7 +15,9 @@ def test_cpu_and_cuda_draw_the_same_noise(noise, numel):
     drawn = {}
     for device in ("cpu", "cuda"):
         params = [torch.zeros(numel, device=device), torch.zeros(5, 3, device=device).t()]
-        torch.ops.dopamine.perturb_(params, 123, 7, 2, 1.0, noise)
+        torch.ops.dopamine.perturb_(
+            params, [], state_at(7, device), indices=[2, 3], seed=123, sigma=1.0, noise=NOISE_CODES[noise], direction=1
+        )
         drawn[device] = torch.cat([p.flatten() for p in params]).cpu()
     ulps = (drawn["cpu"].view(torch.int32).long() - drawn["cuda"].view(torch.int32).long()).abs()
     assert ulps.max().item() <= 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torch_dopamine
-from reference import XOR_INPUTS, XOR_TARGETS, ReferenceDopamine, isclose, quadratic, same_bits, snapshot, xor_net
+from reference import NOISE_CODES, XOR_INPUTS, XOR_TARGETS, ReferenceDopamine, isclose, quadratic, same_bits, snapshot, xor_net
 
 DEFAULTS = dict(
     lr=0.1,
@@ -24,6 +24,8 @@ DEFAULTS = dict(
     seed=0,
     noise="gaussian",
     non_finite_loss="skip",
+    capturable=False,
+    master_weights=False,
 )
 
 
@@ -40,7 +42,7 @@ def test_update_matches_reference(device, mode, weight_decay, noise):
         got = opt.step(lambda: loss(params))
         assert got.item() == pytest.approx(expected, rel=1e-12)
     assert isclose(params, reference.params(), rtol=1e-10, atol=1e-12)
-    state = opt.state[params[0]]
+    state = opt.group_state(0)
     assert state["step"] == 20 and state["skipped_steps"] == 0
     assert state["current_lr"] == pytest.approx(reference.groups[0]["eta"], rel=1e-12)
 
@@ -51,7 +53,7 @@ def test_lr_clamps_apply_in_every_mode(device):
         opt = torch_dopamine.Dopamine(params, **options)
         opt.step(lambda: loss(params))
         expected = options.get("lr_max", options.get("lr_min"))
-        assert opt.state[params[0]]["current_lr"] == expected
+        assert opt.group_state(0)["current_lr"] == expected
 
 
 def test_param_groups_use_their_own_options(device):
@@ -127,8 +129,9 @@ def test_every_cpu_path_draws_the_same_bits(noise):
     code = (
         "import hashlib, torch, torch_dopamine\n"
         "ps = [torch.zeros(100003), torch.zeros(77, dtype=torch.float64), torch.zeros(300, dtype=torch.bfloat16)]\n"
-        f"torch.ops.dopamine.perturb_(ps, 3, 2, 1, 0.5, '{noise}')\n"
-        f"torch.ops.dopamine.restore_update_(ps, 3, 1, 1, 0.5, 0.25, 0.01, '{noise}')\n"
+        "state = torch.zeros(5, dtype=torch.float64)\n"
+        f"torch.ops.dopamine.perturb_(ps, [], state, indices=[1, 2, 3], seed=3, sigma=0.5, noise={NOISE_CODES[noise]}, direction=1)\n"
+        f"torch.ops.dopamine.perturb_(ps, [], state, indices=[4, 5, 6], seed=3, sigma=0.25, noise={NOISE_CODES[noise]}, direction=-1)\n"
         "print(hashlib.sha256(b''.join(bytes(p.view(torch.uint8).tolist()) for p in ps)).hexdigest())\n"
     )
     digests = set()
@@ -145,7 +148,7 @@ def test_same_seed_same_trajectory_and_threads_do_not_matter():
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            params = [torch.zeros(700_000), torch.zeros(3, 5)]
+            params = [torch.zeros(700_000, requires_grad=True), torch.zeros(3, 5, requires_grad=True)]
             opt = torch_dopamine.Dopamine(params, seed=42)
             for _ in range(3):
                 # A loss over few elements, summed in one thread: only the ops

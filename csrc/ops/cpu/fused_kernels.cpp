@@ -1,17 +1,23 @@
-// Fused CPU kernels of the tensor ops: one pass over each parameter that
-// draws the noise of a tile of 128 elements into a stack buffer
+// The CPU backend: the fused element pass over a table of tensors, and the
+// state arithmetic of engine.h on host memory.
+//
+// The pass draws the noise of a tile of 128 elements into a stack buffer
 // (noise_tiles.h) and applies the update to it, with no tensor allocated.
-// Tiles are split among threads with at::parallel_for; a tile's noise
-// depends only on its position, so the result is the same for any thread
-// count.
-#include <ATen/Dispatch.h>
+// The tiles of all the tensors of an op are numbered in one sequence and split
+// among threads by a single at::parallel_for, so many small tensors cost no
+// more thread start-ups than one large one (docs/DESIGN.md, "Kernels"). A
+// tile's noise depends only on its tensor and position, so the result is the
+// same for any thread count.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../kernel_common.h"
 #include "noise_tiles.h"
@@ -25,70 +31,113 @@ using noise::kTile;
 // Tiles per parallel task: about 64K elements, to amortise thread start-up.
 constexpr int64_t kGrainTiles = 512;
 
-// data[e] = update(data[e], z[e]) for the tiles [begin, end) of a tensor of
-// `numel` elements, in the arithmetic of opmath_t.
-template <auto philox, typename scalar_t, typename Update>
-C10_ALWAYS_INLINE void update_tiles(scalar_t* data,
-                                    int64_t numel,
-                                    const NoiseStream& stream,
+// The tiles [begin, end) of one tensor: x' = apply(c, x, z), where x is the
+// master weight when there is one (the parameter then becomes x' rounded).
+template <auto philox, typename scalar_t>
+C10_ALWAYS_INLINE void update_tiles(const UpdateEntry& entry,
                                     int64_t begin,
-                                    int64_t end,
-                                    const Update& update) {
+                                    int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const NoiseStream stream{
+      entry.step.kind, entry.step.key, entry.index, entry.step.step};
+  const engine::Coefficients& c = entry.step.coefficients;
+  scalar_t* data = static_cast<scalar_t*>(entry.data);
   alignas(64) float z[kTile];
   for (int64_t tile = begin; tile < end; ++tile) {
     cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
-    scalar_t* p = data + tile * kTile;
-    const int64_t count = std::min<int64_t>(kTile, numel - tile * kTile);
-    for (int64_t e = 0; e < count; ++e) {
-      p[e] = static_cast<scalar_t>(
-          update(static_cast<opmath_t>(p[e]), static_cast<opmath_t>(z[e])));
+    const int64_t first = tile * kTile;
+    const int64_t count = std::min<int64_t>(kTile, entry.numel - first);
+    scalar_t* p = data + first;
+    if (entry.master != nullptr) {
+      float* m = entry.master + first;
+      for (int64_t e = 0; e < count; ++e) {
+        const float x = apply<float>(c, m[e], z[e]);
+        p[e] = static_cast<scalar_t>(x);
+        if (c.writes_master) {
+          m[e] = x;
+        }
+      }
+    } else {
+      for (int64_t e = 0; e < count; ++e) {
+        p[e] = static_cast<scalar_t>(apply<opmath_t>(
+            c, static_cast<opmath_t>(p[e]), static_cast<opmath_t>(z[e])));
+      }
     }
   }
 }
 
-template <typename scalar_t, typename Update>
-void update_tensor(const at::Tensor& param,
-                   const NoiseStream& stream,
-                   const Update& update) {
-  scalar_t* data = param.data_ptr<scalar_t>();
-  const int64_t numel = param.numel();
-  const int64_t tiles = (numel + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
-    cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
-      update_tiles<decltype(lanes)::philox>(
-          data, numel, stream, begin, end, update);
-    });
-  });
+template <auto philox>
+C10_ALWAYS_INLINE void update_entry_tiles(const UpdateEntry& entry,
+                                          int64_t begin,
+                                          int64_t end) {
+  switch (entry.dtype) {
+    case at::kFloat:
+      update_tiles<philox, float>(entry, begin, end);
+      break;
+    case at::kDouble:
+      update_tiles<philox, double>(entry, begin, end);
+      break;
+    case at::kBFloat16:
+      update_tiles<philox, c10::BFloat16>(entry, begin, end);
+      break;
+    case at::kHalf:
+      update_tiles<philox, c10::Half>(entry, begin, end);
+      break;
+    default:
+      break;  // step_ops.cpp admits these four dtypes only
+  }
 }
 
-struct Cpu {
-  // Applies Update<opmath_t>(update_args...) to every parameter, each with
-  // its own noise stream.
-  template <template <typename> class Update, typename... UpdateArgs>
-  static void update_params(at::TensorList params,
-                            const TensorOpArgs& args,
-                            UpdateArgs... update_args) {
-    for (size_t i = 0; i < params.size(); ++i) {
-      const NoiseStream stream{args.kind, args.key, args.index[i], args.step};
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf,
-          at::kBFloat16,
-          params[i].scalar_type(),
-          "dopamine_update",
-          [&] {
-            using opmath_t = at::opmath_type<scalar_t>;
-            update_tensor<scalar_t>(
-                args.work[i], stream, Update<opmath_t>(update_args...));
-          });
-    }
+void update(c10::ArrayRef<UpdateEntry> entries) {
+  // first_tile[i]: the number of tiles of the entries before entry i.
+  std::vector<int64_t> first_tile(entries.size() + 1, 0);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    first_tile[i + 1] =
+        first_tile[i] + (entries[i].numel + kTile - 1) / kTile;
   }
-};
+  at::parallel_for(
+      0, first_tile.back(), kGrainTiles, [&](int64_t begin, int64_t end) {
+        cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
+          // The last entry whose first tile is at or before `begin`.
+          size_t i = std::upper_bound(
+                         first_tile.begin(), first_tile.end(), begin) -
+                     first_tile.begin() - 1;
+          for (; i < entries.size() && first_tile[i] < end; ++i) {
+            const int64_t from = std::max(begin, first_tile[i]);
+            const int64_t to = std::min(end, first_tile[i + 1]);
+            update_entry_tiles<decltype(lanes)::philox>(
+                entries[i], from - first_tile[i], to - first_tile[i]);
+          }
+        });
+      });
+}
+
+void plan(const at::Tensor& state,
+          const at::Tensor& losses,
+          const engine::GroupOptions& options,
+          const at::Tensor& plan) {
+  const double* l = losses.data_ptr<double>();
+  engine::plan_group(
+      state.data_ptr<double>(), l[0], l[1], options, plan.data_ptr<double>());
+}
+
+at::Tensor settle(at::TensorList states, at::TensorList plans) {
+  std::vector<const double*> plan_data;
+  for (const auto& p : plans) {
+    plan_data.push_back(p.data_ptr<double>());
+  }
+  const bool taken = engine::all_finite(plan_data.data(),
+                                        static_cast<int>(plan_data.size()));
+  for (size_t g = 0; g < states.size(); ++g) {
+    engine::commit_group(states[g].data_ptr<double>(), plan_data[g], taken);
+  }
+  auto result = at::empty({}, states[0].options());
+  result.data_ptr<double>()[0] = taken ? 1 : 0;
+  return result;
+}
+
+const BackendRegistrar cpu_backend(c10::DeviceType::CPU,
+                                   {&update, &plan, &settle});
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(dopamine, CPU, m) {
-  TensorOps<Cpu>::register_kernels(m);
-}
-
 }  // namespace dopamine::ops

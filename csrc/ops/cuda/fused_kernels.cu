@@ -1,24 +1,33 @@
-// Fused CUDA kernels of the tensor ops, with the semantics of the CPU ones
-// (csrc/ops/cpu/fused_kernels.cpp) and the same noise (noise.h): a
-// multi-tensor launch covers up to kMaxTensors parameters of one dtype, the
-// tensor table travels in the kernel's arguments (nothing is allocated), the
-// launch is ordered on the current stream and nothing waits for it.
+// The CUDA backend, with the semantics of the CPU one
+// (csrc/ops/cpu/fused_kernels.cpp) and the same noise (noise.h).
 //
-// Thread t of the launch handles counter t: in a Gaussian tile, counter j
-// gives the four normals of elements j, 32 + j, 64 + j and 96 + j; in a
-// Rademacher tile, bit j of the tile's four words gives the same four
-// elements. A warp so reads and writes 128 consecutive bytes per element
-// row.
-#include <ATen/Dispatch.h>
+// The element pass is a multi-tensor launch in the manner of apex's
+// multi_tensor_apply: the kernel's arguments carry a table of up to
+// kMaxTensors tensors of one dtype and, for each of up to kMaxBlocks blocks,
+// the tensor and the chunk of tiles it handles, so a block finds its tensor
+// with one lookup. Nothing is allocated, the launches are ordered on the
+// current stream and nothing waits for them. Thread t of a block handles
+// counter t of a tile: in a Gaussian tile, counter j gives the four normals of
+// elements j, 32 + j, 64 + j and 96 + j; in a Rademacher tile, bit j of the
+// tile's four words gives the same four elements. A warp so reads and writes
+// 128 consecutive bytes per element row.
+//
+// When a capturable step keeps its state on the GPU, the kernels read the
+// step and the coefficients from device memory (kernel_common.h), and the
+// state arithmetic (engine.h) runs in one-thread kernels: no host
+// synchronisation, and a step can be captured in a CUDA graph.
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-#include <torch/library.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <vector>
 
 #include "../kernel_common.h"
 
@@ -28,137 +37,205 @@ namespace {
 using noise::kLanes;
 using noise::kTile;
 
-constexpr int kMaxTensors = 48;
+// The kernel's table stays within the 4 KB of kernel arguments.
+constexpr int kMaxTensors = 12;
+constexpr int kMaxBlocks = 256;
 constexpr int kThreads = 256;
+constexpr int kMaxGroups = 64;
 
-// The tensor table of one launch; its tiles are numbered across tensors.
-template <typename scalar_t>
-struct TensorTable {
-  scalar_t* data[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  uint32_t index[kMaxTensors];
-  int64_t first_tile[kMaxTensors + 1];
-  int count;
+struct LaunchTable {
+  UpdateEntry entries[kMaxTensors];
+  uint8_t block_entry[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+  int64_t chunk_tiles;
 };
 
-template <typename scalar_t, typename Update>
-__global__ void update_kernel(TensorTable<scalar_t> table,
-                              noise::Kind kind,
-                              noise::Key key,
-                              uint32_t step,
-                              Update update) {
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(const LaunchTable table) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t counters = table.first_tile[table.count] * kLanes;
-  for (int64_t counter = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-       counter < counters;
-       counter += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t global_tile = counter / kLanes;
+  const UpdateEntry& entry = table.entries[table.block_entry[blockIdx.x]];
+  const TensorStep step = entry.resolved ? entry.step : resolve(entry.source);
+  const engine::Coefficients& c = step.coefficients;
+  scalar_t* data = static_cast<scalar_t*>(entry.data);
+  const int64_t tiles = (entry.numel + kTile - 1) / kTile;
+  const int64_t first_tile =
+      int64_t{table.block_chunk[blockIdx.x]} * table.chunk_tiles;
+  const int64_t end_tile = min(first_tile + table.chunk_tiles, tiles);
+  for (int64_t counter = first_tile * kLanes + threadIdx.x;
+       counter < end_tile * kLanes;
+       counter += blockDim.x) {
+    const uint64_t tile = static_cast<uint64_t>(counter / kLanes);
     const int lane = static_cast<int>(counter % kLanes);
-    int t = 0;
-    while (table.first_tile[t + 1] <= global_tile) {
-      ++t;
-    }
-    const uint64_t tile =
-        static_cast<uint64_t>(global_tile - table.first_tile[t]);
     float z[4];
-    if (kind == noise::Kind::Rademacher) {
+    if (step.kind == noise::Kind::Rademacher) {
       uint32_t words[4] = {static_cast<uint32_t>(tile),
                            static_cast<uint32_t>(tile >> 32),
-                           table.index[t],
-                           step};
-      noise::philox(words[0], words[1], words[2], words[3], key.lo, key.hi);
+                           entry.index,
+                           step.step};
+      noise::philox(
+          words[0], words[1], words[2], words[3], step.key.lo, step.key.hi);
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
         z[l] = noise::rademacher_sign(words[l], lane);
       }
     } else {
-      noise::gaussian_lane(key,
-                           table.index[t],
-                           step,
+      noise::gaussian_lane(step.key,
+                           entry.index,
+                           step.step,
                            tile * kLanes + lane,
                            z[0],
                            z[1],
                            z[2],
                            z[3]);
     }
-    scalar_t* data = table.data[t];
     const int64_t first = static_cast<int64_t>(tile) * kTile + lane;
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t e = first + l * kLanes;
-      if (e < table.numel[t]) {
-        data[e] = static_cast<scalar_t>(update(static_cast<opmath_t>(data[e]),
-                                               static_cast<opmath_t>(z[l])));
+      if (e < entry.numel) {
+        if (entry.master != nullptr) {
+          const float x = apply<float>(c, entry.master[e], z[l]);
+          data[e] = static_cast<scalar_t>(x);
+          if (c.writes_master) {
+            entry.master[e] = x;
+          }
+        } else {
+          data[e] = static_cast<scalar_t>(apply<opmath_t>(
+              c, static_cast<opmath_t>(data[e]), static_cast<opmath_t>(z[l])));
+        }
       }
     }
   }
 }
 
-template <typename scalar_t, typename Update>
-void launch(TensorTable<scalar_t>& table,
-            noise::Kind kind,
-            noise::Key key,
-            uint32_t step,
-            const Update& update) {
-  const int64_t counters = table.first_tile[table.count] * kLanes;
-  if (counters == 0) {
-    return;
-  }
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(
-      &sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t blocks =
-      std::min<int64_t>((counters + kThreads - 1) / kThreads, int64_t{sms} * 8);
+template <typename scalar_t>
+void launch(const LaunchTable& table, int blocks) {
   update_kernel<scalar_t>
-      <<<static_cast<unsigned>(blocks),
-         kThreads,
-         0,
-         at::cuda::getCurrentCUDAStream()>>>(table, kind, key, step, update);
+      <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(table);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-struct Cuda {
-  // Applies Update<opmath_t>(update_args...) to every parameter:
-  // consecutive parameters of one dtype share a launch, kMaxTensors at most.
-  template <template <typename> class Update, typename... UpdateArgs>
-  static void update_params(at::TensorList params,
-                            const TensorOpArgs& args,
-                            UpdateArgs... update_args) {
-    if (params.empty()) {
-      return;
-    }
-    const c10::cuda::CUDAGuard guard(params[0].device());
-    size_t begin = 0;
-    while (begin < args.work.size()) {
-      const auto dtype = args.work[begin].scalar_type();
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, dtype, "dopamine_update", [&] {
-            using opmath_t = at::opmath_type<scalar_t>;
-            TensorTable<scalar_t> table{};
-            while (begin < args.work.size() && table.count < kMaxTensors &&
-                   args.work[begin].scalar_type() == dtype) {
-              const int c = table.count++;
-              table.data[c] = args.work[begin].data_ptr<scalar_t>();
-              table.numel[c] = args.work[begin].numel();
-              table.index[c] = args.index[begin];
-              table.first_tile[c + 1] =
-                  table.first_tile[c] + (table.numel[c] + kTile - 1) / kTile;
-              ++begin;
-            }
-            launch(table,
-                   args.kind,
-                   args.key,
-                   args.step,
-                   Update<opmath_t>(update_args...));
-          });
+// Runs the entries of one dtype: tiles in chunks of a size that gives every
+// SM a few blocks (torch caches the device properties), as few launches as
+// the table allows.
+template <typename scalar_t>
+void update_dtype(const std::vector<UpdateEntry>& entries) {
+  int64_t total_tiles = 0;
+  for (const auto& entry : entries) {
+    total_tiles += (entry.numel + kTile - 1) / kTile;
+  }
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  LaunchTable table{};
+  table.chunk_tiles = std::clamp<int64_t>(total_tiles / (4 * sms), 8, 512);
+  int tensors = 0;
+  int blocks = 0;
+  for (const auto& entry : entries) {
+    const int64_t chunks =
+        ((entry.numel + kTile - 1) / kTile + table.chunk_tiles - 1) /
+        table.chunk_tiles;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      if (blocks == kMaxBlocks || (chunk == 0 && tensors == kMaxTensors)) {
+        launch<scalar_t>(table, blocks);
+        tensors = 0;
+        blocks = 0;
+      }
+      // A tensor whose chunks span two launches is in both tables.
+      if (chunk == 0 || tensors == 0) {
+        table.entries[tensors++] = entry;
+      }
+      table.block_entry[blocks] = static_cast<uint8_t>(tensors - 1);
+      table.block_chunk[blocks] = static_cast<int32_t>(chunk);
+      ++blocks;
     }
   }
-};
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dopamine, CUDA, m) {
-  TensorOps<Cuda>::register_kernels(m);
+  if (blocks > 0) {
+    launch<scalar_t>(table, blocks);
+  }
 }
 
+void update(c10::ArrayRef<UpdateEntry> entries) {
+  for (const auto dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+    std::vector<UpdateEntry> of_dtype;
+    for (const auto& entry : entries) {
+      if (entry.dtype == dtype) {
+        of_dtype.push_back(entry);
+      }
+    }
+    if (of_dtype.empty()) {
+      continue;
+    }
+    switch (dtype) {
+      case at::kFloat:
+        update_dtype<float>(of_dtype);
+        break;
+      case at::kDouble:
+        update_dtype<double>(of_dtype);
+        break;
+      case at::kBFloat16:
+        update_dtype<c10::BFloat16>(of_dtype);
+        break;
+      default:
+        update_dtype<c10::Half>(of_dtype);
+        break;
+    }
+  }
+}
+
+__global__ void plan_kernel(const double* state,
+                            const double* losses,
+                            const engine::GroupOptions options,
+                            double* plan) {
+  engine::plan_group(state, losses[0], losses[1], options, plan);
+}
+
+void plan(const at::Tensor& state,
+          const at::Tensor& losses,
+          const engine::GroupOptions& options,
+          const at::Tensor& plan) {
+  plan_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      state.data_ptr<double>(),
+      losses.data_ptr<double>(),
+      options,
+      plan.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+struct GroupTable {
+  double* states[kMaxGroups];
+  const double* plans[kMaxGroups];
+  int count;
+};
+
+__global__ void settle_kernel(const GroupTable groups, double* taken) {
+  const bool all = engine::all_finite(groups.plans, groups.count);
+  for (int g = 0; g < groups.count; ++g) {
+    engine::commit_group(groups.states[g], groups.plans[g], all);
+  }
+  *taken = all ? 1 : 0;
+}
+
+at::Tensor settle(at::TensorList states, at::TensorList plans) {
+  TORCH_CHECK(states.size() <= kMaxGroups,
+              "dopamine: a step with its state on the GPU takes at most ",
+              kMaxGroups,
+              " parameter groups, got ",
+              states.size());
+  GroupTable groups{};
+  groups.count = static_cast<int>(states.size());
+  for (size_t g = 0; g < states.size(); ++g) {
+    groups.states[g] = states[g].data_ptr<double>();
+    groups.plans[g] = plans[g].data_ptr<double>();
+  }
+  auto taken = at::empty({}, states[0].options());
+  settle_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      groups, taken.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return taken;
+}
+
+const BackendRegistrar cuda_backend(c10::DeviceType::CUDA,
+                                    {&update, &plan, &settle});
+
+}  // namespace
 }  // namespace dopamine::ops

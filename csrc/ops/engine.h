@@ -1,0 +1,177 @@
+#pragma once
+
+// The step engine's arithmetic on a group's state (docs/DESIGN.md, "The step
+// protocol"), shared by the host and the device: the CPU runs it on host
+// memory, CUDA in a one-thread kernel on device memory, so a capturable step
+// computes the same bits with no host synchronisation.
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "noise.h"
+
+namespace dopamine::engine {
+
+// A group's state: one float64 tensor of kStateSize entries. Counts are
+// integers far below 2^53, so float64 holds them exactly.
+enum StateField : int64_t {
+  kStep = 0,          // steps taken, skipped ones included; keys the noise
+  kSkippedSteps = 1,  // steps skipped for a non-finite loss or step size
+  kRpeTrace = 2,      // m_t, EMA of |delta| / sigma (rpe_normalized)
+  kRpeMagnitude = 3,  // s_t, EMA of |delta| (rpe_tracking)
+  kCurrentLr = 4,     // eta_t of the last completed step
+  kStateSize = 5,
+};
+
+// A group's plan for one step: the state it commits if the step is taken,
+// then everything the update needs, so that finish_step_ takes no options.
+enum PlanField : int64_t {
+  kNextState = 0,  // kStateSize entries
+  kStepSize = kStateSize,
+  kDecay,
+  kFinite,  // 1 when both losses and the step size are finite
+  kSigma,
+  kKeyLo,  // the noise key's two words (exact in float64)
+  kKeyHi,
+  kNoise,  // a noise::Kind
+  kPlanSize,
+};
+
+// Codes of the op arguments `lr_adaptation`, `noise` and `non_finite_loss`:
+// the values of the C++ enums (include/dopamine/options.h).
+enum class Adaptation : int64_t { None = 0, RpeNormalized = 1, RpeTracking = 2 };
+
+// The options of a group that a plan depends on.
+struct GroupOptions {
+  Adaptation mode;
+  double lr, sigma, beta, beta_s, beta_eta, eps, weight_decay;
+  bool has_lr_min, has_lr_max;
+  double lr_min, lr_max;
+  noise::Key key;
+  noise::Kind noise;
+};
+
+// SPEC §2.5 for one group: the plan of a step whose losses are `l0`
+// (unperturbed) and `l1` (perturbed).
+C10_HOST_DEVICE inline void plan_group(const double* state,
+                                       double l0,
+                                       double l1,
+                                       const GroupOptions& o,
+                                       double* plan) {
+  const double delta = l1 - l0;
+  const double step = state[kStep] + 1;
+  // The bias correction counts completed updates, skipped steps excluded.
+  const double updates = step - state[kSkippedSteps];
+  double trace = state[kRpeTrace];
+  double magnitude = state[kRpeMagnitude];
+  double lr = o.lr;
+  if (o.mode == Adaptation::RpeNormalized) {
+    trace = o.beta * trace + (1 - o.beta) * std::fabs(delta) / o.sigma;
+    lr = o.lr / (trace / (1 - std::pow(o.beta, updates)) + o.eps);
+  } else if (o.mode == Adaptation::RpeTracking) {
+    magnitude = o.beta_s * magnitude + (1 - o.beta_s) * std::fabs(delta);
+    const double previous = updates == 1 ? o.lr : state[kCurrentLr];
+    lr = (1 - o.beta_eta) * previous + o.beta_eta * magnitude;
+  }
+  if (o.has_lr_min) {
+    lr = lr < o.lr_min ? o.lr_min : lr;
+  }
+  if (o.has_lr_max) {
+    lr = lr > o.lr_max ? o.lr_max : lr;
+  }
+  const double step_size = lr * delta / o.sigma;
+  plan[kNextState + kStep] = step;
+  plan[kNextState + kSkippedSteps] = state[kSkippedSteps];
+  plan[kNextState + kRpeTrace] = trace;
+  plan[kNextState + kRpeMagnitude] = magnitude;
+  plan[kNextState + kCurrentLr] = lr;
+  plan[kStepSize] = step_size;
+  plan[kDecay] = o.lr * o.weight_decay;
+  const bool finite = std::isfinite(l0) && std::isfinite(l1) &&
+                      std::isfinite(step_size) && std::isfinite(trace) &&
+                      std::isfinite(magnitude) && std::isfinite(lr);
+  plan[kFinite] = finite ? 1 : 0;
+  plan[kSigma] = o.sigma;
+  plan[kKeyLo] = o.key.lo;
+  plan[kKeyHi] = o.key.hi;
+  plan[kNoise] = static_cast<double>(o.noise);
+}
+
+// The noise key and kind a plan carries.
+C10_HOST_DEVICE inline noise::Key plan_key(const double* plan) {
+  return {static_cast<uint32_t>(plan[kKeyLo]),
+          static_cast<uint32_t>(plan[kKeyHi])};
+}
+C10_HOST_DEVICE inline noise::Kind plan_noise(const double* plan) {
+  return static_cast<noise::Kind>(static_cast<int64_t>(plan[kNoise]));
+}
+
+// Whether every group's plan is finite: a step is taken by all groups or by
+// none.
+C10_HOST_DEVICE inline bool all_finite(const double* const* plans, int count) {
+  bool finite = true;
+  for (int g = 0; g < count; ++g) {
+    finite = finite && plans[g][kFinite] == 1;
+  }
+  return finite;
+}
+
+// The state after the step: the plan's when the step is taken, else one more
+// step, counted as skipped.
+C10_HOST_DEVICE inline void commit_group(double* state,
+                                         const double* plan,
+                                         bool taken) {
+  if (taken) {
+    for (int64_t i = 0; i < kStateSize; ++i) {
+      state[i] = plan[kNextState + i];
+    }
+  } else {
+    state[kStep] += 1;
+    state[kSkippedSteps] += 1;
+  }
+}
+
+// An element update x' = keep * (x - shift * z) - move * z, where x is the
+// float32 master weight when the parameter has one (and the parameter becomes
+// x' rounded), else the parameter. Without decay the two noise terms are one
+// (shift = sigma + step size), a single rounding.
+struct Coefficients {
+  double keep = 1, shift = 0, move = 0;
+  // Whether x' is stored in the master weight; else only the parameter
+  // changes (a perturbation of a parameter with a master weight).
+  bool writes_master = false;
+};
+
+// perturb_: theta + direction * sigma * z. A master weight is never
+// perturbed: the parameter becomes its rounding plus the perturbation
+// (direction +1) or its rounding (direction -1), so the round trip is exact.
+C10_HOST_DEVICE inline Coefficients perturb_coefficients(double sigma,
+                                                         int64_t direction,
+                                                         bool has_master) {
+  Coefficients c;
+  c.shift = has_master && direction < 0 ? 0 : -direction * sigma;
+  return c;
+}
+
+// finish_step_: removes the perturbation and, when the step is taken, applies
+// decay and moves along the noise (SPEC §2.6).
+C10_HOST_DEVICE inline Coefficients finish_coefficients(const double* plan,
+                                                        bool taken,
+                                                        bool has_master) {
+  Coefficients c;
+  const double unperturb = has_master ? 0 : plan[kSigma];
+  c.writes_master = has_master && taken;
+  if (!taken) {
+    c.shift = unperturb;
+  } else if (plan[kDecay] == 0) {
+    c.shift = unperturb + plan[kStepSize];
+  } else {
+    c.keep = 1 - plan[kDecay];
+    c.shift = unperturb;
+    c.move = plan[kStepSize];
+  }
+  return c;
+}
+
+}  // namespace dopamine::engine

@@ -1,0 +1,417 @@
+// The kernels of the step ops (schemas in dopamine_ops.cpp): one function
+// per op for every dispatch key, which checks the arguments, buckets the
+// parameters by device and hands each bucket to that device's Backend
+// (kernel_common.h). A list may so mix devices and dtypes; under Meta (fake
+// tensors, torch.compile, opcheck) the checks run and nothing is computed.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "engine.h"
+#include "kernel_common.h"
+
+namespace dopamine::ops {
+
+namespace {
+
+std::array<std::optional<Backend>, static_cast<size_t>(
+                                       c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>&
+backends() {
+  static std::array<std::optional<Backend>,
+                    static_cast<size_t>(
+                        c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
+      table;
+  return table;
+}
+
+}  // namespace
+
+void register_backend(c10::DeviceType type, const Backend& backend) {
+  backends()[static_cast<size_t>(type)] = backend;
+}
+
+const Backend& backend_for(c10::DeviceType type) {
+  const auto& backend = backends()[static_cast<size_t>(type)];
+  TORCH_CHECK(backend.has_value(),
+              "dopamine: no kernels for device type ",
+              type,
+              " (this build has CPU",
+              backends()[static_cast<size_t>(c10::DeviceType::CUDA)]
+                  ? " and CUDA"
+                  : "",
+              " kernels)");
+  return *backend;
+}
+
+namespace {
+
+uint32_t counter_word(double value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<uint32_t>::max(),
+              "dopamine: ",
+              name,
+              " must be in [0, 2^32), got ",
+              value);
+  return static_cast<uint32_t>(value);
+}
+
+bool is_half(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+void check_state_tensor(const at::Tensor& tensor,
+                        int64_t size,
+                        const char* op,
+                        const char* what) {
+  TORCH_CHECK(tensor.defined() && tensor.scalar_type() == at::kDouble &&
+                  tensor.dim() == 1 && tensor.sym_size(0) == size &&
+                  tensor.is_contiguous(),
+              "dopamine::",
+              op,
+              ": ",
+              what,
+              " must be a contiguous float64 tensor of shape [",
+              size,
+              "]");
+}
+
+// Entries grouped by device, in order of first appearance.
+using DeviceBuckets = std::vector<std::pair<c10::Device, std::vector<UpdateEntry>>>;
+
+// The checked parameters of a tensor op, their contiguous working copies and
+// master weights, ready to become UpdateEntries.
+struct ParamTable {
+  std::vector<at::Tensor> work;
+  std::vector<at::Tensor> masters;  // undefined where a parameter has none
+
+  ParamTable(at::TensorList params,
+             at::TensorList master_weights,
+             c10::IntArrayRef indices,
+             const char* op) {
+    TORCH_CHECK(indices.size() == params.size(),
+                "dopamine::",
+                op,
+                ": ",
+                params.size(),
+                " parameters but ",
+                indices.size(),
+                " indices");
+    size_t halves = 0;
+    for (const auto i : c10::irange(params.size())) {
+      const auto& param = params[i];
+      TORCH_CHECK(param.defined() && param.layout() == at::kStrided &&
+                      (param.scalar_type() == at::kFloat ||
+                       param.scalar_type() == at::kDouble ||
+                       is_half(param.scalar_type())),
+                  "dopamine::",
+                  op,
+                  ": params[",
+                  i,
+                  "] must be a strided float32, float64, bfloat16 or float16 "
+                  "tensor, got ",
+                  param.defined() ? c10::toString(param.scalar_type())
+                                  : "an undefined tensor");
+      counter_word(static_cast<double>(indices[i]), "a parameter's index");
+      halves += is_half(param.scalar_type()) ? 1 : 0;
+    }
+    TORCH_CHECK(master_weights.empty() || master_weights.size() == halves,
+                "dopamine::",
+                op,
+                ": master_weights must be empty or hold one tensor per "
+                "bfloat16/float16 parameter (",
+                halves,
+                "), got ",
+                master_weights.size());
+    size_t next_master = 0;
+    for (const auto i : c10::irange(params.size())) {
+      const auto& param = params[i];
+      at::Tensor master;
+      if (!master_weights.empty() && is_half(param.scalar_type())) {
+        master = master_weights[next_master++];
+        TORCH_CHECK(master.defined() && master.scalar_type() == at::kFloat &&
+                        master.is_contiguous() &&
+                        master.sym_numel() == param.sym_numel() &&
+                        master.device() == param.device(),
+                    "dopamine::",
+                    op,
+                    ": the master weight of params[",
+                    i,
+                    "] must be a contiguous float32 tensor of its size on its "
+                    "device");
+      }
+      masters.push_back(master);
+      work.push_back(param.is_contiguous() ? param : param.contiguous());
+    }
+  }
+
+  // The tensors' entries, bucketed by device; `step_of(i)` gives tensor i's
+  // source and, when the host can read it, its step.
+  template <typename StepOf>
+  DeviceBuckets entries(
+      c10::IntArrayRef indices, const StepOf& step_of) const {
+    DeviceBuckets buckets;
+    for (const auto i : c10::irange(work.size())) {
+      UpdateEntry entry{};
+      entry.data = work[i].data_ptr();
+      entry.master =
+          masters[i].defined() ? masters[i].data_ptr<float>() : nullptr;
+      entry.numel = work[i].numel();
+      entry.dtype = work[i].scalar_type();
+      entry.index = static_cast<uint32_t>(indices[i]);
+      step_of(i, entry);
+      if (entry.numel == 0) {
+        continue;
+      }
+      auto bucket = std::find_if(buckets.begin(), buckets.end(), [&](const auto& b) {
+        return b.first == work[i].device();
+      });
+      if (bucket == buckets.end()) {
+        buckets.emplace_back(work[i].device(), std::vector<UpdateEntry>{});
+        bucket = std::prev(buckets.end());
+      }
+      bucket->second.push_back(entry);
+    }
+    return buckets;
+  }
+
+  void write_back(at::TensorList params) const {
+    for (const auto i : c10::irange(params.size())) {
+      if (!work[i].is_same(params[i])) {
+        params[i].copy_(work[i]);
+      }
+    }
+  }
+};
+
+void run(const DeviceBuckets& buckets) {
+  for (const auto& [device, entries] : buckets) {
+    const c10::OptionalDeviceGuard guard(device);
+    backend_for(device.type()).update(entries);
+  }
+}
+
+// A state the host reads (on the CPU), or nullopt when it lives on a device
+// and the kernels read it there; then every parameter must be on that device.
+bool host_readable(const at::Tensor& state,
+                   at::TensorList params,
+                   const char* op) {
+  if (state.is_cpu()) {
+    return true;
+  }
+  for (const auto i : c10::irange(params.size())) {
+    TORCH_CHECK(params[i].device() == state.device(),
+                "dopamine::",
+                op,
+                ": params[",
+                i,
+                "] is on ",
+                params[i].device(),
+                " but the state on ",
+                state.device(),
+                "; a state off the CPU (capturable) serves parameters of its "
+                "own device only");
+  }
+  return false;
+}
+
+noise::Kind noise_kind(int64_t code) {
+  TORCH_CHECK(code == 0 || code == 1,
+              "dopamine: invalid noise code ",
+              code,
+              " (0 gaussian, 1 rademacher)");
+  return static_cast<noise::Kind>(code);
+}
+
+void perturb(at::TensorList params,
+             at::TensorList master_weights,
+             const at::Tensor& state,
+             c10::IntArrayRef indices,
+             int64_t seed,
+             double sigma,
+             int64_t noise,
+             int64_t direction) {
+  const ParamTable table(params, master_weights, indices, "perturb_");
+  check_state_tensor(state, engine::kStateSize, "perturb_", "state");
+  TORCH_CHECK(direction == 1 || direction == -1,
+              "dopamine::perturb_: direction must be 1 or -1, got ",
+              direction);
+  TORCH_CHECK(std::isfinite(sigma),
+              "dopamine::perturb_: sigma must be finite, got ",
+              sigma);
+  const noise::Kind kind = noise_kind(noise);
+  const noise::Key key = noise::key_of(seed);
+  const bool on_host = host_readable(state, params, "perturb_");
+  if (state.is_meta()) {
+    return;
+  }
+  if (on_host) {
+    counter_word(state.data_ptr<double>()[engine::kStep] + 1, "step");
+  }
+  const auto buckets = table.entries(indices, [&](size_t, UpdateEntry& e) {
+    e.resolved = on_host;
+    if (on_host) {
+      e.step = perturb_tensor_step(kind,
+                            key,
+                            state.data_ptr<double>(),
+                            sigma,
+                            direction,
+                            e.master != nullptr);
+    } else {
+      e.source.state = state.data_ptr<double>();
+      e.source.kind = kind;
+      e.source.key = key;
+      e.source.sigma = sigma;
+      e.source.direction = direction;
+      e.source.has_master = e.master != nullptr;
+    }
+  });
+  run(buckets);
+  table.write_back(params);
+}
+
+at::Tensor plan_step(const at::Tensor& state,
+                     const at::Tensor& losses,
+                     int64_t lr_adaptation,
+                     double lr,
+                     double sigma,
+                     double beta,
+                     double beta_s,
+                     double beta_eta,
+                     double eps,
+                     std::optional<double> lr_min,
+                     std::optional<double> lr_max,
+                     double weight_decay,
+                     int64_t seed,
+                     int64_t noise) {
+  check_state_tensor(state, engine::kStateSize, "plan_step", "state");
+  TORCH_CHECK(losses.defined() && losses.dim() == 1 && losses.sym_size(0) == 2,
+              "dopamine::plan_step: losses must be a tensor of shape [2] "
+              "(unperturbed, perturbed)");
+  TORCH_CHECK(lr_adaptation >= 0 && lr_adaptation <= 2,
+              "dopamine::plan_step: invalid lr_adaptation code ",
+              lr_adaptation);
+  const engine::GroupOptions options{
+      static_cast<engine::Adaptation>(lr_adaptation),
+      lr,
+      sigma,
+      beta,
+      beta_s,
+      beta_eta,
+      eps,
+      weight_decay,
+      lr_min.has_value(),
+      lr_max.has_value(),
+      lr_min.value_or(0),
+      lr_max.value_or(0),
+      noise::key_of(seed),
+      noise_kind(noise)};
+  auto plan = at::empty({engine::kPlanSize}, state.options());
+  if (state.is_meta()) {
+    return plan;
+  }
+  const auto on_state_device =
+      losses.to(state.device(), at::kDouble).contiguous();
+  const c10::OptionalDeviceGuard guard(state.device());
+  backend_for(state.device().type())
+      .plan(state, on_state_device, options, plan);
+  return plan;
+}
+
+at::Tensor finish_step(at::TensorList params,
+                       at::TensorList master_weights,
+                       at::TensorList states,
+                       at::TensorList plans,
+                       c10::IntArrayRef indices,
+                       c10::IntArrayRef group_sizes) {
+  const ParamTable table(params, master_weights, indices, "finish_step_");
+  TORCH_CHECK(!states.empty() && states.size() == plans.size() &&
+                  states.size() == group_sizes.size(),
+              "dopamine::finish_step_: one state, one plan and one size per "
+              "group; got ",
+              states.size(),
+              ", ",
+              plans.size(),
+              " and ",
+              group_sizes.size());
+  std::vector<size_t> group_of;
+  for (const auto g : c10::irange(states.size())) {
+    check_state_tensor(states[g], engine::kStateSize, "finish_step_", "state");
+    check_state_tensor(plans[g], engine::kPlanSize, "finish_step_", "plan");
+    TORCH_CHECK(states[g].device() == states[0].device() &&
+                    plans[g].device() == states[0].device(),
+                "dopamine::finish_step_: every state and plan must be on one "
+                "device");
+    TORCH_CHECK(group_sizes[g] >= 0,
+                "dopamine::finish_step_: negative group size");
+    group_of.insert(group_of.end(), group_sizes[g], g);
+  }
+  TORCH_CHECK(group_of.size() == params.size(),
+              "dopamine::finish_step_: the group sizes add up to ",
+              group_of.size(),
+              ", but there are ",
+              params.size(),
+              " parameters");
+  const bool on_host = host_readable(states[0], params, "finish_step_");
+  if (states[0].is_meta()) {
+    return at::empty({}, states[0].options());
+  }
+  if (on_host) {
+    for (const auto& plan : plans) {
+      counter_word(plan.data_ptr<double>()[engine::kNextState + engine::kStep],
+                   "step");
+    }
+  }
+  // Nothing is written before this point: a step whose arguments fail a
+  // check leaves everything as it was.
+  const c10::OptionalDeviceGuard guard(states[0].device());
+  const at::Tensor taken =
+      backend_for(states[0].device().type()).settle(states, plans);
+  const auto buckets = table.entries(indices, [&](size_t i, UpdateEntry& e) {
+    const double* plan = plans[group_of[i]].data_ptr<double>();
+    e.resolved = on_host;
+    if (on_host) {
+      e.step = finish_tensor_step(
+          plan, taken.data_ptr<double>()[0] != 0, e.master != nullptr);
+    } else {
+      e.source.plan = plan;
+      e.source.taken = taken.data_ptr<double>();
+      e.source.has_master = e.master != nullptr;
+    }
+  });
+  run(buckets);
+  table.write_back(params);
+  return taken;
+}
+
+void register_step_kernels(torch::Library& m) {
+  m.impl("perturb_", &perturb);
+  m.impl("plan_step", &plan_step);
+  m.impl("finish_step_", &finish_step);
+}
+
+}  // namespace
+
+// One kernel for every key: a list that mixes CPU and CUDA tensors
+// dispatches to CUDA, and the kernel routes each tensor to its own device.
+// Under Meta the checks run and nothing is computed.
+TORCH_LIBRARY_IMPL(dopamine, CPU, m) {
+  register_step_kernels(m);
+}
+TORCH_LIBRARY_IMPL(dopamine, CUDA, m) {
+  register_step_kernels(m);
+}
+TORCH_LIBRARY_IMPL(dopamine, Meta, m) {
+  register_step_kernels(m);
+}
+
+}  // namespace dopamine::ops
