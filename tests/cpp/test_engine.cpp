@@ -1,0 +1,163 @@
+// The step engine from C++: capturable, master weights, mixed dtypes, frozen
+// and named parameters, and a state that survives reordering and is checked
+// when loaded.
+#include <filesystem>
+
+#include "test_utils.h"
+#include "xor/xor_task.h"
+
+namespace dopamine::testing {
+namespace {
+
+std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() /
+          ("dopamine_engine_" + std::to_string(::getpid()) + "_" + name))
+      .string();
+}
+
+TEST(Engine, CapturableOnCpuMatchesTheDefaultBitForBit) {
+  const Quadratic loss({{5}, {3}}, torch::kFloat, 4);
+  torch::manual_seed(1);
+  std::vector<torch::Tensor> params = {torch::randn({5}).requires_grad_(),
+                                       torch::randn({3}).requires_grad_()};
+  auto twin = clones(params);
+  Dopamine optimizer(params, DopamineOptions().capturable(true));
+  Dopamine twin_optimizer(twin);
+  for (int t = 0; t < 5; ++t) {
+    optimizer.step([&] { return loss(params); });
+    twin_optimizer.step([&] { return loss(twin); });
+  }
+  EXPECT_TRUE(bitwise_equal(params, twin));
+  EXPECT_EQ(*optimizer.group_state(0), *twin_optimizer.group_state(0));
+  expect_error(
+      [] {
+        Dopamine({torch::zeros({2}, torch::requires_grad())},
+                 DopamineOptions().capturable(true).non_finite_loss(
+                     NonFiniteLoss::Raise));
+      },
+      {"raise with capturable=True"});
+}
+
+TEST(Engine, MasterWeightsKeepHalfParametersBitIdenticalAtLrZero) {
+  for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    torch::manual_seed(2);
+    std::vector<torch::Tensor> params = {
+        torch::randn({3000}).to(dtype).requires_grad_()};
+    const auto initial = clones(params);
+    Dopamine optimizer(params,
+                       DopamineOptions(0.0)
+                           .sigma(1e-2)
+                           .lr_adaptation(LrAdaptation::None)
+                           .master_weights(true));
+    for (int t = 0; t < 300; ++t) {
+      optimizer.step([&] { return params[0].to(torch::kFloat).sum(); });
+    }
+    EXPECT_TRUE(bitwise_equal(params, initial)) << dtype;
+    const auto& master = optimizer.group_state(0)->master_weight();
+    ASSERT_TRUE(master.defined());
+    EXPECT_EQ(master.scalar_type(), torch::kFloat);
+  }
+}
+
+TEST(Engine, MixedDtypesTrainInOneGroup) {
+  auto net = make_xor_net(3);
+  // The hidden layer in bfloat16, the output layer in float32.
+  net->hidden->to(torch::kBFloat16);
+  const auto inputs = xor_inputs();
+  const auto targets = xor_targets();
+  auto loss = [&] {
+    const auto hidden =
+        torch::tanh(net->hidden->forward(inputs.to(torch::kBFloat16)))
+            .to(torch::kFloat);
+    return torch::mse_loss(torch::sigmoid(net->output->forward(hidden)),
+                           targets);
+  };
+  Dopamine optimizer(net->parameters(), DopamineOptions().master_weights(true));
+  const double initial = loss().item<double>();
+  for (int t = 0; t < 1500; ++t) {
+    optimizer.step(loss);
+  }
+  EXPECT_EQ(net->hidden->weight.scalar_type(), torch::kBFloat16);
+  EXPECT_LT(loss().item<double>(), initial / 4);
+}
+
+TEST(Engine, FrozenParametersAreUntouched) {
+  auto frozen = torch::ones({4});
+  auto trained = torch::ones({3}).requires_grad_();
+  Dopamine optimizer({frozen, trained});
+  for (int t = 0; t < 5; ++t) {
+    optimizer.step([&] { return (trained - 2).square().sum(); });
+  }
+  EXPECT_TRUE(torch::equal(frozen, torch::ones({4})));
+  EXPECT_FALSE(torch::equal(trained, torch::ones({3})));
+}
+
+TEST(Engine, StateSurvivesReorderingAndAMovedParameterIsAnError) {
+  const Quadratic loss({{4}, {3}}, torch::kDouble, 5);
+  std::vector<torch::Tensor> params = {
+      torch::ones({4}, torch::kDouble).requires_grad_(),
+      torch::ones({3}, torch::kDouble).requires_grad_()};
+  Dopamine optimizer(params);
+  optimizer.step([&] { return loss(params); });
+  auto& first = optimizer.param_groups()[0].params();
+  std::swap(first[0], first[1]);
+  optimizer.step([&] { return loss(params); });
+  EXPECT_EQ(optimizer.group_state(0)->step(), 2);
+
+  auto other = torch::ones({2}, torch::kDouble).requires_grad_();
+  optimizer.add_param_group(torch::optim::OptimizerParamGroup(
+      {other}, std::make_unique<DopamineOptions>(0.05)));
+  optimizer.step([&] { return loss(params) + other.sum(); });
+  // add_param_group may have moved the groups: take them anew.
+  auto& group = optimizer.param_groups()[0].params();
+  optimizer.param_groups()[1].params().push_back(group.back());
+  group.pop_back();
+  expect_error(
+      [&] { optimizer.step([&] { return loss(params) + other.sum(); }); },
+      {"group 1 hold the states of different groups"});
+}
+
+TEST(Engine, NamedParametersAreKeptAndCheckedOnLoad) {
+  auto net = make_xor_net(1);
+  Dopamine optimizer(net->named_parameters());
+  EXPECT_EQ(optimizer.param_names(), net->named_parameters().keys());
+  optimizer.step([&] {
+    return torch::mse_loss(net->forward(xor_inputs()), xor_targets());
+  });
+  const auto path = temp_path("named.pt");
+  torch::save(optimizer, path);
+
+  auto same = make_xor_net(1);
+  Dopamine loaded(same->named_parameters());
+  torch::load(loaded, path);
+  EXPECT_EQ(*loaded.group_state(0), *optimizer.group_state(0));
+
+  auto named = same->named_parameters();
+  torch::OrderedDict<std::string, torch::Tensor> renamed;
+  for (const auto& item : named) {
+    renamed.insert("renamed." + item.key(), item.value());
+  }
+  Dopamine other(renamed);
+  expect_error([&] { torch::load(other, path); },
+               {"parameter names differ"});
+}
+
+TEST(Engine, LoadedStateIsChecked) {
+  auto net = make_xor_net(2);
+  Dopamine optimizer(net->parameters());
+  optimizer.step([&] {
+    return torch::mse_loss(net->forward(xor_inputs()), xor_targets());
+  });
+  // The group's state tensor is shared: corrupt it for every parameter.
+  optimizer.group_state(0)->group_state()[2] =
+      std::numeric_limits<double>::quiet_NaN();
+  const auto path = temp_path("corrupt.pt");
+  torch::save(optimizer, path);
+  auto fresh = make_xor_net(2);
+  Dopamine loaded(fresh->parameters());
+  expect_error([&] { torch::load(loaded, path); },
+               {"state rpe_trace", "nan"});
+}
+
+}  // namespace
+}  // namespace dopamine::testing
