@@ -190,6 +190,24 @@ def _claims(records) -> List[str]:
     return lines
 
 
+def _layouts(layouts) -> list:
+    """The optimizer-only step on 1e7 elements as few or many tensors."""
+    if not layouts:
+        return []
+    names = list(layouts["gaussian"]["ms"])
+    lines = [
+        "The same 1e7 elements as few large or many small tensors (optimizer-only step, interleaved, medians; "
+        "ratio to the first layout):",
+        "",
+        "| tensors x elements | " + " | ".join(f"{noise} ms | ratio" for noise in layouts) + " |",
+        "|---|" + "---|---|" * len(layouts),
+    ]
+    for name in names:
+        cells = " | ".join(f"{_fmt(v['ms'][name])} | {v['ratio'][name]:.2f}x" for v in layouts.values())
+        lines.append(f"| {name} | {cells} |")
+    return lines + [""]
+
+
 def _cpu_breakdown(breakdown: Optional[dict]) -> List[str]:
     """The C++ noise benchmark's figures (benchmarks/cpp/noise_bench.cpp)."""
     if not breakdown:
@@ -276,13 +294,14 @@ def write(records: List[dict], meta: dict, out: Path) -> None:
             lines.append(f"| {name} | {_fmt(ms)} | {_fmt(gbs)} |")
         lines += [
             "",
-            f"A Dopamine step's ops (perturb + restore/update) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
+            f"A Dopamine step's ops (perturb_, plan_step and finish_step_) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
             f"Gaussian noise, {ops['step_vs_adam']['rademacher']:.2f}x with Rademacher noise. Noise throughput against `normal_` on the "
             f"same tensors: {ops['noise_throughput_vs_normal_']:.2f}x. `copy_` reaches {ops['copy_gb_per_s']:.1f} GB/s; a step takes "
             f"{ops['step_vs_two_copies']['gaussian']:.2f}x (Gaussian) and {ops['step_vs_two_copies']['rademacher']:.2f}x (Rademacher) the "
             "time of two copies, the bandwidth bound of reading and writing the parameters twice.",
             "",
         ]
+        lines += _layouts(ops.get("layouts"))
         lines += _cpu_breakdown(ops.get("cpu_breakdown"))
     cpp = [r for r in records if r["front_end"] == "cpp"]
     if cpp:

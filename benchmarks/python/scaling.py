@@ -129,15 +129,10 @@ def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dic
     if contender.gradient:
         optimizer_ms = timed(opt.step, device, repeats)
     else:
-        group = opt.param_groups[0]
-        noise = group["noise"]
-
-        def ops():
-            torch.ops.dopamine.perturb_(weights, 0, 1, 0, 1e-3, noise)
-            torch.ops.dopamine.restore_update_(weights, 0, 1, 0, 1e-3, 0.0, 0.0, noise)
-
+        noise = opt.param_groups[0]["noise"]
+        state = torch.zeros(5, dtype=torch.float64)
         with torch.no_grad():
-            optimizer_ms = timed(ops, device, repeats)
+            optimizer_ms = timed(lambda: engine_step(weights, noise, state), device, repeats)
     return {
         "optimizer": optimizer,
         "params": sum(w.numel() for w in weights),
@@ -168,6 +163,63 @@ def run_point(optimizer, params, device, repeats) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+NOISE_CODES = {"gaussian": 0, "rademacher": 1}
+# Losses of a step that is taken (state on the CPU, as without capturable).
+LOSSES = torch.tensor([1.0, 1.0 + 1e-6], dtype=torch.float64)
+
+
+def perturb(params, noise, state):
+    torch.ops.dopamine.perturb_(
+        params, [], state, indices=list(range(len(params))), seed=0, sigma=1e-3, noise=NOISE_CODES[noise], direction=1
+    )
+
+
+def finish(params, noise, state):
+    plan = torch.ops.dopamine.plan_step(
+        state, LOSSES, lr_adaptation=1, lr=1e-4, sigma=1e-3, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
+        lr_min=None, lr_max=None, weight_decay=0.0, seed=0, noise=NOISE_CODES[noise],
+    )
+    torch.ops.dopamine.finish_step_(
+        params, [], [state], [plan], indices=list(range(len(params))), group_sizes=[len(params)]
+    )
+
+
+def engine_step(params, noise, state):
+    """The optimizer's own work in a step, evaluations left out: perturb_,
+    plan_step and finish_step_."""
+    perturb(params, noise, state)
+    finish(params, noise, state)
+
+
+# The same 1e7 elements as few large and as many small tensors.
+LAYOUTS = ((5, 2_000_000), (200, 50_000), (2000, 5_000))
+
+
+def layout_benchmark(device: str, repeats: int = 15) -> dict:
+    """The optimizer-only step on each layout of LAYOUTS, interleaved (one
+    step of each layout per round, medians over rounds), and each layout's
+    ratio to the 5-tensor one."""
+    device = torch.device(device)
+    tensors = {f"{count}x{size}": [torch.zeros(size, device=device) for _ in range(count)] for count, size in LAYOUTS}
+    state = torch.zeros(5, dtype=torch.float64)
+    result = {}
+    for noise in ("gaussian", "rademacher"):
+        times = {name: [] for name in tensors}
+        for params in tensors.values():
+            engine_step(params, noise, state)
+        for _ in range(repeats):
+            for name, params in tensors.items():
+                sync(device)
+                start = time.perf_counter()
+                engine_step(params, noise, state)
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        base = ms[f"{LAYOUTS[0][0]}x{LAYOUTS[0][1]}"]
+        result[noise] = {"ms": ms, "ratio": {name: v / base for name, v in ms.items()}}
+    return result
+
+
 def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 4, repeats: int = 30) -> dict:
     """The fused ops at `numel` float32 elements in `tensors` tensors, against
     torch's normal_, copy_ and the fastest Adam steps, in one process."""
@@ -176,12 +228,11 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 4, repeat
     params = [torch.zeros(size, device=device) for _ in range(tensors)]
     others = [torch.zeros(size, device=device) for _ in range(tensors)]
     times = {}
+    state = torch.zeros(5, dtype=torch.float64)
     for noise in ("gaussian", "rademacher"):
-        times[f"perturb_[{noise}]"] = timed(lambda: torch.ops.dopamine.perturb_(params, 0, 1, 0, 1e-3, noise), device, repeats)
-        times[f"restore_update_[{noise}]"] = timed(
-            lambda: torch.ops.dopamine.restore_update_(params, 0, 1, 0, 1e-3, 1e-4, 0.0, noise), device, repeats
-        )
-        times[f"step[{noise}]"] = times[f"perturb_[{noise}]"] + times[f"restore_update_[{noise}]"]
+        times[f"perturb_[{noise}]"] = timed(lambda: perturb(params, noise, state), device, repeats)
+        times[f"finish_step_[{noise}]"] = timed(lambda: finish(params, noise, state), device, repeats)
+        times[f"step[{noise}]"] = times[f"perturb_[{noise}]"] + times[f"finish_step_[{noise}]"]
     times["normal_"] = timed(lambda: [p.normal_() for p in params], device, repeats)
     times["copy_"] = timed(lambda: [o.copy_(p) for o, p in zip(others, params)], device, repeats)
     adam_params = [torch.nn.Parameter(torch.zeros(size, device=device)) for _ in range(tensors)]
@@ -206,10 +257,11 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 4, repeat
         "step_vs_adam": {k: times[f"step[{k}]"] / adam_best for k in ("gaussian", "rademacher")},
         "noise_throughput_vs_normal_": times["normal_"] / times["perturb_[gaussian]"],
         # Each op reads and writes every element once: 8 bytes per float.
-        "gb_per_s": {k: 8 * numel / (v * 1e-3) / 1e9 for k, v in times.items() if k.startswith(("perturb_", "restore_update_"))},
+        "gb_per_s": {k: 8 * numel / (v * 1e-3) / 1e9 for k, v in times.items() if k.startswith(("perturb_", "finish_step_"))},
         "copy_gb_per_s": copy_gbs,
         # A step reads and writes the parameters twice; copy_ does it once.
         "step_vs_two_copies": {k: times[f"step[{k}]"] / (2 * times["copy_"]) for k in ("gaussian", "rademacher")},
+        "layouts": layout_benchmark(str(device)),
     }
 
 

@@ -86,8 +86,7 @@ void check_options(const DopamineOptions& o) {
 }
 
 void check_state(const at::Tensor& state) {
-  static auto op =
-      find_op<void(const at::Tensor&)>("dopamine::check_state");
+  static auto op = find_op<void(const at::Tensor&)>("dopamine::check_state");
   op.call(state);
 }
 
@@ -156,13 +155,13 @@ at::Tensor finish_step_(at::TensorList params,
                         at::TensorList plans,
                         c10::IntArrayRef indices,
                         c10::IntArrayRef group_sizes) {
-  static auto op = find_op<at::Tensor(at::TensorList,
-                                      at::TensorList,
-                                      at::TensorList,
-                                      at::TensorList,
-                                      c10::IntArrayRef,
-                                      c10::IntArrayRef)>(
-      "dopamine::finish_step_");
+  static auto op =
+      find_op<at::Tensor(at::TensorList,
+                         at::TensorList,
+                         at::TensorList,
+                         at::TensorList,
+                         c10::IntArrayRef,
+                         c10::IntArrayRef)>("dopamine::finish_step_");
   return op.call(params, master_weights, states, plans, indices, group_sizes);
 }
 

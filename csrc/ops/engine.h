@@ -15,32 +15,34 @@ namespace dopamine::engine {
 
 // A group's state: one float64 tensor of kStateSize entries. Counts are
 // integers far below 2^53, so float64 holds them exactly.
-enum StateField : int64_t {
-  kStep = 0,          // steps taken, skipped ones included; keys the noise
-  kSkippedSteps = 1,  // steps skipped for a non-finite loss or step size
-  kRpeTrace = 2,      // m_t, EMA of |delta| / sigma (rpe_normalized)
-  kRpeMagnitude = 3,  // s_t, EMA of |delta| (rpe_tracking)
-  kCurrentLr = 4,     // eta_t of the last completed step
-  kStateSize = 5,
-};
+constexpr int64_t kStep = 0;          // steps taken, skipped ones included
+constexpr int64_t kSkippedSteps = 1;  // skipped for a non-finite loss or step
+constexpr int64_t kRpeTrace = 2;      // m_t, EMA of |delta| / sigma
+constexpr int64_t kRpeMagnitude = 3;  // s_t, EMA of |delta| (rpe_tracking)
+constexpr int64_t kCurrentLr = 4;     // eta_t of the last completed step
+constexpr int64_t kStateSize = 5;
 
 // A group's plan for one step: the state it commits if the step is taken,
 // then everything the update needs, so that finish_step_ takes no options.
-enum PlanField : int64_t {
-  kNextState = 0,  // kStateSize entries
-  kStepSize = kStateSize,
-  kDecay,
-  kFinite,  // 1 when both losses and the step size are finite
-  kSigma,
-  kKeyLo,  // the noise key's two words (exact in float64)
-  kKeyHi,
-  kNoise,  // a noise::Kind
-  kPlanSize,
-};
+constexpr int64_t kNextState = 0;  // kStateSize entries
+constexpr int64_t kStepSize = kStateSize;
+constexpr int64_t kDecay = kStateSize + 1;
+// 1 when both losses, the step size and the traces are finite.
+constexpr int64_t kFinite = kStateSize + 2;
+constexpr int64_t kSigma = kStateSize + 3;
+// The noise key's two words (exact in float64) and its noise::Kind.
+constexpr int64_t kKeyLo = kStateSize + 4;
+constexpr int64_t kKeyHi = kStateSize + 5;
+constexpr int64_t kNoise = kStateSize + 6;
+constexpr int64_t kPlanSize = kStateSize + 7;
 
 // Codes of the op arguments `lr_adaptation`, `noise` and `non_finite_loss`:
 // the values of the C++ enums (include/dopamine/options.h).
-enum class Adaptation : int64_t { None = 0, RpeNormalized = 1, RpeTracking = 2 };
+enum class Adaptation : int64_t {
+  None = 0,
+  RpeNormalized = 1,
+  RpeTracking = 2
+};
 
 // The options of a group that a plan depends on.
 struct GroupOptions {
@@ -52,8 +54,8 @@ struct GroupOptions {
   noise::Kind noise;
 };
 
-// SPEC §2.5 for one group: the plan of a step whose losses are `l0`
-// (unperturbed) and `l1` (perturbed).
+// The rule of docs/DESIGN.md, "The algorithm", for one group: the plan of a
+// step whose losses are `l0` (unperturbed) and `l1` (perturbed).
 C10_HOST_DEVICE inline void plan_group(const double* state,
                                        double l0,
                                        double l1,
@@ -155,7 +157,7 @@ C10_HOST_DEVICE inline Coefficients perturb_coefficients(double sigma,
 }
 
 // finish_step_: removes the perturbation and, when the step is taken, applies
-// decay and moves along the noise (SPEC §2.6).
+// decay and moves along the noise (docs/DESIGN.md, "The algorithm").
 C10_HOST_DEVICE inline Coefficients finish_coefficients(const double* plan,
                                                         bool taken,
                                                         bool has_master) {

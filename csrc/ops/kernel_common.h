@@ -41,11 +41,11 @@ struct DeviceStepSource {
 };
 
 C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
-                                               noise::Key key,
-                                               const double* state,
-                                               double sigma,
-                                               int64_t direction,
-                                               bool has_master) {
+                                                      noise::Key key,
+                                                      const double* state,
+                                                      double sigma,
+                                                      int64_t direction,
+                                                      bool has_master) {
   return {kind,
           key,
           static_cast<uint32_t>(state[engine::kStep] + 1),
@@ -53,8 +53,8 @@ C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
 }
 
 C10_HOST_DEVICE inline TensorStep finish_tensor_step(const double* plan,
-                                              bool taken,
-                                              bool has_master) {
+                                                     bool taken,
+                                                     bool has_master) {
   return {engine::plan_noise(plan),
           engine::plan_key(plan),
           static_cast<uint32_t>(plan[engine::kNextState + engine::kStep]),
@@ -63,14 +63,15 @@ C10_HOST_DEVICE inline TensorStep finish_tensor_step(const double* plan,
 
 C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
   if (source.plan != nullptr) {
-    return finish_tensor_step(source.plan, *source.taken != 0, source.has_master);
+    return finish_tensor_step(
+        source.plan, *source.taken != 0, source.has_master);
   }
   return perturb_tensor_step(source.kind,
-                      source.key,
-                      source.state,
-                      source.sigma,
-                      source.direction,
-                      source.has_master);
+                             source.key,
+                             source.state,
+                             source.sigma,
+                             source.direction,
+                             source.has_master);
 }
 
 // One tensor of an op: its contiguous data (the parameter, or a contiguous

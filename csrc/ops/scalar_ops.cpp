@@ -98,9 +98,8 @@ void check_state_kernel(const at::Tensor& state) {
         "state skipped_steps",
         skipped,
         "an integer in [0, step]");
-  for (const auto field : {engine::kRpeTrace,
-                           engine::kRpeMagnitude,
-                           engine::kCurrentLr}) {
+  for (const auto field :
+       {engine::kRpeTrace, engine::kRpeMagnitude, engine::kCurrentLr}) {
     check(std::isfinite(v[field]) && v[field] >= 0,
           field == engine::kRpeTrace       ? "state rpe_trace"
           : field == engine::kRpeMagnitude ? "state rpe_magnitude"

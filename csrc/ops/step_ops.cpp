@@ -25,8 +25,8 @@ namespace dopamine::ops {
 
 namespace {
 
-std::array<std::optional<Backend>, static_cast<size_t>(
-                                       c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>&
+std::array<std::optional<Backend>,
+           static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>&
 backends() {
   static std::array<std::optional<Backend>,
                     static_cast<size_t>(
@@ -43,14 +43,13 @@ void register_backend(c10::DeviceType type, const Backend& backend) {
 
 const Backend& backend_for(c10::DeviceType type) {
   const auto& backend = backends()[static_cast<size_t>(type)];
-  TORCH_CHECK(backend.has_value(),
-              "dopamine: no kernels for device type ",
-              type,
-              " (this build has CPU",
-              backends()[static_cast<size_t>(c10::DeviceType::CUDA)]
-                  ? " and CUDA"
-                  : "",
-              " kernels)");
+  TORCH_CHECK(
+      backend.has_value(),
+      "dopamine: no kernels for device type ",
+      type,
+      " (this build has CPU",
+      backends()[static_cast<size_t>(c10::DeviceType::CUDA)] ? " and CUDA" : "",
+      " kernels)");
   return *backend;
 }
 
@@ -86,7 +85,8 @@ void check_state_tensor(const at::Tensor& tensor,
 }
 
 // Entries grouped by device, in order of first appearance.
-using DeviceBuckets = std::vector<std::pair<c10::Device, std::vector<UpdateEntry>>>;
+using DeviceBuckets =
+    std::vector<std::pair<c10::Device, std::vector<UpdateEntry>>>;
 
 // The checked parameters of a tensor op, their contiguous working copies and
 // master weights, ready to become UpdateEntries.
@@ -157,8 +157,7 @@ struct ParamTable {
   // The tensors' entries, bucketed by device; `step_of(i)` gives tensor i's
   // source and, when the host can read it, its step.
   template <typename StepOf>
-  DeviceBuckets entries(
-      c10::IntArrayRef indices, const StepOf& step_of) const {
+  DeviceBuckets entries(c10::IntArrayRef indices, const StepOf& step_of) const {
     DeviceBuckets buckets;
     for (const auto i : c10::irange(work.size())) {
       UpdateEntry entry{};
@@ -172,9 +171,10 @@ struct ParamTable {
       if (entry.numel == 0) {
         continue;
       }
-      auto bucket = std::find_if(buckets.begin(), buckets.end(), [&](const auto& b) {
-        return b.first == work[i].device();
-      });
+      auto bucket =
+          std::find_if(buckets.begin(), buckets.end(), [&](const auto& b) {
+            return b.first == work[i].device();
+          });
       if (bucket == buckets.end()) {
         buckets.emplace_back(work[i].device(), std::vector<UpdateEntry>{});
         bucket = std::prev(buckets.end());
@@ -261,11 +261,11 @@ void perturb(at::TensorList params,
     e.resolved = on_host;
     if (on_host) {
       e.step = perturb_tensor_step(kind,
-                            key,
-                            state.data_ptr<double>(),
-                            sigma,
-                            direction,
-                            e.master != nullptr);
+                                   key,
+                                   state.data_ptr<double>(),
+                                   sigma,
+                                   direction,
+                                   e.master != nullptr);
     } else {
       e.source.state = state.data_ptr<double>();
       e.source.kind = kind;

@@ -386,9 +386,19 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     }
     const auto device = defaults.capturable() ? group.params.front().device()
                                               : torch::Device(torch::kCPU);
-    group.state = !state.defined()
-                      ? torch::zeros({5}, torch::dtype(torch::kDouble).device(device))
-                      : state.to(device);
+    for (const auto& param : group.params) {
+      TORCH_CHECK(!defaults.capturable() || param.device() == device,
+                  "Dopamine: with capturable every parameter of group ",
+                  g,
+                  " must be on one device; found ",
+                  device,
+                  " and ",
+                  param.device());
+    }
+    group.state =
+        !state.defined()
+            ? torch::zeros({5}, torch::dtype(torch::kDouble).device(device))
+            : state.to(device);
     groups.push_back(std::move(group));
   }
 
@@ -434,7 +444,8 @@ torch::Tensor Dopamine::step(LossClosure closure) {
       indices.insert(indices.end(), group.indices.begin(), group.indices.end());
       group_sizes.push_back(static_cast<int64_t>(group.params.size()));
     }
-    taken = ops::finish_step_(params, masters, states, plans, indices, group_sizes);
+    taken =
+        ops::finish_step_(params, masters, states, plans, indices, group_sizes);
   } catch (...) {
     // finish_step_ checks everything before it writes: the parameters are
     // still perturbed.
@@ -489,7 +500,8 @@ torch::Tensor Dopamine::step(LossClosure closure) {
 
 void Dopamine::save(torch::serialize::OutputArchive& archive) const {
   serialize(*this, archive);
-  archive.write("param_names", c10::IValue(c10::List<std::string>(param_names_)));
+  archive.write("param_names",
+                c10::IValue(c10::List<std::string>(param_names_)));
 }
 
 void Dopamine::load(torch::serialize::InputArchive& archive) {
@@ -503,7 +515,28 @@ void Dopamine::load(torch::serialize::InputArchive& archive) {
                 "Dopamine::load: the checkpoint's parameter names differ from "
                 "this optimizer's (were the parameters reordered or renamed?)");
   }
-  serialize(*this, archive);
+  // A checkpoint that fails a check leaves the optimizer as it was.
+  std::decay_t<decltype(state_)> saved_state;
+  for (const auto& [key, value] : state_) {
+    saved_state[key] = value->clone();
+  }
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> saved_options;
+  for (const auto& group : param_groups_) {
+    saved_options.push_back(group.options().clone());
+  }
+  try {
+    serialize(*this, archive);
+    check_loaded_states();
+  } catch (...) {
+    state_ = std::move(saved_state);
+    for (const auto g : c10::irange(param_groups_.size())) {
+      param_groups_[g].set_options(std::move(saved_options[g]));
+    }
+    throw;
+  }
+}
+
+void Dopamine::check_loaded_states() {
   // Each parameter was loaded with a copy of its group's state: check it,
   // and let the group's parameters share one again.
   for (const auto g : c10::irange(param_groups_.size())) {

@@ -10,10 +10,14 @@
 inline torch::jit::Module scripted_xor_net(const XorNet& net) {
   torch::jit::Module module("ScriptedXorNet");
   torch::NoGradGuard no_grad;
-  module.register_parameter("w1", net->hidden->weight.clone().requires_grad_(), false);
-  module.register_parameter("b1", net->hidden->bias.clone().requires_grad_(), false);
-  module.register_parameter("w2", net->output->weight.clone().requires_grad_(), false);
-  module.register_parameter("b2", net->output->bias.clone().requires_grad_(), false);
+  module.register_parameter(
+      "w1", net->hidden->weight.clone().requires_grad_(), false);
+  module.register_parameter(
+      "b1", net->hidden->bias.clone().requires_grad_(), false);
+  module.register_parameter(
+      "w2", net->output->weight.clone().requires_grad_(), false);
+  module.register_parameter(
+      "b2", net->output->bias.clone().requires_grad_(), false);
   module.define(R"(
 def forward(self, x):
     hidden = torch.tanh(torch.linear(x, self.w1, self.b1))

@@ -45,8 +45,8 @@ void perturb_(at::TensorList params,
               int64_t direction);
 
 // One group's plan for a step: its next state and the update's coefficients
-// (SPEC §2.5), from `losses` = [L0, L1] (any device; moved to the state's).
-// Computes nothing in place.
+// (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L1] (any device;
+// moved to the state's). Computes nothing in place.
 at::Tensor plan_step(const at::Tensor& state,
                      const at::Tensor& losses,
                      const DopamineOptions& options);

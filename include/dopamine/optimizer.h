@@ -70,7 +70,8 @@ class Dopamine : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   // Loads a checkpoint and checks it: its parameter names (when both have
   // them), its group states (dopamine::ops::check_state) and that the
-  // parameters of a group agree on their group's state.
+  // parameters of a group agree on their group's state. A checkpoint that
+  // fails leaves the optimizer as it was.
   void load(torch::serialize::InputArchive& archive) override;
 
   // The state of a parameter of group `group_index`, or nullptr before the
@@ -84,6 +85,10 @@ class Dopamine : public torch::optim::Optimizer {
 
  private:
   std::vector<std::string> param_names_;
+
+  // Checks the group states just loaded and lets each group's parameters
+  // share one state tensor again.
+  void check_loaded_states();
 
   template <typename Self, typename Archive>
   static void serialize(Self& self, Archive& archive) {

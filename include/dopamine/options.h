@@ -9,7 +9,8 @@
 
 namespace dopamine {
 
-// How the reward prediction error (RPE) sets the step size eta_t (SPEC §2.5).
+// How the reward prediction error (RPE) sets the step size eta_t
+// (docs/DESIGN.md, "The algorithm").
 enum class LrAdaptation : int64_t {
   // eta_t = lr: standard weight perturbation, the paper's baseline.
   None = 0,
@@ -29,7 +30,7 @@ enum class NonFiniteLoss : int64_t {
 
 // The distribution of the perturbation z.
 enum class Noise : int64_t {
-  // Standard normal per element (SPEC §2.1).
+  // Standard normal per element (docs/DESIGN.md, "The noise").
   Gaussian = 0,
   // +1 or -1 with equal probability per element, as in SPSA: E[z z^T] = I
   // still holds, from one random bit per element instead of 32.

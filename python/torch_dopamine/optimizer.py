@@ -329,6 +329,11 @@ class Dopamine(Optimizer):
             if not params:
                 continue
             device = params[0].device if self.defaults["capturable"] else torch.device("cpu")
+            if self.defaults["capturable"] and any(p.device != device for p in params):
+                raise RuntimeError(
+                    f"Dopamine: with capturable=True every parameter of group {g} must be on one "
+                    f"device; they are on {sorted({str(p.device) for p in params})}"
+                )
             if state is None:
                 state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64, device=device)
             steps.append(_GroupStep(group, params, indices, masters, state.to(device)))

@@ -138,8 +138,7 @@ TEST(Engine, NamedParametersAreKeptAndCheckedOnLoad) {
     renamed.insert("renamed." + item.key(), item.value());
   }
   Dopamine other(renamed);
-  expect_error([&] { torch::load(other, path); },
-               {"parameter names differ"});
+  expect_error([&] { torch::load(other, path); }, {"parameter names differ"});
 }
 
 TEST(Engine, LoadedStateIsChecked) {
@@ -155,8 +154,7 @@ TEST(Engine, LoadedStateIsChecked) {
   torch::save(optimizer, path);
   auto fresh = make_xor_net(2);
   Dopamine loaded(fresh->parameters());
-  expect_error([&] { torch::load(loaded, path); },
-               {"state rpe_trace", "nan"});
+  expect_error([&] { torch::load(loaded, path); }, {"state rpe_trace", "nan"});
 }
 
 }  // namespace

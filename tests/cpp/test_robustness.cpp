@@ -1,4 +1,5 @@
-// Bad input gets a clear error and loses nothing (SPEC §3).
+// Bad input gets a clear error and loses nothing (docs/DESIGN.md,
+// "Guarantees").
 #include <limits>
 #include <stdexcept>
 

@@ -1,5 +1,5 @@
-// The update rule (SPEC §2) against an independent reference, the gradient
-// estimate's unbiasedness, and convergence.
+// The update rule (docs/DESIGN.md, "The algorithm") against an independent
+// reference, the gradient estimate's unbiasedness, and convergence.
 #include <torch/optim/schedulers/step_lr.h>
 
 #include "test_utils.h"

@@ -1,8 +1,8 @@
 #pragma once
 
 // Helpers shared by the C++ tests: an independent, double-precision
-// implementation of SPEC §2 to compare the optimizer against, and the noise
-// the ops draw.
+// implementation of docs/DESIGN.md, "The algorithm", to compare the optimizer
+// against, and the noise the ops draw.
 #include <dopamine/dopamine.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -35,7 +35,8 @@ inline torch::Tensor noise_of(const torch::Tensor& like,
 
 using LossFn = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
 
-// SPEC §2 written out step by step, on copies of the parameters.
+// docs/DESIGN.md, "The algorithm", written out step by step, on copies of the
+// parameters.
 class ReferenceDopamine {
  public:
   struct Group {

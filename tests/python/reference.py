@@ -1,4 +1,4 @@
-"""What the tests compare the optimizer against: SPEC §2 written out in
+"""What the tests compare the optimizer against: docs/DESIGN.md, "The algorithm", written out in
 float64, step by step, and the small models and data they train."""
 
 import torch
@@ -25,7 +25,7 @@ def noise_of(like, seed, step, index, kind="gaussian"):
     return noise
 
 class ReferenceDopamine:
-    """SPEC §2 on float64 copies of the parameters, one group at a time."""
+    """docs/DESIGN.md, "The algorithm", on float64 copies of the parameters, one group at a time."""
 
     def __init__(self, groups):
         # groups: list of (params, options dict with every option set)

@@ -333,3 +333,55 @@ def test_a_compiled_model_trains_without_recompiling():
     # Perturbing and updating the parameters in place changes no guard.
     assert torch._dynamo.utils.counters["frames"]["ok"] == frames
     assert last < first
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+def test_a_capturable_step_replays_from_a_cuda_graph_to_the_eager_result():
+    params, loss = quadratic([300, 7], "cuda", dtype=torch.float32)
+    eager = snapshot(params)
+    opt = torch_dopamine.Dopamine(params, capturable=True)
+    eager_opt = torch_dopamine.Dopamine(eager, capturable=True)
+    # Warm up on a side stream (allocations, the state), as CUDA graphs need.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            opt.step(lambda: loss(params))
+            eager_opt.step(lambda: loss(eager))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step(lambda: loss(params))
+    eager_opt.step(lambda: loss(eager))
+    for _ in range(5):
+        graph.replay()
+        eager_opt.step(lambda: loss(eager))
+    torch.cuda.synchronize()
+    assert same_bits(params, eager)
+    assert opt.group_state(0) == eager_opt.group_state(0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_group_across_cpu_and_cuda_matches_one_device(dtype):
+    torch.manual_seed(4)
+    cpu = [torch.randn(50, dtype=dtype).requires_grad_(), torch.randn(3, 4, dtype=dtype).requires_grad_()]
+    mixed = [cpu[0].detach().clone().requires_grad_(), cpu[1].detach().cuda().requires_grad_()]
+
+    def loss(ps):
+        return sum((p.double().cpu() - 0.5).square().sum() for p in ps)
+
+    opt = torch_dopamine.Dopamine(cpu)
+    mixed_opt = torch_dopamine.Dopamine(mixed)
+    for _ in range(5):
+        opt.step(lambda: loss(cpu))
+        mixed_opt.step(lambda: loss(mixed))
+    # CPU and CUDA draw the same noise; the float32 arithmetic of the update
+    # may round differently on each device.
+    assert isclose(cpu, [p.cpu() for p in mixed], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        capturable = torch_dopamine.Dopamine(mixed, capturable=True)
+        capturable.step(lambda: loss(mixed))

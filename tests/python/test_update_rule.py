@@ -1,4 +1,4 @@
-"""The optimizer against the float64 reference of SPEC §2, on every device."""
+"""The optimizer against the float64 reference of docs/DESIGN.md, "The algorithm", on every device."""
 
 import os
 import subprocess

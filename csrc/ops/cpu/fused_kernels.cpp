@@ -92,16 +92,15 @@ void update(c10::ArrayRef<UpdateEntry> entries) {
   // first_tile[i]: the number of tiles of the entries before entry i.
   std::vector<int64_t> first_tile(entries.size() + 1, 0);
   for (size_t i = 0; i < entries.size(); ++i) {
-    first_tile[i + 1] =
-        first_tile[i] + (entries[i].numel + kTile - 1) / kTile;
+    first_tile[i + 1] = first_tile[i] + (entries[i].numel + kTile - 1) / kTile;
   }
   at::parallel_for(
       0, first_tile.back(), kGrainTiles, [&](int64_t begin, int64_t end) {
         cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
           // The last entry whose first tile is at or before `begin`.
-          size_t i = std::upper_bound(
-                         first_tile.begin(), first_tile.end(), begin) -
-                     first_tile.begin() - 1;
+          size_t i =
+              std::upper_bound(first_tile.begin(), first_tile.end(), begin) -
+              first_tile.begin() - 1;
           for (; i < entries.size() && first_tile[i] < end; ++i) {
             const int64_t from = std::max(begin, first_tile[i]);
             const int64_t to = std::min(end, first_tile[i + 1]);
@@ -126,8 +125,8 @@ at::Tensor settle(at::TensorList states, at::TensorList plans) {
   for (const auto& p : plans) {
     plan_data.push_back(p.data_ptr<double>());
   }
-  const bool taken = engine::all_finite(plan_data.data(),
-                                        static_cast<int>(plan_data.size()));
+  const bool taken =
+      engine::all_finite(plan_data.data(), static_cast<int>(plan_data.size()));
   for (size_t g = 0; g < states.size(); ++g) {
     engine::commit_group(states[g].data_ptr<double>(), plan_data[g], taken);
   }

@@ -18,15 +18,17 @@
 // synchronisation, and a step can be captured in a CUDA graph.
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "../kernel_common.h"
@@ -116,16 +118,31 @@ void launch(const LaunchTable& table, int blocks) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The SM count of the current device, queried once per device.
+int64_t sm_count() {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> counts;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = counts.find(device);
+  if (found == counts.end()) {
+    int count = 0;
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    found = counts.emplace(device, count).first;
+  }
+  return found->second;
+}
+
 // Runs the entries of one dtype: tiles in chunks of a size that gives every
-// SM a few blocks (torch caches the device properties), as few launches as
-// the table allows.
+// SM a few blocks, in as few launches as the table allows.
 template <typename scalar_t>
 void update_dtype(const std::vector<UpdateEntry>& entries) {
   int64_t total_tiles = 0;
   for (const auto& entry : entries) {
     total_tiles += (entry.numel + kTile - 1) / kTile;
   }
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = sm_count();
   LaunchTable table{};
   table.chunk_tiles = std::clamp<int64_t>(total_tiles / (4 * sms), 8, 512);
   int tensors = 0;
