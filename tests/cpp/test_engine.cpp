@@ -1,19 +1,11 @@
 // The step engine from C++: capturable, master weights, mixed dtypes, frozen
 // and named parameters, and a state that survives reordering and is checked
 // when loaded.
-#include <filesystem>
-
 #include "test_utils.h"
 #include "xor/xor_task.h"
 
 namespace dopamine::testing {
 namespace {
-
-std::string temp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() /
-          ("dopamine_engine_" + std::to_string(::getpid()) + "_" + name))
-      .string();
-}
 
 TEST(Engine, CapturableOnCpuMatchesTheDefaultBitForBit) {
   const Quadratic loss({{5}, {3}}, torch::kFloat, 4);

@@ -3,19 +3,11 @@
 #include <torch/cuda.h>
 #include <torch/optim/schedulers/step_lr.h>
 
-#include <filesystem>
-
 #include "test_utils.h"
 #include "xor/xor_task.h"
 
 namespace dopamine::testing {
 namespace {
-
-std::string temp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() /
-          ("dopamine_test_" + std::to_string(::getpid()) + "_" + name))
-      .string();
-}
 
 std::vector<torch::Tensor> train_xor(XorNet& net,
                                      Dopamine& optimizer,

@@ -7,12 +7,22 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
 
 namespace dopamine::testing {
+
+// A path in the temporary directory, unique to this process.
+inline std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() /
+          ("dopamine_test_" + std::to_string(::getpid()) + "_" + name))
+      .string();
+}
 
 // A group state whose next step is `step`.
 inline torch::Tensor state_at(int64_t step) {
