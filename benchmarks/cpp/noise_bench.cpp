@@ -1,7 +1,8 @@
 // Where the time of a fused CPU op goes, on one thread, per 1e7 float32
 // elements: Philox alone, a tile's noise (Philox + the normal transform, or
 // the Rademacher signs), and the whole perturb_ op (noise + reading and
-// writing the parameters), on the widest CPU path (noise_tiles.h).
+// writing the parameters), on the widest CPU path (noise_tiles.h); and the
+// optimizer-only step from C++ on 1e7 elements as 5, 200 or 2000 tensors.
 //   dopamine_bench_noise [out.json]
 // Prints a table; with a path, also writes the figures as JSON, which
 // benchmarks/python/run_suite.py --noise-json adds to the report's ops
@@ -97,9 +98,65 @@ double perturb_ms(dopamine::Noise kind) {
   });
 }
 
+// The same 1e7 elements as few large or many small tensors.
+struct Layout {
+  int64_t count, size;
+};
+constexpr Layout kLayouts[] = {{5, 2'000'000}, {200, 50'000}, {2000, 5'000}};
+
+// The optimizer's own work in a step (perturb_, plan_step, finish_step_) on
+// each layout of kLayouts from C++, interleaved: one step of each layout per
+// round, medians over rounds.
+std::vector<double> layout_ms(dopamine::Noise kind) {
+  std::vector<std::vector<at::Tensor>> tensors;
+  std::vector<std::vector<int64_t>> indices;
+  for (const auto& layout : kLayouts) {
+    tensors.emplace_back();
+    indices.emplace_back();
+    for (int64_t i = 0; i < layout.count; ++i) {
+      tensors.back().push_back(at::zeros({layout.size}));
+      indices.back().push_back(i);
+    }
+  }
+  const auto state = at::zeros({5}, at::kDouble);
+  const auto losses = at::zeros({2}, at::kDouble);
+  losses.data_ptr<double>()[1] = 1e-6;
+  const auto options = dopamine::DopamineOptions(1e-4).sigma(1e-3).noise(kind);
+  auto step = [&](size_t l) {
+    dopamine::ops::perturb_(
+        tensors[l], {}, state, indices[l], 0, 1e-3, kind, 1);
+    const auto plan = dopamine::ops::plan_step(state, losses, options);
+    dopamine::ops::finish_step_(
+        tensors[l], {}, {state}, {plan}, indices[l], {kLayouts[l].count});
+  };
+  std::vector<std::vector<double>> times(std::size(kLayouts));
+  for (size_t l = 0; l < std::size(kLayouts); ++l) {
+    step(l);
+  }
+  for (int r = 0; r < kRepeats; ++r) {
+    for (size_t l = 0; l < std::size(kLayouts); ++l) {
+      const auto start = std::chrono::steady_clock::now();
+      step(l);
+      times[l].push_back(std::chrono::duration<double, std::milli>(
+                             std::chrono::steady_clock::now() - start)
+                             .count());
+    }
+  }
+  std::vector<double> medians;
+  for (auto& t : times) {
+    std::nth_element(t.begin(), t.begin() + kRepeats / 2, t.end());
+    medians.push_back(t[kRepeats / 2]);
+  }
+  return medians;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The layouts on the default thread count; the breakdown on one thread.
+  const int threads = at::get_num_threads();
+  const auto layouts_gaussian = layout_ms(dopamine::Noise::Gaussian);
+  const auto layouts_rademacher = layout_ms(dopamine::Noise::Rademacher);
   at::set_num_threads(1);
   const double philox = philox_ms();
   const double gaussian = noise_ms(noise::Kind::Gaussian);
@@ -123,12 +180,33 @@ int main(int argc, char** argv) {
   for (const auto& row : rows) {
     std::printf("%-28s %8.2f\n", row.name, row.ms);
   }
+  std::printf(
+      "optimizer-only step on 1e7 elements, %d threads, ms (ratio to the "
+      "first layout)\n",
+      threads);
+  for (size_t l = 0; l < std::size(kLayouts); ++l) {
+    std::printf(
+        "%5lld x %-9lld gaussian %8.2f (%.2fx)  rademacher %8.2f "
+        "(%.2fx)\n",
+        static_cast<long long>(kLayouts[l].count),
+        static_cast<long long>(kLayouts[l].size),
+        layouts_gaussian[l],
+        layouts_gaussian[l] / layouts_gaussian[0],
+        layouts_rademacher[l],
+        layouts_rademacher[l] / layouts_rademacher[0]);
+  }
   if (argc > 1) {
     std::ofstream out(argv[1]);
     out << "{\"elements\": " << kElements << ", \"threads\": 1, \"path\": \""
         << path << "\", \"ms\": {";
     for (size_t i = 0; i < std::size(rows); ++i) {
       out << (i ? ", " : "") << '"' << rows[i].name << "\": " << rows[i].ms;
+    }
+    out << "}, \"layout_threads\": " << threads << ", \"layouts\": {";
+    for (size_t l = 0; l < std::size(kLayouts); ++l) {
+      out << (l ? ", " : "") << '"' << kLayouts[l].count << 'x'
+          << kLayouts[l].size << "\": {\"gaussian\": " << layouts_gaussian[l]
+          << ", \"rademacher\": " << layouts_rademacher[l] << '}';
     }
     out << "}}\n";
   }

@@ -7,6 +7,7 @@
 
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -356,7 +357,13 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     const auto& all = param_groups_[g].params();
     GroupStep group{g, options_of(param_groups_[g], g)};
     group.options.validate();
-    check_params(all, g);
+    // Parameters that have taken a step were checked then; a group changed
+    // since (through param_groups()) is checked again.
+    if (std::any_of(all.begin(), all.end(), [&](const torch::Tensor& param) {
+          return state_of(param) == nullptr;
+        })) {
+      check_params(all, g);
+    }
     torch::Tensor state;
     for (const auto i : c10::irange(all.size())) {
       const auto* held = state_of(all[i]);

@@ -306,7 +306,10 @@ class Dopamine(Optimizer):
         index = 0
         for g, group in enumerate(self.param_groups):
             _check_options(group)
-            _check_params(group["params"], g)
+            # Parameters that have taken a step were checked then; a group
+            # changed since (through param_groups) is checked again.
+            if any(param not in self.state for param in group["params"]):
+                _check_params(group["params"], g)
             state = None
             params, indices, masters = [], [], []
             for i, param in enumerate(group["params"]):

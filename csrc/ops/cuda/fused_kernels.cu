@@ -51,6 +51,8 @@ struct LaunchTable {
   int32_t block_chunk[kMaxBlocks];
   int64_t chunk_tiles;
 };
+static_assert(sizeof(LaunchTable) <= 4000,
+              "the launch table must fit in the 4 KB of kernel arguments");
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
