@@ -121,36 +121,17 @@ def _is_half(param: torch.Tensor) -> bool:
     return param.dtype in (torch.bfloat16, torch.float16)
 
 
-class _GroupStep:
-    """One group's share of a step, taken when the step starts: its options,
-    its trainable parameters with their global indices (which key their
-    noise), master weights, and its state, which finish_step_ commits."""
+class _GroupArguments:
+    """A group's checked options as the ops take them, kept while the options
+    stay the same: checking and converting them is most of a small model's
+    step otherwise."""
 
-    def __init__(self, group: Dict[str, Any], params, indices, masters, state):
-        self.group = dict(group)
-        self.params = params
-        self.indices = indices
-        self.masters = masters
-        self.state = state
-
-    def perturb(self, direction: int) -> None:
-        group = self.group
-        torch.ops.dopamine.perturb_(
-            self.params,
-            self.masters,
-            self.state,
-            indices=self.indices,
-            seed=group["seed"],
-            sigma=float(group["sigma"]),
-            noise=_code("noise", group["noise"]),
-            direction=direction,
-        )
-
-    def plan(self, losses: torch.Tensor) -> torch.Tensor:
-        group = self.group
-        return torch.ops.dopamine.plan_step(
-            self.state,
-            losses,
+    def __init__(self, group: Dict[str, Any]):
+        self.values = tuple(group[name] for name in _OPTION_NAMES)
+        _check_options(group)
+        noise = _code("noise", group["noise"])
+        self.perturb = dict(seed=group["seed"], sigma=float(group["sigma"]), noise=noise)
+        self.plan = dict(
             lr_adaptation=_code("lr_adaptation", group["lr_adaptation"]),
             lr=float(group["lr"]),
             sigma=float(group["sigma"]),
@@ -162,8 +143,43 @@ class _GroupStep:
             lr_max=_as_float("lr_max", group["lr_max"], optional=True),
             weight_decay=float(group["weight_decay"]),
             seed=group["seed"],
-            noise=_code("noise", group["noise"]),
+            noise=noise,
         )
+
+    @classmethod
+    def of(cls, group: Dict[str, Any], cached: Optional["_GroupArguments"]) -> "_GroupArguments":
+        """`cached` if the group's options are still the ones it was made
+        from, else the arguments of the options now (checked anew)."""
+        if cached is not None and cached.values == tuple(group[name] for name in _OPTION_NAMES):
+            return cached
+        return cls(group)
+
+
+class _GroupStep:
+    """One group's share of a step, taken when the step starts: its options,
+    its trainable parameters with their global indices (which key their
+    noise), master weights, and its state, which finish_step_ commits."""
+
+    def __init__(self, group: Dict[str, Any], arguments: _GroupArguments, params, indices, masters, state):
+        self.group_params = list(group["params"])
+        self.arguments = arguments
+        self.params = params
+        self.indices = indices
+        self.masters = masters
+        self.state = state
+
+    def perturb(self, direction: int) -> None:
+        torch.ops.dopamine.perturb_(
+            self.params,
+            self.masters,
+            self.state,
+            indices=self.indices,
+            direction=direction,
+            **self.arguments.perturb,
+        )
+
+    def plan(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dopamine.plan_step(self.state, losses, **self.arguments.plan)
 
 
 class Dopamine(Optimizer):
@@ -304,8 +320,10 @@ class Dopamine(Optimizer):
         or groups affects the step after it only."""
         steps: List[_GroupStep] = []
         index = 0
+        cache = self.__dict__.setdefault("_arguments", {})
+        cache["defaults"] = _GroupArguments.of(self.defaults, cache.get("defaults"))
         for g, group in enumerate(self.param_groups):
-            _check_options(group)
+            arguments = cache[g] = _GroupArguments.of(group, cache.get(g))
             # Parameters that have taken a step were checked then; a group
             # changed since (through param_groups) is checked again.
             if any(param not in self.state for param in group["params"]):
@@ -339,7 +357,7 @@ class Dopamine(Optimizer):
                 )
             if state is None:
                 state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64, device=device)
-            steps.append(_GroupStep(group, params, indices, masters, state.to(device)))
+            steps.append(_GroupStep(group, arguments, params, indices, masters, state.to(device)))
         return steps
 
     @torch.no_grad()
@@ -354,7 +372,6 @@ class Dopamine(Optimizer):
                 "Dopamine.step() needs a closure that returns the loss: each step "
                 "evaluates the model twice, unperturbed and perturbed"
             )
-        _check_options(self.defaults)
         steps = self._snapshot()
 
         loss = closure()
@@ -405,7 +422,7 @@ class Dopamine(Optimizer):
                 f"Dopamine: {cause}; parameters restored, step not taken (non_finite_loss='raise')"
             )
         for group_step in steps:
-            for param in group_step.group["params"]:
+            for param in group_step.group_params:
                 self.state[param]["group_state"] = group_step.state
             for param, master in zip([p for p in group_step.params if _is_half(p)], group_step.masters):
                 self.state[param]["master_weight"] = master
