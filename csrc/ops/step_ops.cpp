@@ -200,8 +200,8 @@ void run(const DeviceBuckets& buckets) {
   }
 }
 
-// A state the host reads (on the CPU), or nullopt when it lives on a device
-// and the kernels read it there; then every parameter must be on that device.
+// Whether the host reads the state (it is on the CPU); otherwise the kernels
+// read it on its device, and every parameter must be on that device.
 bool host_readable(const at::Tensor& state,
                    at::TensorList params,
                    const char* op) {
