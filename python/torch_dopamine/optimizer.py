@@ -54,33 +54,45 @@ def _code(name: str, value: Any) -> int:
     return names.index(value)
 
 
-def _check_options(group: Dict[str, Any]) -> None:
+def _option_arguments(group: Dict[str, Any]) -> Dict[str, Any]:
+    """The options that check_options and plan_step share, as the ops take
+    them (floats and enum codes); raises ValueError for a value of the wrong
+    type."""
+    return dict(
+        lr=_as_float("lr", group["lr"]),
+        sigma=_as_float("sigma", group["sigma"]),
+        lr_adaptation=_code("lr_adaptation", group["lr_adaptation"]),
+        beta=_as_float("beta", group["beta"]),
+        beta_s=_as_float("beta_s", group["beta_s"]),
+        beta_eta=_as_float("beta_eta", group["beta_eta"]),
+        eps=_as_float("eps", group["eps"]),
+        lr_min=_as_float("lr_min", group["lr_min"], optional=True),
+        lr_max=_as_float("lr_max", group["lr_max"], optional=True),
+        weight_decay=_as_float("weight_decay", group["weight_decay"]),
+        noise=_code("noise", group["noise"]),
+    )
+
+
+def _check_options(group: Dict[str, Any]) -> Dict[str, Any]:
     """Raises ValueError naming the first invalid option and its value; the
-    rules are the C++ ones (the dopamine::check_options op)."""
+    rules are the C++ ones (the dopamine::check_options op). Returns the
+    options as _option_arguments gives them."""
     seed = group["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
         raise ValueError(f"Dopamine: invalid seed: {seed!r} (expected an int in [-2**63, 2**63))")
     for name in ("capturable", "master_weights"):
         if not isinstance(group[name], bool):
             raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a bool)")
+    arguments = _option_arguments(group)
     try:
         torch.ops.dopamine.check_options(
-            lr=_as_float("lr", group["lr"]),
-            sigma=_as_float("sigma", group["sigma"]),
-            lr_adaptation=_code("lr_adaptation", group["lr_adaptation"]),
-            beta=_as_float("beta", group["beta"]),
-            beta_s=_as_float("beta_s", group["beta_s"]),
-            beta_eta=_as_float("beta_eta", group["beta_eta"]),
-            eps=_as_float("eps", group["eps"]),
-            lr_min=_as_float("lr_min", group["lr_min"], optional=True),
-            lr_max=_as_float("lr_max", group["lr_max"], optional=True),
-            weight_decay=_as_float("weight_decay", group["weight_decay"]),
-            noise=_code("noise", group["noise"]),
+            **arguments,
             non_finite_loss=_code("non_finite_loss", group["non_finite_loss"]),
             capturable=group["capturable"],
         )
     except RuntimeError as error:
         raise ValueError(str(error).splitlines()[0]) from None
+    return arguments
 
 
 def _check_params(params: List[torch.Tensor], group_index: int) -> None:
@@ -128,23 +140,9 @@ class _GroupArguments:
 
     def __init__(self, group: Dict[str, Any]):
         self.values = tuple(group[name] for name in _OPTION_NAMES)
-        _check_options(group)
-        noise = _code("noise", group["noise"])
-        self.perturb = dict(seed=group["seed"], sigma=float(group["sigma"]), noise=noise)
-        self.plan = dict(
-            lr_adaptation=_code("lr_adaptation", group["lr_adaptation"]),
-            lr=float(group["lr"]),
-            sigma=float(group["sigma"]),
-            beta=float(group["beta"]),
-            beta_s=float(group["beta_s"]),
-            beta_eta=float(group["beta_eta"]),
-            eps=float(group["eps"]),
-            lr_min=_as_float("lr_min", group["lr_min"], optional=True),
-            lr_max=_as_float("lr_max", group["lr_max"], optional=True),
-            weight_decay=float(group["weight_decay"]),
-            seed=group["seed"],
-            noise=noise,
-        )
+        options = _check_options(group)
+        self.perturb = dict(seed=group["seed"], sigma=options["sigma"], noise=options["noise"])
+        self.plan = dict(options, seed=group["seed"])
 
     @classmethod
     def of(cls, group: Dict[str, Any], cached: Optional["_GroupArguments"]) -> "_GroupArguments":
@@ -496,16 +494,17 @@ class Dopamine(Optimizer):
             loaded[index] = entry
         # One state tensor per group, shared by its parameters.
         shared_states = []
-        for g, (saved, ours) in enumerate(zip(groups, self.param_groups)):
+        for g, saved in enumerate(groups):
             shared = None
             for index in saved["params"]:
                 if index not in loaded:
                     continue
                 group_state = loaded[index]["group_state"]
+                # On the CPU; a capturable step moves it to its device.
+                group_state = group_state.to(device="cpu", dtype=torch.float64)
                 if shared is None:
-                    device = ours["params"][0].device if self.defaults["capturable"] else torch.device("cpu")
-                    shared = group_state.to(device=device, dtype=torch.float64).clone()
-                elif not torch.equal(shared.cpu(), group_state.cpu().to(torch.float64)):
+                    shared = group_state.clone()
+                elif not torch.equal(shared, group_state):
                     raise ValueError(
                         f"Dopamine.load_state_dict: the parameters of group {g} hold different group states"
                     )
