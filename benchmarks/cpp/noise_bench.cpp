@@ -56,7 +56,7 @@ NoiseStream stream_of(noise::Kind kind) {
 double philox_ms() {
   const NoiseStream stream = stream_of(noise::Kind::Gaussian);
   return median_ms([&] {
-    cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
+    cpu::on_path(cpu::cpu_path(), [&](auto lanes) DOPAMINE_PATH_BODY {
       uint32_t mixed = 0;
       for (int64_t tile = 0; tile < kTiles; ++tile) {
         uint32_t c0[noise::kLanes], c1[noise::kLanes], c2[noise::kLanes],
@@ -74,7 +74,7 @@ double philox_ms() {
 double noise_ms(noise::Kind kind) {
   const NoiseStream stream = stream_of(kind);
   return median_ms([&] {
-    cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
+    cpu::on_path(cpu::cpu_path(), [&](auto lanes) DOPAMINE_PATH_BODY {
       alignas(64) float z[noise::kTile];
       float sum = 0.0f;
       for (int64_t tile = 0; tile < kTiles; ++tile) {

@@ -1,14 +1,15 @@
 // The schemas of Dopamine's ops, and the typed C++ entry points that call
 // them through the dispatcher. Kernels are registered elsewhere: the step ops
 // in step_ops.cpp (over each backend's kernels), check_options in
-// scalar_ops.cpp. Enums cross the boundary as the int codes of the C++ enums
-// (include/dopamine/options.h); every argument after the tensors is
-// keyword-only.
+// scalar_ops.cpp, cpu_capability in cpu/fused_kernels.cpp. Enums cross the
+// boundary as the int codes of the C++ enums (include/dopamine/options.h);
+// every argument after the tensors is keyword-only.
 #include <dopamine/ops.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 namespace dopamine::ops {
@@ -33,6 +34,7 @@ TORCH_LIBRARY(dopamine, m) {
       "finish_step_(Tensor(a!)[] params, Tensor(b!)[] master_weights, "
       "Tensor(c!)[] states, Tensor[] plans, *, int[] indices, "
       "int[] group_sizes) -> Tensor");
+  m.def("cpu_capability() -> str");
 }
 
 namespace {
@@ -163,6 +165,11 @@ at::Tensor finish_step_(at::TensorList params,
                          c10::IntArrayRef,
                          c10::IntArrayRef)>("dopamine::finish_step_");
   return op.call(params, master_weights, states, plans, indices, group_sizes);
+}
+
+std::string cpu_capability() {
+  static auto op = find_op<std::string()>("dopamine::cpu_capability");
+  return op.call();
 }
 
 }  // namespace dopamine::ops

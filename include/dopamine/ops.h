@@ -22,6 +22,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <string>
 
 namespace dopamine::ops {
 
@@ -63,5 +64,11 @@ at::Tensor finish_step_(at::TensorList params,
                         at::TensorList plans,
                         c10::IntArrayRef indices,
                         c10::IntArrayRef group_sizes);
+
+// The instruction set the CPU kernels run: "baseline", "avx2" or "avx512",
+// the widest this CPU has, capped by the environment variable
+// DOPAMINE_CPU_CAPABILITY (an unknown value is ignored with a warning). Every
+// path computes the same bits.
+std::string cpu_capability();
 
 }  // namespace dopamine::ops

@@ -9,6 +9,8 @@ The numerics are the compiled ops ``torch.ops.dopamine.*``, the same ones the
 C++ optimizer ``dopamine::Dopamine`` calls; they are loaded on import.
 """
 
+import torch
+
 from . import _library
 
 LIBRARY_PATH = _library.load()
@@ -16,5 +18,14 @@ LIBRARY_PATH = _library.load()
 
 from .optimizer import STATE_FIELDS, Dopamine  # noqa: E402
 
+
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels run: ``"baseline"``, ``"avx2"`` or
+    ``"avx512"``, the widest this CPU has, capped by the environment variable
+    ``DOPAMINE_CPU_CAPABILITY`` (read once; an unknown value is ignored with a
+    warning). Every path computes the same bits."""
+    return torch.ops.dopamine.cpu_capability()
+
+
 __version__ = "0.1.0"
-__all__ = ["Dopamine", "LIBRARY_PATH", "STATE_FIELDS", "__version__"]
+__all__ = ["Dopamine", "LIBRARY_PATH", "STATE_FIELDS", "cpu_capability", "__version__"]

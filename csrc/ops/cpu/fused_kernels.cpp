@@ -14,9 +14,11 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../kernel_common.h"
@@ -94,9 +96,11 @@ void update(c10::ArrayRef<UpdateEntry> entries) {
   for (size_t i = 0; i < entries.size(); ++i) {
     first_tile[i + 1] = first_tile[i] + (entries[i].numel + kTile - 1) / kTile;
   }
+  // Decided here, on the calling thread, where a warning reaches the caller.
+  const cpu::CpuPath path = cpu::cpu_path();
   at::parallel_for(
       0, first_tile.back(), kGrainTiles, [&](int64_t begin, int64_t end) {
-        cpu::on_widest_path([&](auto lanes) DOPAMINE_PATH_BODY {
+        cpu::on_path(path, [&](auto lanes) DOPAMINE_PATH_BODY {
           // The last entry whose first tile is at or before `begin`.
           size_t i =
               std::upper_bound(first_tile.begin(), first_tile.end(), begin) -
@@ -137,6 +141,14 @@ at::Tensor settle(at::TensorList states, at::TensorList plans) {
 
 const BackendRegistrar cpu_backend(c10::DeviceType::CPU,
                                    {&update, &plan, &settle});
+
+std::string cpu_capability() {
+  return cpu::to_string(cpu::cpu_path());
+}
+
+TORCH_LIBRARY_IMPL(dopamine, CompositeExplicitAutograd, m) {
+  m.impl("cpu_capability", &cpu_capability);
+}
 
 }  // namespace
 }  // namespace dopamine::ops

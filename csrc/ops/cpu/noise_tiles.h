@@ -6,10 +6,11 @@
 //
 // Code is compiled for the baseline instruction set and, on x86-64, for
 // AVX2 + FMA and for AVX-512 (function attributes, so no code is compiled
-// for an ISA the machine may lack); on_widest_path runs the widest one the
-// CPU has. All compute the same bits: the noise uses explicit fmaf, and the
-// files that include this header are built with -ffp-contract=off.
+// for an ISA the machine may lack); on_path runs the one cpu_path() picks, the
+// widest the CPU has. All compute the same bits: the noise uses explicit fmaf,
+// and the files that include this header are built with -ffp-contract=off.
 #include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #include <immintrin.h>
@@ -92,7 +93,7 @@ C10_ALWAYS_INLINE void fill_tile(const NoiseStream& stream,
   }
 }
 
-// The Philox form a path uses, as a type: what on_widest_path hands its body.
+// The Philox form a path uses, as a type: what on_path hands its body.
 template <auto function>
 struct PhiloxLanes {
   static constexpr auto philox = function;
@@ -114,7 +115,7 @@ inline const char* to_string(CpuPath path) {
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #define DOPAMINE_HAS_X86_PATHS 1
-// On a body passed to on_widest_path: inlined into the path's function, so
+// On a body passed to on_path: inlined into the path's function, so
 // that it is compiled for that path's instruction set.
 #define DOPAMINE_PATH_BODY __attribute__((always_inline))
 
@@ -216,7 +217,9 @@ run_avx512(const Body& body) {
 
 // The widest path this CPU runs, capped by DOPAMINE_CPU_CAPABILITY
 // (baseline, avx2 or avx512) when set: all paths compute the same bits, and
-// the cap lets tests and benchmarks compare them.
+// the cap lets tests and benchmarks compare them. An unknown value is ignored
+// with a warning, as ATen does for ATEN_CPU_CAPABILITY. Decided on the first
+// call (call it outside parallel regions, where a warning reaches the caller).
 inline CpuPath cpu_path() {
   static const CpuPath path = [] {
     CpuPath best = CpuPath::Baseline;
@@ -230,14 +233,21 @@ inline CpuPath cpu_path() {
       }
     }
     const char* cap = std::getenv("DOPAMINE_CPU_CAPABILITY");
-    if (cap == nullptr) {
+    if (cap == nullptr || *cap == '\0') {
       return best;
     }
-    const std::string name(cap);
-    const CpuPath wanted = name == "baseline" ? CpuPath::Baseline
-                           : name == "avx2"   ? CpuPath::Avx2
-                                              : CpuPath::Avx512;
-    return std::min(best, wanted);
+    for (const CpuPath wanted :
+         {CpuPath::Baseline, CpuPath::Avx2, CpuPath::Avx512}) {
+      if (std::string(cap) == to_string(wanted)) {
+        return std::min(best, wanted);
+      }
+    }
+    TORCH_WARN("ignoring invalid value for DOPAMINE_CPU_CAPABILITY: '",
+               cap,
+               "' (expected baseline, avx2 or avx512); the kernels take the "
+               "widest path this CPU runs, ",
+               to_string(best));
+    return best;
   }();
   return path;
 }
@@ -248,12 +258,11 @@ inline CpuPath cpu_path() {
 }
 #endif
 
-// body(PhiloxLanes<philox>{}) on the widest path this CPU runs: body is a
-// generic lambda marked DOPAMINE_PATH_BODY that passes `philox` on to
-// fill_tile.
+// body(PhiloxLanes<philox>{}) on `path` (cpu_path()): body is a generic
+// lambda marked DOPAMINE_PATH_BODY that passes `philox` on to fill_tile.
 template <typename Body>
-void on_widest_path(const Body& body) {
-  switch (cpu_path()) {
+void on_path(CpuPath path, const Body& body) {
+  switch (path) {
 #ifdef DOPAMINE_HAS_X86_PATHS
     case CpuPath::Avx512:
       run_avx512(body);
