@@ -3,6 +3,7 @@
 // parameters by device and hands each bucket to that device's Backend
 // (kernel_common.h). A list may so mix devices and dtypes; under Meta (fake
 // tensors, torch.compile, opcheck) the checks run and nothing is computed.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
@@ -121,6 +122,15 @@ struct ParamTable {
                   "tensor, got ",
                   param.defined() ? c10::toString(param.scalar_type())
                                   : "an undefined tensor");
+      // Written in place, each element on its own: a view whose elements
+      // share memory (an expanded tensor) cannot be.
+      TORCH_CHECK(at::has_internal_overlap(param) != at::MemOverlap::Yes,
+                  "dopamine::",
+                  op,
+                  ": params[",
+                  i,
+                  "] has elements that share memory (an expanded view?); "
+                  "each element of a parameter must have its own");
       counter_word(static_cast<double>(indices[i]), "a parameter's index");
       halves += is_half(param.scalar_type()) ? 1 : 0;
     }
