@@ -138,18 +138,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float log_unit(float u) {
   return fmaf(e, 0.693359375f, f + y);
 }
 
-// Two independent standard normals from two words (Box-Muller):
-// r cos(2 pi v) and r sin(2 pi v), r = sqrt(-2 ln u).
-C10_HOST_DEVICE C10_ALWAYS_INLINE void box_muller(uint32_t word_u,
-                                                  uint32_t word_v,
-                                                  float& cosine,
-                                                  float& sine) {
-  const float radius = sqrtf(-2.0f * log_unit(uniform_open(word_u)));
-  // v = (2k + 1) 2^-24 with k the top 23 bits of word_v; the quadrant
+// sin(2 pi v) and cos(2 pi v) for v = uniform_open(word): Cephes' sinf and
+// cosf polynomials on [-pi/4, pi/4] after an exact quadrant reduction.
+C10_HOST_DEVICE C10_ALWAYS_INLINE void sincos_turn(uint32_t word,
+                                                   float& sine,
+                                                   float& cosine) {
+  // v = (2k + 1) 2^-24 with k the top 23 bits of word; the quadrant
   // q = round(4 v) and the rest r = v - q / 4 in [-1/8, 1/8] are exact.
-  const uint32_t k = word_v >> 9;
+  const uint32_t k = word >> 9;
   const uint32_t quadrant = (k + (1u << 20)) >> 21;
-  const float v = uniform_open(word_v);
+  const float v = uniform_open(word);
   const float angle =
       fmaf(static_cast<float>(static_cast<int32_t>(quadrant)), -0.25f, v) *
       6.28318530717958647692f;  // [-pi/4, pi/4]
@@ -164,8 +162,21 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void box_muller(uint32_t word_u,
   c = fmaf(c * a2, a2, fmaf(-0.5f, a2, 1.0f));
   // sin and cos of angle + quadrant * pi / 2.
   const bool swap = (quadrant & 1u) != 0;
-  sine = radius * flip_sign((quadrant & 2u) != 0, select(swap, c, s));
-  cosine = radius * flip_sign(((quadrant + 1u) & 2u) != 0, select(swap, s, c));
+  sine = flip_sign((quadrant & 2u) != 0, select(swap, c, s));
+  cosine = flip_sign(((quadrant + 1u) & 2u) != 0, select(swap, s, c));
+}
+
+// Two independent standard normals from two words (Box-Muller):
+// r cos(2 pi v) and r sin(2 pi v), r = sqrt(-2 ln u).
+C10_HOST_DEVICE C10_ALWAYS_INLINE void box_muller(uint32_t word_u,
+                                                  uint32_t word_v,
+                                                  float& cosine,
+                                                  float& sine) {
+  const float radius = sqrtf(-2.0f * log_unit(uniform_open(word_u)));
+  float s, c;
+  sincos_turn(word_v, s, c);
+  sine = radius * s;
+  cosine = radius * c;
 }
 
 // The four normals of Gaussian counter `block` of parameter `index` at
