@@ -1,9 +1,13 @@
 // The noise itself (csrc/ops/noise.h): Philox against ATen's independent
-// implementation, the kernels against the element-wise definition, and the
-// distribution of z.
+// implementation, the kernels against the element-wise definition and against
+// the double-precision oracle (noise_oracle.h), the float32 transform's log,
+// sin and cos against the standard library, and the distribution of z.
 #include <ATen/core/PhiloxRNGEngine.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <iostream>
 
 #include "ops/noise.h"
 #include "test_utils.h"
@@ -57,6 +61,64 @@ TEST(Noise, KernelsDrawTheDefinedNoise) {
       EXPECT_EQ(mismatches, 0) << to_string(kind) << " numel " << numel;
     }
   }
+}
+
+// The kernels' z against the oracle, over tiles of several counters: seeds,
+// steps and indices at the ends of their ranges.
+TEST(Noise, KernelsDrawTheOraclesNoise) {
+  for (const auto kind : {Noise::Gaussian, Noise::Rademacher}) {
+    for (const int64_t seed : {int64_t{0}, int64_t{-5}, int64_t{1} << 40}) {
+      for (const int64_t step : {int64_t{1}, (int64_t{1} << 32) - 1}) {
+        for (const int64_t index : {int64_t{0}, (int64_t{1} << 32) - 1}) {
+          const auto z =
+              noise_of(torch::zeros({4099}), seed, step, index, kind);
+          const auto* data = z.data_ptr<float>();
+          double worst = 0;  // largest error, in units of the tolerance
+          for (int64_t e = 0; e < z.numel(); ++e) {
+            const double expected = oracle_noise(kind,
+                                                 seed,
+                                                 static_cast<uint32_t>(step),
+                                                 static_cast<uint32_t>(index),
+                                                 static_cast<uint64_t>(e));
+            worst = std::max(
+                worst,
+                std::abs(data[e] - expected) / oracle_tolerance(expected));
+          }
+          EXPECT_LE(worst, 1.0) << to_string(kind) << " seed " << seed
+                                << " step " << step << " index " << index;
+        }
+      }
+    }
+  }
+}
+
+// Every input the transform can see: the 2^23 values of uniform_open. log_unit
+// is within 1 ulp of log (as Cephes' logf), sin and cos of 2 pi v within
+// 2^-23 (their values are at most 1 in magnitude).
+TEST(Noise, TransformMatchesTheStandardLibrary) {
+  double worst_log_ulps = 0, worst_sincos = 0;
+  for (uint32_t k = 0; k < (1u << 23); ++k) {
+    const uint32_t word = k << 9;
+    const float u = noise::uniform_open(word);
+    ASSERT_EQ(static_cast<double>(u), oracle_uniform(word));
+    const double log_u = std::log(static_cast<double>(u));
+    const double ulp =
+        std::nextafter(static_cast<float>(std::abs(log_u)), INFINITY) -
+        static_cast<float>(std::abs(log_u));
+    worst_log_ulps =
+        std::max(worst_log_ulps, std::abs(noise::log_unit(u) - log_u) / ulp);
+    float sine, cosine;
+    noise::sincos_turn(word, sine, cosine);
+    const double angle = 2.0 * M_PI * static_cast<double>(u);
+    worst_sincos = std::max({worst_sincos,
+                             std::abs(sine - std::sin(angle)),
+                             std::abs(cosine - std::cos(angle))});
+  }
+  EXPECT_LE(worst_log_ulps, 1.0);
+  EXPECT_LE(worst_sincos, std::ldexp(1.0, -23));
+  std::cout << "log: " << worst_log_ulps
+            << " ulp; sin, cos: " << worst_sincos / std::ldexp(1.0, -24)
+            << " x 2^-24\n";
 }
 
 TEST(Noise, GaussianHasTheMomentsOfAStandardNormal) {

@@ -16,9 +16,12 @@ struct RuleCase {
 
 class UpdateRule : public ::testing::TestWithParam<RuleCase> {};
 
+// Eight steps, of which step 1 (a NaN perturbed loss) and step 4 (an
+// infinite unperturbed loss) are skipped: the reference skips them too, so a
+// bias correction or a tracking start that counted skipped steps would show.
 TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
   const auto [mode, weight_decay, noise] = GetParam();
-  const Quadratic loss({{3}, {2, 2}}, torch::kDouble, 7);
+  const Quadratic quadratic({{3}, {2, 2}}, torch::kDouble, 7);
   torch::manual_seed(11);
   std::vector<torch::Tensor> params = {
       torch::randn({3}, torch::kDouble).requires_grad_(),
@@ -29,30 +32,44 @@ TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
                            .weight_decay(weight_decay)
                            .noise(noise)
                            .seed(42);
+  const auto with_skips = [&] {
+    const LossFn loss = [&](const auto& p) { return quadratic(p); };
+    return non_finite_at(
+        non_finite_at(loss, {{1, 1}}, std::nan("")), {{4, 0}}, INFINITY);
+  };
   ReferenceDopamine reference;
   reference.add_group(params, options);
   Dopamine optimizer(params, options);
 
+  const LossFn reference_loss = with_skips();
+  const LossFn optimizer_loss = with_skips();
   int calls = 0;
   auto closure = [&] {
     ++calls;
     EXPECT_FALSE(torch::GradMode::is_enabled());
-    return loss(params);
+    return optimizer_loss(params);
   };
-  for (int t = 1; t <= 5; ++t) {
-    const double expected_l0 = reference.step(loss);
+  for (int t = 1; t <= 8; ++t) {
+    const double expected_l0 = reference.step(reference_loss);
     const double l0 = optimizer.step(closure).item<double>();
     EXPECT_EQ(calls, 2 * t);
-    EXPECT_NEAR(l0, expected_l0, 1e-10) << "step " << t;
+    if (std::isfinite(expected_l0)) {
+      EXPECT_NEAR(l0, expected_l0, 1e-10) << "step " << t;
+    } else {
+      EXPECT_EQ(l0, expected_l0) << "step " << t;
+    }
     // Loss differences are divided by sigma = 1e-3, so double rounding of
     // ~1e-16 in the losses shows up as ~1e-13 in the parameters.
     EXPECT_LT(max_abs_diff(params, reference.all(false)), 1e-10)
         << "step " << t;
     EXPECT_NEAR(optimizer.group_state(0)->current_lr(),
                 reference.group(0).eta,
-                1e-9 * std::abs(reference.group(0).eta));
+                1e-9 * std::abs(reference.group(0).eta))
+        << "step " << t;
   }
-  EXPECT_EQ(optimizer.group_state(0)->step(), 5);
+  EXPECT_EQ(optimizer.group_state(0)->step(), 8);
+  EXPECT_EQ(optimizer.group_state(0)->skipped_steps(), 2);
+  EXPECT_EQ(reference.group(0).updates, 6);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -73,25 +90,42 @@ INSTANTIATE_TEST_SUITE_P(
              to_string(info.param.noise);
     });
 
+// The clamps apply in every mode, and in rpe_tracking the clamped rate is
+// the one the next step tracks from.
 TEST(UpdateRule, LrMinAndLrMaxClamp) {
   const Quadratic loss({{4}}, torch::kDouble, 3);
+  const auto tracking = [](double lr) {
+    return DopamineOptions(lr).lr_adaptation(LrAdaptation::RpeTracking);
+  };
   for (const auto& options :
        {DopamineOptions(1.0).lr_max(0.01).lr_adaptation(LrAdaptation::None),
         DopamineOptions(1e-6).lr_min(0.02).lr_adaptation(LrAdaptation::None),
-        DopamineOptions(0.1).lr_max(1e-3)}) {
+        DopamineOptions(0.1).lr_max(1e-3),
+        tracking(0.1).lr_max(0.01),
+        tracking(1e-6).lr_min(0.02),
+        // Tracking fast, so the rate moves between the clamps.
+        tracking(0.5).beta_s(0.5).beta_eta(0.5).lr_min(0.1).lr_max(0.2)}) {
     std::vector<torch::Tensor> params = {
         torch::ones({4}, torch::kDouble).requires_grad_()};
     ReferenceDopamine reference;
     reference.add_group(params, options);
     Dopamine optimizer(params, options);
-    for (int t = 0; t < 3; ++t) {
+    std::vector<double> rates;
+    for (int t = 0; t < 6; ++t) {
       reference.step(loss);
       optimizer.step([&] { return loss(params); });
+      rates.push_back(optimizer.group_state(0)->current_lr());
+      EXPECT_NEAR(rates.back(), reference.group(0).eta, 1e-12);
     }
-    const double clamped =
-        options.lr_max() ? *options.lr_max() : *options.lr_min();
-    EXPECT_DOUBLE_EQ(optimizer.group_state(0)->current_lr(), clamped);
     EXPECT_LT(max_abs_diff(params, reference.all(false)), 1e-10);
+    // The first step's rate is clamped (tracking starts from lr); the fast
+    // case reaches both clamps.
+    EXPECT_DOUBLE_EQ(rates.front(),
+                     options.lr_max() ? *options.lr_max() : *options.lr_min());
+    if (options.lr_min()) {
+      EXPECT_DOUBLE_EQ(*std::min_element(rates.begin(), rates.end()),
+                       *options.lr_min());
+    }
   }
 }
 

@@ -9,11 +9,15 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "noise_oracle.h"
 
 namespace dopamine::testing {
 
@@ -43,17 +47,49 @@ inline torch::Tensor noise_of(const torch::Tensor& like,
   return noise;
 }
 
+// noise_of() in float32, after checking every element against the oracle
+// (noise_oracle.h), converted to like's dtype: what the references use.
+inline torch::Tensor oracle_checked_noise(const torch::Tensor& like,
+                                          int64_t seed,
+                                          int64_t step,
+                                          int64_t index,
+                                          Noise kind) {
+  const auto z =
+      noise_of(torch::zeros(like.sizes(), like.options().dtype(torch::kFloat)),
+               seed,
+               step,
+               index,
+               kind);
+  const auto flat = z.cpu().to(torch::kDouble).contiguous();
+  const double* data = flat.data_ptr<double>();
+  int64_t mismatches = 0;
+  for (int64_t e = 0; e < flat.numel(); ++e) {
+    const double expected = oracle_noise(kind,
+                                         seed,
+                                         static_cast<uint32_t>(step),
+                                         static_cast<uint32_t>(index),
+                                         static_cast<uint64_t>(e));
+    mismatches += !(std::abs(data[e] - expected) <= oracle_tolerance(expected));
+  }
+  EXPECT_EQ(mismatches, 0) << "the ops' noise differs from the oracle at seed "
+                           << seed << ", step " << step << ", index " << index;
+  return z.to(like.dtype());
+}
+
 using LossFn = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
 
 // docs/DESIGN.md, "The algorithm", written out step by step, on copies of the
-// parameters.
+// parameters, with the noise checked against the oracle. A step whose losses
+// or step sizes are not all finite is skipped: it counts in the noise's step,
+// not in the bias correction's count of updates.
 class ReferenceDopamine {
  public:
   struct Group {
     std::vector<torch::Tensor> theta;
     DopamineOptions options;
     int64_t first_index = 0;
-    int64_t t = 0;
+    int64_t t = 0;        // steps, skipped ones included
+    int64_t updates = 0;  // steps taken
     double m = 0, s = 0, eta = 0;
   };
 
@@ -84,28 +120,47 @@ class ReferenceDopamine {
     const double l0 = loss(all(false)).item<double>();
     const double l1 = loss(all(true)).item<double>();
     const double delta = l1 - l0;
+    struct Next {
+      double m, s, eta;
+    };
+    std::vector<Next> next;
+    bool finite = std::isfinite(delta);
     for (auto& g : groups_) {
       const auto& o = g.options;
-      g.t += 1;
-      double eta = o.lr();
+      const int64_t n = g.updates + 1;
+      Next x{g.m, g.s, o.lr()};
       if (o.lr_adaptation() == LrAdaptation::RpeNormalized) {
-        g.m = o.beta() * g.m + (1 - o.beta()) * std::abs(delta) / o.sigma();
-        eta = o.lr() / (g.m / (1 - std::pow(o.beta(), g.t)) + o.eps());
+        x.m = o.beta() * g.m + (1 - o.beta()) * std::abs(delta) / o.sigma();
+        x.eta = o.lr() / (x.m / (1 - std::pow(o.beta(), n)) + o.eps());
       } else if (o.lr_adaptation() == LrAdaptation::RpeTracking) {
-        g.s = o.beta_s() * g.s + (1 - o.beta_s()) * std::abs(delta);
-        const double previous = g.t == 1 ? o.lr() : g.eta;
-        eta = (1 - o.beta_eta()) * previous + o.beta_eta() * g.s;
+        x.s = o.beta_s() * g.s + (1 - o.beta_s()) * std::abs(delta);
+        const double previous = n == 1 ? o.lr() : g.eta;
+        x.eta = (1 - o.beta_eta()) * previous + o.beta_eta() * x.s;
       }
       if (o.lr_min()) {
-        eta = std::max(eta, *o.lr_min());
+        x.eta = std::max(x.eta, *o.lr_min());
       }
       if (o.lr_max()) {
-        eta = std::min(eta, *o.lr_max());
+        x.eta = std::min(x.eta, *o.lr_max());
       }
-      g.eta = eta;
+      finite = finite && std::isfinite(x.m) && std::isfinite(x.s) &&
+               std::isfinite(x.eta) && std::isfinite(x.eta * delta / o.sigma());
+      next.push_back(x);
+    }
+    for (size_t k = 0; k < groups_.size(); ++k) {
+      auto& g = groups_[k];
+      const auto& o = g.options;
+      g.t += 1;
+      if (!finite) {
+        continue;
+      }
+      g.updates += 1;
+      g.m = next[k].m;
+      g.s = next[k].s;
+      g.eta = next[k].eta;
       for (size_t i = 0; i < g.theta.size(); ++i) {
         const auto grad_estimate = (delta / o.sigma()) * noise(g, i, g.t);
-        g.theta[i] = g.theta[i] - eta * grad_estimate -
+        g.theta[i] = g.theta[i] - g.eta * grad_estimate -
                      o.lr() * o.weight_decay() * g.theta[i];
       }
     }
@@ -118,16 +173,34 @@ class ReferenceDopamine {
 
  private:
   torch::Tensor noise(const Group& g, size_t i, int64_t step) const {
-    return noise_of(g.theta[i],
-                    g.options.seed(),
-                    step,
-                    g.first_index + i,
-                    g.options.noise());
+    return oracle_checked_noise(g.theta[i],
+                                g.options.seed(),
+                                step,
+                                g.first_index + i,
+                                g.options.noise());
   }
 
   std::vector<Group> groups_;
   int64_t first_index_ = 0;
 };
+
+// `loss`, except that call number `call` (counting from 1) of each listed
+// pair (step, which) returns `value`: which 0 is the step's unperturbed and
+// 1 its perturbed evaluation. The reference and the optimizer each get one.
+inline LossFn non_finite_at(LossFn loss,
+                            std::vector<std::pair<int, int>> bad_calls,
+                            double value) {
+  auto calls = std::make_shared<int>(0);
+  return [=](const std::vector<torch::Tensor>& params) {
+    const int call = ++*calls;
+    for (const auto& [step, which] : bad_calls) {
+      if (call == 2 * (step - 1) + 1 + which) {
+        return torch::full({}, value, params.front().options());
+      }
+    }
+    return loss(params);
+  };
+}
 
 // 0.5 * sum(a * p^2) + sum(b * p) over all tensors, a > 0: a convex quadratic
 // with known gradient a * p + b.

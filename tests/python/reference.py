@@ -1,8 +1,13 @@
 """What the tests compare the optimizer against: docs/DESIGN.md, "The algorithm", written out in
 float64, step by step, and the small models and data they train."""
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+import noise_oracle
 
 
 NOISE_CODES = {"gaussian": 0, "rademacher": 1}
@@ -15,25 +20,50 @@ def state_at(step, device="cpu"):
     return state
 
 
-def noise_of(like, seed, step, index, kind="gaussian"):
-    """z for parameter `index` at `step`: perturbing zeros by sigma = 1 yields
-    z itself, so the tests read the noise without a second noise source."""
-    noise = torch.zeros_like(like)
+def ops_noise(like, seed, step, index, kind="gaussian"):
+    """z for parameter `index` at `step` as the ops draw it (float32, on like's
+    device): perturbing zeros by sigma = 1 yields z itself."""
+    noise = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
     torch.ops.dopamine.perturb_(
-        [noise], [], state_at(step), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[kind], direction=1
+        [noise], [], state_at(step, like.device), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[kind], direction=1
     )
     return noise
 
-class ReferenceDopamine:
-    """docs/DESIGN.md, "The algorithm", on float64 copies of the parameters, one group at a time."""
 
-    def __init__(self, groups):
-        # groups: list of (params, options dict with every option set)
+def noise_of(like, seed, step, index, kind="gaussian"):
+    """The ops' z in like's dtype, after checking every element against the
+    oracle (noise_oracle.py), so that the reference's noise is not the ops' word
+    alone."""
+    noise = ops_noise(like, seed, step, index, kind)
+    expected = noise_oracle.noise(kind, seed, step, index, noise.numel())
+    drawn = noise.cpu().double().flatten().numpy()
+    wrong = np.flatnonzero(~(np.abs(drawn - expected) <= noise_oracle.tolerance(expected)))
+    assert wrong.size == 0, (
+        f"the ops' noise differs from the oracle at seed {seed}, step {step}, index {index}: "
+        f"element {wrong[0]} is {drawn[wrong[0]]}, expected {expected[wrong[0]]}"
+    )
+    return noise.to(like.dtype)
+
+
+class ReferenceDopamine:
+    """docs/DESIGN.md, "The algorithm", on float64 copies of the parameters, one
+    group at a time, with the noise checked against the oracle. A step whose
+    losses or step sizes are not all finite is skipped: it counts in the noise's
+    step `t`, not in the bias correction's count of updates `n`."""
+
+    def __init__(self, groups, storage=None):
+        # groups: list of (params, options dict with every option set).
+        # storage: the dtype of parameters that theta is the float32 master
+        # weight of, or that round theta: the closure then sees theta and
+        # theta + sigma * z rounded to it, the latter computed in float32 as
+        # docs/DESIGN.md, "Precision", says.
+        self.storage = storage
+        self.delta = None
         self.groups = []
         index = 0
         for params, options in groups:
             theta = [p.detach().to(torch.float64).clone() for p in params]
-            self.groups.append(dict(theta=theta, o=dict(options), first=index, t=0, m=0.0, s=0.0, eta=0.0))
+            self.groups.append(dict(theta=theta, o=dict(options), first=index, t=0, n=0, m=0.0, s=0.0, eta=0.0))
             index += len(params)
 
     def params(self, perturbed=False):
@@ -42,37 +72,70 @@ class ReferenceDopamine:
             for i, theta in enumerate(g["theta"]):
                 if perturbed:
                     z = noise_of(theta, g["o"]["seed"], g["t"] + 1, g["first"] + i, g["o"]["noise"])
-                    theta = theta + g["o"]["sigma"] * z
+                    if self.storage is None:
+                        theta = theta + g["o"]["sigma"] * z
+                    else:
+                        sigma = torch.tensor(g["o"]["sigma"], dtype=torch.float32)
+                        theta = theta.float() + sigma.to(theta.device) * z.float()
+                if self.storage is not None:
+                    theta = theta.to(self.storage)
                 out.append(theta)
         return out
 
     def step(self, loss_fn, lrs=None):
         l0 = float(loss_fn(self.params()))
         l1 = float(loss_fn(self.params(perturbed=True)))
-        delta = l1 - l0
+        delta = self.delta = l1 - l0
+        finite = math.isfinite(delta)
+        planned = []
         for k, g in enumerate(self.groups):
             o = g["o"]
             if lrs is not None:
                 o["lr"] = lrs[k]
-            g["t"] += 1
-            eta = o["lr"]
+            n = g["n"] + 1
+            m, s, eta = g["m"], g["s"], o["lr"]
             if o["lr_adaptation"] == "rpe_normalized":
-                g["m"] = o["beta"] * g["m"] + (1 - o["beta"]) * abs(delta) / o["sigma"]
-                eta = o["lr"] / (g["m"] / (1 - o["beta"] ** g["t"]) + o["eps"])
+                m = o["beta"] * g["m"] + (1 - o["beta"]) * abs(delta) / o["sigma"]
+                eta = o["lr"] / (m / (1 - o["beta"] ** n) + o["eps"])
             elif o["lr_adaptation"] == "rpe_tracking":
-                g["s"] = o["beta_s"] * g["s"] + (1 - o["beta_s"]) * abs(delta)
-                previous = o["lr"] if g["t"] == 1 else g["eta"]
-                eta = (1 - o["beta_eta"]) * previous + o["beta_eta"] * g["s"]
+                s = o["beta_s"] * g["s"] + (1 - o["beta_s"]) * abs(delta)
+                previous = o["lr"] if n == 1 else g["eta"]
+                eta = (1 - o["beta_eta"]) * previous + o["beta_eta"] * s
             if o.get("lr_min") is not None:
                 eta = max(eta, o["lr_min"])
             if o.get("lr_max") is not None:
                 eta = min(eta, o["lr_max"])
-            g["eta"] = eta
+            finite = finite and all(math.isfinite(x) for x in (m, s, eta, eta * delta / o["sigma"]))
+            planned.append((m, s, eta))
+        for g, (m, s, eta) in zip(self.groups, planned):
+            o = g["o"]
+            g["t"] += 1
+            if not finite:
+                continue
+            g["n"] += 1
+            g["m"], g["s"], g["eta"] = m, s, eta
             for i, theta in enumerate(g["theta"]):
                 z = noise_of(theta, o["seed"], g["t"], g["first"] + i, o["noise"])
                 grad = (delta / o["sigma"]) * z
                 theta.sub_(eta * grad + o["lr"] * o.get("weight_decay", 0.0) * theta)
         return l0
+
+
+def non_finite_at(loss_fn, bad_calls):
+    """`loss_fn`, except at the (step, which, value) triples of `bad_calls`:
+    the step's unperturbed (which 0) or perturbed (which 1) evaluation, steps
+    counted from 1, returns `value`. The reference and the optimizer each get
+    one."""
+    calls = [0]
+
+    def loss(params):
+        calls[0] += 1
+        for step, which, value in bad_calls:
+            if calls[0] == 2 * (step - 1) + 1 + which:
+                return torch.tensor(value, dtype=torch.float64)
+        return loss_fn(params)
+
+    return loss
 
 def quadratic(dims, device, dtype=torch.float64, seed=0):
     """Parameters and loss of sum_i w_i (x_i - c_i)^2 over a few tensors."""

@@ -1,0 +1,72 @@
+"""An oracle of the noise that shares no code with the ops (csrc/ops/noise.h):
+Philox-4x32-10 in NumPy (checked against Random123's known answers), the uniform
+mapping as docs/DESIGN.md, "Noise", states it, and Box-Muller in float64 with
+NumPy's log, sqrt, sin and cos. The reference (reference.py) checks every z it
+uses against it, so a noise bug cannot hide in a noise the reference shares
+with the optimizer."""
+
+import numpy as np
+
+_MASK = 0xFFFFFFFF
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def key_of(seed):
+    """SplitMix64 of the seed: its low and high words are the Philox key."""
+    x = (seed + 0x9E3779B97F4A7C15) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    x ^= x >> 31
+    return x & _MASK, x >> 32
+
+
+def philox(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 of counters given as arrays of 32-bit words (held in
+    uint64, so that the 32x32 -> 64-bit products are exact)."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _MASK for c in (c0, c1, c2, c3))
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    for _ in range(10):
+        p0 = np.uint64(_M0) * c0
+        p1 = np.uint64(_M1) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & np.uint64(_MASK), (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & np.uint64(_MASK)
+        k0 = (k0 + np.uint64(_W0)) & np.uint64(_MASK)
+        k1 = (k1 + np.uint64(_W1)) & np.uint64(_MASK)
+    return c0, c1, c2, c3
+
+
+def uniform(word):
+    """(2k + 1) / 2^24 for k the top 23 bits of the word."""
+    return (2.0 * (word >> np.uint64(9)).astype(np.float64) + 1.0) / 2.0**24
+
+
+def noise(kind, seed, step, index, numel):
+    """z of elements 0..numel-1 of parameter `index` at `step`, float64.
+    Element l * 32 + j of tile t takes, for Gaussian noise, words (0, 1)
+    (l = 0, 1) or (2, 3) (l = 2, 3) of counter block 32 t + j, as r cos (l even)
+    or r sin (l odd) of the angle 2 pi v, r = sqrt(-2 ln u); for Rademacher
+    noise, bit j of word l of counter block t, 1 -> +1 and 0 -> -1. A counter is
+    (block low, block high, index, step)."""
+    element = np.arange(numel, dtype=np.uint64)
+    tile, lane, word_index = element // np.uint64(128), element % np.uint64(32), (element % np.uint64(128)) // np.uint64(32)
+    key = key_of(seed)
+    if kind == "rademacher":
+        block = tile
+    else:
+        block = tile * np.uint64(32) + lane
+    words = philox(block & np.uint64(_MASK), block >> np.uint64(32), np.full(numel, index), np.full(numel, step), *key)
+    words = np.stack(words)
+    if kind == "rademacher":
+        bits = (words[word_index.astype(np.int64), np.arange(numel)] >> lane) & np.uint64(1)
+        return np.where(bits == 1, 1.0, -1.0)
+    low = word_index < 2
+    radius = np.sqrt(-2.0 * np.log(uniform(np.where(low, words[0], words[2]))))
+    angle = 2.0 * np.pi * uniform(np.where(low, words[1], words[3]))
+    return radius * np.where(word_index % np.uint64(2) == 0, np.cos(angle), np.sin(angle))
+
+
+def tolerance(z):
+    """How far a float32 z may be from the oracle: the float32 transform's
+    rounding, a few units of 2^-24 relative to the radius (at most
+    2.3e-7 * max(1, |z|) over 3e6 draws)."""
+    return 1e-6 * np.maximum(1.0, np.abs(z))
