@@ -60,7 +60,7 @@ def test_bad_loss_raises_and_restores(device, which, bad):
     closure = closure_returning(BAD_LOSSES[bad], which, loss, params)
     with pytest.raises(RuntimeError, match=f"closure must return a scalar.*{which} loss"):
         opt.step(closure)
-    assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
     assert state_of(opt) == state
 
 
@@ -82,13 +82,13 @@ def test_closure_exception_propagates_and_restores(device, failing_call):
 
     with pytest.raises(ClosureFailure, match="data loader broke"):
         opt.step(closure)
-    assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
     assert state_of(opt) == state
     # The next step is the step that would have been taken.
     twin_params, _, twin = fresh(device)
     opt.step(lambda: loss(params))
     twin.step(lambda: loss(twin_params))
-    assert all(torch.allclose(p, q, atol=1e-12) for p, q in zip(params, twin_params))
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(params, twin_params))
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -113,7 +113,7 @@ def test_non_finite_loss_raises_when_asked(device, which):
     closure = closure_returning(lambda: float("nan"), which, loss, params)
     with pytest.raises(RuntimeError, match=f"the {which} loss is nan.*non_finite_loss='raise'"):
         opt.step(closure)
-    assert all(torch.allclose(p, b, atol=1e-12) for p, b in zip(params, before))
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
     assert state_of(opt) == state
 
 
