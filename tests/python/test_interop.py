@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torch_dopamine
+from parity import ParityModel, train_both
 from reference import XOR_INPUTS, XOR_TARGETS, same_bits, snapshot, state_at, xor_loss, xor_net
 
 
@@ -149,6 +150,24 @@ def test_cpp_optimizer_trains_a_python_saved_module_bit_identically(build_dir, t
         opt.step(lambda: xor_loss(model))
     assert not same_bits(before, list(model.parameters()))
     assert same_bits(trained_in_cpp, list(model.parameters()))
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("mode", ["none", "rpe_normalized", "rpe_tracking"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_cpp_and_python_optimizers_compute_the_same_bits(build_dir, tmp_path, mode, noise, weight_decay):
+    """Two groups with their own options, in every mode, noise and with and
+    without weight decay: 30 steps of each optimizer give the same parameters
+    and group states, bit for bit."""
+    groups = [
+        (2, dict(lr=0.05, sigma=0.02, lr_adaptation=mode, noise=noise, weight_decay=weight_decay, seed=5)),
+        (2, dict(lr=0.02, sigma=0.05, lr_adaptation=mode, noise=noise, weight_decay=weight_decay, seed=-9,
+                 beta=0.8, beta_s=0.9, beta_eta=0.01, lr_min=1e-3, lr_max=0.5)),
+    ]
+    (cpp_params, cpp_states), (python_params, python_states) = train_both(build_dir, tmp_path, groups, 30)
+    assert not same_bits(cpp_params, list(ParityModel().parameters()))
+    assert same_bits(cpp_params, python_params)
+    assert cpp_states == python_states and cpp_states[0][0] == 30
 
 
 def test_torch_version_mismatch_is_a_clear_import_error():

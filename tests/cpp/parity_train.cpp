@@ -1,0 +1,122 @@
+// The C++ half of the C++/Python parity tests (tests/python/test_interop.py):
+// trains a TorchScript module whose forward() takes no input and returns the
+// loss, with dopamine::Dopamine over the groups given, then saves the module
+// and prints each group's state.
+//   dopamine_parity_train MODULE STEPS OUT GROUP...
+// A GROUP is comma-separated key=value pairs: `size` (how many of the
+// module's parameters, in order, the group takes) and any of lr, sigma,
+// lr_adaptation, beta, beta_s, beta_eta, eps, lr_min, lr_max, weight_decay,
+// seed and noise (enums by their to_string names).
+#include <dopamine/dopamine.h>
+#include <torch/script.h>
+
+#include <cstdlib>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+template <typename Enum>
+Enum parse_enum(const std::string& value, std::initializer_list<Enum> all) {
+  for (const Enum candidate : all) {
+    if (dopamine::to_string(candidate) == value) {
+      return candidate;
+    }
+  }
+  throw std::invalid_argument("unknown enum value " + value);
+}
+
+// The group's size and options, from "size=2,lr=0.1,...".
+std::pair<size_t, dopamine::DopamineOptions> parse_group(
+    const std::string& spec) {
+  using dopamine::LrAdaptation;
+  using dopamine::Noise;
+  size_t size = 0;
+  dopamine::DopamineOptions o;
+  std::stringstream fields(spec);
+  std::string field;
+  while (std::getline(fields, field, ',')) {
+    const auto equals = field.find('=');
+    const std::string key = field.substr(0, equals);
+    const std::string value = field.substr(equals + 1);
+    if (key == "size") {
+      size = std::stoul(value);
+    } else if (key == "lr_adaptation") {
+      o.lr_adaptation(parse_enum(value,
+                                 {LrAdaptation::None,
+                                  LrAdaptation::RpeNormalized,
+                                  LrAdaptation::RpeTracking}));
+    } else if (key == "noise") {
+      o.noise(parse_enum(value, {Noise::Gaussian, Noise::Rademacher}));
+    } else if (key == "seed") {
+      o.seed(std::stoll(value));
+    } else {
+      // strtod, not stod: a subnormal value is a value, not an error.
+      const double x = std::strtod(value.c_str(), nullptr);
+      if (key == "lr") {
+        o.lr(x);
+      } else if (key == "sigma") {
+        o.sigma(x);
+      } else if (key == "beta") {
+        o.beta(x);
+      } else if (key == "beta_s") {
+        o.beta_s(x);
+      } else if (key == "beta_eta") {
+        o.beta_eta(x);
+      } else if (key == "eps") {
+        o.eps(x);
+      } else if (key == "lr_min") {
+        o.lr_min(x);
+      } else if (key == "lr_max") {
+        o.lr_max(x);
+      } else if (key == "weight_decay") {
+        o.weight_decay(x);
+      } else {
+        throw std::invalid_argument("unknown option " + key);
+      }
+    }
+  }
+  return {size, o};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    std::cerr << "usage: dopamine_parity_train MODULE STEPS OUT GROUP...\n";
+    return 2;
+  }
+  torch::jit::Module module = torch::jit::load(argv[1]);
+  const int steps = std::atoi(argv[2]);
+  std::vector<torch::Tensor> params;
+  for (const auto& param : module.parameters()) {
+    params.push_back(param);
+  }
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  size_t first = 0;
+  for (int arg = 4; arg < argc; ++arg) {
+    const auto [size, options] = parse_group(argv[arg]);
+    groups.emplace_back(
+        std::vector<torch::Tensor>(params.begin() + first,
+                                   params.begin() + first + size),
+        std::make_unique<dopamine::DopamineOptions>(options));
+    first += size;
+  }
+  dopamine::Dopamine optimizer(groups);
+  for (int step = 0; step < steps; ++step) {
+    optimizer.step([&] { return module.forward({}).toTensor(); });
+  }
+  module.save(argv[3]);
+  std::cout << std::setprecision(17);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const auto* state = optimizer.group_state(g);
+    std::cout << state->step() << " " << state->skipped_steps() << " "
+              << state->rpe_trace() << " " << state->rpe_magnitude() << " "
+              << state->current_lr() << "\n";
+  }
+  return 0;
+}
