@@ -27,7 +27,7 @@ fi
 if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
   echo "setup: installing Python packages from requirements.txt"
   "$PYTHON" -m pip install -q -r requirements.txt
-elif ! "$PYTHON" -c 'import scikit_build_core, pytest, numpy, matplotlib, sklearn' 2>/dev/null; then
+elif ! "$PYTHON" -c 'import scikit_build_core, pytest, hypothesis, numpy, matplotlib, sklearn' 2>/dev/null; then
   echo "setup: installing Python packages from requirements.txt, torch excepted"
   grep -v '^torch' requirements.txt | "$PYTHON" -m pip install -q -r /dev/stdin
 fi

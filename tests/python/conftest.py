@@ -3,6 +3,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests (test_properties.py): `ci` runs in `make test`, bounded and
+# derandomized so that a failure reproduces; `nightly` draws many more
+# examples: HYPOTHESIS_PROFILE=nightly python -m pytest tests/python/test_properties.py
+settings.register_profile(
+    "ci", max_examples=20, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "nightly", max_examples=500, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICES = [
