@@ -7,7 +7,7 @@ CONSUMER_DIR := $(BUILD_DIR)/consumer
 TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')
 LAUNCHER = $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 
-.PHONY: all setup configure build python test test-cpp test-install test-python bench bench-full check-cuda-build format clean
+.PHONY: all setup configure build python test test-cpp test-install test-python test-sanitize bench bench-full check-cuda-build format clean
 
 all: build
 
@@ -24,6 +24,17 @@ test: test-cpp test-install test-python
 
 test-cpp: build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j$(JOBS)
+
+# The C++ suite built with AddressSanitizer and UndefinedBehaviorSanitizer,
+# in its own build tree (libtorch itself is not instrumented).
+SANITIZE_DIR := $(BUILD_DIR)/sanitize
+test-sanitize: setup
+	cmake -S . -B $(SANITIZE_DIR) -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" $(LAUNCHER) \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDOPAMINE_SANITIZE=address,undefined \
+	  -DDOPAMINE_BUILD_BENCHMARKS=OFF -DDOPAMINE_BUILD_EXAMPLES=OFF
+	cmake --build $(SANITIZE_DIR) -j$(JOBS) --target dopamine_tests
+	UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --test-dir $(SANITIZE_DIR) --output-on-failure -j$(JOBS)
 
 # Installs into a prefix, then builds and runs examples/ as an outside
 # project would: find_package(dopamine), link dopamine::dopamine.
