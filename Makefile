@@ -31,7 +31,7 @@ SANITIZE_DIR := $(BUILD_DIR)/sanitize
 test-sanitize: setup
 	cmake -S . -B $(SANITIZE_DIR) -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" $(LAUNCHER) \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDOPAMINE_SANITIZE=address,undefined \
-	  -DDOPAMINE_BUILD_BENCHMARKS=OFF -DDOPAMINE_BUILD_EXAMPLES=OFF
+	  -DDOPAMINE_CUDA=OFF -DDOPAMINE_BUILD_BENCHMARKS=OFF -DDOPAMINE_BUILD_EXAMPLES=OFF
 	cmake --build $(SANITIZE_DIR) -j$(JOBS) --target dopamine_tests
 	UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(SANITIZE_DIR) --output-on-failure -j$(JOBS)

@@ -1,7 +1,7 @@
 #pragma once
 
 // An oracle of the noise that shares no code with csrc/ops/noise.h: ATen's
-// Philox4_32 for the words, the uniform mapping as docs/DESIGN.md, "Noise",
+// Philox4_32 for the words, the uniform mapping as docs/DESIGN.md, "The noise",
 // states it, and Box-Muller in double precision with the standard library's
 // log, sqrt, sin and cos. The references (test_utils.h) check every z they
 // use against it, so a noise bug cannot hide in a noise the reference shares
@@ -9,6 +9,7 @@
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <dopamine/options.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -45,12 +46,20 @@ inline double oracle_uniform(uint32_t word) {
   return (2.0 * static_cast<double>(word >> 9) + 1.0) / 16777216.0;
 }
 
-// z of element `element` of parameter `index` at `step`, in double: element
+// z in double, and how far a float32 z may be from it: the float32
+// transform's rounding, a few units of 2^-24 times the radius r (the sine or
+// cosine's absolute error times r, r's relative error times |z| <= r).
+struct OracleNoise {
+  double z;
+  double tolerance;
+};
+
+// z of element `element` of parameter `index` at `step`: element
 // l * 32 + j of tile t takes, for Gaussian noise, words (0, 1) (l = 0, 1) or
 // (2, 3) (l = 2, 3) of counter block 32 t + j, as r cos (l even) or r sin
 // (l odd) of the angle 2 pi v, r = sqrt(-2 ln u); for Rademacher noise, bit j
 // of word l of counter block t, 1 -> +1 and 0 -> -1.
-inline double oracle_noise(
+inline OracleNoise oracle_noise(
     Noise kind, int64_t seed, uint32_t step, uint32_t index, uint64_t element) {
   const uint64_t tile = element / 128;
   const int l = static_cast<int>(element % 128) / 32;
@@ -58,21 +67,15 @@ inline double oracle_noise(
   uint32_t words[4];
   if (kind == Noise::Rademacher) {
     oracle_words(seed, step, index, tile, words);
-    return ((words[l] >> j) & 1u) != 0 ? 1.0 : -1.0;
+    return {((words[l] >> j) & 1u) != 0 ? 1.0 : -1.0, 0.0};
   }
   oracle_words(seed, step, index, tile * 32 + j, words);
   const uint32_t word_u = words[l < 2 ? 0 : 2];
   const uint32_t word_v = words[l < 2 ? 1 : 3];
   const double radius = std::sqrt(-2.0 * std::log(oracle_uniform(word_u)));
   const double angle = 2.0 * M_PI * oracle_uniform(word_v);
-  return radius * (l % 2 == 0 ? std::cos(angle) : std::sin(angle));
-}
-
-// How far a float32 z may be from the oracle: the float32 transform's
-// rounding, a few units of 2^-24 relative to the radius (at most
-// 2.3e-7 * max(1, |z|) over 3e6 draws).
-inline double oracle_tolerance(double z) {
-  return 1e-6 * std::max(1.0, std::abs(z));
+  return {radius * (l % 2 == 0 ? std::cos(angle) : std::sin(angle)),
+          1e-6 * std::max(1.0, radius)};
 }
 
 }  // namespace dopamine::testing

@@ -1,4 +1,5 @@
-// The C++ half of the C++/Python parity tests (tests/python/test_interop.py):
+// The C++ half of the C++/Python parity tests (tests/python/parity.py, used
+// by test_interop.py and test_properties.py):
 // trains a TorchScript module whose forward() takes no input and returns the
 // loss, with dopamine::Dopamine over the groups given, then saves the module
 // and prints each group's state.

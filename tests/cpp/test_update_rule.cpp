@@ -34,8 +34,7 @@ TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
                            .seed(42);
   const auto with_skips = [&] {
     const LossFn loss = [&](const auto& p) { return quadratic(p); };
-    return non_finite_at(
-        non_finite_at(loss, {{1, 1}}, std::nan("")), {{4, 0}}, INFINITY);
+    return non_finite_at(loss, {{1, 1, std::nan("")}, {4, 0, INFINITY}});
   };
   ReferenceDopamine reference;
   reference.add_group(params, options);

@@ -64,12 +64,12 @@ inline torch::Tensor oracle_checked_noise(const torch::Tensor& like,
   const double* data = flat.data_ptr<double>();
   int64_t mismatches = 0;
   for (int64_t e = 0; e < flat.numel(); ++e) {
-    const double expected = oracle_noise(kind,
-                                         seed,
-                                         static_cast<uint32_t>(step),
-                                         static_cast<uint32_t>(index),
-                                         static_cast<uint64_t>(e));
-    mismatches += !(std::abs(data[e] - expected) <= oracle_tolerance(expected));
+    const auto expected = oracle_noise(kind,
+                                       seed,
+                                       static_cast<uint32_t>(step),
+                                       static_cast<uint32_t>(index),
+                                       static_cast<uint64_t>(e));
+    mismatches += !(std::abs(data[e] - expected.z) <= expected.tolerance);
   }
   EXPECT_EQ(mismatches, 0) << "the ops' noise differs from the oracle at seed "
                            << seed << ", step " << step << ", index " << index;
@@ -184,18 +184,23 @@ class ReferenceDopamine {
   int64_t first_index_ = 0;
 };
 
-// `loss`, except that call number `call` (counting from 1) of each listed
-// pair (step, which) returns `value`: which 0 is the step's unperturbed and
-// 1 its perturbed evaluation. The reference and the optimizer each get one.
-inline LossFn non_finite_at(LossFn loss,
-                            std::vector<std::pair<int, int>> bad_calls,
-                            double value) {
+// A loss evaluation to replace: the step's (counted from 1) unperturbed
+// (which 0) or perturbed (which 1) one, and the value returned instead.
+struct BadCall {
+  int step;
+  int which;
+  double value;
+};
+
+// `loss`, except at `bad_calls`. The reference and the optimizer each get
+// one.
+inline LossFn non_finite_at(LossFn loss, std::vector<BadCall> bad_calls) {
   auto calls = std::make_shared<int>(0);
   return [=](const std::vector<torch::Tensor>& params) {
     const int call = ++*calls;
-    for (const auto& [step, which] : bad_calls) {
-      if (call == 2 * (step - 1) + 1 + which) {
-        return torch::full({}, value, params.front().options());
+    for (const auto& bad : bad_calls) {
+      if (call == 2 * (bad.step - 1) + 1 + bad.which) {
+        return torch::full({}, bad.value, params.front().options());
       }
     }
     return loss(params);

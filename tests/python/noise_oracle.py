@@ -1,6 +1,6 @@
 """An oracle of the noise that shares no code with the ops (csrc/ops/noise.h):
 Philox-4x32-10 in NumPy (checked against Random123's known answers), the uniform
-mapping as docs/DESIGN.md, "Noise", states it, and Box-Muller in float64 with
+mapping as docs/DESIGN.md, "The noise", states it, and Box-Muller in float64 with
 NumPy's log, sqrt, sin and cos. The reference (reference.py) checks every z it
 uses against it, so a noise bug cannot hide in a noise the reference shares
 with the optimizer."""
@@ -41,7 +41,8 @@ def uniform(word):
 
 
 def noise(kind, seed, step, index, numel):
-    """z of elements 0..numel-1 of parameter `index` at `step`, float64.
+    """z of elements 0..numel-1 of parameter `index` at `step`, float64, and
+    how far a float32 z may be from each (`tolerance`).
     Element l * 32 + j of tile t takes, for Gaussian noise, words (0, 1)
     (l = 0, 1) or (2, 3) (l = 2, 3) of counter block 32 t + j, as r cos (l even)
     or r sin (l odd) of the angle 2 pi v, r = sqrt(-2 ln u); for Rademacher
@@ -58,15 +59,16 @@ def noise(kind, seed, step, index, numel):
     words = np.stack(words)
     if kind == "rademacher":
         bits = (words[word_index.astype(np.int64), np.arange(numel)] >> lane) & np.uint64(1)
-        return np.where(bits == 1, 1.0, -1.0)
+        return np.where(bits == 1, 1.0, -1.0), np.zeros(numel)
     low = word_index < 2
     radius = np.sqrt(-2.0 * np.log(uniform(np.where(low, words[0], words[2]))))
     angle = 2.0 * np.pi * uniform(np.where(low, words[1], words[3]))
-    return radius * np.where(word_index % np.uint64(2) == 0, np.cos(angle), np.sin(angle))
+    z = radius * np.where(word_index % np.uint64(2) == 0, np.cos(angle), np.sin(angle))
+    return z, tolerance(radius)
 
 
-def tolerance(z):
-    """How far a float32 z may be from the oracle: the float32 transform's
-    rounding, a few units of 2^-24 relative to the radius (at most
-    2.3e-7 * max(1, |z|) over 3e6 draws)."""
-    return 1e-6 * np.maximum(1.0, np.abs(z))
+def tolerance(radius):
+    """How far a float32 Gaussian z may be from the oracle's: the float32
+    transform's rounding, a few units of 2^-24 times the radius r (the sine or
+    cosine's absolute error times r, r's relative error times |z| <= r)."""
+    return 1e-6 * np.maximum(1.0, radius)

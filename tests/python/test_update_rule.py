@@ -13,6 +13,7 @@ from reference import (
     NOISE_CODES,
     XOR_INPUTS,
     XOR_TARGETS,
+    UNIT_ROUNDOFF,
     ReferenceDopamine,
     isclose,
     noise_of,
@@ -93,7 +94,51 @@ def test_lr_clamps_apply_in_every_mode(device, mode):
         assert "lr_min" not in case or min(rates) == case["lr_min"]
 
 
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+def test_param_groups_use_their_own_options(device):
+    params, loss = quadratic([6, 4, 5], device)
+    group_options = [
+        dict(DEFAULTS, lr=0.02, sigma=0.1, seed=3, lr_adaptation="none"),
+        dict(DEFAULTS, lr=0.05, sigma=0.02, seed=11, lr_adaptation="rpe_tracking", weight_decay=0.01),
+    ]
+    reference = ReferenceDopamine([(params[:2], group_options[0]), (params[2:], group_options[1])])
+    opt = torch_dopamine.Dopamine(
+        [dict(group_options[0], params=params[:2]), dict(group_options[1], params=params[2:])]
+    )
+    for _ in range(10):
+        reference.step(loss)
+        opt.step(lambda: loss(params))
+    assert isclose(params, reference.params(), rtol=1e-10, atol=1e-12)
+
+
+def test_add_param_group_inherits_defaults_and_counts_indices(device):
+    params, loss = quadratic([3, 2], device)
+    opt = torch_dopamine.Dopamine([params[0]], lr=0.03, sigma=0.05)
+    opt.add_param_group({"params": [params[1]], "seed": 5})
+    assert opt.param_groups[1]["lr"] == 0.03 and opt.param_groups[1]["seed"] == 5
+    reference = ReferenceDopamine(
+        [([params[0]], dict(DEFAULTS, lr=0.03, sigma=0.05)), ([params[1]], dict(DEFAULTS, lr=0.03, sigma=0.05, seed=5))]
+    )
+    for _ in range(5):
+        reference.step(loss)
+        opt.step(lambda: loss(params))
+    assert isclose(params, reference.params(), rtol=1e-10, atol=1e-12)
+
+
+def test_closure_may_return_a_python_float_and_runs_without_grad(device):
+    params, loss = quadratic([3], device)
+    grad_modes = []
+
+    def closure():
+        grad_modes.append(torch.is_grad_enabled())
+        return float(loss(params))
+
+    twin = snapshot(params)
+    twin_opt = torch_dopamine.Dopamine(twin)
+    result = torch_dopamine.Dopamine(params).step(closure)
+    expected = twin_opt.step(lambda: loss(twin))
+    assert isinstance(result, float) and result == expected.item()
+    assert grad_modes == [False, False]
+    assert same_bits(params, twin)
 
 
 @pytest.mark.parametrize(
@@ -121,6 +166,8 @@ def test_each_step_in_reduced_precision_follows_the_reference(device, dtype, mas
         group["theta"] = [x.double() for x in start]
         expected_l0 = reference.step(loss)
         assert opt.step(lambda: loss(params)).item() == expected_l0
+        # The trace, an EMA of |L1 - L0| / sigma, and the rate agree: so do L1.
+        assert opt.group_state(0)["rpe_trace"] == pytest.approx(group["m"], rel=1e-12)
         assert opt.group_state(0)["current_lr"] == pytest.approx(group["eta"], rel=1e-12)
         new = [opt.state[p]["master_weight"] if master else p for p in params]
         for i, (x0, x1, expected) in enumerate(zip(start, new, group["theta"])):

@@ -142,12 +142,12 @@ at::Tensor settle(at::TensorList states, at::TensorList plans) {
 const BackendRegistrar cpu_backend(c10::DeviceType::CPU,
                                    {&update, &plan, &settle});
 
-std::string cpu_capability() {
+std::string cpu_capability_kernel() {
   return cpu::to_string(cpu::cpu_path());
 }
 
 TORCH_LIBRARY_IMPL(dopamine, CompositeExplicitAutograd, m) {
-  m.impl("cpu_capability", &cpu_capability);
+  m.impl("cpu_capability", &cpu_capability_kernel);
 }
 
 }  // namespace

@@ -113,6 +113,30 @@ inline const char* to_string(CpuPath path) {
   return "baseline";
 }
 
+// `widest`, capped by DOPAMINE_CPU_CAPABILITY (baseline, avx2 or avx512) when
+// set: all paths compute the same bits, and the cap lets tests and
+// benchmarks compare them. An unknown value is ignored with a warning, as
+// ATen does for ATEN_CPU_CAPABILITY. cpu_path() calls it once, on the first
+// kernel's calling thread, where a warning reaches the caller.
+inline CpuPath capped_path(CpuPath widest) {
+  const char* cap = std::getenv("DOPAMINE_CPU_CAPABILITY");
+  if (cap == nullptr || *cap == '\0') {
+    return widest;
+  }
+  for (const CpuPath wanted :
+       {CpuPath::Baseline, CpuPath::Avx2, CpuPath::Avx512}) {
+    if (std::string(cap) == to_string(wanted)) {
+      return std::min(widest, wanted);
+    }
+  }
+  TORCH_WARN("ignoring invalid value for DOPAMINE_CPU_CAPABILITY: '",
+             cap,
+             "' (expected baseline, avx2 or avx512); the kernels take the "
+             "widest path this CPU runs, ",
+             to_string(widest));
+  return widest;
+}
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #define DOPAMINE_HAS_X86_PATHS 1
 // On a body passed to on_path: inlined into the path's function, so
@@ -215,11 +239,7 @@ run_avx512(const Body& body) {
   body(PhiloxLanes<&philox_lanes_avx512>{});
 }
 
-// The widest path this CPU runs, capped by DOPAMINE_CPU_CAPABILITY
-// (baseline, avx2 or avx512) when set: all paths compute the same bits, and
-// the cap lets tests and benchmarks compare them. An unknown value is ignored
-// with a warning, as ATen does for ATEN_CPU_CAPABILITY. Decided on the first
-// call (call it outside parallel regions, where a warning reaches the caller).
+// The widest path this CPU runs, capped by DOPAMINE_CPU_CAPABILITY.
 inline CpuPath cpu_path() {
   static const CpuPath path = [] {
     CpuPath best = CpuPath::Baseline;
@@ -232,29 +252,15 @@ inline CpuPath cpu_path() {
         best = CpuPath::Avx512;
       }
     }
-    const char* cap = std::getenv("DOPAMINE_CPU_CAPABILITY");
-    if (cap == nullptr || *cap == '\0') {
-      return best;
-    }
-    for (const CpuPath wanted :
-         {CpuPath::Baseline, CpuPath::Avx2, CpuPath::Avx512}) {
-      if (std::string(cap) == to_string(wanted)) {
-        return std::min(best, wanted);
-      }
-    }
-    TORCH_WARN("ignoring invalid value for DOPAMINE_CPU_CAPABILITY: '",
-               cap,
-               "' (expected baseline, avx2 or avx512); the kernels take the "
-               "widest path this CPU runs, ",
-               to_string(best));
-    return best;
+    return capped_path(best);
   }();
   return path;
 }
 #else
 #define DOPAMINE_PATH_BODY
 inline CpuPath cpu_path() {
-  return CpuPath::Baseline;
+  static const CpuPath path = capped_path(CpuPath::Baseline);
+  return path;
 }
 #endif
 
