@@ -260,3 +260,16 @@ def test_same_seed_same_trajectory_and_threads_do_not_matter():
         finally:
             torch.set_num_threads(previous)
     assert same_bits(*results)
+
+
+def test_the_cpu_kernels_can_use_more_than_one_thread():
+    """at::parallel_for is inline: with an OpenMP ATen, code compiled without
+    OpenMP runs it on the calling thread alone, and the thread tests above
+    then compare one thread with one thread. The library must call OpenMP's
+    runtime itself where torch does."""
+    if "OpenMP" not in torch.__config__.parallel_info().split("\n")[3]:
+        pytest.skip("this torch's ATen does not parallelise with OpenMP")
+    nm = subprocess.run(["nm", "-D", "--undefined-only", torch_dopamine.LIBRARY_PATH], capture_output=True, text=True)
+    if nm.returncode != 0:
+        pytest.skip(f"nm cannot read the library: {nm.stderr.strip()}")
+    assert "GOMP_parallel" in nm.stdout
