@@ -46,6 +46,15 @@ inline double oracle_uniform(uint32_t word) {
   return (2.0 * static_cast<double>(word >> 9) + 1.0) / 16777216.0;
 }
 
+// The radius's uniform: oracle_uniform, except for top 23 bits 0, where it is
+// (2k' + 1) / 2^33 for the low 9 bits k'.
+inline double oracle_radius_uniform(uint32_t word) {
+  if ((word >> 9) != 0) {
+    return oracle_uniform(word);
+  }
+  return (2.0 * static_cast<double>(word & 0x1FFu) + 1.0) / 8589934592.0;
+}
+
 // z in double, and how far a float32 z may be from it: the float32
 // transform's rounding, a few units of 2^-24 times the radius r (the sine or
 // cosine's absolute error times r, r's relative error times |z| <= r).
@@ -57,7 +66,8 @@ struct OracleNoise {
 // z of element `element` of parameter `index` at `step`: element
 // l * 32 + j of tile t takes, for Gaussian noise, words (0, 1) (l = 0, 1) or
 // (2, 3) (l = 2, 3) of counter block 32 t + j, as r cos (l even) or r sin
-// (l odd) of the angle 2 pi v, r = sqrt(-2 ln u); for Rademacher noise, bit j
+// (l odd) of the angle 2 pi v, r = sqrt(-2 ln u) (u the radius's uniform of
+// the first word, v the uniform of the second); for Rademacher noise, bit j
 // of word l of counter block t, 1 -> +1 and 0 -> -1.
 inline OracleNoise oracle_noise(
     Noise kind, int64_t seed, uint32_t step, uint32_t index, uint64_t element) {
@@ -72,7 +82,7 @@ inline OracleNoise oracle_noise(
   oracle_words(seed, step, index, tile * 32 + j, words);
   const uint32_t word_u = words[l < 2 ? 0 : 2];
   const uint32_t word_v = words[l < 2 ? 1 : 3];
-  const double radius = std::sqrt(-2.0 * std::log(oracle_uniform(word_u)));
+  const double radius = std::sqrt(-2.0 * std::log(oracle_radius_uniform(word_u)));
   const double angle = 2.0 * M_PI * oracle_uniform(word_v);
   return {radius * (l % 2 == 0 ? std::cos(angle) : std::sin(angle)),
           1e-6 * std::max(1.0, radius)};

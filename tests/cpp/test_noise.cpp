@@ -78,21 +78,33 @@ TEST(Noise, KernelsDrawTheOraclesNoise) {
   }
 }
 
-// Every input the transform can see: the 2^23 values of uniform_open. log_unit
-// is within 1 ulp of log (as Cephes' logf), sin and cos of 2 pi v within
-// 2^-23 (their values are at most 1 in magnitude).
+// Every input the transform can see: the 2^23 values of uniform_open and the
+// 512 of the radius's bottom cell. log_unit is within 1 ulp of log (as
+// Cephes' logf), sin and cos of 2 pi v within 2^-23 (their values are at most
+// 1 in magnitude).
 TEST(Noise, TransformMatchesTheStandardLibrary) {
   double worst_log_ulps = 0, worst_sincos = 0;
-  for (uint32_t k = 0; k < (1u << 23); ++k) {
-    const uint32_t word = k << 9;
-    const float u = noise::uniform_open(word);
-    ASSERT_EQ(static_cast<double>(u), oracle_uniform(word));
+  auto check_log = [&](float u) {
     const double log_u = std::log(static_cast<double>(u));
     const double ulp =
         std::nextafter(static_cast<float>(std::abs(log_u)), INFINITY) -
         static_cast<float>(std::abs(log_u));
     worst_log_ulps =
         std::max(worst_log_ulps, std::abs(noise::log_unit(u) - log_u) / ulp);
+  };
+  for (uint32_t low = 0; low < (1u << 9); ++low) {
+    const float u = noise::uniform_radius(low);
+    ASSERT_EQ(static_cast<double>(u), oracle_radius_uniform(low));
+    check_log(u);
+  }
+  for (uint32_t k = 0; k < (1u << 23); ++k) {
+    const uint32_t word = k << 9;
+    const float u = noise::uniform_open(word);
+    ASSERT_EQ(static_cast<double>(u), oracle_uniform(word));
+    if (k != 0) {
+      ASSERT_EQ(noise::uniform_radius(word | 0x1FFu), u);
+    }
+    check_log(u);
     float sine, cosine;
     noise::sincos_turn(word, sine, cosine);
     const double angle = 2.0 * M_PI * static_cast<double>(u);
@@ -107,6 +119,18 @@ TEST(Noise, TransformMatchesTheStandardLibrary) {
             << " x 2^-24\n";
 }
 
+// P(|Z| > t) for a standard normal Z.
+double two_sided_tail(double t) {
+  return std::erfc(t / std::sqrt(2.0));
+}
+
+// The sample correlation of two equally long samples of z.
+double correlation(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto x = a.to(torch::kDouble) - a.to(torch::kDouble).mean();
+  const auto y = b.to(torch::kDouble) - b.to(torch::kDouble).mean();
+  return ((x * y).sum() / (x.norm() * y.norm())).item<double>();
+}
+
 TEST(Noise, GaussianHasTheMomentsOfAStandardNormal) {
   const auto z = noise_of(torch::zeros({1 << 21}), 3, 1, 0).to(torch::kDouble);
   const double n = static_cast<double>(z.numel());
@@ -115,14 +139,77 @@ TEST(Noise, GaussianHasTheMomentsOfAStandardNormal) {
   EXPECT_NEAR(z.square().mean().item<double>(), 1.0, 5 * std::sqrt(2 / n));
   EXPECT_NEAR(z.pow(4).mean().item<double>(), 3.0, 5 * std::sqrt(96 / n));
   EXPECT_NEAR(z.pow(3).mean().item<double>(), 0.0, 5 * std::sqrt(15 / n));
-  // P(|z| > 3) = 0.0027.
+  // The mass beyond 3 within 10% of the normal's (7 standard errors here).
+  EXPECT_NEAR((z.abs() > 3).to(torch::kDouble).mean().item<double>(),
+              two_sided_tail(3),
+              0.1 * two_sided_tail(3));
+}
+
+// The Kolmogorov-Smirnov distance of 2^20 draws from the normal's CDF is at
+// most 0.003 (a sample of the normal itself exceeds 0.0017 with probability
+// 1e-6).
+TEST(Noise, GaussianPassesKolmogorovSmirnov) {
+  const auto z = std::get<0>(
+      noise_of(torch::zeros({1 << 20}), 11, 4, 2).to(torch::kDouble).sort());
+  const double* sorted = z.data_ptr<double>();
+  const int64_t n = z.numel();
+  double distance = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double cdf = 0.5 * std::erfc(-sorted[i] / std::sqrt(2.0));
+    distance = std::max({distance,
+                         std::abs(cdf - static_cast<double>(i) / n),
+                         std::abs(cdf - static_cast<double>(i + 1) / n)});
+  }
+  EXPECT_LE(distance, 0.003);
+  std::cout << "KS distance over 2^20 draws: " << distance << "\n";
+}
+
+// The mass beyond 4 sigma within 10% of the normal's over 1e8 draws (about
+// 6300 expected, so 10% is 8 standard errors), in ten parameters of 1e7.
+TEST(Noise, GaussianTailBeyondFourSigma) {
+  const int64_t per_parameter = 10'000'000;
+  int64_t beyond = 0;
+  auto z = torch::zeros({per_parameter});
+  for (int64_t index = 0; index < 10; ++index) {
+    z.zero_();
+    ops::perturb_({z}, {}, state_at(1), {index}, 5, 1.0, Noise::Gaussian, 1);
+    beyond += (z.abs() > 4).sum().item<int64_t>();
+  }
+  const double mass = static_cast<double>(beyond) / (10 * per_parameter);
+  EXPECT_NEAR(mass, two_sided_tail(4), 0.1 * two_sided_tail(4));
+  std::cout << "P(|z| > 4) over 1e8 draws: " << mass
+            << " (normal: " << two_sided_tail(4) << ")\n";
+}
+
+// The largest |z|: the radius's smallest uniform, 2^-33 (both words' top 23
+// bits and the first's low 9 bits 0), and the angle 2 pi 2^-24, whose cosine
+// is 1 in float. Philox is a bijection of the counter, so some counter gives
+// these words.
+TEST(Noise, GaussianReachesBeyondSixSigma) {
+  float cosine, sine;
+  noise::box_muller(0, 0, cosine, sine);
+  EXPECT_GE(cosine, 6.0f);
+  EXPECT_NEAR(cosine, std::sqrt(66 * std::log(2.0)), 1e-5);
+}
+
+// No correlation between neighbouring elements (the next element, and the
+// other words of the same counter, 32, 64 and 96 elements on), steps, or
+// parameters: each within 5 standard errors of 0.
+TEST(Noise, GaussianIsUncorrelatedAcrossElementsStepsAndParameters) {
+  const int64_t n = 1 << 20;
+  const auto z = noise_of(torch::zeros({n}), 3, 1, 0);
+  const double bound = 5 / std::sqrt(static_cast<double>(n) / 2);
+  for (const int64_t lag : {1, 32, 64, 96}) {
+    EXPECT_NEAR(
+        correlation(z.slice(0, 0, n - lag), z.slice(0, lag, n)), 0.0, bound)
+        << "lag " << lag;
+  }
   EXPECT_NEAR(
-      (z.abs() > 3).to(torch::kDouble).mean().item<double>(), 0.0027, 0.0004);
-  // Neighbouring elements (same counter, different words) are uncorrelated.
-  const auto pairs = z.view({-1, 128});
-  const double lag32 =
-      (pairs.slice(1, 0, 32) * pairs.slice(1, 32, 64)).mean().item<double>();
-  EXPECT_NEAR(lag32, 0.0, 5 / std::sqrt(n / 4));
+      correlation(z, noise_of(torch::zeros({n}), 3, 2, 0)), 0.0, bound);
+  EXPECT_NEAR(
+      correlation(z, noise_of(torch::zeros({n}), 3, 1, 1)), 0.0, bound);
+  EXPECT_NEAR(
+      correlation(z, noise_of(torch::zeros({n}), 4, 1, 0)), 0.0, bound);
 }
 
 TEST(Noise, RademacherIsPlusOrMinusOneAndBalanced) {

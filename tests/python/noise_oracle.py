@@ -40,12 +40,20 @@ def uniform(word):
     return (2.0 * (word >> np.uint64(9)).astype(np.float64) + 1.0) / 2.0**24
 
 
+def radius_uniform(word):
+    """uniform(word), except for top 23 bits 0: (2k' + 1) / 2^33 for the low 9
+    bits k'."""
+    fine = (2.0 * (word & np.uint64(0x1FF)).astype(np.float64) + 1.0) / 2.0**33
+    return np.where((word >> np.uint64(9)) == 0, fine, uniform(word))
+
+
 def noise(kind, seed, step, index, numel):
     """z of elements 0..numel-1 of parameter `index` at `step`, float64, and
     how far a float32 z may be from each (`tolerance`).
     Element l * 32 + j of tile t takes, for Gaussian noise, words (0, 1)
     (l = 0, 1) or (2, 3) (l = 2, 3) of counter block 32 t + j, as r cos (l even)
-    or r sin (l odd) of the angle 2 pi v, r = sqrt(-2 ln u); for Rademacher
+    or r sin (l odd) of the angle 2 pi v, r = sqrt(-2 ln u) (u the radius's
+    uniform of the first word, v the uniform of the second); for Rademacher
     noise, bit j of word l of counter block t, 1 -> +1 and 0 -> -1. A counter is
     (block low, block high, index, step)."""
     element = np.arange(numel, dtype=np.uint64)
@@ -61,7 +69,7 @@ def noise(kind, seed, step, index, numel):
         bits = (words[word_index.astype(np.int64), np.arange(numel)] >> lane) & np.uint64(1)
         return np.where(bits == 1, 1.0, -1.0), np.zeros(numel)
     low = word_index < 2
-    radius = np.sqrt(-2.0 * np.log(uniform(np.where(low, words[0], words[2]))))
+    radius = np.sqrt(-2.0 * np.log(radius_uniform(np.where(low, words[0], words[2]))))
     angle = 2.0 * np.pi * uniform(np.where(low, words[1], words[3]))
     z = radius * np.where(word_index % np.uint64(2) == 0, np.cos(angle), np.sin(angle))
     return z, tolerance(radius)
