@@ -313,6 +313,7 @@ def write(records: List[dict], meta: dict, out: Path) -> None:
             lines.append(f"| {name} | {_fmt(ms)} | {_fmt(gbs)} |")
         lines += [
             "",
+            f"Medians of {ops.get('repeats', '?')} rounds that run every op once each, so that the ratios compare runs that saw the same machine. "
             f"A Dopamine step's ops (perturb_, plan_step and finish_step_) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
             f"Gaussian noise, {ops['step_vs_adam']['rademacher']:.2f}x with Rademacher noise. Noise throughput against `normal_` on the "
             f"same tensors: {ops['noise_throughput_vs_normal_']:.2f}x. `copy_` reaches {ops['copy_gb_per_s']:.1f} GB/s; a step takes "

@@ -9,6 +9,7 @@ op benchmark: the fused ops against torch's own kernels at 1e7 parameters.
 Run as a script, it measures one point and prints it as JSON."""
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -59,6 +60,22 @@ def timed(fn, device, repeats):
         sync(device)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def interleaved(fns, device, repeats):
+    """Median milliseconds of each callable of `fns` (a dict), timed in
+    rounds that run each once, so that the machine's drift hits all alike."""
+    for fn in fns.values():
+        fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def _status_bytes(field: str) -> int:
@@ -204,52 +221,48 @@ def layout_benchmark(device: str, repeats: int = 15) -> dict:
     state = torch.zeros(5, dtype=torch.float64)
     result = {}
     for noise in ("gaussian", "rademacher"):
-        times = {name: [] for name in tensors}
-        for params in tensors.values():
-            engine_step(params, noise, state)
-        for _ in range(repeats):
-            for name, params in tensors.items():
-                sync(device)
-                start = time.perf_counter()
-                engine_step(params, noise, state)
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        ms = interleaved({name: functools.partial(engine_step, params, noise, state) for name, params in tensors.items()}, device, repeats)
         base = ms[f"{LAYOUTS[0][0]}x{LAYOUTS[0][1]}"]
         result[noise] = {"ms": ms, "ratio": {name: v / base for name, v in ms.items()}}
     return result
 
 
-def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 4, repeats: int = 30) -> dict:
+def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeats: int = 30) -> dict:
     """The fused ops at `numel` float32 elements in `tensors` tensors, against
     torch's normal_, copy_ and the fastest Adam steps, in one process."""
     device = torch.device(device)
     size = numel // tensors
     params = [torch.zeros(size, device=device) for _ in range(tensors)]
     others = [torch.zeros(size, device=device) for _ in range(tensors)]
-    times = {}
     state = torch.zeros(5, dtype=torch.float64)
+    fns = {}
     for noise in ("gaussian", "rademacher"):
-        times[f"perturb_[{noise}]"] = timed(lambda: perturb(params, noise, state), device, repeats)
-        times[f"finish_step_[{noise}]"] = timed(lambda: finish(params, noise, state), device, repeats)
-        times[f"step[{noise}]"] = times[f"perturb_[{noise}]"] + times[f"finish_step_[{noise}]"]
-    times["normal_"] = timed(lambda: [p.normal_() for p in params], device, repeats)
-    times["copy_"] = timed(lambda: [o.copy_(p) for o, p in zip(others, params)], device, repeats)
+        fns[f"perturb_[{noise}]"] = functools.partial(perturb, params, noise, state)
+        fns[f"finish_step_[{noise}]"] = functools.partial(finish, params, noise, state)
+        fns[f"step[{noise}]"] = functools.partial(engine_step, params, noise, state)
+    fns["normal_"] = lambda: [p.normal_() for p in params]
+    fns["copy_"] = lambda: [o.copy_(p) for o, p in zip(others, params)]
     adam_params = [torch.nn.Parameter(torch.zeros(size, device=device)) for _ in range(tensors)]
     for p in adam_params:
         p.grad = torch.zeros_like(p)
     for variant in ("fused", "foreach"):
         try:
-            adam = torch.optim.Adam(adam_params, lr=1e-3, **{variant: True})
-            times[f"adam[{variant}]"] = timed(adam.step, device, repeats)
+            fns[f"adam[{variant}]"] = torch.optim.Adam(adam_params, lr=1e-3, **{variant: True}).step
+            fns[f"adam[{variant}]"]()
         except (RuntimeError, ValueError) as error:  # fused Adam is missing on some builds
-            times[f"adam[{variant}]"] = None
+            fns.pop(f"adam[{variant}]")
             print(f"adam[{variant}] unavailable: {error}", file=sys.stderr)
+    # Every figure from the same interleaved rounds: the ratios compare runs
+    # that saw the same machine.
+    times = interleaved(fns, device, repeats)
+    for variant in ("fused", "foreach"):
+        times.setdefault(f"adam[{variant}]", None)
     adam_best = min(v for k, v in times.items() if k.startswith("adam[") and v is not None)
     copy_gbs = 8 * numel / (times["copy_"] * 1e-3) / 1e9
     return {
         "numel": numel,
         "tensors": tensors,
+        "repeats": repeats,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "ms": times,

@@ -82,7 +82,8 @@ inline OracleNoise oracle_noise(
   oracle_words(seed, step, index, tile * 32 + j, words);
   const uint32_t word_u = words[l < 2 ? 0 : 2];
   const uint32_t word_v = words[l < 2 ? 1 : 3];
-  const double radius = std::sqrt(-2.0 * std::log(oracle_radius_uniform(word_u)));
+  const double radius =
+      std::sqrt(-2.0 * std::log(oracle_radius_uniform(word_u)));
   const double angle = 2.0 * M_PI * oracle_uniform(word_v);
   return {radius * (l % 2 == 0 ? std::cos(angle) : std::sin(angle)),
           1e-6 * std::max(1.0, radius)};

@@ -204,12 +204,9 @@ TEST(Noise, GaussianIsUncorrelatedAcrossElementsStepsAndParameters) {
         correlation(z.slice(0, 0, n - lag), z.slice(0, lag, n)), 0.0, bound)
         << "lag " << lag;
   }
-  EXPECT_NEAR(
-      correlation(z, noise_of(torch::zeros({n}), 3, 2, 0)), 0.0, bound);
-  EXPECT_NEAR(
-      correlation(z, noise_of(torch::zeros({n}), 3, 1, 1)), 0.0, bound);
-  EXPECT_NEAR(
-      correlation(z, noise_of(torch::zeros({n}), 4, 1, 0)), 0.0, bound);
+  EXPECT_NEAR(correlation(z, noise_of(torch::zeros({n}), 3, 2, 0)), 0.0, bound);
+  EXPECT_NEAR(correlation(z, noise_of(torch::zeros({n}), 3, 1, 1)), 0.0, bound);
+  EXPECT_NEAR(correlation(z, noise_of(torch::zeros({n}), 4, 1, 0)), 0.0, bound);
 }
 
 TEST(Noise, RademacherIsPlusOrMinusOneAndBalanced) {
