@@ -51,15 +51,8 @@ def sync(device):
 
 
 def timed(fn, device, repeats):
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median milliseconds of `fn` over `repeats` runs after one warm-up."""
+    return interleaved({"fn": fn}, device, repeats)["fn"]
 
 
 def interleaved(fns, device, repeats):
@@ -247,10 +240,10 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
         p.grad = torch.zeros_like(p)
     for variant in ("fused", "foreach"):
         try:
-            fns[f"adam[{variant}]"] = torch.optim.Adam(adam_params, lr=1e-3, **{variant: True}).step
-            fns[f"adam[{variant}]"]()
+            adam = torch.optim.Adam(adam_params, lr=1e-3, **{variant: True})
+            adam.step()
+            fns[f"adam[{variant}]"] = adam.step
         except (RuntimeError, ValueError) as error:  # fused Adam is missing on some builds
-            fns.pop(f"adam[{variant}]")
             print(f"adam[{variant}] unavailable: {error}", file=sys.stderr)
     # Every figure from the same interleaved rounds: the ratios compare runs
     # that saw the same machine.
