@@ -94,7 +94,8 @@ double perturb_ms(dopamine::Noise kind) {
   }
   const auto state = at::zeros({5}, at::kDouble);
   return median_ms([&] {
-    dopamine::ops::perturb_(params, {}, state, {0, 1, 2, 3}, 0, 1e-3, kind, 1);
+    dopamine::ops::perturb_(
+        params, {}, state, {0, 1, 2, 3}, 0, 1e-3, kind, 0, 1);
   });
 }
 
@@ -124,7 +125,7 @@ std::vector<double> layout_ms(dopamine::Noise kind) {
   const auto options = dopamine::DopamineOptions(1e-4).sigma(1e-3).noise(kind);
   auto step = [&](size_t l) {
     dopamine::ops::perturb_(
-        tensors[l], {}, state, indices[l], 0, 1e-3, kind, 1);
+        tensors[l], {}, state, indices[l], 0, 1e-3, kind, 0, 1);
     const auto plan = dopamine::ops::plan_step(state, losses, options);
     dopamine::ops::finish_step_(
         tensors[l], {}, {state}, {plan}, indices[l], {kLayouts[l].count});

@@ -180,7 +180,7 @@ LOSSES = torch.tensor([1.0, 1.0 + 1e-6], dtype=torch.float64)
 
 def perturb(params, noise, state):
     torch.ops.dopamine.perturb_(
-        params, [], state, indices=list(range(len(params))), seed=0, sigma=1e-3, noise=NOISE_CODES[noise], direction=1
+        params, [], state, indices=list(range(len(params))), seed=0, sigma=1e-3, noise=NOISE_CODES[noise], previous=0, offset=1
     )
 
 

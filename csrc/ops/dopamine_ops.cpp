@@ -23,13 +23,13 @@ TORCH_LIBRARY(dopamine, m) {
   m.def("check_state(Tensor state) -> ()");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] master_weights, Tensor state, "
-      "*, int[] indices, int seed, float sigma, int noise, int direction) "
-      "-> ()");
+      "*, int[] indices, int seed, float sigma, int noise, int previous, "
+      "int offset) -> ()");
   m.def(
       "plan_step(Tensor state, Tensor losses, *, int lr_adaptation, "
       "float lr, float sigma, float beta, float beta_s, float beta_eta, "
       "float eps, float? lr_min, float? lr_max, float weight_decay, int seed, "
-      "int noise) -> Tensor");
+      "int noise, bool antithetic=False) -> Tensor");
   m.def(
       "finish_step_(Tensor(a!)[] params, Tensor(b!)[] master_weights, "
       "Tensor(c!)[] states, Tensor[] plans, *, int[] indices, "
@@ -99,13 +99,15 @@ void perturb_(at::TensorList params,
               int64_t seed,
               double sigma,
               Noise noise,
-              int64_t direction) {
+              int64_t previous,
+              int64_t offset) {
   static auto op = find_op<void(at::TensorList,
                                 at::TensorList,
                                 const at::Tensor&,
                                 c10::IntArrayRef,
                                 int64_t,
                                 double,
+                                int64_t,
                                 int64_t,
                                 int64_t)>("dopamine::perturb_");
   op.call(params,
@@ -115,7 +117,8 @@ void perturb_(at::TensorList params,
           seed,
           sigma,
           code(noise),
-          direction);
+          previous,
+          offset);
 }
 
 at::Tensor plan_step(const at::Tensor& state,
@@ -134,7 +137,8 @@ at::Tensor plan_step(const at::Tensor& state,
                                       std::optional<double>,
                                       double,
                                       int64_t,
-                                      int64_t)>("dopamine::plan_step");
+                                      int64_t,
+                                      bool)>("dopamine::plan_step");
   return op.call(state,
                  losses,
                  code(o.lr_adaptation()),
@@ -148,7 +152,8 @@ at::Tensor plan_step(const at::Tensor& state,
                  o.lr_max(),
                  o.weight_decay(),
                  o.seed(),
-                 code(o.noise()));
+                 code(o.noise()),
+                 o.antithetic());
 }
 
 at::Tensor finish_step_(at::TensorList params,

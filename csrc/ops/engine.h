@@ -29,6 +29,8 @@ constexpr int64_t kStepSize = kStateSize;
 constexpr int64_t kDecay = kStateSize + 1;
 // 1 when both losses, the step size and the traces are finite.
 constexpr int64_t kFinite = kStateSize + 2;
+// The perturbation the parameters carry when the step finishes, in units of
+// z: sigma, or -sigma with antithetic.
 constexpr int64_t kSigma = kStateSize + 3;
 // The noise key's two words (exact in float64) and its noise::Kind.
 constexpr int64_t kKeyLo = kStateSize + 4;
@@ -52,16 +54,20 @@ struct GroupOptions {
   double lr_min, lr_max;
   noise::Key key;
   noise::Kind noise;
+  // The losses are L(theta + sigma z) and L(theta - sigma z), and the
+  // parameters carry -sigma z when the step finishes.
+  bool antithetic;
 };
 
 // The rule of docs/DESIGN.md, "The algorithm", for one group: the plan of a
-// step whose losses are `l0` (unperturbed) and `l1` (perturbed).
+// step whose losses are `l0` (unperturbed) and `l1` (perturbed), or with
+// antithetic L(theta + sigma z) and L(theta - sigma z).
 C10_HOST_DEVICE inline void plan_group(const double* state,
                                        double l0,
                                        double l1,
                                        const GroupOptions& o,
                                        double* plan) {
-  const double delta = l1 - l0;
+  const double delta = o.antithetic ? (l0 - l1) / 2 : l1 - l0;
   const double step = state[kStep] + 1;
   // The bias correction counts completed updates, skipped steps excluded.
   const double updates = step - state[kSkippedSteps];
@@ -94,7 +100,7 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
                       std::isfinite(step_size) && std::isfinite(trace) &&
                       std::isfinite(magnitude) && std::isfinite(lr);
   plan[kFinite] = finite ? 1 : 0;
-  plan[kSigma] = o.sigma;
+  plan[kSigma] = o.antithetic ? -o.sigma : o.sigma;
   plan[kKeyLo] = o.key.lo;
   plan[kKeyHi] = o.key.hi;
   plan[kNoise] = static_cast<double>(o.noise);
@@ -145,14 +151,17 @@ struct Coefficients {
   bool writes_master = false;
 };
 
-// perturb_: theta + direction * sigma * z. A master weight is never
-// perturbed: the parameter becomes its rounding plus the perturbation
-// (direction +1) or its rounding (direction -1), so the round trip is exact.
+// perturb_: parameters carrying previous * sigma * z come to carry
+// offset * sigma * z (each -1, 0 or 1): theta + (offset - previous) sigma z.
+// A master weight is never perturbed: the parameter becomes the rounding of
+// master + offset * sigma * z, so every round trip is exact.
 C10_HOST_DEVICE inline Coefficients perturb_coefficients(double sigma,
-                                                         int64_t direction,
+                                                         int64_t previous,
+                                                         int64_t offset,
                                                          bool has_master) {
   Coefficients c;
-  c.shift = has_master && direction < 0 ? 0 : -direction * sigma;
+  c.shift =
+      -static_cast<double>(has_master ? offset : offset - previous) * sigma;
   return c;
 }
 

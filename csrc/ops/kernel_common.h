@@ -36,7 +36,7 @@ struct DeviceStepSource {
   noise::Kind kind = noise::Kind::Gaussian;
   noise::Key key = {0, 0};
   double sigma = 0;
-  int64_t direction = 1;
+  int64_t previous = 0, offset = 1;
   bool has_master = false;
 };
 
@@ -44,12 +44,13 @@ C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
                                                       noise::Key key,
                                                       const double* state,
                                                       double sigma,
-                                                      int64_t direction,
+                                                      int64_t previous,
+                                                      int64_t offset,
                                                       bool has_master) {
   return {kind,
           key,
           static_cast<uint32_t>(state[engine::kStep] + 1),
-          engine::perturb_coefficients(sigma, direction, has_master)};
+          engine::perturb_coefficients(sigma, previous, offset, has_master)};
 }
 
 C10_HOST_DEVICE inline TensorStep finish_tensor_step(const double* plan,
@@ -70,7 +71,8 @@ C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
                              source.key,
                              source.state,
                              source.sigma,
-                             source.direction,
+                             source.previous,
+                             source.offset,
                              source.has_master);
 }
 

@@ -249,12 +249,17 @@ void perturb(at::TensorList params,
              int64_t seed,
              double sigma,
              int64_t noise,
-             int64_t direction) {
+             int64_t previous,
+             int64_t offset) {
   const ParamTable table(params, master_weights, indices, "perturb_");
   check_state_tensor(state, engine::kStateSize, "perturb_", "state");
-  TORCH_CHECK(direction == 1 || direction == -1,
-              "dopamine::perturb_: direction must be 1 or -1, got ",
-              direction);
+  TORCH_CHECK(
+      std::abs(previous) <= 1 && std::abs(offset) <= 1 && previous != offset,
+      "dopamine::perturb_: previous and offset must differ and each "
+      "be -1, 0 or 1, got ",
+      previous,
+      " and ",
+      offset);
   TORCH_CHECK(std::isfinite(sigma),
               "dopamine::perturb_: sigma must be finite, got ",
               sigma);
@@ -274,14 +279,16 @@ void perturb(at::TensorList params,
                                    key,
                                    state.data_ptr<double>(),
                                    sigma,
-                                   direction,
+                                   previous,
+                                   offset,
                                    e.master != nullptr);
     } else {
       e.source.state = state.data_ptr<double>();
       e.source.kind = kind;
       e.source.key = key;
       e.source.sigma = sigma;
-      e.source.direction = direction;
+      e.source.previous = previous;
+      e.source.offset = offset;
       e.source.has_master = e.master != nullptr;
     }
   });
@@ -302,11 +309,13 @@ at::Tensor plan_step(const at::Tensor& state,
                      std::optional<double> lr_max,
                      double weight_decay,
                      int64_t seed,
-                     int64_t noise) {
+                     int64_t noise,
+                     bool antithetic) {
   check_state_tensor(state, engine::kStateSize, "plan_step", "state");
   TORCH_CHECK(losses.defined() && losses.dim() == 1 && losses.sym_size(0) == 2,
               "dopamine::plan_step: losses must be a tensor of shape [2] "
-              "(unperturbed, perturbed)");
+              "(unperturbed and perturbed, or with antithetic L(theta + "
+              "sigma z) and L(theta - sigma z))");
   TORCH_CHECK(lr_adaptation >= 0 && lr_adaptation <= 2,
               "dopamine::plan_step: invalid lr_adaptation code ",
               lr_adaptation);
@@ -324,7 +333,8 @@ at::Tensor plan_step(const at::Tensor& state,
       lr_min.value_or(0),
       lr_max.value_or(0),
       noise::key_of(seed),
-      noise_kind(noise)};
+      noise_kind(noise),
+      antithetic};
   auto plan = at::empty({engine::kPlanSize}, state.options());
   if (state.is_meta()) {
     return plan;

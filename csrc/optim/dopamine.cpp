@@ -65,7 +65,8 @@ bool operator==(const DopamineOptions& lhs, const DopamineOptions& rhs) {
          lhs.noise() == rhs.noise() &&
          lhs.non_finite_loss() == rhs.non_finite_loss() &&
          lhs.capturable() == rhs.capturable() &&
-         lhs.master_weights() == rhs.master_weights();
+         lhs.master_weights() == rhs.master_weights() &&
+         lhs.antithetic() == rhs.antithetic();
 }
 
 void DopamineOptions::serialize(
@@ -85,6 +86,7 @@ void DopamineOptions::serialize(
   archive.write("non_finite_loss", static_cast<int64_t>(non_finite_loss()));
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(capturable);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master_weights);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(antithetic);
 }
 
 void DopamineOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -109,6 +111,10 @@ void DopamineOptions::serialize(torch::serialize::InputArchive& archive) {
   non_finite_loss(static_cast<NonFiniteLoss>(policy.toInt()));
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, capturable);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, master_weights);
+  // Checkpoints written before the option existed are not antithetic.
+  c10::IValue antithetic_flag;
+  antithetic(archive.try_read("antithetic", antithetic_flag) &&
+             antithetic_flag.toBool());
   validate();
 }
 
@@ -268,7 +274,10 @@ struct GroupStep {
   std::vector<torch::Tensor> masters;
   torch::Tensor state;
 
-  void perturb(int64_t direction) const {
+  // The perturbation the parameters carry, in units of sigma z: 0, 1 or -1.
+  int64_t carried = 0;
+
+  void perturb(int64_t offset) {
     ops::perturb_(params,
                   masters,
                   state,
@@ -276,7 +285,9 @@ struct GroupStep {
                   options.seed(),
                   options.sigma(),
                   options.noise(),
-                  direction);
+                  carried,
+                  offset);
+    carried = offset;
   }
 };
 
@@ -409,27 +420,63 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     groups.push_back(std::move(group));
   }
 
-  auto restore = [&groups](size_t count) {
-    for (const auto g : c10::irange(count)) {
-      groups[g].perturb(-1);
+  // Brings every group back to theta, whatever it carries.
+  auto restore = [&groups] {
+    for (auto& group : groups) {
+      if (group.carried != 0) {
+        group.perturb(0);
+      }
+    }
+  };
+  // The parameters at offset * sigma z, then the closure's loss there.
+  auto evaluate_at = [&](int64_t offset, const char* which) {
+    try {
+      for (auto& group : groups) {
+        group.perturb(offset);
+      }
+      const torch::Tensor loss = closure();
+      return std::make_pair(loss, loss_tensor(loss, which));
+    } catch (...) {
+      restore();
+      throw;
     }
   };
 
-  const torch::Tensor loss = closure();
-  auto unperturbed = loss_tensor(loss, "unperturbed");
-  if (groups.empty()) {
-    return loss;
+  // The two evaluations: L0 and L1, or with antithetic L(theta + sigma z)
+  // and L(theta - sigma z) (docs/DESIGN.md, "The algorithm"), which every
+  // group must agree on since one evaluation serves them all.
+  const bool antithetic = param_groups_.empty()
+                              ? defaults.antithetic()
+                              : options_of(param_groups_[0], 0).antithetic();
+  for (const auto g : c10::irange(param_groups_.size())) {
+    TORCH_CHECK(options_of(param_groups_[g], g).antithetic() == antithetic,
+                "Dopamine: invalid antithetic: ",
+                !antithetic,
+                " in parameter group ",
+                g,
+                ", ",
+                antithetic,
+                " in group 0; it must be the same in every group");
   }
-  size_t perturbed_groups = 0;
-  torch::Tensor perturbed;
-  try {
-    for (; perturbed_groups < groups.size(); ++perturbed_groups) {
-      groups[perturbed_groups].perturb(1);
+  const char* first_name = antithetic ? "theta + sigma z" : "unperturbed";
+  const char* second_name = antithetic ? "theta - sigma z" : "perturbed";
+  torch::Tensor loss, unperturbed, perturbed;
+  if (antithetic) {
+    if (groups.empty()) {
+      return closure();
     }
-    perturbed = loss_tensor(closure(), "perturbed");
-  } catch (...) {
-    restore(perturbed_groups);
-    throw;
+    auto [plus, plus_value] = evaluate_at(1, first_name);
+    auto [minus, minus_value] = evaluate_at(-1, second_name);
+    loss = (plus + minus) / 2;
+    unperturbed = plus_value;
+    perturbed = minus_value;
+  } else {
+    loss = closure();
+    unperturbed = loss_tensor(loss, first_name);
+    if (groups.empty()) {
+      return loss;
+    }
+    perturbed = evaluate_at(1, second_name).second;
   }
 
   // Without capturable the states are on the CPU, and moving the losses there
@@ -456,7 +503,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   } catch (...) {
     // finish_step_ checks everything before it writes: the parameters are
     // still perturbed.
-    restore(groups.size());
+    restore();
     throw;
   }
 
@@ -467,12 +514,16 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     const double l0 = losses[0].item<double>();
     const double l1 = losses[1].item<double>();
     TORCH_CHECK(std::isfinite(l0),
-                "Dopamine: the unperturbed loss is ",
+                "Dopamine: the ",
+                first_name,
+                " loss is ",
                 l0,
                 "; parameters restored, step not taken "
                 "(non_finite_loss=Raise)");
     TORCH_CHECK(std::isfinite(l1),
-                "Dopamine: the perturbed loss is ",
+                "Dopamine: the ",
+                second_name,
+                " loss is ",
                 l1,
                 "; parameters restored, step not taken "
                 "(non_finite_loss=Raise)");

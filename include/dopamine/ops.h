@@ -3,8 +3,9 @@
 // The numeric core: ops registered in the `dopamine` library, called through
 // the dispatcher, so the C++ optimizer, the Python optimizer and any other
 // caller run the very same kernels and arithmetic (docs/DESIGN.md). A step is
-// perturb_ (+1), the perturbed evaluation, plan_step per group, and one
-// finish_step_ over all groups; perturb_ (-1) undoes a perturbation when an
+// perturb_ (0 -> 1), the perturbed evaluation (with antithetic, perturb_
+// (1 -> -1) and a second one), plan_step per group, and one finish_step_
+// over all groups; perturb_ (back to 0) undoes a perturbation when an
 // evaluation fails.
 //
 // z_i is the noise of the parameter whose global index is indices[i]:
@@ -33,9 +34,11 @@ void check_options(const DopamineOptions& options);
 // float64, finite, counts in range (a loaded checkpoint is checked with it).
 void check_state(const at::Tensor& state);
 
-// params[i] += direction * sigma * z_i (direction +1 or -1). A parameter with
-// a master weight becomes the master weight's rounding plus (or without) the
-// perturbation; the master weight itself is not changed.
+// Parameters carrying previous * sigma * z_i come to carry offset * sigma *
+// z_i (previous and offset differ, each -1, 0 or 1): params[i] += (offset -
+// previous) * sigma * z_i. A parameter with a master weight becomes the
+// rounding of master + offset * sigma * z_i; the master weight itself is not
+// changed.
 void perturb_(at::TensorList params,
               at::TensorList master_weights,
               const at::Tensor& state,
@@ -43,10 +46,12 @@ void perturb_(at::TensorList params,
               int64_t seed,
               double sigma,
               Noise noise,
-              int64_t direction);
+              int64_t previous,
+              int64_t offset);
 
 // One group's plan for a step: its next state and the update's coefficients
-// (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L1] (any device;
+// (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L1], or with
+// options.antithetic() [L(theta + sigma z), L(theta - sigma z)] (any device;
 // moved to the state's). Computes nothing in place.
 at::Tensor plan_step(const at::Tensor& state,
                      const at::Tensor& losses,

@@ -43,7 +43,8 @@ std::string to_string(NonFiniteLoss policy);
 
 // Hyperparameters of one parameter group. `seed` is per group (a group's
 // noise is keyed by it). `non_finite_loss`, `capturable` and `master_weights`
-// are read from the optimizer's defaults, since a step spans all groups.
+// are read from the optimizer's defaults, since a step spans all groups;
+// `antithetic` must be the same in every group.
 struct DopamineOptions
     : public torch::optim::OptimizerCloneableOptions<DopamineOptions> {
   // One double, the lr, as torch's optimizer serializer requires.
@@ -70,6 +71,12 @@ struct DopamineOptions
   // perturbation and update are computed on it and the parameter is its
   // rounding (4 bytes per such element).
   TORCH_ARG(bool, master_weights) = false;
+  // Evaluate L(theta + sigma z) and L(theta - sigma z) instead of L(theta)
+  // and L(theta + sigma z): delta = (L+ - L-) / 2, the central difference of
+  // MeZO and SPSA; step() returns (L+ + L-) / 2 (docs/DESIGN.md, "The
+  // algorithm"). One evaluation serves every group, so all groups must have
+  // the same value (a step throws otherwise).
+  TORCH_ARG(bool, antithetic) = false;
 
  public:
   // Throws c10::Error naming the first invalid option and its value.

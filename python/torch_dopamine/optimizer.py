@@ -25,7 +25,11 @@ _OPTION_NAMES = (
     "non_finite_loss",
     "capturable",
     "master_weights",
+    "antithetic",
 )
+# Options that a state saved before they existed lacks: loading one takes
+# them from the defaults.
+_ADDED_LATER = ("capturable", "master_weights", "antithetic")
 # The names of the C++ enums' values, in the order of their codes
 # (include/dopamine/options.h): the ops take the codes.
 _ENUM_NAMES = {
@@ -80,7 +84,7 @@ def _check_options(group: Dict[str, Any]) -> Dict[str, Any]:
     seed = group["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
         raise ValueError(f"Dopamine: invalid seed: {seed!r} (expected an int in [-2**63, 2**63))")
-    for name in ("capturable", "master_weights"):
+    for name in ("capturable", "master_weights", "antithetic"):
         if not isinstance(group[name], bool):
             raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a bool)")
     arguments = _option_arguments(group)
@@ -165,19 +169,23 @@ class _GroupStep:
         self.indices = indices
         self.masters = masters
         self.state = state
+        # The perturbation the parameters carry, in units of sigma * z.
+        self.carried = 0
 
-    def perturb(self, direction: int) -> None:
+    def perturb(self, offset: int) -> None:
         torch.ops.dopamine.perturb_(
             self.params,
             self.masters,
             self.state,
             indices=self.indices,
-            direction=direction,
+            previous=self.carried,
+            offset=offset,
             **self.arguments.perturb,
         )
+        self.carried = offset
 
-    def plan(self, losses: torch.Tensor) -> torch.Tensor:
-        return torch.ops.dopamine.plan_step(self.state, losses, **self.arguments.plan)
+    def plan(self, losses: torch.Tensor, antithetic: bool) -> torch.Tensor:
+        return torch.ops.dopamine.plan_step(self.state, losses, antithetic=antithetic, **self.arguments.plan)
 
 
 class Dopamine(Optimizer):
@@ -234,6 +242,11 @@ class Dopamine(Optimizer):
             weight in the state; the perturbation and the update are computed
             on it and the parameter is its rounding (4 bytes per such
             element). Read from the defaults.
+        antithetic: evaluate ``L+ = L(theta + sigma z)`` and ``L- = L(theta -
+            sigma z)`` instead of ``L0`` and ``L1``: ``delta = (L+ - L-) / 2``,
+            the central difference of MeZO and SPSA, and :meth:`step` returns
+            ``(L+ + L-) / 2``. One evaluation serves every group, so all groups
+            must have the same value (a step raises ValueError otherwise).
 
     The state of every parameter of a group holds the same ``group_state``
     tensor, float64 ``[step, skipped_steps, rpe_trace, rpe_magnitude,
@@ -260,6 +273,7 @@ class Dopamine(Optimizer):
         *,
         capturable: bool = False,
         master_weights: bool = False,
+        antithetic: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -277,6 +291,7 @@ class Dopamine(Optimizer):
             non_finite_loss=non_finite_loss,
             capturable=capturable,
             master_weights=master_weights,
+            antithetic=antithetic,
         )
         _check_options(defaults)
         super().__init__(params, defaults)
@@ -360,11 +375,12 @@ class Dopamine(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Loss]] = None) -> Loss:  # type: ignore[override]
-        """Evaluates ``closure`` exactly twice (unperturbed, then perturbed),
+        """Evaluates ``closure`` exactly twice (unperturbed, then perturbed;
+        with ``antithetic`` at ``theta + sigma z`` and ``theta - sigma z``),
         updates the parameters and returns the unperturbed loss as the closure
-        returned it. If the closure raises or returns something other than a
-        scalar, the parameters are restored, the state is unchanged and the
-        error propagates."""
+        returned it (with ``antithetic`` the mean of the two). If the closure
+        raises or returns something other than a scalar, the parameters are
+        restored, the state is unchanged and the error propagates."""
         if closure is None:
             raise RuntimeError(
                 "Dopamine.step() needs a closure that returns the loss: each step "
@@ -372,27 +388,53 @@ class Dopamine(Optimizer):
             )
         steps = self._snapshot()
 
-        loss = closure()
-        unperturbed = _loss_tensor(loss, "unperturbed")
-        if not steps:
-            return loss
-        perturbed_groups = 0
-        try:
+        def restore() -> None:
             for group_step in steps:
-                group_step.perturb(1)
-                perturbed_groups += 1
-            perturbed = _loss_tensor(closure(), "perturbed")
-        except BaseException:
-            for group_step in steps[:perturbed_groups]:
-                group_step.perturb(-1)
-            raise
+                if group_step.carried != 0:
+                    group_step.perturb(0)
+
+        def evaluate_at(offset: int, which: str) -> Tuple[Loss, torch.Tensor]:
+            """The parameters at offset * sigma * z, then the closure's loss
+            there; restores every group if anything fails."""
+            try:
+                for group_step in steps:
+                    group_step.perturb(offset)
+                loss = closure()
+                return loss, _loss_tensor(loss, which)
+            except BaseException:
+                restore()
+                raise
+
+        # docs/DESIGN.md, "The algorithm": L0 and L1, or with antithetic
+        # L(theta + sigma z) and L(theta - sigma z), which every group must
+        # agree on since one evaluation serves them all.
+        antithetic = self.param_groups[0]["antithetic"] if self.param_groups else self.defaults["antithetic"]
+        for g, group in enumerate(self.param_groups):
+            if group["antithetic"] != antithetic:
+                raise ValueError(
+                    f"Dopamine: invalid antithetic: {group['antithetic']!r} in parameter group {g}, "
+                    f"{antithetic!r} in group 0; it must be the same in every group"
+                )
+        names = ("theta + sigma z", "theta - sigma z") if antithetic else ("unperturbed", "perturbed")
+        if antithetic:
+            if not steps:
+                return closure()
+            plus, unperturbed = evaluate_at(1, names[0])
+            minus, perturbed = evaluate_at(-1, names[1])
+            loss = (plus + minus) / 2
+        else:
+            loss = closure()
+            unperturbed = _loss_tensor(loss, names[0])
+            if not steps:
+                return loss
+            perturbed = evaluate_at(1, names[1])[1]
 
         # Without capturable the states are on the CPU, and moving the losses
         # there is the step's one host synchronisation.
         losses = torch.stack([unperturbed, perturbed.to(unperturbed.device)]).to(steps[0].state.device)
         raises = self.defaults["non_finite_loss"] == "raise"
         try:
-            plans = [group_step.plan(losses) for group_step in steps]
+            plans = [group_step.plan(losses, antithetic) for group_step in steps]
             saved = [group_step.state.clone() for group_step in steps] if raises else []
             taken = torch.ops.dopamine.finish_step_(
                 [p for group_step in steps for p in group_step.params],
@@ -405,15 +447,14 @@ class Dopamine(Optimizer):
         except BaseException:
             # finish_step_ checks everything before it writes: the parameters
             # are still perturbed.
-            for group_step in steps:
-                group_step.perturb(-1)
+            restore()
             raise
         if raises and not taken.item():
             for group_step, before in zip(steps, saved):
                 group_step.state.copy_(before)
             l0, l1 = losses.tolist()
-            which = "unperturbed" if not math.isfinite(l0) else "perturbed" if not math.isfinite(l1) else None
-            cause = f"the {which} loss is {l0 if which == 'unperturbed' else l1}" if which else (
+            which = names[0] if not math.isfinite(l0) else names[1] if not math.isfinite(l1) else None
+            cause = f"the {which} loss is {l0 if which == names[0] else l1}" if which else (
                 f"the step size is not finite (losses {l0} and {l1})"
             )
             raise RuntimeError(
@@ -454,7 +495,7 @@ class Dopamine(Optimizer):
             )
         params_of_id = {}
         for g, (saved, ours) in enumerate(zip(groups, self.param_groups)):
-            missing = [name for name in _OPTION_NAMES if name not in saved and name not in ("capturable", "master_weights")]
+            missing = [name for name in _OPTION_NAMES if name not in saved and name not in _ADDED_LATER]
             if missing:
                 raise ValueError(
                     f"Dopamine.load_state_dict: parameter group {g} lacks {missing}; "
@@ -521,3 +562,6 @@ class Dopamine(Optimizer):
                 master = loaded[index].get("master_weight")
                 if master is not None:
                     self.state[param]["master_weight"] = master.to(param.device).clone()
+        for group in self.param_groups:
+            for name in _ADDED_LATER:
+                group.setdefault(name, self.defaults[name])

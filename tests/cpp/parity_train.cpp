@@ -3,11 +3,12 @@
 // trains a TorchScript module whose forward() takes no input and returns the
 // loss, with dopamine::Dopamine over the groups given, then saves the module
 // and prints each group's state.
-//   dopamine_parity_train MODULE STEPS OUT GROUP...
+//   dopamine_parity_train MODULE STEPS OUT [--antithetic] GROUP...
 // A GROUP is comma-separated key=value pairs: `size` (how many of the
 // module's parameters, in order, the group takes) and any of lr, sigma,
 // lr_adaptation, beta, beta_s, beta_eta, eps, lr_min, lr_max, weight_decay,
-// seed and noise (enums by their to_string names).
+// seed and noise (enums by their to_string names). --antithetic sets every
+// group's antithetic option.
 #include <dopamine/dopamine.h>
 #include <torch/script.h>
 
@@ -88,7 +89,8 @@ std::pair<size_t, dopamine::DopamineOptions> parse_group(
 
 int main(int argc, char** argv) {
   if (argc < 5) {
-    std::cerr << "usage: dopamine_parity_train MODULE STEPS OUT GROUP...\n";
+    std::cerr << "usage: dopamine_parity_train MODULE STEPS OUT "
+                 "[--antithetic] GROUP...\n";
     return 2;
   }
   torch::jit::Module module = torch::jit::load(argv[1]);
@@ -99,12 +101,14 @@ int main(int argc, char** argv) {
   }
   std::vector<torch::optim::OptimizerParamGroup> groups;
   size_t first = 0;
-  for (int arg = 4; arg < argc; ++arg) {
-    const auto [size, options] = parse_group(argv[arg]);
+  const bool antithetic = std::string(argv[4]) == "--antithetic";
+  for (int arg = antithetic ? 5 : 4; arg < argc; ++arg) {
+    auto [size, options] = parse_group(argv[arg]);
     groups.emplace_back(
         std::vector<torch::Tensor>(params.begin() + first,
                                    params.begin() + first + size),
-        std::make_unique<dopamine::DopamineOptions>(options));
+        std::make_unique<dopamine::DopamineOptions>(
+            options.antithetic(antithetic)));
     first += size;
   }
   dopamine::Dopamine optimizer(groups);

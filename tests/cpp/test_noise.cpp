@@ -212,7 +212,7 @@ TEST(Noise, GaussianTailBeyondFourSigma) {
   auto z = torch::zeros({per_parameter});
   for (int64_t index = 0; index < 10; ++index) {
     z.zero_();
-    ops::perturb_({z}, {}, state_at(1), {index}, 5, 1.0, Noise::Gaussian, 1);
+    ops::perturb_({z}, {}, state_at(1), {index}, 5, 1.0, Noise::Gaussian, 0, 1);
     beyond += (z.abs() > 4).sum().item<int64_t>();
   }
   const double mass = static_cast<double>(beyond) / (10 * per_parameter);
@@ -268,7 +268,8 @@ TEST(Noise, NonContiguousParametersGetTheNoiseOfTheirRowMajorOrder) {
   const auto contiguous = noise_of(torch::zeros({40, 30}), 4, 2, 1);
   auto transposed = torch::zeros({30, 40}).t();
   ASSERT_FALSE(transposed.is_contiguous());
-  ops::perturb_({transposed}, {}, state_at(2), {1}, 4, 1.0, Noise::Gaussian, 1);
+  ops::perturb_(
+      {transposed}, {}, state_at(2), {1}, 4, 1.0, Noise::Gaussian, 0, 1);
   EXPECT_TRUE(torch::equal(transposed, contiguous));
 }
 
@@ -284,6 +285,7 @@ TEST(Noise, CounterWordsOutOfRangeAreRejected) {
                         0,
                         1.0,
                         Noise::Gaussian,
+                        0,
                         1);
         } catch (const c10::Error& e) {
           EXPECT_NE(std::string(e.what()).find("step must be in [0, 2^32)"),
@@ -293,11 +295,12 @@ TEST(Noise, CounterWordsOutOfRangeAreRejected) {
       },
       c10::Error);
   EXPECT_THROW(
-      ops::perturb_({p}, {}, state_at(1), {-1}, 0, 1.0, Noise::Gaussian, 1),
+      ops::perturb_({p}, {}, state_at(1), {-1}, 0, 1.0, Noise::Gaussian, 0, 1),
       c10::Error);
-  EXPECT_THROW(ops::perturb_(
-                   {p}, {}, state_at(1), {0}, 0, 1.0, static_cast<Noise>(2), 1),
-               c10::Error);
+  EXPECT_THROW(
+      ops::perturb_(
+          {p}, {}, state_at(1), {0}, 0, 1.0, static_cast<Noise>(2), 0, 1),
+      c10::Error);
   EXPECT_TRUE(torch::equal(p, torch::zeros({4})));
 }
 

@@ -1,5 +1,6 @@
 // Bad input gets a clear error and loses nothing (docs/DESIGN.md,
 // "Guarantees").
+#include <functional>
 #include <limits>
 #include <stdexcept>
 
@@ -25,6 +26,17 @@ class BadInput : public ::testing::Test {
 
   torch::Tensor good_loss() {
     return loss_(params_);
+  }
+
+  // A closure that throws at call `failing_call` and returns the loss
+  // otherwise; `calls` counts its calls.
+  std::function<torch::Tensor()> failing_at(int failing_call, int& calls) {
+    return [this, failing_call, &calls] {
+      if (++calls == failing_call) {
+        throw std::runtime_error("data loader failed");
+      }
+      return good_loss();
+    };
   }
 
   Quadratic loss_;
@@ -89,12 +101,7 @@ TEST_F(BadInput, ClosureThrowsRestoresAndKeepsState) {
 
   for (int failing_call : {1, 2}) {
     int calls = 0;
-    EXPECT_THROW(optimizer.step([&] {
-      if (++calls == failing_call) {
-        throw std::runtime_error("data loader failed");
-      }
-      return good_loss();
-    }),
+    EXPECT_THROW(optimizer.step(failing_at(failing_call, calls)),
                  std::runtime_error);
     expect_restored();
     EXPECT_EQ(*optimizer.group_state(0), *twin_optimizer.group_state(0));
@@ -110,6 +117,37 @@ TEST_F(BadInput, ClosureThrowsRestoresAndKeepsState) {
   EXPECT_NEAR(
       state.rpe_trace(), twin_state.rpe_trace(), 1e-5 * twin_state.rpe_trace());
   EXPECT_GT(max_abs_diff(params_, untouched), 1e-3);
+}
+
+// With antithetic a failure at theta + sigma z or at theta - sigma z
+// restores every parameter (exactly, from the master weight, for a bfloat16
+// parameter that has one) and leaves the state unset; the non-scalar error
+// names the evaluation.
+TEST_F(BadInput, AntitheticClosureFailureRestores) {
+  auto half = torch::randn({7}).to(torch::kBFloat16).requires_grad_();
+  const auto half_before = half.detach().clone();
+  std::vector<torch::Tensor> all = {params_[0], params_[1], half};
+  Dopamine optimizer(
+      all, DopamineOptions(0.1).antithetic(true).master_weights(true));
+  for (int failing_call : {1, 2}) {
+    int calls = 0;
+    EXPECT_THROW(optimizer.step(failing_at(failing_call, calls)),
+                 std::runtime_error);
+    EXPECT_EQ(calls, failing_call);
+    expect_restored();
+    EXPECT_TRUE(torch::equal(half, half_before));
+    EXPECT_EQ(optimizer.group_state(0), nullptr);
+  }
+  int calls = 0;
+  expect_error(
+      [&] {
+        optimizer.step(
+            [&] { return ++calls == 1 ? good_loss() : torch::ones({3}); });
+      },
+      {"scalar", "theta - sigma z"});
+  expect_restored();
+  EXPECT_TRUE(torch::equal(half, half_before));
+  EXPECT_EQ(optimizer.group_state(0), nullptr);
 }
 
 TEST_F(BadInput, NonFiniteLossSkipped) {

@@ -43,7 +43,7 @@ inline torch::Tensor noise_of(const torch::Tensor& like,
                               int64_t index,
                               Noise kind = Noise::Gaussian) {
   auto noise = torch::zeros_like(like);
-  ops::perturb_({noise}, {}, state_at(step), {index}, seed, 1.0, kind, 1);
+  ops::perturb_({noise}, {}, state_at(step), {index}, seed, 1.0, kind, 0, 1);
   return noise;
 }
 
@@ -103,23 +103,24 @@ class ReferenceDopamine {
     groups_.push_back(std::move(group));
   }
 
-  std::vector<torch::Tensor> all(bool perturbed) const {
+  // theta + offset * sigma * z of the next step (offset 0, 1 or -1).
+  std::vector<torch::Tensor> all(int offset) const {
     std::vector<torch::Tensor> out;
     for (const auto& g : groups_) {
       for (size_t i = 0; i < g.theta.size(); ++i) {
-        out.push_back(perturbed ? g.theta[i] +
-                                      g.options.sigma() * noise(g, i, g.t + 1)
-                                : g.theta[i]);
+        out.push_back(offset == 0 ? g.theta[i]
+                                  : g.theta[i] + offset * g.options.sigma() *
+                                                     noise(g, i, g.t + 1));
       }
     }
     return out;
   }
 
-  // One step; returns L0.
-  double step(const LossFn& loss) {
-    const double l0 = loss(all(false)).item<double>();
-    const double l1 = loss(all(true)).item<double>();
-    const double delta = l1 - l0;
+  // One step; returns L0, or with antithetic (L+ + L-) / 2.
+  double step(const LossFn& loss, bool antithetic = false) {
+    const double l0 = loss(all(antithetic ? 1 : 0)).item<double>();
+    const double l1 = loss(all(antithetic ? -1 : 1)).item<double>();
+    const double delta = antithetic ? (l0 - l1) / 2 : l1 - l0;
     struct Next {
       double m, s, eta;
     };
@@ -164,7 +165,7 @@ class ReferenceDopamine {
                      o.lr() * o.weight_decay() * g.theta[i];
       }
     }
-    return l0;
+    return antithetic ? (l0 + l1) / 2 : l0;
   }
 
   Group& group(size_t i) {

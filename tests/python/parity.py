@@ -35,17 +35,19 @@ def group_argument(size, options):
                                         for key, value in options.items() if value is not None])
 
 
-def train_both(build_dir, directory, groups, steps):
+def train_both(build_dir, directory, groups, steps, antithetic=False):
     """Trains ParityModel in C++ and in Python over `groups`, a list of
-    (number of parameters, options). Returns each side's parameters and group
-    states."""
+    (number of parameters, options), with the defaults' `antithetic`. Returns
+    each side's parameters and group states."""
     trainer = build_dir / "tests" / "cpp" / "dopamine_parity_train"
     assert trainer.exists(), f"{trainer} not built; run `make build` (or set DOPAMINE_BUILD_DIR)"
     path = directory / "parity.pt"
     torch.jit.save(torch.jit.script(ParityModel()), path)
     trained = directory / "parity_trained.pt"
     result = subprocess.run(
-        [str(trainer), str(path), str(steps), str(trained)] + [group_argument(size, o) for size, o in groups],
+        [str(trainer), str(path), str(steps), str(trained)]
+        + (["--antithetic"] if antithetic else [])
+        + [group_argument(size, o) for size, o in groups],
         check=True, capture_output=True, text=True,
     )
     cpp_states = [[float(x) for x in line.split()] for line in result.stdout.splitlines()]
@@ -57,7 +59,7 @@ def train_both(build_dir, directory, groups, steps):
     for size, options in groups:
         param_groups.append(dict(options, params=params[first:first + size]))
         first += size
-    opt = torch_dopamine.Dopamine(param_groups)
+    opt = torch_dopamine.Dopamine(param_groups, antithetic=antithetic)
     for _ in range(steps):
         opt.step(lambda: module())
     python_states = [list(opt.group_state(g).values()) for g in range(len(groups))]

@@ -27,7 +27,7 @@ def ops_noise(like, seed, step, index, kind="gaussian"):
     device): perturbing zeros by sigma = 1 yields z itself."""
     noise = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
     torch.ops.dopamine.perturb_(
-        [noise], [], state_at(step, like.device), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[kind], direction=1
+        [noise], [], state_at(step, like.device), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[kind], previous=0, offset=1
     )
     return noise
 
@@ -70,26 +70,28 @@ class ReferenceDopamine:
             self.groups.append(dict(theta=theta, o=dict(options), first=index, t=0, n=0, m=0.0, s=0.0, eta=0.0))
             index += len(params)
 
-    def params(self, perturbed=False):
+    def params(self, offset=0):
+        """theta + offset * sigma * z of the next step (offset 0, 1 or -1)."""
         out = []
         for g in self.groups:
             for i, theta in enumerate(g["theta"]):
-                if perturbed:
+                if offset:
                     z = noise_of(theta, g["o"]["seed"], g["t"] + 1, g["first"] + i, g["o"]["noise"])
                     if self.storage is None:
-                        theta = theta + g["o"]["sigma"] * z
+                        theta = theta + offset * g["o"]["sigma"] * z
                     else:
-                        sigma = torch.tensor(g["o"]["sigma"], dtype=torch.float32)
+                        sigma = torch.tensor(offset * g["o"]["sigma"], dtype=torch.float32)
                         theta = theta.float() + sigma.to(theta.device) * z.float()
                 if self.storage is not None:
                     theta = theta.to(self.storage)
                 out.append(theta)
         return out
 
-    def step(self, loss_fn, lrs=None):
-        l0 = float(loss_fn(self.params()))
-        l1 = float(loss_fn(self.params(perturbed=True)))
-        delta = self.delta = l1 - l0
+    def step(self, loss_fn, lrs=None, antithetic=False):
+        """One step; returns L0, or with antithetic (L+ + L-) / 2."""
+        l0 = float(loss_fn(self.params(1 if antithetic else 0)))
+        l1 = float(loss_fn(self.params(-1 if antithetic else 1)))
+        delta = self.delta = (l0 - l1) / 2 if antithetic else l1 - l0
         finite = math.isfinite(delta)
         planned = []
         for k, g in enumerate(self.groups):
@@ -122,7 +124,7 @@ class ReferenceDopamine:
                 z = noise_of(theta, o["seed"], g["t"], g["first"] + i, o["noise"])
                 grad = (delta / o["sigma"]) * z
                 theta.sub_(eta * grad + o["lr"] * o.get("weight_decay", 0.0) * theta)
-        return l0
+        return (l0 + l1) / 2 if antithetic else l0
 
 
 def non_finite_at(loss_fn, bad_calls):

@@ -75,11 +75,11 @@ def test_ops_bucket_a_list_of_every_dtype_like_each_tensor_alone():
     state = state_at(4)
     for noise in ("gaussian", "rademacher"):
         torch.ops.dopamine.perturb_(
-            params, [], state, indices=[3, 4, 5, 6], seed=2, sigma=0.1, noise=NOISE_CODES[noise], direction=1
+            params, [], state, indices=[3, 4, 5, 6], seed=2, sigma=0.1, noise=NOISE_CODES[noise], previous=0, offset=1
         )
         for i, param in enumerate(alone):
             torch.ops.dopamine.perturb_(
-                [param], [], state, indices=[3 + i], seed=2, sigma=0.1, noise=NOISE_CODES[noise], direction=1
+                [param], [], state, indices=[3 + i], seed=2, sigma=0.1, noise=NOISE_CODES[noise], previous=0, offset=1
             )
     assert same_bits(params, alone)
 

@@ -45,7 +45,7 @@ def op_cases(device):
         "perturb_": (
             torch.ops.dopamine.perturb_.default,
             (params, masters, state),
-            dict(indices=[0, 1, 2], seed=3, sigma=0.01, noise=1, direction=1),
+            dict(indices=[0, 1, 2], seed=3, sigma=0.01, noise=1, previous=0, offset=1),
         ),
         "plan_step": (torch.ops.dopamine.plan_step.default, (state, losses), plan_options(noise=1)),
         "finish_step_": (
@@ -86,18 +86,18 @@ def test_fake_kernels_check_arguments_without_computing():
 
     with FakeTensorMode():
         params, masters, state, losses = step_args("cpu")
-        torch.ops.dopamine.perturb_(params, masters, state, indices=[0, 1, 2], seed=0, sigma=0.1, noise=0, direction=1)
+        torch.ops.dopamine.perturb_(params, masters, state, indices=[0, 1, 2], seed=0, sigma=0.1, noise=0, previous=0, offset=1)
         plan = torch.ops.dopamine.plan_step(state, losses, **plan_options())
         assert plan.shape == (12,) and plan.dtype == torch.float64
         taken = torch.ops.dopamine.finish_step_(params, masters, [state], [plan], indices=[0, 1, 2], group_sizes=[3])
         assert taken.shape == ()
         with pytest.raises(RuntimeError, match="must be a strided float32, float64, bfloat16 or float16"):
             torch.ops.dopamine.perturb_(
-                [torch.empty(3, dtype=torch.int32)], [], state, indices=[0], seed=0, sigma=0.1, noise=0, direction=1
+                [torch.empty(3, dtype=torch.int32)], [], state, indices=[0], seed=0, sigma=0.1, noise=0, previous=0, offset=1
             )
     meta = [torch.empty(4, device="meta")]
     torch.ops.dopamine.perturb_(
-        meta, [], state_at(1, "meta"), indices=[0], seed=0, sigma=0.1, noise=0, direction=1
+        meta, [], state_at(1, "meta"), indices=[0], seed=0, sigma=0.1, noise=0, previous=0, offset=1
     )
 
 
@@ -155,16 +155,17 @@ def test_cpp_optimizer_trains_a_python_saved_module_bit_identically(build_dir, t
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("mode", ["none", "rpe_normalized", "rpe_tracking"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_cpp_and_python_optimizers_compute_the_same_bits(build_dir, tmp_path, mode, noise, weight_decay):
-    """Two groups with their own options, in every mode, noise and with and
-    without weight decay: 30 steps of each optimizer give the same parameters
-    and group states, bit for bit."""
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_cpp_and_python_optimizers_compute_the_same_bits(build_dir, tmp_path, mode, noise, weight_decay, antithetic):
+    """Two groups with their own options, in every mode, noise, with and
+    without weight decay and antithetic: 30 steps of each optimizer give the
+    same parameters and group states, bit for bit."""
     groups = [
         (2, dict(lr=0.05, sigma=0.02, lr_adaptation=mode, noise=noise, weight_decay=weight_decay, seed=5)),
         (2, dict(lr=0.02, sigma=0.05, lr_adaptation=mode, noise=noise, weight_decay=weight_decay, seed=-9,
                  beta=0.8, beta_s=0.9, beta_eta=0.01, lr_min=1e-3, lr_max=0.5)),
     ]
-    (cpp_params, cpp_states), (python_params, python_states) = train_both(build_dir, tmp_path, groups, 30)
+    (cpp_params, cpp_states), (python_params, python_states) = train_both(build_dir, tmp_path, groups, 30, antithetic)
     assert not same_bits(cpp_params, list(ParityModel().parameters()))
     assert same_bits(cpp_params, python_params)
     assert cpp_states == python_states and cpp_states[0][0] == 30

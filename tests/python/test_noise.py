@@ -46,7 +46,7 @@ def test_cpu_and_cuda_draw_the_same_noise(noise, numel):
     for device in ("cpu", "cuda"):
         params = [torch.zeros(numel, device=device), torch.zeros(5, 3, device=device).t()]
         torch.ops.dopamine.perturb_(
-            params, [], state_at(7, device), indices=[2, 3], seed=123, sigma=1.0, noise=NOISE_CODES[noise], direction=1
+            params, [], state_at(7, device), indices=[2, 3], seed=123, sigma=1.0, noise=NOISE_CODES[noise], previous=0, offset=1
         )
         drawn[device] = torch.cat([p.flatten() for p in params]).cpu()
     ulps = (drawn["cpu"].view(torch.int32).long() - drawn["cuda"].view(torch.int32).long()).abs()

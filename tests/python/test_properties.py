@@ -110,7 +110,7 @@ def test_noise_depends_on_the_logical_position_only(param, seed, step, index, no
     element, rounded once to its dtype."""
     drawn = param.detach().zero_()
     torch.ops.dopamine.perturb_(
-        [drawn], [], state_at(step), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[noise], direction=1
+        [drawn], [], state_at(step), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[noise], previous=0, offset=1
     )
     assert torch.equal(drawn, ops_noise(torch.zeros(param.shape), seed, step, index, noise).to(param.dtype))
 

@@ -68,20 +68,26 @@ class ClosureFailure(Exception):
     pass
 
 
+def failing_at(failing_call, loss_fn):
+    """A closure that raises ClosureFailure at call `failing_call` and returns
+    loss_fn() otherwise; .calls counts its calls."""
+
+    def closure():
+        closure.calls += 1
+        if closure.calls == failing_call:
+            raise ClosureFailure("data loader broke")
+        return loss_fn()
+
+    closure.calls = 0
+    return closure
+
+
 @pytest.mark.parametrize("failing_call", [1, 2])
 def test_closure_exception_propagates_and_restores(device, failing_call):
     params, loss, opt = fresh(device)
     before, state = snapshot(params), state_of(opt)
-    calls = []
-
-    def closure():
-        calls.append(1)
-        if len(calls) == failing_call:
-            raise ClosureFailure("data loader broke")
-        return loss(params)
-
     with pytest.raises(ClosureFailure, match="data loader broke"):
-        opt.step(closure)
+        opt.step(failing_at(failing_call, lambda: loss(params)))
     assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
     assert state_of(opt) == state
     # The next step is the step that would have been taken.
@@ -89,6 +95,58 @@ def test_closure_exception_propagates_and_restores(device, failing_call):
     opt.step(lambda: loss(params))
     twin.step(lambda: loss(twin_params))
     assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(params, twin_params))
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_antithetic_closure_failure_restores_every_parameter(device, failing_call):
+    """With antithetic the closure fails at theta + sigma z or at theta -
+    sigma z: every parameter is restored (a bfloat16 one with a master weight
+    exactly), the state is unchanged, and the next step is the one that would
+    have been."""
+    params, loss = quadratic([4, 3], device)
+    half = torch.randn(6, device=device).to(torch.bfloat16).requires_grad_()
+    everything = params + [half]
+
+    def full_loss(ps):
+        return loss(ps[:2]) + ps[2].double().square().sum()
+
+    opt = torch_dopamine.Dopamine(everything, antithetic=True, master_weights=True)
+    opt.step(lambda: full_loss(everything))
+    before, state = snapshot(everything), state_of(opt)
+    closure = failing_at(failing_call, lambda: full_loss(everything))
+    with pytest.raises(ClosureFailure, match="data loader broke"):
+        opt.step(closure)
+    assert closure.calls == failing_call
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
+    assert same_bits([half], before[2:])
+    assert state_of(opt) == state
+    # The next step is the one a twin that never failed takes.
+    twin_everything = [b.detach().clone().requires_grad_() for b in before]
+    twin = torch_dopamine.Dopamine(twin_everything, antithetic=True, master_weights=True)
+    twin.load_state_dict(opt.state_dict())
+    opt.step(lambda: full_loss(everything))
+    twin.step(lambda: full_loss(twin_everything))
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(everything, twin_everything))
+
+
+def test_antithetic_non_scalar_loss_names_the_evaluation(device):
+    params, loss = quadratic([4, 3], device)
+    opt = torch_dopamine.Dopamine(params, antithetic=True)
+    before = snapshot(params)
+    closure = closure_returning(lambda: torch.ones(3), "perturbed", loss, params)
+    with pytest.raises(RuntimeError, match="closure must return a scalar.*theta - sigma z loss"):
+        opt.step(closure)
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
+    assert opt.group_state(0) is None
+
+
+def test_antithetic_must_agree_across_groups():
+    params, loss = quadratic([4, 3], "cpu")
+    opt = torch_dopamine.Dopamine([{"params": params[:1]}, {"params": params[1:], "antithetic": True}])
+    before = snapshot(params)
+    with pytest.raises(ValueError, match="invalid antithetic: True in parameter group 1.*same in every group"):
+        opt.step(lambda: loss(params))
+    assert same_bits(params, before) and opt.group_state(0) is None
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -135,6 +193,8 @@ BAD_OPTIONS = [
     ("noise", "uniform"),
     ("seed", 1.5),
     ("lr", "fast"),
+    ("antithetic", 1),
+    ("antithetic", "yes"),
 ]
 
 

@@ -49,6 +49,33 @@ def test_resume_is_bit_identical(device, mode, through_disk, tmp_path):
     assert resumed_opt.group_state(1) == opt.group_state(1)
 
 
+def test_antithetic_resume_is_bit_identical_and_old_states_load(device):
+    """antithetic is saved with the groups, so a resumed optimizer built
+    without it continues the antithetic run; a state saved before the option
+    existed (no 'antithetic' in its groups) loads as not antithetic."""
+    params, loss = quadratic([5, 4], device, dtype=torch.float32)
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.05, antithetic=True)
+    for _ in range(5):
+        opt.step(lambda: loss(params))
+    saved_params, saved_state = snapshot(params), opt.state_dict()
+    for _ in range(6):
+        opt.step(lambda: loss(params))
+    resumed = [p.detach().clone().requires_grad_() for p in saved_params]
+    resumed_opt = torch_dopamine.Dopamine(resumed, lr=0.05, sigma=0.05)
+    resumed_opt.load_state_dict(saved_state)
+    for _ in range(6):
+        resumed_opt.step(lambda: loss(resumed))
+    assert same_bits(params, resumed)
+    assert resumed_opt.group_state(0) == opt.group_state(0)
+
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["antithetic"]
+    plain = torch_dopamine.Dopamine([p.detach().clone().requires_grad_() for p in params], lr=0.05, sigma=0.05)
+    plain.load_state_dict(old)
+    assert plain.param_groups[0]["antithetic"] is False
+
+
 def test_state_is_one_shared_tensor_per_group():
     params, loss = quadratic([5, 4, 3], "cpu")
     opt = two_group_optimizer(params, "rpe_normalized")

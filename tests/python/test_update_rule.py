@@ -53,14 +53,17 @@ SKIPPED = [(1, 1, math.nan), (4, 0, math.inf)]
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("mode", ["none", "rpe_normalized", "rpe_tracking"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_update_matches_reference(device, mode, weight_decay, noise):
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_update_matches_reference(device, mode, weight_decay, noise, antithetic):
+    """With antithetic the skipped evaluations are the second and the first,
+    and step() returns (L+ + L-) / 2."""
     params, loss = quadratic([5, 7, 3], device)
     options = dict(DEFAULTS, lr=0.05, sigma=0.05, lr_adaptation=mode, weight_decay=weight_decay, seed=7, noise=noise)
     reference = ReferenceDopamine([(params, options)])
-    opt = torch_dopamine.Dopamine(params, **options)
+    opt = torch_dopamine.Dopamine(params, antithetic=antithetic, **options)
     reference_loss, optimizer_loss = non_finite_at(loss, SKIPPED), non_finite_at(loss, SKIPPED)
     for _ in range(20):
-        expected = reference.step(reference_loss)
+        expected = reference.step(reference_loss, antithetic=antithetic)
         got = opt.step(lambda: optimizer_loss(params)).item()
         assert got == pytest.approx(expected, rel=1e-12, nan_ok=True)
         assert opt.group_state(0)["current_lr"] == pytest.approx(reference.groups[0]["eta"], rel=1e-12)
@@ -221,8 +224,8 @@ def test_every_cpu_path_draws_the_same_bits(noise):
         "import hashlib, torch, torch_dopamine\n"
         "ps = [torch.zeros(100003), torch.zeros(77, dtype=torch.float64), torch.zeros(300, dtype=torch.bfloat16)]\n"
         "state = torch.zeros(5, dtype=torch.float64)\n"
-        f"torch.ops.dopamine.perturb_(ps, [], state, indices=[1, 2, 3], seed=3, sigma=0.5, noise={NOISE_CODES[noise]}, direction=1)\n"
-        f"torch.ops.dopamine.perturb_(ps, [], state, indices=[4, 5, 6], seed=3, sigma=0.25, noise={NOISE_CODES[noise]}, direction=-1)\n"
+        f"torch.ops.dopamine.perturb_(ps, [], state, indices=[1, 2, 3], seed=3, sigma=0.5, noise={NOISE_CODES[noise]}, previous=0, offset=1)\n"
+        f"torch.ops.dopamine.perturb_(ps, [], state, indices=[4, 5, 6], seed=3, sigma=0.25, noise={NOISE_CODES[noise]}, previous=1, offset=0)\n"
         "print(torch_dopamine.cpu_capability())\n"
         "print(hashlib.sha256(b''.join(bytes(p.view(torch.uint8).tolist()) for p in ps)).hexdigest())\n"
     )
