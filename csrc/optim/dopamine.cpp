@@ -255,7 +255,9 @@ torch::Tensor loss_tensor(const torch::Tensor& loss, const char* which) {
               loss.sizes(),
               " and dtype ",
               loss.scalar_type());
-  return loss.detach().reshape({}).to(torch::kDouble);
+  // A copy: a closure may return the same buffer at every call.
+  return loss.detach().reshape({}).to(
+      torch::kDouble, /*non_blocking=*/false, /*copy=*/true);
 }
 
 bool is_half(const torch::Tensor& param) {
@@ -451,11 +453,11 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   for (const auto g : c10::irange(param_groups_.size())) {
     TORCH_CHECK(options_of(param_groups_[g], g).antithetic() == antithetic,
                 "Dopamine: invalid antithetic: ",
-                !antithetic,
+                antithetic ? "false" : "true",
                 " in parameter group ",
                 g,
                 ", ",
-                antithetic,
+                antithetic ? "true" : "false",
                 " in group 0; it must be the same in every group");
   }
   const char* first_name = antithetic ? "theta + sigma z" : "unperturbed";
@@ -467,7 +469,9 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     }
     auto [plus, plus_value] = evaluate_at(1, first_name);
     auto [minus, minus_value] = evaluate_at(-1, second_name);
-    loss = (plus + minus) / 2;
+    // From the copies: a closure may return the same buffer twice.
+    loss = ((plus_value + minus_value.to(plus_value.device())) / 2)
+               .to(plus.options());
     unperturbed = plus_value;
     perturbed = minus_value;
   } else {

@@ -58,7 +58,9 @@ class Dopamine : public torch::optim::Optimizer {
       DopamineOptions defaults = {});
 
   // Evaluates `closure` exactly twice under NoGradGuard (unperturbed, then
-  // perturbed) and returns the unperturbed loss. The closure is required.
+  // perturbed) and returns the unperturbed loss; with antithetic at theta +
+  // sigma z and theta - sigma z, returning their mean. The closure is
+  // required.
   // Parameters with requires_grad() false are left untouched.
   torch::Tensor step(LossClosure closure = nullptr) override;
 

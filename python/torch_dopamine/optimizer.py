@@ -27,9 +27,9 @@ _OPTION_NAMES = (
     "master_weights",
     "antithetic",
 )
-# Options that a state saved before they existed lacks: loading one takes
-# them from the defaults.
-_ADDED_LATER = ("capturable", "master_weights", "antithetic")
+# Options that a state saved before they existed lacks, and their values in
+# such a state (None: this optimizer's defaults, which steps read them from).
+_ADDED_LATER = {"capturable": None, "master_weights": None, "antithetic": False}
 # The names of the C++ enums' values, in the order of their codes
 # (include/dopamine/options.h): the ops take the codes.
 _ENUM_NAMES = {
@@ -124,7 +124,8 @@ def _loss_tensor(loss: Any, which: str) -> torch.Tensor:
                 f"Python float; the {which} loss has shape {tuple(loss.shape)} and dtype "
                 f"{loss.dtype}"
             )
-        return loss.detach().reshape(()).to(torch.float64)
+        # A copy: a closure may return the same buffer at every call.
+        return loss.detach().reshape(()).to(torch.float64, copy=True)
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return torch.tensor(float(loss), dtype=torch.float64)
     raise RuntimeError(
@@ -421,7 +422,9 @@ class Dopamine(Optimizer):
                 return closure()
             plus, unperturbed = evaluate_at(1, names[0])
             minus, perturbed = evaluate_at(-1, names[1])
-            loss = (plus + minus) / 2
+            # From the copies: a closure may return the same buffer twice.
+            mean = (unperturbed + perturbed) / 2
+            loss = mean.to(plus.dtype) if isinstance(plus, torch.Tensor) else mean.item()
         else:
             loss = closure()
             unperturbed = _loss_tensor(loss, names[0])
@@ -563,5 +566,5 @@ class Dopamine(Optimizer):
                 if master is not None:
                     self.state[param]["master_weight"] = master.to(param.device).clone()
         for group in self.param_groups:
-            for name in _ADDED_LATER:
-                group.setdefault(name, self.defaults[name])
+            for name, value in _ADDED_LATER.items():
+                group.setdefault(name, self.defaults[name] if value is None else value)

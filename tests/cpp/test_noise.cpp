@@ -301,6 +301,23 @@ TEST(Noise, CounterWordsOutOfRangeAreRejected) {
       ops::perturb_(
           {p}, {}, state_at(1), {0}, 0, 1.0, static_cast<Noise>(2), 0, 1),
       c10::Error);
+  // previous and offset must differ and lie in {-1, 0, 1}.
+  for (const auto& [previous, offset] :
+       std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {0, 2}, {-2, 0}}) {
+    expect_error(
+        [&] {
+          ops::perturb_({p},
+                        {},
+                        state_at(1),
+                        {0},
+                        0,
+                        1.0,
+                        Noise::Gaussian,
+                        previous,
+                        offset);
+        },
+        {"previous and offset must differ"});
+  }
   EXPECT_TRUE(torch::equal(p, torch::zeros({4})));
 }
 

@@ -150,6 +150,24 @@ TEST_F(BadInput, AntitheticClosureFailureRestores) {
   EXPECT_EQ(optimizer.group_state(0), nullptr);
 }
 
+// One evaluation serves every group: groups that disagree on antithetic are
+// refused before anything is evaluated.
+TEST_F(BadInput, AntitheticMustAgreeAcrossGroups) {
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{params_[0]},
+                      std::make_unique<DopamineOptions>(0.1));
+  groups.emplace_back(
+      std::vector<torch::Tensor>{params_[1]},
+      std::make_unique<DopamineOptions>(DopamineOptions(0.1).antithetic(true)));
+  Dopamine optimizer(groups);
+  int calls = 0;
+  expect_error(
+      [&] { optimizer.step(failing_at(0, calls)); },
+      {"invalid antithetic: true in parameter group 1", "same in every group"});
+  EXPECT_EQ(calls, 0);
+  EXPECT_TRUE(bitwise_equal(params_, initial_));
+}
+
 TEST_F(BadInput, NonFiniteLossSkipped) {
   Dopamine optimizer(params_);
   const double nan = std::numeric_limits<double>::quiet_NaN();

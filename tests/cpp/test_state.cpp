@@ -3,6 +3,8 @@
 #include <torch/cuda.h>
 #include <torch/optim/schedulers/step_lr.h>
 
+#include <sstream>
+
 #include "test_utils.h"
 #include "xor/xor_task.h"
 
@@ -66,6 +68,36 @@ INSTANTIATE_TEST_SUITE_P(AllModes,
                          [](const auto& info) {
                            return to_string(info.param);
                          });
+
+// Options saved before antithetic existed (no "antithetic" key) load as not
+// antithetic.
+TEST(Resume, OptionsSavedBeforeAntitheticLoadAsNotAntithetic) {
+  const auto saved = DopamineOptions(0.3).seed(4);
+  torch::serialize::OutputArchive old;
+  old.write("lr", saved.lr());
+  old.write("sigma", saved.sigma());
+  old.write("lr_adaptation", static_cast<int64_t>(saved.lr_adaptation()));
+  old.write("beta", saved.beta());
+  old.write("beta_s", saved.beta_s());
+  old.write("beta_eta", saved.beta_eta());
+  old.write("eps", saved.eps());
+  old.write("lr_min", c10::IValue());
+  old.write("lr_max", c10::IValue());
+  old.write("weight_decay", saved.weight_decay());
+  old.write("seed", saved.seed());
+  old.write("noise", static_cast<int64_t>(saved.noise()));
+  old.write("non_finite_loss", static_cast<int64_t>(saved.non_finite_loss()));
+  old.write("capturable", saved.capturable());
+  old.write("master_weights", saved.master_weights());
+  std::stringstream stream;
+  old.save_to(stream);
+  torch::serialize::InputArchive archive;
+  archive.load_from(stream);
+  auto loaded = DopamineOptions(0.1).antithetic(true);
+  loaded.serialize(archive);
+  EXPECT_EQ(loaded, saved);
+  EXPECT_FALSE(loaded.antithetic());
+}
 
 TEST(Scheduler, StepLRDrivesTheLearningRate) {
   const Quadratic loss({{6}}, torch::kDouble, 8);

@@ -175,6 +175,16 @@ def test_non_finite_loss_raises_when_asked(device, which):
     assert state_of(opt) == state
 
 
+def test_antithetic_non_finite_loss_raises_naming_the_evaluation(device):
+    params, loss, opt = fresh(device, non_finite_loss="raise", antithetic=True)
+    before, state = snapshot(params), state_of(opt)
+    closure = closure_returning(lambda: float("inf"), "perturbed", loss, params)
+    with pytest.raises(RuntimeError, match=r"the theta - sigma z loss is inf.*non_finite_loss='raise'"):
+        opt.step(closure)
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
+    assert state_of(opt) == state
+
+
 BAD_OPTIONS = [
     ("lr", -1.0),
     ("lr", math.nan),

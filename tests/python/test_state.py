@@ -71,7 +71,9 @@ def test_antithetic_resume_is_bit_identical_and_old_states_load(device):
     old = opt.state_dict()
     for group in old["param_groups"]:
         del group["antithetic"]
-    plain = torch_dopamine.Dopamine([p.detach().clone().requires_grad_() for p in params], lr=0.05, sigma=0.05)
+    plain = torch_dopamine.Dopamine(
+        [p.detach().clone().requires_grad_() for p in params], lr=0.05, sigma=0.05, antithetic=True
+    )
     plain.load_state_dict(old)
     assert plain.param_groups[0]["antithetic"] is False
 

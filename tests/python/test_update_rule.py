@@ -146,19 +146,30 @@ def test_closure_may_return_a_python_float_and_runs_without_grad(device):
 
 
 @pytest.mark.parametrize(
-    "dtype,master",
-    [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True), (torch.float16, True)],
-    ids=["float32", "bfloat16", "float16", "bfloat16-master", "float16-master"],
+    "dtype,master,antithetic",
+    [
+        (torch.float32, False, False),
+        (torch.bfloat16, False, False),
+        (torch.float16, False, False),
+        (torch.bfloat16, True, False),
+        (torch.float16, True, False),
+        (torch.bfloat16, True, True),
+        (torch.float16, True, True),
+    ],
+    ids=["float32", "bfloat16", "float16", "bfloat16-master", "float16-master", "bfloat16-master-antithetic",
+         "float16-master-antithetic"],
 )
-def test_each_step_in_reduced_precision_follows_the_reference(device, dtype, master):
+def test_each_step_in_reduced_precision_follows_the_reference(device, dtype, master, antithetic):
     """Every step, from where the optimizer stands (its parameters, or master
     weights), against the float64 reference: the closure sees the same
     rounded values, so the losses agree exactly, and the update is within
-    the roundings of its arithmetic (float32, then the parameter's dtype)."""
+    the roundings of its arithmetic (float32, then the parameter's dtype).
+    With master weights and antithetic, theta - sigma z is the master
+    weight's, rounded, as the reference computes it."""
     params, loss = quadratic([300, 77], device)
     params = [p.detach().to(dtype).requires_grad_() for p in params]
     options = dict(DEFAULTS, lr=0.05, sigma=0.05, weight_decay=0.5, seed=3, master_weights=master)
-    opt = torch_dopamine.Dopamine(params, **options)
+    opt = torch_dopamine.Dopamine(params, **dict(options, antithetic=antithetic))
     reference = ReferenceDopamine([(params, options)], storage=dtype)
     group = reference.groups[0]
     # Per element, without a master weight: the roundings of x + sigma z and
@@ -168,7 +179,7 @@ def test_each_step_in_reduced_precision_follows_the_reference(device, dtype, mas
     for _ in range(10):
         start = [(opt.state[p]["master_weight"] if master and p in opt.state else p).detach().clone() for p in params]
         group["theta"] = [x.double() for x in start]
-        expected_l0 = reference.step(loss)
+        expected_l0 = reference.step(loss, antithetic=antithetic)
         assert opt.step(lambda: loss(params)).item() == expected_l0
         # The trace, an EMA of |L1 - L0| / sigma, and the rate agree: so do L1.
         assert opt.group_state(0)["rpe_trace"] == pytest.approx(group["m"], rel=1e-12)
