@@ -366,10 +366,24 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   // step only.
   std::vector<GroupStep> groups;
   int64_t index = 0;
+  bool antithetic = defaults.antithetic();
   for (const auto g : c10::irange(param_groups_.size())) {
     const auto& all = param_groups_[g].params();
     GroupStep group{g, options_of(param_groups_[g], g)};
     group.options.validate();
+    // One evaluation serves every group, so all must agree on antithetic
+    // (docs/DESIGN.md, "The algorithm").
+    if (g == 0) {
+      antithetic = group.options.antithetic();
+    }
+    TORCH_CHECK(group.options.antithetic() == antithetic,
+                "Dopamine: invalid antithetic: ",
+                antithetic ? "false" : "true",
+                " in parameter group ",
+                g,
+                ", ",
+                antithetic ? "true" : "false",
+                " in group 0; it must be the same in every group");
     // Parameters that have taken a step were checked then; a group changed
     // since (through param_groups()) is checked again.
     if (std::any_of(all.begin(), all.end(), [&](const torch::Tensor& param) {
@@ -445,21 +459,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   };
 
   // The two evaluations: L0 and L1, or with antithetic L(theta + sigma z)
-  // and L(theta - sigma z) (docs/DESIGN.md, "The algorithm"), which every
-  // group must agree on since one evaluation serves them all.
-  const bool antithetic = param_groups_.empty()
-                              ? defaults.antithetic()
-                              : options_of(param_groups_[0], 0).antithetic();
-  for (const auto g : c10::irange(param_groups_.size())) {
-    TORCH_CHECK(options_of(param_groups_[g], g).antithetic() == antithetic,
-                "Dopamine: invalid antithetic: ",
-                antithetic ? "false" : "true",
-                " in parameter group ",
-                g,
-                ", ",
-                antithetic ? "true" : "false",
-                " in group 0; it must be the same in every group");
-  }
+  // and L(theta - sigma z) (docs/DESIGN.md, "The algorithm").
   const char* first_name = antithetic ? "theta + sigma z" : "unperturbed";
   const char* second_name = antithetic ? "theta - sigma z" : "perturbed";
   torch::Tensor loss, unperturbed, perturbed;

@@ -13,8 +13,10 @@
 #include <torch/script.h>
 
 #include <cstdlib>
+#include <functional>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -31,6 +33,21 @@ Enum parse_enum(const std::string& value, std::initializer_list<Enum> all) {
   }
   throw std::invalid_argument("unknown enum value " + value);
 }
+
+// The real-valued options a GROUP may set, by name.
+const std::map<std::string,
+               std::function<void(dopamine::DopamineOptions&, double)>>
+    kRealOptions = {
+        {"lr", [](auto& o, double x) { o.lr(x); }},
+        {"sigma", [](auto& o, double x) { o.sigma(x); }},
+        {"beta", [](auto& o, double x) { o.beta(x); }},
+        {"beta_s", [](auto& o, double x) { o.beta_s(x); }},
+        {"beta_eta", [](auto& o, double x) { o.beta_eta(x); }},
+        {"eps", [](auto& o, double x) { o.eps(x); }},
+        {"lr_min", [](auto& o, double x) { o.lr_min(x); }},
+        {"lr_max", [](auto& o, double x) { o.lr_max(x); }},
+        {"weight_decay", [](auto& o, double x) { o.weight_decay(x); }},
+};
 
 // The group's size and options, from "size=2,lr=0.1,...".
 std::pair<size_t, dopamine::DopamineOptions> parse_group(
@@ -57,29 +74,12 @@ std::pair<size_t, dopamine::DopamineOptions> parse_group(
     } else if (key == "seed") {
       o.seed(std::stoll(value));
     } else {
-      // strtod, not stod: a subnormal value is a value, not an error.
-      const double x = std::strtod(value.c_str(), nullptr);
-      if (key == "lr") {
-        o.lr(x);
-      } else if (key == "sigma") {
-        o.sigma(x);
-      } else if (key == "beta") {
-        o.beta(x);
-      } else if (key == "beta_s") {
-        o.beta_s(x);
-      } else if (key == "beta_eta") {
-        o.beta_eta(x);
-      } else if (key == "eps") {
-        o.eps(x);
-      } else if (key == "lr_min") {
-        o.lr_min(x);
-      } else if (key == "lr_max") {
-        o.lr_max(x);
-      } else if (key == "weight_decay") {
-        o.weight_decay(x);
-      } else {
+      const auto setter = kRealOptions.find(key);
+      if (setter == kRealOptions.end()) {
         throw std::invalid_argument("unknown option " + key);
       }
+      // strtod, not stod: a subnormal value is a value, not an error.
+      setter->second(o, std::strtod(value.c_str(), nullptr));
     }
   }
   return {size, o};

@@ -28,6 +28,13 @@ class BadInput : public ::testing::Test {
     return loss_(params_);
   }
 
+  // A closure whose second loss is not a scalar; `calls` counts its calls.
+  std::function<torch::Tensor()> non_scalar_second(int& calls) {
+    return [this, &calls] {
+      return ++calls == 1 ? good_loss() : torch::ones({3});
+    };
+  }
+
   // A closure that throws at call `failing_call` and returns the loss
   // otherwise; `calls` counts its calls.
   std::function<torch::Tensor()> failing_at(int failing_call, int& calls) {
@@ -77,12 +84,8 @@ TEST_F(BadInput, ClosureReturnsUndefined) {
 TEST_F(BadInput, PerturbedLossNonScalarRestores) {
   Dopamine optimizer(params_);
   int calls = 0;
-  expect_error(
-      [&] {
-        optimizer.step(
-            [&] { return ++calls == 1 ? good_loss() : torch::ones({3}); });
-      },
-      {"scalar", "perturbed"});
+  expect_error([&] { optimizer.step(non_scalar_second(calls)); },
+               {"scalar", "perturbed"});
   EXPECT_EQ(calls, 2);
   expect_restored();
   EXPECT_EQ(optimizer.group_state(0), nullptr);
@@ -139,12 +142,8 @@ TEST_F(BadInput, AntitheticClosureFailureRestores) {
     EXPECT_EQ(optimizer.group_state(0), nullptr);
   }
   int calls = 0;
-  expect_error(
-      [&] {
-        optimizer.step(
-            [&] { return ++calls == 1 ? good_loss() : torch::ones({3}); });
-      },
-      {"scalar", "theta - sigma z"});
+  expect_error([&] { optimizer.step(non_scalar_second(calls)); },
+               {"scalar", "theta - sigma z"});
   expect_restored();
   EXPECT_TRUE(torch::equal(half, half_before));
   EXPECT_EQ(optimizer.group_state(0), nullptr);
