@@ -7,6 +7,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch.optim import Optimizer
 
+from .distributed import Collective
+
 __all__ = ["Dopamine", "STATE_FIELDS"]
 
 _OPTION_NAMES = (
@@ -275,6 +277,9 @@ class Dopamine(Optimizer):
         capturable: bool = False,
         master_weights: bool = False,
         antithetic: bool = False,
+        process_group: Optional[Any] = None,
+        parallel: str = "data",
+        verify_every: int = 0,
     ):
         defaults = dict(
             lr=lr,
@@ -295,7 +300,22 @@ class Dopamine(Optimizer):
             antithetic=antithetic,
         )
         _check_options(defaults)
+        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
+            raise ValueError(f"Dopamine: invalid verify_every: {verify_every!r} (expected an int >= 0)")
+        if process_group is None and (parallel != "data" or verify_every):
+            name = "parallel" if parallel != "data" else "verify_every"
+            raise ValueError(f"Dopamine: {name} needs a process_group")
+        if process_group is not None and capturable:
+            raise ValueError(
+                "Dopamine: capturable=True with a process_group is not supported: a distributed step "
+                "reads on the host whether the closure failed on any rank"
+            )
+        # Not in the defaults: a process group is neither saved nor loaded
+        # with the state (docs/DESIGN.md, "Many processes").
+        self._collective = None if process_group is None else Collective(process_group, parallel, verify_every)
         super().__init__(params, defaults)
+        if self._collective is not None:
+            self._collective.check_configuration(self._configuration())
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Adds a group after checking its options and parameters; options it
@@ -417,24 +437,43 @@ class Dopamine(Optimizer):
                     f"{antithetic!r} in group 0; it must be the same in every group"
                 )
         names = ("theta + sigma z", "theta - sigma z") if antithetic else ("unperturbed", "perturbed")
-        if antithetic:
-            if not steps:
-                return closure()
-            plus, unperturbed = evaluate_at(1, names[0])
-            minus, perturbed = evaluate_at(-1, names[1])
-            # From the copies: a closure may return the same buffer twice.
-            mean = (unperturbed + perturbed) / 2
-            loss = mean.to(plus.dtype) if isinstance(plus, torch.Tensor) else mean.item()
-        else:
-            loss = closure()
-            unperturbed = _loss_tensor(loss, names[0])
-            if not steps:
-                return loss
-            perturbed = evaluate_at(1, names[1])[1]
+        collective = self.__dict__.get("_collective")
+        try:
+            if antithetic:
+                if not steps:
+                    return closure()
+                loss, unperturbed = evaluate_at(1, names[0])
+                perturbed = evaluate_at(-1, names[1])[1]
+            else:
+                loss = closure()
+                unperturbed = _loss_tensor(loss, names[0])
+                if not steps:
+                    return loss
+                perturbed = evaluate_at(1, names[1])[1]
+            losses = torch.stack([unperturbed, perturbed.to(unperturbed.device)])
+        except Exception as error:
+            if collective is None:
+                raise
+            # The other ranks are waiting in the all-reduce: join it, so
+            # that every rank raises (docs/DESIGN.md, "Many processes").
+            collective.mean_losses(None, error)
+            raise
+        if collective is not None:
+            try:
+                losses = collective.mean_losses(losses, None)
+            except BaseException:
+                restore()
+                raise
+        if antithetic or collective is not None:
+            # The loss the step evaluated: the mean over the ranks, and with
+            # antithetic the mean of L+ and L- (from the copies: a closure
+            # may return the same buffer twice), as the closure returned it.
+            mean = (losses[0] + losses[1]) / 2 if antithetic else losses[0]
+            loss = mean.to(loss.dtype).to(loss.device) if isinstance(loss, torch.Tensor) else mean.item()
 
         # Without capturable the states are on the CPU, and moving the losses
         # there is the step's one host synchronisation.
-        losses = torch.stack([unperturbed, perturbed.to(unperturbed.device)]).to(steps[0].state.device)
+        losses = losses.to(steps[0].state.device)
         raises = self.defaults["non_finite_loss"] == "raise"
         try:
             plans = [group_step.plan(losses, antithetic) for group_step in steps]
@@ -460,15 +499,41 @@ class Dopamine(Optimizer):
             cause = f"the {which} loss is {l0 if which == names[0] else l1}" if which else (
                 f"the step size is not finite (losses {l0} and {l1})"
             )
+            where = " (the mean over the process group's ranks)" if collective is not None else ""
             raise RuntimeError(
-                f"Dopamine: {cause}; parameters restored, step not taken (non_finite_loss='raise')"
+                f"Dopamine: {cause}{where}; parameters restored, step not taken (non_finite_loss='raise')"
             )
         for group_step in steps:
             for param in group_step.group_params:
                 self.state[param]["group_state"] = group_step.state
             for param, master in zip([p for p in group_step.params if _is_half(p)], group_step.masters):
                 self.state[param]["master_weight"] = master
+        if collective is not None:
+            collective.verify(
+                [t for group_step in steps for t in group_step.params + group_step.masters],
+                int(steps[0].state[0].item()),
+            )
         return loss
+
+    def _configuration(self) -> Dict[str, Any]:
+        """What every rank of a process group must agree on: each group's
+        options and its parameters' shapes, dtypes and requires_grad, in
+        the words of the error that names a difference."""
+        configuration: Dict[str, Any] = {
+            "parallel": self._collective.parallel,
+            "verify_every": self._collective.verify_every,
+            "parameter groups": len(self.param_groups),
+        }
+        for g, group in enumerate(self.param_groups):
+            configuration[f"group {g}"] = {
+                "options": {name: group[name] for name in _OPTION_NAMES},
+                "parameters": len(group["params"]),
+                **{
+                    f"parameter {i}": f"{list(p.shape)} {p.dtype}" + ("" if p.requires_grad else " frozen")
+                    for i, p in enumerate(group["params"])
+                },
+            }
+        return configuration
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's state dict, with copies of the group states (five numbers

@@ -1,0 +1,175 @@
+"""Dopamine over torch.distributed (docs/DESIGN.md, "Many processes"): gloo on
+loopback, 2 and 4 ranks started here, each running every scenario of
+distributed_worker.py once; the tests read what each rank saw."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_dopamine
+from distributed_worker import ROWS, loss_on, model
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# Every rank gives up on a collective after 60 s; the whole run after this.
+TIMEOUT_S = 240
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
+def ranks(request, tmp_path_factory):
+    """What each rank saw, as a list indexed by rank."""
+    world_size = request.param
+    directory = tmp_path_factory.mktemp(f"ranks{world_size}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), str(world_size), str(directory / "store"), str(directory)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(world_size)
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        pytest.fail(f"the {world_size} ranks did not finish within {TIMEOUT_S} s")
+    for rank, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"rank {rank} exited with {process.returncode}:\n{output}"
+    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def scenario(ranks, name):
+    for rank, results in enumerate(ranks):
+        result = results[name]
+        assert not (isinstance(result, dict) and "worker error" in result), f"rank {rank}: {result}"
+    return [results[name] for results in ranks]
+
+
+def same_bits(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def restored(after, before):
+    """Equal within the rounding of a perturbation's round trip."""
+    return all(torch.allclose(x, y, rtol=0, atol=1e-15) for x, y in zip(after, before))
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_data_parallel_ranks_agree_and_match_one_process_on_the_batch(ranks, antithetic):
+    seen = [result[antithetic] for result in scenario(ranks, "data_parallel")]
+    for rank in seen[1:]:
+        assert same_bits(rank["params"], seen[0]["params"])
+        assert rank["state"] == seen[0]["state"]
+        assert torch.equal(rank["losses"], seen[0]["losses"])
+    params = model()
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3, antithetic=antithetic)
+    losses = torch.stack([opt.step(lambda: loss_on(params, slice(0, ROWS))) for _ in range(15)])
+    # Equal within the rounding of the loss's reduction: a mean of shard
+    # means is not rounded as the mean of the batch.
+    for ours, theirs in zip(seen[0]["params"], params):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(seen[0]["losses"], losses, rtol=1e-12, atol=0)
+    assert seen[0]["state"]["step"] == 15 and seen[0]["state"]["skipped_steps"] == 0
+    assert losses[-1] < losses[0] / 2  # it trained
+
+
+def test_a_float_loss_comes_back_as_the_mean_float(ranks):
+    returned = scenario(ranks, "data_parallel")
+    assert all(isinstance(r["float"], float) for r in returned)
+    assert len({r["float"] for r in returned}) == 1
+    assert returned[0]["float"] == pytest.approx(loss_on(model(), slice(0, ROWS)).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("which", ["unperturbed", "perturbed"])
+def test_a_closure_failing_on_one_rank_raises_on_every_rank_and_restores(ranks, which):
+    seen = [result[which] for result in scenario(ranks, "closure_raises")]
+    last = len(seen) - 1
+    for rank in seen:
+        kind, message = rank["error"]
+        assert kind == "RuntimeError"
+        assert f"the closure failed on rank {last}: ValueError: boom" in message
+        assert "parameters restored on every rank" in message
+        assert restored(rank["after"], rank["before"])
+        assert rank["state_after"] == rank["state_before"]
+        # The next step is taken alike everywhere.
+        assert same_bits(rank["next"], seen[0]["next"])
+    assert seen[0]["state_before"]["step"] == 2
+
+
+def test_a_non_finite_loss_on_one_rank_skips_or_raises_on_every_rank(ranks):
+    seen = scenario(ranks, "non_finite")
+    for rank in seen:
+        assert rank["skip"]["error"] is None
+        assert rank["skip"]["state"]["skipped_steps"] == 1 and rank["skip"]["state"]["step"] == 3
+        assert restored(rank["skip"]["after"], rank["skip"]["before"])
+        assert same_bits(rank["skip"]["after"], seen[0]["skip"]["after"])
+        kind, message = rank["raise"]["error"]
+        assert kind == "RuntimeError"
+        assert "the perturbed loss is nan (the mean over the process group's ranks)" in message
+        assert restored(rank["raise"]["after"], rank["raise"]["before"])
+        assert rank["raise"]["state"]["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("seed", "group 0 options seed: 1 there, 0 on rank 0"),
+        ("shape", "group 0 parameter 1: '[9] torch.float64' there, '[8] torch.float64' on rank 0"),
+        ("groups", "parameter groups: 2 there, 1 on rank 0"),
+    ],
+)
+def test_ranks_built_differently_are_refused_on_every_rank(ranks, kind, expected):
+    last = len(ranks) - 1
+    for rank in scenario(ranks, "mismatch"):
+        error, message = rank[kind]
+        assert error == "ValueError"
+        assert f"rank {last} of the process group was built differently from rank 0 ({expected})" in message
+
+
+def test_bad_distributed_options_raise_value_errors(ranks):
+    for rank in scenario(ranks, "bad_options"):
+        assert rank["population"][0] == "ValueError" and "'population' needs num_perturbations" in rank["population"][1]
+        assert rank["parallel"][0] == "ValueError" and "invalid parallel: 'model'" in rank["parallel"][1]
+        assert rank["capturable"][0] == "ValueError" and "capturable=True with a process_group" in rank["capturable"][1]
+        assert rank["verify_every"][0] == "ValueError" and "invalid verify_every: -1" in rank["verify_every"][1]
+
+
+def test_verify_every_finds_ranks_that_drifted_apart(ranks):
+    last = len(ranks) - 1
+    for errors in scenario(ranks, "verify"):
+        assert errors[:3] == [None, None, None]
+        kind, message = errors[3]
+        assert kind == "RuntimeError"
+        assert f"after step 4 the parameters of rank(s) [{last}] differ from rank 0's" in message
+
+
+@pytest.mark.parametrize("direction", ["from_distributed", "from_single"])
+def test_a_state_dict_moves_between_distributed_and_single_process_runs(ranks, direction):
+    for rank in scenario(ranks, "state_dict"):
+        run = rank[direction]
+        assert run["state"]["step"] == 8
+        for a, b in zip(run["single"], run["distributed"]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(process_group="world"), "invalid process_group: 'world'"),
+        (dict(verify_every=2), "verify_every needs a process_group"),
+        (dict(parallel="population"), "parallel needs a process_group"),
+        (dict(verify_every=True), "invalid verify_every: True"),
+    ],
+)
+def test_distributed_options_without_a_process_group_raise(options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        torch_dopamine.Dopamine(model(), **options)
