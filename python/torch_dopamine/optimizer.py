@@ -8,6 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from .distributed import Collective
+from .trajectory import Recorder
 
 __all__ = ["Dopamine", "STATE_FIELDS"]
 
@@ -250,6 +251,18 @@ class Dopamine(Optimizer):
             the central difference of MeZO and SPSA, and :meth:`step` returns
             ``(L+ + L-) / 2``. One evaluation serves every group, so all groups
             must have the same value (a step raises ValueError otherwise).
+        process_group: a ``torch.distributed`` process group: every rank's
+            closure returns the loss of its own shard of the batch, a step
+            all-reduces the losses (24 bytes) and every rank applies the same
+            update; the parameters never travel. Every rank must build the
+            optimizer alike (checked here, with one all-gather). Not saved in
+            the state, and refused with ``capturable``.
+        parallel: ``"data"`` (the only mode this version implements).
+        verify_every: with a process group, every that many steps compare a
+            digest of every rank's parameters and raise RuntimeError if they
+            differ (0, the default: never).
+        record_trajectory: record every step's scalars, for
+            :meth:`trajectory` and :func:`torch_dopamine.replay`.
 
     The state of every parameter of a group holds the same ``group_state``
     tensor, float64 ``[step, skipped_steps, rpe_trace, rpe_magnitude,
@@ -280,6 +293,7 @@ class Dopamine(Optimizer):
         process_group: Optional[Any] = None,
         parallel: str = "data",
         verify_every: int = 0,
+        record_trajectory: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -313,6 +327,9 @@ class Dopamine(Optimizer):
         # Not in the defaults: a process group is neither saved nor loaded
         # with the state (docs/DESIGN.md, "Many processes").
         self._collective = None if process_group is None else Collective(process_group, parallel, verify_every)
+        if not isinstance(record_trajectory, bool):
+            raise ValueError(f"Dopamine: invalid record_trajectory: {record_trajectory!r} (expected a bool)")
+        self._recorder = Recorder(master_weights) if record_trajectory else None
         super().__init__(params, defaults)
         if self._collective is not None:
             self._collective.check_configuration(self._configuration())
@@ -409,17 +426,36 @@ class Dopamine(Optimizer):
             )
         steps = self._snapshot()
 
+        recorder = self.__dict__.get("_recorder")
+        record = None
+        if recorder is not None and steps:
+            record = recorder.begin(
+                [(tuple(gs.indices), gs.arguments.perturb["seed"], gs.arguments.perturb["sigma"],
+                  gs.arguments.perturb["noise"]) for gs in steps],
+                [int(gs.state[0].item()) + 1 for gs in steps],
+            )
+
+        def move(offset: int) -> None:
+            """Every group comes to carry offset * sigma * z (a group that
+            already does stays)."""
+            moved = 0
+            try:
+                for group_step in steps:
+                    if group_step.carried != offset:
+                        group_step.perturb(offset)
+                    moved += 1
+            finally:
+                if record is not None:
+                    record["moves"].append((offset, moved))
+
         def restore() -> None:
-            for group_step in steps:
-                if group_step.carried != 0:
-                    group_step.perturb(0)
+            move(0)
 
         def evaluate_at(offset: int, which: str) -> Tuple[Loss, torch.Tensor]:
             """The parameters at offset * sigma * z, then the closure's loss
             there; restores every group if anything fails."""
             try:
-                for group_step in steps:
-                    group_step.perturb(offset)
+                move(offset)
                 loss = closure()
                 return loss, _loss_tensor(loss, which)
             except BaseException:
@@ -486,6 +522,8 @@ class Dopamine(Optimizer):
                 indices=[i for group_step in steps for i in group_step.indices],
                 group_sizes=[len(group_step.params) for group_step in steps],
             )
+            if record is not None:
+                record["plans"] = torch.stack(plans).tolist()
         except BaseException:
             # finish_step_ checks everything before it writes: the parameters
             # are still perturbed.
@@ -514,6 +552,16 @@ class Dopamine(Optimizer):
                 int(steps[0].state[0].item()),
             )
         return loss
+
+    def trajectory(self) -> Dict[str, Any]:
+        """The steps taken since construction as a few scalars each (see
+        :mod:`torch_dopamine.trajectory`), from which
+        :func:`torch_dopamine.replay` rebuilds the parameters bit for bit
+        from the initial ones. Needs ``record_trajectory=True``."""
+        recorder = self.__dict__.get("_recorder")
+        if recorder is None:
+            raise RuntimeError("Dopamine.trajectory() needs the optimizer built with record_trajectory=True")
+        return recorder.trajectory
 
     def _configuration(self) -> Dict[str, Any]:
         """What every rank of a process group must agree on: each group's

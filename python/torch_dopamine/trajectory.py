@@ -1,0 +1,91 @@
+"""A run as a few scalars per step, and its replay (docs/DESIGN.md,
+"Trajectory and replay").
+
+The noise is a pure function of (seed, step, parameter index, element index),
+so what a step did to the parameters is fixed by the groups' layouts and
+noise options, the perturbations the step moved through, and each group's
+plan (step size, decay, whether the step was taken: ``plan_step``'s output).
+:func:`replay` calls the same ops in the same order, so it rounds every
+perturbation round trip as the run did and rebuilds the parameters bit for
+bit, without a forward pass.
+"""
+
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+
+__all__ = ["Recorder", "replay"]
+
+FORMAT = 1
+
+
+class Recorder:
+    """Records the steps of one optimizer into a trajectory: a dict of
+    ``format``, ``master_weights``, ``layouts`` (per group: the parameters'
+    global indices, seed, sigma and noise code; stored once per change) and
+    ``steps`` (per step: its layout, each group's step number, the
+    perturbations moved through as ``(offset, groups moved)``, and each
+    group's plan as a list of floats, or None for a step abandoned when the
+    closure failed). Plain Python values: it pickles or goes to JSON as is."""
+
+    def __init__(self, master_weights: bool):
+        self.trajectory: Dict[str, Any] = dict(format=FORMAT, master_weights=master_weights, layouts=[], steps=[])
+        self._layout_of: Dict[Tuple, int] = {}
+
+    def begin(self, groups: Sequence[Tuple[Tuple[int, ...], int, float, int]], steps: Sequence[int]) -> Dict[str, Any]:
+        """A new step over groups given as (indices, seed, sigma, noise code),
+        numbered `steps`; returns its record, which the step fills in."""
+        key = tuple(groups)
+        if key not in self._layout_of:
+            self._layout_of[key] = len(self.trajectory["layouts"])
+            self.trajectory["layouts"].append([list(group) for group in groups])
+        record = dict(layout=self._layout_of[key], steps=list(steps), moves=[], plans=None)
+        self.trajectory["steps"].append(record)
+        return record
+
+
+@torch.no_grad()
+def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
+    """Applies a recorded trajectory to ``params``, in place: every parameter
+    the optimizer was given, in its order (frozen ones included, since the
+    order keys the noise), as they were before the first recorded step. The
+    result is the recorded run's parameters, bit for bit. Bfloat16/float16
+    parameters of a ``master_weights`` run start from their float32 copies,
+    as the optimizer's master weights do."""
+    if not isinstance(trajectory, dict) or trajectory.get("format") != FORMAT:
+        raise ValueError(f"replay: not a trajectory of format {FORMAT} (from Dopamine.trajectory())")
+    params = list(params)
+    # Checked before anything is written.
+    needed = 1 + max((i for layout in trajectory["layouts"] for group in layout for i in group[0]), default=-1)
+    if needed > len(params):
+        raise ValueError(f"replay: the trajectory moves parameter {needed - 1}, but {len(params)} parameters were given")
+    masters: Dict[int, torch.Tensor] = {}
+    for record in trajectory["steps"]:
+        layout = trajectory["layouts"][record["layout"]]
+        groups = []
+        for (indices, seed, sigma, noise), step in zip(layout, record["steps"]):
+            tensors = [params[i] for i in indices]
+            halves = [i for i in indices if trajectory["master_weights"] and params[i].dtype in (torch.bfloat16, torch.float16)]
+            for i in halves:
+                masters.setdefault(i, params[i].detach().float().contiguous())
+            state = torch.zeros(5, dtype=torch.float64)
+            state[0] = step - 1
+            groups.append(dict(params=tensors, masters=[masters[i] for i in halves], indices=list(indices), state=state,
+                               perturb=dict(seed=seed, sigma=sigma, noise=noise), carried=0))
+        for offset, moved in record["moves"]:
+            for group in groups[:moved]:
+                if group["carried"] != offset:
+                    torch.ops.dopamine.perturb_(
+                        group["params"], group["masters"], group["state"], indices=group["indices"],
+                        previous=group["carried"], offset=offset, **group["perturb"],
+                    )
+                    group["carried"] = offset
+        if record["plans"] is not None:
+            torch.ops.dopamine.finish_step_(
+                [p for group in groups for p in group["params"]],
+                [m for group in groups for m in group["masters"]],
+                [group["state"] for group in groups],
+                list(torch.tensor(record["plans"], dtype=torch.float64).unbind(0)),
+                indices=[i for group in groups for i in group["indices"]],
+                group_sizes=[len(group["params"]) for group in groups],
+            )

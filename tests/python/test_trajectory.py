@@ -1,0 +1,144 @@
+"""Trajectory and replay (docs/DESIGN.md, "Trajectory and replay"): a
+recorded run rebuilt from its initial parameters, bit for bit, without a
+forward pass."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+import torch_dopamine
+from reference import same_bits
+
+
+def network(dtype=torch.float32, seed=0):
+    """A 5-8-1 tanh network's parameters, a frozen one in the middle (it
+    still counts in the indices that key the noise), and its loss."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(8, 5), (8,), (1, 8), (1,)]
+    params = [torch.randn(shape, generator=generator).to(dtype).requires_grad_() for shape in shapes]
+    params[1].requires_grad_(False)
+    x = torch.randn(32, 5, generator=generator)
+    y = torch.sin(x.sum(1, keepdim=True))
+
+    def loss():
+        w1, b1, w2, b2 = (p.float() for p in params)
+        return ((torch.tanh(x @ w1.T + b1) @ w2.T + b2 - y) ** 2).mean()
+
+    return params, loss
+
+
+def copies(params):
+    return [p.detach().clone() for p in params]
+
+
+def run_and_replay(params, loss, steps, closure=None, **options):
+    """Trains, then replays the trajectory on a copy of the initial
+    parameters; returns both, and the trajectory."""
+    initial = copies(params)
+    opt = torch_dopamine.Dopamine(params, record_trajectory=True, **options)
+    for _ in range(steps):
+        try:
+            opt.step(closure or loss)
+        except RuntimeError:
+            pass
+    trajectory = opt.trajectory()
+    torch_dopamine.replay(initial, trajectory)
+    return initial, trajectory
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("lr_adaptation", ["none", "rpe_normalized", "rpe_tracking"])
+def test_replay_rebuilds_the_parameters_bit_for_bit(lr_adaptation, noise, antithetic):
+    params, loss = network()
+    replayed, trajectory = run_and_replay(
+        params, loss, 30, lr=0.05, sigma=1e-2, lr_adaptation=lr_adaptation, noise=noise,
+        antithetic=antithetic, weight_decay=0.01, seed=11,
+    )
+    assert len(trajectory["steps"]) == 30
+    assert same_bits(replayed, params)
+    assert not same_bits(replayed, network()[0])  # the run moved them
+
+
+def test_replay_of_groups_with_their_own_options():
+    params, loss = network(torch.float64)
+    groups = [{"params": params[:2], "seed": 3, "sigma": 1e-3}, {"params": params[2:], "lr": 0.01, "noise": "rademacher"}]
+    initial = copies(params)
+    opt = torch_dopamine.Dopamine(groups, record_trajectory=True, lr=0.05)
+    for _ in range(20):
+        opt.step(loss)
+    torch_dopamine.replay(initial, opt.trajectory())
+    assert same_bits(initial, params)
+    assert len(opt.trajectory()["layouts"]) == 1  # stored once, not per step
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_replay_with_master_weights(dtype):
+    params, loss = network(dtype)
+    replayed, _ = run_and_replay(params, loss, 25, lr=0.05, sigma=1e-2, master_weights=True)
+    assert same_bits(replayed, params)
+
+
+def test_replay_repeats_the_round_trips_of_failed_and_skipped_steps():
+    """A step abandoned at its perturbed evaluation leaves each parameter at
+    (theta + sigma z) - sigma z, rounded, and so does a skipped step; the
+    next step's perturbation mostly rounds back, so each is checked as the
+    last step replayed."""
+    params, loss = network()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) in (4, 10):  # the perturbed evaluations of steps 2 and 5
+            raise RuntimeError("the data loader failed")
+        if len(calls) == 14:  # step 7's perturbed loss
+            return torch.tensor(float("nan"))
+        return loss()
+
+    initial = copies(params)
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.3, record_trajectory=True)
+    opt.step(closure)
+    before_failure = copies(params)
+    for step in range(2, 9):
+        try:
+            opt.step(closure)
+        except RuntimeError:
+            assert step in (2, 5)
+        if step in (2, 7):  # after the failed step and after the skipped one
+            # Not an exact round trip, so replay has something to repeat.
+            assert step != 2 or not same_bits(params, before_failure)
+            replayed = copies(initial)
+            torch_dopamine.replay(replayed, opt.trajectory())
+            assert same_bits(replayed, params), f"after step {step}"
+    trajectory = opt.trajectory()
+    assert [record["plans"] is None for record in trajectory["steps"]].count(True) == 2
+    assert opt.group_state(0)["skipped_steps"] == 1
+    torch_dopamine.replay(initial, trajectory)
+    assert same_bits(initial, params)
+
+
+def test_a_trajectory_survives_pickle_and_json():
+    params, loss = network()
+    replayed, trajectory = run_and_replay(params, loss, 10, antithetic=True)
+    for text in (pickle.loads(pickle.dumps(trajectory)), json.loads(json.dumps(trajectory))):
+        again = copies(network()[0])
+        torch_dopamine.replay(again, text)
+        assert same_bits(again, params)
+
+
+def test_trajectory_and_replay_refuse_what_they_cannot_use():
+    params, loss = network()
+    with pytest.raises(RuntimeError, match="record_trajectory=True"):
+        torch_dopamine.Dopamine(params).trajectory()
+    with pytest.raises(ValueError, match="invalid record_trajectory: 1"):
+        torch_dopamine.Dopamine(params, record_trajectory=1)
+    with pytest.raises(ValueError, match="not a trajectory"):
+        torch_dopamine.replay(params, {"steps": []})
+    opt = torch_dopamine.Dopamine(params, record_trajectory=True)
+    opt.step(loss)
+    before = copies(params)
+    with pytest.raises(ValueError, match="the trajectory moves parameter 3, but 2 parameters were given"):
+        torch_dopamine.replay(params[:2], opt.trajectory())
+    assert same_bits(params, before)
