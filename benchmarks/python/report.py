@@ -190,6 +190,35 @@ def _claims(records) -> List[str]:
     return lines
 
 
+def _scaleout(records) -> List[str]:
+    """Data-parallel Dopamine against DDP (benchmarks/python/scaleout.py)."""
+    rows = [r for r in records if r["task"] == "scaleout"]
+    if not rows:
+        return []
+    first = rows[0]["config"]
+    lines = [
+        f"## Many processes ({first['ranks']} ranks, {first['backend']}, {first['threads_per_rank']} thread each)",
+        "",
+        f"Data parallel on the {first['model']}, a global batch of {first['global_batch']} split evenly. Step times are "
+        "medians of interleaved rounds; bytes sent are each rank's share of the loopback interface's transmit counter over "
+        "a run of that contender alone (TCP/IP headers and gloo's framing included), beside the payload of the step's "
+        "collectives.",
+        "",
+        "| parameters | optimizer | ms/step | / DDP+Adam | bytes sent per rank per step | payload per step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for params in sorted({r["config"]["params"] for r in rows}):
+        at = {r["optimizer"]: r for r in rows if r["config"]["params"] == params}
+        adam = at.get("ddp+adam[fused]")
+        for name, r in at.items():
+            ratio = f"{r['ms_per_step'] / adam['ms_per_step']:.2f}x" if adam else "-"
+            lines.append(
+                f"| {params:.3g} | {name} | {_fmt(r['ms_per_step'])} | {ratio} | {r['bytes_sent_per_rank_per_step']:,.0f} "
+                f"| {r['payload_bytes_per_step']:,} |"
+            )
+    return lines + [""]
+
+
 def _layouts(layouts) -> list:
     """The optimizer-only step on 1e7 elements as few or many tensors."""
     if not layouts:
@@ -300,6 +329,7 @@ def write(records: List[dict], meta: dict, out: Path) -> None:
             )
         plot = _plot_scaling(records, out)
         lines += ["", f"![scaling]({plot})" if plot else "(no plot: matplotlib is not installed)", ""]
+    lines += _scaleout(records)
     for r in (r for r in records if r["task"] == "ops"):
         ops = r["ops"]
         lines += [

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import report
+import scaleout
 import scaling
 import tasks
 from harness import CONTENDERS, TASK_CONTENDERS, Progress, machine, record
@@ -52,6 +53,32 @@ def default_scaling_sizes(device, full):
     return sizes
 
 
+def scaleout_records(sizes, ranks, progress):
+    """Data-parallel Dopamine against DDP on `ranks` CPU processes."""
+    records = []
+    for point in scaleout.run(sizes, ranks):
+        for name, base in scaleout.SCALEOUT_CONTENDERS.items():
+            records.append(
+                record(
+                    "python",
+                    "scaleout",
+                    CONTENDERS[base],
+                    dict(params=point["params"], ranks=ranks, model="64-h-h-10 MLP, ReLU", global_batch=scaling.BATCH,
+                         backend="gloo over loopback TCP", threads_per_rank=1),
+                    optimizer=name,
+                    ms_per_step=point["ms"][name],
+                    bytes_sent_per_rank_per_step=point["bytes_sent"][name],
+                    payload_bytes_per_step=scaleout.payload_bytes(name, point["params"]),
+                    threads=1,
+                )
+            )
+        progress(
+            f"scale-out at {point['params']:.2g} params on {ranks} ranks: "
+            + ", ".join(f"{name} {point['ms'][name]:.1f} ms and {point['bytes_sent'][name]:.3g} B sent" for name in point["ms"])
+        )
+    return records
+
+
 def ops_record(device, progress):
     result = scaling.ops_benchmark(device)
     progress(
@@ -77,7 +104,7 @@ def main(argv=None):
     parser.add_argument("--cpp-json", help="records written by the C++ benchmark, merged into bench.json")
     parser.add_argument("--noise-json", help="the C++ noise benchmark's breakdown of a CPU op, added to the ops record")
     parser.add_argument("--device", default="cpu", help="device of the scaling and op benchmarks (cpu or cuda)")
-    parser.add_argument("--skip", nargs="*", default=[], help="tasks to leave out (xor lorenz rossler digits scaling ops)")
+    parser.add_argument("--skip", nargs="*", default=[], help="tasks to leave out (xor lorenz rossler digits scaling scaleout ops)")
     parser.add_argument(
         "--scaling-sizes",
         nargs="+",
@@ -101,6 +128,8 @@ def main(argv=None):
     if "scaling" not in args.skip:
         sizes = args.scaling_sizes or default_scaling_sizes(args.device, args.full)
         records += scaling_records(sizes, args.device, progress)
+    if "scaleout" not in args.skip and args.device == "cpu":
+        records += scaleout_records([10**6, 10**7], 2, progress)
     if "ops" not in args.skip:
         records.append(ops_record(args.device, progress))
         if args.noise_json:
