@@ -81,8 +81,8 @@ class Collective:
 
     def check_configuration(self, configuration: Any) -> None:
         """Raises ValueError on every rank unless every rank describes the
-        same configuration (options, parameter shapes and dtypes): ranks
-        built differently would otherwise drift apart silently."""
+        same configuration (options, parameter shapes, dtypes and values):
+        ranks built differently would otherwise drift apart silently."""
         gathered: List[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, configuration, group=self.group)
         for rank, theirs in enumerate(gathered[1:], start=1):
@@ -90,8 +90,9 @@ class Collective:
             if difference:
                 raise ValueError(
                     f"Dopamine: rank {rank} of the process group was built differently from rank 0 "
-                    f"({difference}); every rank must build the optimizer with the same "
-                    "options over parameters of the same shapes and dtypes"
+                    f"({difference}); every rank must build the optimizer with the same options over "
+                    "the same parameters (shapes, dtypes and values: seed the model alike, or "
+                    "broadcast rank 0's parameters before building the optimizer)"
                 )
 
     def mean_losses(self, losses: Optional[torch.Tensor], failure: Optional[BaseException]) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch.optim import Optimizer
 
-from .distributed import Collective
+from .distributed import Collective, checksum
 from .trajectory import Recorder
 
 __all__ = ["Dopamine", "STATE_FIELDS"]
@@ -572,6 +572,10 @@ class Dopamine(Optimizer):
             "verify_every": self._collective.verify_every,
             "parameter groups": len(self.param_groups),
         }
+        # After the shapes (a difference there says more), whether every
+        # rank starts from the same parameters: DDP broadcasts rank 0's, we
+        # refuse to start apart.
+        digest = {"the parameters' digest": checksum([p for group in self.param_groups for p in group["params"]])}
         for g, group in enumerate(self.param_groups):
             configuration[f"group {g}"] = {
                 "options": {name: group[name] for name in _OPTION_NAMES},
@@ -581,7 +585,7 @@ class Dopamine(Optimizer):
                     for i, p in enumerate(group["params"])
                 },
             }
-        return configuration
+        return {**configuration, **digest}
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's state dict, with copies of the group states (five numbers

@@ -131,8 +131,8 @@ def non_finite(rank, world_size):
 
 
 def mismatch(rank, world_size):
-    """The last rank builds its optimizer with another seed, another shape or
-    another parallel mode; every rank must refuse."""
+    """The last rank builds its optimizer with another seed, another shape,
+    other initial values or other groups; every rank must refuse."""
     last = rank == world_size - 1
     results = {}
     params = model()
@@ -143,6 +143,11 @@ def mismatch(rank, world_size):
     if last:
         shaped[1] = torch.zeros(9, dtype=torch.float64, requires_grad=True)
     results["shape"] = error_of(lambda: torch_dopamine.Dopamine(shaped, process_group=dist.group.WORLD))
+    apart = model()
+    if last:
+        with torch.no_grad():
+            apart[3] += 1e-12
+    results["values"] = error_of(lambda: torch_dopamine.Dopamine(apart, process_group=dist.group.WORLD))
     results["groups"] = error_of(
         lambda: torch_dopamine.Dopamine(
             [{"params": params[:2]}, {"params": params[2:]}] if last else [{"params": params}],
