@@ -61,15 +61,17 @@ def shares_memory(tensor):
 
 
 @given(params=st.lists(parameters(), min_size=1, max_size=3), options=options,
-       master_weights=st.booleans(), failing_call=st.sampled_from([1, 2]), steps_before=st.integers(0, 2))
-def test_a_failed_step_restores_the_parameters(params, options, master_weights, failing_call, steps_before):
-    """A closure that raises at the unperturbed (1) or perturbed (2) evaluation
+       master_weights=st.booleans(), antithetic=st.booleans(), failing_call=st.sampled_from([1, 2]),
+       steps_before=st.integers(0, 2))
+def test_a_failed_step_restores_the_parameters(params, options, master_weights, antithetic, failing_call, steps_before):
+    """A closure that raises at the first (1) or second (2) evaluation
     leaves every parameter where it was: exactly when it was never perturbed
     or has a master weight, else within the rounding of the round trip (two
-    roundings of at most |x| + 6 sigma: |z| < 6). The state is unchanged. A
-    parameter whose elements share memory is refused by the first step, with
-    the others unchanged."""
-    opt = torch_dopamine.Dopamine(params, master_weights=master_weights, **options)
+    roundings of at most |x| + 6 sigma, |z| < 6; with antithetic, three of at
+    most |x| + 12 sigma: theta + sigma z, then - 2 sigma z, then + sigma z).
+    The state is unchanged. A parameter whose elements share memory is
+    refused by the first step, with the others unchanged."""
+    opt = torch_dopamine.Dopamine(params, master_weights=master_weights, antithetic=antithetic, **options)
     loss = lambda: sum(p.double().square().sum() for p in params) * 1e-3  # noqa: E731
     expanded = any(shares_memory(p) for p in params)
     if expanded:
@@ -94,11 +96,12 @@ def test_a_failed_step_restores_the_parameters(params, options, master_weights, 
         opt.step(failing)
     assert opt.group_state(0) == state
     for p, b in zip(params, before):
-        exact = failing_call == 1 or (master_weights and p.dtype in (torch.bfloat16, torch.float16))
-        if exact:
+        never_perturbed = failing_call == 1 and not antithetic
+        if never_perturbed or (master_weights and p.dtype in (torch.bfloat16, torch.float16)):
             assert torch.equal(p, b)
         else:
-            bound = 2 * UNIT_ROUNDOFF[p.dtype] * (b.double().abs() + 6 * options["sigma"])
+            roundings, reach = (3, 12) if antithetic else (2, 6)
+            bound = roundings * UNIT_ROUNDOFF[p.dtype] * (b.double().abs() + reach * options["sigma"])
             assert ((p.double() - b.double()).abs() <= bound).all()
 
 
