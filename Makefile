@@ -32,7 +32,7 @@ test-sanitize: setup
 	cmake -S . -B $(SANITIZE_DIR) -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" $(LAUNCHER) \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDOPAMINE_SANITIZE=address,undefined \
 	  -DDOPAMINE_CUDA=OFF -DDOPAMINE_BUILD_BENCHMARKS=OFF -DDOPAMINE_BUILD_EXAMPLES=OFF
-	cmake --build $(SANITIZE_DIR) -j$(JOBS) --target dopamine_tests
+	cmake --build $(SANITIZE_DIR) -j$(JOBS) --target dopamine_all_tests
 	UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --test-dir $(SANITIZE_DIR) --output-on-failure -j$(JOBS)
 
@@ -45,6 +45,9 @@ test-install: build
 	cmake --build $(CONSUMER_DIR) -j$(JOBS)
 	$(CONSUMER_DIR)/xor_train
 	$(CONSUMER_DIR)/train_torchscript - 500
+	if [ -x $(CONSUMER_DIR)/data_parallel ]; then \
+	  $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=2 --no-python \
+	    $(CONSUMER_DIR)/data_parallel; fi
 
 # The Python package, built by scikit-build-core from this CMakeLists.txt
 # against the torch already installed.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what `make` needs and is missing: a C++ toolchain, CMake,
-# GoogleTest (Debian packages), torch (pinned) and the Python packages the
+# GoogleTest and gloo's headers (Debian packages), torch (pinned) and the Python packages the
 # build, the tests and the benchmarks use (requirements.txt).
 # Safe to run again: it installs nothing that is already there.
 set -euo pipefail
@@ -14,6 +14,9 @@ command -v make >/dev/null || missing+=(make)
 command -v ccache >/dev/null || missing+=(ccache)
 [ -n "$(find /usr/lib* -name GTestConfig.cmake -print -quit 2>/dev/null)" ] ||
   missing+=(libgtest-dev)
+# gloo's headers, for the C++ data-parallel test and example (torch's wheels
+# ship the library but not them).
+[ -f /usr/include/gloo/algorithm.h ] || missing+=(libgloo-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   sudo=""

@@ -1,9 +1,10 @@
 // The schemas of Dopamine's ops, and the typed C++ entry points that call
 // them through the dispatcher. Kernels are registered elsewhere: the step ops
 // in step_ops.cpp (over each backend's kernels), check_options in
-// scalar_ops.cpp, cpu_capability in cpu/fused_kernels.cpp. Enums cross the
-// boundary as the int codes of the C++ enums (include/dopamine/options.h);
-// every argument after the tensors is keyword-only.
+// scalar_ops.cpp (with digest), cpu_capability in cpu/fused_kernels.cpp. Enums
+// cross the boundary as the int codes of the C++ enums
+// (include/dopamine/options.h); every argument after the tensors is
+// keyword-only.
 #include <dopamine/ops.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -35,6 +36,7 @@ TORCH_LIBRARY(dopamine, m) {
       "Tensor(c!)[] states, Tensor[] plans, *, int[] indices, "
       "int[] group_sizes) -> Tensor");
   m.def("cpu_capability() -> str");
+  m.def("digest(Tensor[] tensors) -> int");
 }
 
 namespace {
@@ -175,6 +177,14 @@ at::Tensor finish_step_(at::TensorList params,
 std::string cpu_capability() {
   static auto op = find_op<std::string()>("dopamine::cpu_capability");
   return op.call();
+}
+
+int64_t digest(at::TensorList tensors) {
+  if (tensors.empty()) {
+    return 0;
+  }
+  static auto op = find_op<int64_t(at::TensorList)>("dopamine::digest");
+  return op.call(tensors);
 }
 
 }  // namespace dopamine::ops

@@ -1,11 +1,14 @@
-// The checks of options and of loaded states: ops, not C++ helpers, so that
-// the Python optimizer runs this very code. They dispatch to the
+// The checks of options and of loaded states, and the parameters' digest
+// that distributed runs compare: ops, not C++ helpers, so that the Python
+// optimizer runs this very code. They dispatch to the
 // CompositeExplicitAutograd kernels on any device.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 
 #include "engine.h"
@@ -109,11 +112,40 @@ void check_state_kernel(const at::Tensor& state) {
   }
 }
 
+// One 64-bit word into the digest: both steps are bijections of h, so a
+// single differing word always changes the digest.
+uint64_t mix(uint64_t h, uint64_t word) {
+  h ^= word * 0x9FB21C651E98DF25ULL;
+  h = (h << 29) | (h >> 35);
+  return h * 0xC2B2AE3D27D4EB4FULL;
+}
+
+int64_t digest_kernel(at::TensorList tensors) {
+  uint64_t h = 0x9E3779B97F4A7C15ULL;
+  for (const auto& tensor : tensors) {
+    const auto bytes = tensor.detach().to(at::kCPU).contiguous();
+    const auto* data = static_cast<const unsigned char*>(bytes.data_ptr());
+    const size_t size = bytes.nbytes();
+    h = mix(h, size);
+    size_t i = 0;
+    for (; i + sizeof(uint64_t) <= size; i += sizeof(uint64_t)) {
+      uint64_t word;
+      std::memcpy(&word, data + i, sizeof(word));
+      h = mix(h, word);
+    }
+    uint64_t tail = 0;
+    std::memcpy(&tail, data + i, size - i);
+    h = mix(h, tail);
+  }
+  return static_cast<int64_t>(h >> 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dopamine, CompositeExplicitAutograd, m) {
   m.impl("check_state", &check_state_kernel);
   m.impl("check_options", &check_options_kernel);
+  m.impl("digest", &digest_kernel);
 }
 
 // Under fake tensors only the shape is known.

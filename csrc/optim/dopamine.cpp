@@ -463,31 +463,54 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   const char* first_name = antithetic ? "theta + sigma z" : "unperturbed";
   const char* second_name = antithetic ? "theta - sigma z" : "perturbed";
   torch::Tensor loss, unperturbed, perturbed;
-  if (antithetic) {
-    if (groups.empty()) {
-      return closure();
+  try {
+    if (antithetic) {
+      if (groups.empty()) {
+        return closure();
+      }
+      auto [plus, plus_value] = evaluate_at(1, first_name);
+      auto [minus, minus_value] = evaluate_at(-1, second_name);
+      // From the copies: a closure may return the same buffer twice.
+      loss = ((plus_value + minus_value.to(plus_value.device())) / 2)
+                 .to(plus.options());
+      unperturbed = plus_value;
+      perturbed = minus_value;
+    } else {
+      loss = closure();
+      unperturbed = loss_tensor(loss, first_name);
+      if (groups.empty()) {
+        return loss;
+      }
+      perturbed = evaluate_at(1, second_name).second;
     }
-    auto [plus, plus_value] = evaluate_at(1, first_name);
-    auto [minus, minus_value] = evaluate_at(-1, second_name);
-    // From the copies: a closure may return the same buffer twice.
-    loss = ((plus_value + minus_value.to(plus_value.device())) / 2)
-               .to(plus.options());
-    unperturbed = plus_value;
-    perturbed = minus_value;
-  } else {
-    loss = closure();
-    unperturbed = loss_tensor(loss, first_name);
-    if (groups.empty()) {
-      return loss;
+  } catch (const std::exception& error) {
+    if (!collective_) {
+      throw;
     }
-    perturbed = evaluate_at(1, second_name).second;
+    // The other ranks wait in the losses' all-reduce: join it, so that
+    // every rank throws (docs/DESIGN.md, "Many processes").
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+    const std::string message =
+        c10_error ? c10_error->what_without_backtrace() : error.what();
+    collective_->mean_losses({}, &message);
+    throw;
   }
 
   // Without capturable the states are on the CPU, and moving the losses there
   // is the step's one host synchronisation.
-  const auto losses =
-      torch::stack({unperturbed, perturbed.to(unperturbed.device())})
-          .to(groups.front().state.device());
+  auto losses = torch::stack({unperturbed, perturbed.to(unperturbed.device())});
+  if (collective_) {
+    try {
+      losses = collective_->mean_losses(losses, nullptr);
+    } catch (...) {
+      restore();
+      throw;
+    }
+    // The loss the step evaluated: the mean over the ranks.
+    loss = (antithetic ? (losses[0] + losses[1]) / 2 : losses[0])
+               .to(loss.options());
+  }
+  losses = losses.to(groups.front().state.device());
   const bool raises = defaults.non_finite_loss() == NonFiniteLoss::Raise;
   std::vector<torch::Tensor> params, masters, states, plans, saved;
   std::vector<int64_t> indices, group_sizes;
@@ -517,11 +540,14 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     }
     const double l0 = losses[0].item<double>();
     const double l1 = losses[1].item<double>();
+    const char* where =
+        collective_ ? " (the mean over the process group's ranks)" : "";
     TORCH_CHECK(std::isfinite(l0),
                 "Dopamine: the ",
                 first_name,
                 " loss is ",
                 l0,
+                where,
                 "; parameters restored, step not taken "
                 "(non_finite_loss=Raise)");
     TORCH_CHECK(std::isfinite(l1),
@@ -529,6 +555,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
                 second_name,
                 " loss is ",
                 l1,
+                where,
                 "; parameters restored, step not taken "
                 "(non_finite_loss=Raise)");
     TORCH_CHECK(false,
@@ -556,6 +583,12 @@ torch::Tensor Dopamine::step(LossClosure closure) {
             .master_weight(masters[master++]);
       }
     }
+  }
+  if (collective_) {
+    std::vector<torch::Tensor> written = params;
+    written.insert(written.end(), masters.begin(), masters.end());
+    collective_->after_step(
+        written, static_cast<int64_t>(groups.front().state[0].item<double>()));
   }
   return loss;
 }

@@ -7,6 +7,7 @@
 #include <torch/ordered_dict.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,22 @@ struct DopamineParamState
                          const DopamineParamState& rhs);
 };
 
+// The collectives of a distributed step (docs/DESIGN.md, "Many processes");
+// dopamine/distributed.h makes them over a c10d process group.
+class StepCollective {
+ public:
+  virtual ~StepCollective() = default;
+  // The mean over the ranks of this rank's losses (float64 [2]). A rank
+  // whose evaluation failed passes its error message instead (and an
+  // undefined tensor); then every rank throws, naming the failing ranks.
+  virtual torch::Tensor mean_losses(const torch::Tensor& losses,
+                                    const std::string* failure) = 0;
+  // Called after every completed step with the parameters and master
+  // weights it wrote and the group state's step count.
+  virtual void after_step(const std::vector<torch::Tensor>& tensors,
+                          int64_t step) = 0;
+};
+
 // Dopamine: derivative-free, forward-only weight perturbation whose step size
 // is adapted by the reward prediction error delta = L(theta + sigma z) -
 // L(theta). See docs/DESIGN.md for the rule, the step protocol and the
@@ -59,7 +76,8 @@ class Dopamine : public torch::optim::Optimizer {
 
   // Evaluates `closure` exactly twice under NoGradGuard (unperturbed, then
   // perturbed) and returns the unperturbed loss; with antithetic at theta +
-  // sigma z and theta - sigma z, returning their mean. The closure is
+  // sigma z and theta - sigma z, returning their mean. Made data parallel
+  // (set_collective), it returns the mean over the ranks. The closure is
   // required.
   // Parameters with requires_grad() false are left untouched.
   torch::Tensor step(LossClosure closure = nullptr) override;
@@ -85,8 +103,15 @@ class Dopamine : public torch::optim::Optimizer {
     return param_names_;
   }
 
+  // Every later step exchanges its losses through `collective` (nullptr:
+  // none); dopamine::make_data_parallel (dopamine/distributed.h) sets it.
+  void set_collective(std::shared_ptr<StepCollective> collective) {
+    collective_ = std::move(collective);
+  }
+
  private:
   std::vector<std::string> param_names_;
+  std::shared_ptr<StepCollective> collective_;
 
   // Checks the group states just loaded and lets each group's parameters
   // share one state tensor again.

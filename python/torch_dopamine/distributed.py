@@ -9,7 +9,6 @@ of three float64 numbers (24 bytes, whatever the model's size), and every
 rank applies the same update to its own copy of the parameters.
 """
 
-import hashlib
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -21,13 +20,11 @@ PARALLEL_MODES = ("data", "population")
 
 
 def checksum(tensors: Sequence[torch.Tensor]) -> int:
-    """A 63-bit digest of the tensors' bytes, in order: equal on two ranks
-    exactly when their tensors hold the same bits (up to a hash collision)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for tensor in tensors:
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-        digest.update(memoryview(data.numpy()))
-    return int.from_bytes(digest.digest(), "little") >> 1
+    """The ``dopamine::digest`` op (the C++ optimizer's too): a 63-bit digest
+    of the tensors' sizes and bytes, in order, which a single differing word
+    always changes."""
+    tensors = list(tensors)
+    return torch.ops.dopamine.digest(tensors) if tensors else 0
 
 
 def _first_difference(ours: Any, theirs: Any, path: str = "") -> Optional[str]:

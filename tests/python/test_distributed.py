@@ -174,3 +174,20 @@ def test_a_state_dict_moves_between_distributed_and_single_process_runs(ranks, d
 def test_distributed_options_without_a_process_group_raise(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         torch_dopamine.Dopamine(model(), **options)
+
+
+def test_the_digest_changes_with_any_word_and_only_with_the_bits():
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1001, generator=generator), torch.randn(7, 3, dtype=torch.float64, generator=generator)]
+    digest = torch.ops.dopamine.digest(tensors)
+    assert digest == torch.ops.dopamine.digest([t.clone() for t in tensors]) >= 0
+    # A non-contiguous tensor digests its logical order.
+    assert torch.ops.dopamine.digest([tensors[0], tensors[1].T.contiguous().T]) == digest
+    for i in (0, 500, 1000):  # the first, a middle and the tail word
+        flipped = tensors[0].clone()
+        flipped.view(torch.int32)[i] ^= 1
+        assert torch.ops.dopamine.digest([flipped, tensors[1]]) != digest
+    assert torch.ops.dopamine.digest(tensors[::-1]) != digest
+    # The sizes count: the same bytes split differently differ.
+    flat = torch.cat([tensors[0], tensors[1].float().reshape(-1)])
+    assert torch.ops.dopamine.digest([flat[:500], flat[500:]]) != torch.ops.dopamine.digest([flat[:501], flat[501:]])

@@ -1,0 +1,193 @@
+#include <dopamine/distributed.h>
+#include <dopamine/ops.h>
+
+#include <torch/types.h>
+
+#include <c10/util/irange.h>
+
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace dopamine {
+namespace {
+
+// What the ranks compare before the first step, as digests: a difference
+// names its kind.
+constexpr const char* kConfigurationParts[] = {
+    "number of parameter groups",
+    "options",
+    "parameter shapes, dtypes or requires_grad",
+    "parameter values"};
+constexpr int64_t kConfigurationSize = 4;
+
+int64_t bits_of(double value) {
+  int64_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+std::vector<int64_t> configuration(const Dopamine& optimizer) {
+  std::vector<int64_t> options, layout;
+  std::vector<torch::Tensor> params;
+  const auto& defaults =
+      static_cast<const DopamineOptions&>(optimizer.defaults());
+  for (const auto& group : optimizer.param_groups()) {
+    const auto& o = static_cast<const DopamineOptions&>(group.options());
+    options.insert(options.end(),
+                   {bits_of(o.lr()),
+                    bits_of(o.sigma()),
+                    static_cast<int64_t>(o.lr_adaptation()),
+                    bits_of(o.beta()),
+                    bits_of(o.beta_s()),
+                    bits_of(o.beta_eta()),
+                    bits_of(o.eps()),
+                    o.lr_min().has_value(),
+                    bits_of(o.lr_min().value_or(0)),
+                    o.lr_max().has_value(),
+                    bits_of(o.lr_max().value_or(0)),
+                    bits_of(o.weight_decay()),
+                    o.seed(),
+                    static_cast<int64_t>(o.noise()),
+                    o.antithetic()});
+    layout.push_back(static_cast<int64_t>(group.params().size()));
+    for (const auto& param : group.params()) {
+      layout.push_back(static_cast<int64_t>(param.scalar_type()));
+      layout.push_back(param.requires_grad());
+      layout.push_back(param.dim());
+      layout.insert(layout.end(), param.sizes().begin(), param.sizes().end());
+      params.push_back(param);
+    }
+  }
+  options.insert(options.end(),
+                 {static_cast<int64_t>(defaults.non_finite_loss()),
+                  defaults.master_weights()});
+  const auto digest_of = [](const std::vector<int64_t>& words) {
+    return ops::digest({torch::tensor(words, torch::kInt64)});
+  };
+  return {static_cast<int64_t>(optimizer.param_groups().size()),
+          digest_of(options),
+          digest_of(layout),
+          ops::digest(params)};
+}
+
+class ProcessGroupCollective : public StepCollective {
+ public:
+  ProcessGroupCollective(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                         int64_t verify_every)
+      : group_(std::move(group)),
+        verify_every_(verify_every),
+        // NCCL reduces only CUDA tensors; gloo (and others) take CPU ones.
+        device_(group_->getBackendName() == "nccl"
+                    ? torch::Device(torch::kCUDA)
+                    : torch::Device(torch::kCPU)) {}
+
+  // Every rank's `words`, gathered (one row per rank, on the CPU).
+  torch::Tensor all_gather(const std::vector<int64_t>& words) {
+    std::vector<torch::Tensor> input{
+        torch::tensor(words, torch::kInt64).to(device_)};
+    std::vector<std::vector<torch::Tensor>> output(1);
+    for (int rank = 0; rank < group_->getSize(); ++rank) {
+      output[0].push_back(torch::empty_like(input[0]));
+    }
+    group_->allgather(output, input)->wait();
+    return torch::stack(output[0]).cpu();
+  }
+
+  torch::Tensor mean_losses(const torch::Tensor& losses,
+                            const std::string* failure) override {
+    auto buffer = torch::zeros({3}, torch::dtype(torch::kDouble));
+    if (failure == nullptr) {
+      buffer.slice(0, 0, 2).copy_(losses);
+    } else {
+      buffer[2] = 1;
+    }
+    std::vector<torch::Tensor> tensors{buffer.to(device_)};
+    group_->allreduce(tensors)->wait();
+    // The sum is the same bits on every rank, so the ranks agree on whether
+    // to fail, and the mean is the same on every rank.
+    const auto sum = tensors[0].cpu();
+    if (failure != nullptr || sum[2].item<double>() != 0) {
+      const auto failed = all_gather({failure != nullptr ? 1 : 0});
+      std::ostringstream ranks;
+      for (const auto rank : c10::irange(failed.size(0))) {
+        if (failed[rank][0].item<int64_t>() != 0) {
+          ranks << (ranks.tellp() > 0 ? ", " : "") << rank;
+        }
+      }
+      TORCH_CHECK(false,
+                  "Dopamine: the closure failed on rank(s) ",
+                  ranks.str(),
+                  failure != nullptr ? " (here: " + *failure + ")" : "",
+                  "; parameters restored on every rank, step not taken");
+    }
+    return (sum.slice(0, 0, 2) / group_->getSize()).to(losses.device());
+  }
+
+  void after_step(const std::vector<torch::Tensor>& tensors,
+                  int64_t step) override {
+    if (verify_every_ == 0 || step % verify_every_ != 0) {
+      return;
+    }
+    const auto digests = all_gather({ops::digest(tensors)});
+    std::ostringstream drifted;
+    for (const auto rank : c10::irange(digests.size(0))) {
+      if (!digests[rank].equal(digests[0])) {
+        drifted << (drifted.tellp() > 0 ? ", " : "") << rank;
+      }
+    }
+    TORCH_CHECK(drifted.tellp() == 0,
+                "Dopamine: after step ",
+                step,
+                " the parameters of rank(s) ",
+                drifted.str(),
+                " differ from rank 0's; the ranks have drifted apart (were "
+                "parameters changed outside the optimizer on some ranks?)");
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  int64_t verify_every_;
+  torch::Device device_;
+};
+
+}  // namespace
+
+void make_data_parallel(Dopamine& optimizer,
+                        c10::intrusive_ptr<c10d::ProcessGroup> group,
+                        DataParallelOptions options) {
+  TORCH_CHECK(group, "Dopamine: make_data_parallel needs a process group");
+  TORCH_CHECK(options.verify_every() >= 0,
+              "Dopamine: invalid verify_every: ",
+              options.verify_every(),
+              " (expected >= 0)");
+  const auto& defaults =
+      static_cast<const DopamineOptions&>(optimizer.defaults());
+  TORCH_CHECK(!defaults.capturable(),
+              "Dopamine: capturable with a process group is not supported: "
+              "a distributed step reads on the host whether the closure "
+              "failed on any rank");
+  auto collective = std::make_shared<ProcessGroupCollective>(
+      std::move(group), options.verify_every());
+  const auto gathered = collective->all_gather(configuration(optimizer));
+  for (const auto rank : c10::irange(1, gathered.size(0))) {
+    for (const auto part : c10::irange(kConfigurationSize)) {
+      TORCH_CHECK(gathered[rank][part].item<int64_t>() ==
+                      gathered[0][part].item<int64_t>(),
+                  "Dopamine: rank ",
+                  rank,
+                  " of the process group was built differently from rank 0 "
+                  "(its ",
+                  kConfigurationParts[part],
+                  " differ); every rank must build the optimizer with the "
+                  "same options over the same parameters (shapes, dtypes and "
+                  "values: seed the model alike, or broadcast rank 0's "
+                  "parameters before)");
+    }
+  }
+  optimizer.set_collective(std::move(collective));
+}
+
+}  // namespace dopamine
