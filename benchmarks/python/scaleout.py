@@ -32,6 +32,8 @@ import torch_dopamine
 from harness import CONTENDERS
 from scaling import BATCH, CLASSES, INPUTS, mlp, width_for
 
+# Rounds of interleaved timing, and steps of each byte count.
+ROUNDS, BYTE_STEPS = 10, 5
 # The contenders, and the CONTENDERS entry each reports as.
 SCALEOUT_CONTENDERS = {"dopamine[data]": "dopamine", "ddp+adam[fused]": "adam[fused]", "ddp+sgd": "sgd"}
 
@@ -129,7 +131,7 @@ def worker(rank: int, world_size: int, store: str, out: str, sizes, rounds: int,
     dist.destroy_process_group()
 
 
-def run(sizes, ranks: int = 2, rounds: int = 10, byte_steps: int = 3, timeout_s: int = 600) -> list:
+def run(sizes, ranks: int = 2, rounds: int = ROUNDS, byte_steps: int = BYTE_STEPS, timeout_s: int = 600) -> list:
     """Starts `ranks` processes; returns rank 0's measurements per size."""
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "results.json"
@@ -153,8 +155,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[10**6, 10**7])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--byte-steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--byte-steps", type=int, default=BYTE_STEPS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)

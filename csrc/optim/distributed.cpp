@@ -5,6 +5,7 @@
 
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <cstring>
 #include <sstream>
 #include <string>
@@ -14,14 +15,17 @@
 namespace dopamine {
 namespace {
 
-// What the ranks compare before the first step, as digests: a difference
-// names its kind.
+// What the ranks compare before the first step, mostly as digests: a
+// difference names its kind.
 constexpr const char* kConfigurationParts[] = {
+    "verify_every",
     "number of parameter groups",
     "options",
     "parameter shapes, dtypes or requires_grad",
     "parameter values"};
-constexpr int64_t kConfigurationSize = 4;
+constexpr int64_t kConfigurationSize = 5;
+// The longest error message one rank sends the others.
+constexpr int64_t kMessageBytes = 1024;
 
 int64_t bits_of(double value) {
   int64_t bits;
@@ -29,7 +33,8 @@ int64_t bits_of(double value) {
   return bits;
 }
 
-std::vector<int64_t> configuration(const Dopamine& optimizer) {
+std::vector<int64_t> configuration(const Dopamine& optimizer,
+                                   int64_t verify_every) {
   std::vector<int64_t> options, layout;
   std::vector<torch::Tensor> params;
   const auto& defaults =
@@ -67,7 +72,8 @@ std::vector<int64_t> configuration(const Dopamine& optimizer) {
   const auto digest_of = [](const std::vector<int64_t>& words) {
     return ops::digest({torch::tensor(words, torch::kInt64)});
   };
-  return {static_cast<int64_t>(optimizer.param_groups().size()),
+  return {verify_every,
+          static_cast<int64_t>(optimizer.param_groups().size()),
           digest_of(options),
           digest_of(layout),
           ops::digest(params)};
@@ -85,9 +91,8 @@ class ProcessGroupCollective : public StepCollective {
                     : torch::Device(torch::kCPU)) {}
 
   // Every rank's `words`, gathered (one row per rank, on the CPU).
-  torch::Tensor all_gather(const std::vector<int64_t>& words) {
-    std::vector<torch::Tensor> input{
-        torch::tensor(words, torch::kInt64).to(device_)};
+  torch::Tensor all_gather(const torch::Tensor& words) {
+    std::vector<torch::Tensor> input{words.to(device_)};
     std::vector<std::vector<torch::Tensor>> output(1);
     for (int rank = 0; rank < group_->getSize(); ++rank) {
       output[0].push_back(torch::empty_like(input[0]));
@@ -96,34 +101,70 @@ class ProcessGroupCollective : public StepCollective {
     return torch::stack(output[0]).cpu();
   }
 
-  torch::Tensor mean_losses(const torch::Tensor& losses,
-                            const std::string* failure) override {
+  torch::Tensor all_gather(const std::vector<int64_t>& words) {
+    return all_gather(torch::tensor(words, torch::kInt64));
+  }
+
+  // Every rank's message (empty where a rank has none), from one all-gather
+  // of kMessageBytes each; longer ones are cut.
+  std::vector<std::string> all_gather(const std::string& message) {
+    auto bytes = torch::zeros({kMessageBytes}, torch::kUInt8);
+    std::memcpy(bytes.data_ptr(),
+                message.data(),
+                std::min<size_t>(message.size(), kMessageBytes - 1));
+    const auto gathered = all_gather(bytes);
+    std::vector<std::string> messages;
+    for (const auto rank : c10::irange(gathered.size(0))) {
+      messages.emplace_back(
+          static_cast<const char*>(gathered[rank].data_ptr()));
+    }
+    return messages;
+  }
+
+  // The all-reduce of [L0, L1, failed] that every step makes; a rank whose
+  // evaluation failed passes no losses. The sum has the same bits on every
+  // rank, so the ranks agree on whether to fail, and the mean is the same on
+  // every rank.
+  torch::Tensor sum(const torch::Tensor& losses) {
     auto buffer = torch::zeros({3}, torch::dtype(torch::kDouble));
-    if (failure == nullptr) {
+    if (losses.defined()) {
       buffer.slice(0, 0, 2).copy_(losses);
     } else {
       buffer[2] = 1;
     }
     std::vector<torch::Tensor> tensors{buffer.to(device_)};
     group_->allreduce(tensors)->wait();
-    // The sum is the same bits on every rank, so the ranks agree on whether
-    // to fail, and the mean is the same on every rank.
-    const auto sum = tensors[0].cpu();
-    if (failure != nullptr || sum[2].item<double>() != 0) {
-      const auto failed = all_gather({failure != nullptr ? 1 : 0});
-      std::ostringstream ranks;
-      for (const auto rank : c10::irange(failed.size(0))) {
-        if (failed[rank][0].item<int64_t>() != 0) {
-          ranks << (ranks.tellp() > 0 ? ", " : "") << rank;
-        }
+    return tensors[0].cpu();
+  }
+
+  // Gathers every rank's error (`failure`: this rank's, empty if none) and
+  // throws naming the failing ranks.
+  [[noreturn]] void throw_failures(const std::string& failure) {
+    const auto messages = all_gather(failure);
+    std::ostringstream failed;
+    for (const auto rank : c10::irange(messages.size())) {
+      if (!messages[rank].empty()) {
+        failed << (failed.tellp() > 0 ? "; " : "") << "rank " << rank << ": "
+               << messages[rank];
       }
-      TORCH_CHECK(false,
-                  "Dopamine: the closure failed on rank(s) ",
-                  ranks.str(),
-                  failure != nullptr ? " (here: " + *failure + ")" : "",
-                  "; parameters restored on every rank, step not taken");
     }
-    return (sum.slice(0, 0, 2) / group_->getSize()).to(losses.device());
+    TORCH_CHECK(false,
+                "Dopamine: the closure failed on ",
+                failed.str(),
+                "; parameters restored on every rank, step not taken");
+  }
+
+  torch::Tensor mean_losses(const torch::Tensor& losses) override {
+    const auto total = sum(losses);
+    if (total[2].item<double>() != 0) {
+      throw_failures("");
+    }
+    return (total.slice(0, 0, 2) / group_->getSize()).to(losses.device());
+  }
+
+  [[noreturn]] void fail(const std::string& error) override {
+    sum({});
+    throw_failures(error.empty() ? "an error without a message" : error);
   }
 
   void after_step(const std::vector<torch::Tensor>& tensors,
@@ -131,7 +172,7 @@ class ProcessGroupCollective : public StepCollective {
     if (verify_every_ == 0 || step % verify_every_ != 0) {
       return;
     }
-    const auto digests = all_gather({ops::digest(tensors)});
+    const auto digests = all_gather(std::vector<int64_t>{ops::digest(tensors)});
     std::ostringstream drifted;
     for (const auto rank : c10::irange(digests.size(0))) {
       if (!digests[rank].equal(digests[0])) {
@@ -159,19 +200,34 @@ void make_data_parallel(Dopamine& optimizer,
                         c10::intrusive_ptr<c10d::ProcessGroup> group,
                         DataParallelOptions options) {
   TORCH_CHECK(group, "Dopamine: make_data_parallel needs a process group");
-  TORCH_CHECK(options.verify_every() >= 0,
-              "Dopamine: invalid verify_every: ",
-              options.verify_every(),
-              " (expected >= 0)");
   const auto& defaults =
       static_cast<const DopamineOptions&>(optimizer.defaults());
-  TORCH_CHECK(!defaults.capturable(),
-              "Dopamine: capturable with a process group is not supported: "
-              "a distributed step reads on the host whether the closure "
-              "failed on any rank");
+  // A rank that refuses its arguments still takes part in the check, so
+  // that no rank waits for the others (docs/DESIGN.md, "Many processes").
+  std::string refused;
+  if (options.verify_every() < 0) {
+    refused = "Dopamine: invalid verify_every: " +
+              std::to_string(options.verify_every()) + " (expected >= 0)";
+  } else if (defaults.capturable()) {
+    refused =
+        "Dopamine: capturable with a process group is not supported: a "
+        "distributed step reads on the host whether the closure failed on "
+        "any rank";
+  }
   auto collective = std::make_shared<ProcessGroupCollective>(
       std::move(group), options.verify_every());
-  const auto gathered = collective->all_gather(configuration(optimizer));
+  std::ostringstream refusals;
+  const auto messages = collective->all_gather(refused);
+  for (const auto rank : c10::irange(messages.size())) {
+    if (!messages[rank].empty()) {
+      refusals << (refusals.tellp() > 0 ? "; " : "") << "rank " << rank
+               << " refused its arguments (" << messages[rank] << ")";
+    }
+  }
+  TORCH_CHECK(refused.empty(), refused);
+  TORCH_CHECK(refusals.tellp() == 0, "Dopamine: ", refusals.str());
+  const auto gathered =
+      collective->all_gather(configuration(optimizer, options.verify_every()));
   for (const auto rank : c10::irange(1, gathered.size(0))) {
     for (const auto part : c10::irange(kConfigurationSize)) {
       TORCH_CHECK(gathered[rank][part].item<int64_t>() ==

@@ -462,12 +462,16 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   // and L(theta - sigma z) (docs/DESIGN.md, "The algorithm").
   const char* first_name = antithetic ? "theta + sigma z" : "unperturbed";
   const char* second_name = antithetic ? "theta - sigma z" : "perturbed";
+  if (groups.empty()) {
+    // Nothing to perturb, so no collective either: every rank of a process
+    // group has the same trainable parameters.
+    auto loss = closure();
+    loss_tensor(loss, first_name);
+    return loss;
+  }
   torch::Tensor loss, unperturbed, perturbed;
   try {
     if (antithetic) {
-      if (groups.empty()) {
-        return closure();
-      }
       auto [plus, plus_value] = evaluate_at(1, first_name);
       auto [minus, minus_value] = evaluate_at(-1, second_name);
       // From the copies: a closure may return the same buffer twice.
@@ -478,9 +482,6 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     } else {
       loss = closure();
       unperturbed = loss_tensor(loss, first_name);
-      if (groups.empty()) {
-        return loss;
-      }
       perturbed = evaluate_at(1, second_name).second;
     }
   } catch (const std::exception& error) {
@@ -490,10 +491,8 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     // The other ranks wait in the losses' all-reduce: join it, so that
     // every rank throws (docs/DESIGN.md, "Many processes").
     const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
-    const std::string message =
-        c10_error ? c10_error->what_without_backtrace() : error.what();
-    collective_->mean_losses({}, &message);
-    throw;
+    collective_->fail(c10_error ? c10_error->what_without_backtrace()
+                                : error.what());
   }
 
   // Without capturable the states are on the CPU, and moving the losses there
@@ -501,7 +500,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   auto losses = torch::stack({unperturbed, perturbed.to(unperturbed.device())});
   if (collective_) {
     try {
-      losses = collective_->mean_losses(losses, nullptr);
+      losses = collective_->mean_losses(losses);
     } catch (...) {
       restore();
       throw;

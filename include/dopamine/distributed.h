@@ -22,8 +22,10 @@ struct DataParallelOptions {
 // collective: call it on every rank at once, after building the optimizer
 // alike everywhere. Throws on every rank unless every rank's optimizer has
 // the same groups and options over parameters of the same shapes, dtypes and
-// values (ranks built apart would drift silently), and for a capturable
-// optimizer (a distributed step reads on the host whether any rank failed).
+// values and the same `options` (ranks built apart would drift silently),
+// and when any rank refuses its arguments: a capturable optimizer (a
+// distributed step reads on the host whether any rank failed) or a negative
+// verify_every. A difference found by verify_every throws after the step.
 void make_data_parallel(Dopamine& optimizer,
                         c10::intrusive_ptr<c10d::ProcessGroup> group,
                         DataParallelOptions options = {});

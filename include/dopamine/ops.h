@@ -76,7 +76,7 @@ at::Tensor finish_step_(at::TensorList params,
 // path computes the same bits.
 std::string cpu_capability();
 
-// A 63-bit digest of the tensors' sizes and bytes, in order (moved to the
+// A 64-bit digest of the tensors' sizes and bytes, in order (moved to the
 // CPU first): ranks of a process group compare their parameters with it
 // (docs/DESIGN.md, "Many processes"). Tensors that differ in a single 64-bit
 // word always give different digests. 0 for no tensors.

@@ -46,11 +46,12 @@ struct DopamineParamState
 class StepCollective {
  public:
   virtual ~StepCollective() = default;
-  // The mean over the ranks of this rank's losses (float64 [2]). A rank
-  // whose evaluation failed passes its error message instead (and an
-  // undefined tensor); then every rank throws, naming the failing ranks.
-  virtual torch::Tensor mean_losses(const torch::Tensor& losses,
-                                    const std::string* failure) = 0;
+  // The mean over the ranks of this rank's losses (float64 [2]); throws on
+  // every rank if any rank's evaluation failed (that rank called fail).
+  virtual torch::Tensor mean_losses(const torch::Tensor& losses) = 0;
+  // This rank's evaluation failed with `error` (its parameters restored):
+  // joins the step's collective, then throws naming every failing rank.
+  [[noreturn]] virtual void fail(const std::string& error) = 0;
   // Called after every completed step with the parameters and master
   // weights it wrote and the group state's step count.
   virtual void after_step(const std::vector<torch::Tensor>& tensors,

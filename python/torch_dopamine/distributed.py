@@ -9,40 +9,41 @@ of three float64 numbers (24 bytes, whatever the model's size), and every
 rank applies the same update to its own copy of the parameters.
 """
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PARALLEL_MODES", "Collective", "checksum"]
+__all__ = ["PARALLEL_MODES", "Collective", "check_parallel", "checksum"]
 
+# SPEC's modes; "population" needs num_perturbations, not implemented yet.
 PARALLEL_MODES = ("data", "population")
 
 
+def check_parallel(parallel: Any) -> None:
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"Dopamine: invalid parallel: {parallel!r} (expected 'data')")
+    if parallel == "population":
+        raise ValueError(
+            "Dopamine: invalid parallel: 'population' needs num_perturbations, which this "
+            "version does not implement yet; use parallel='data'"
+        )
+
+
 def checksum(tensors: Sequence[torch.Tensor]) -> int:
-    """The ``dopamine::digest`` op (the C++ optimizer's too): a 63-bit digest
+    """The ``dopamine::digest`` op (the C++ optimizer's too): a 64-bit digest
     of the tensors' sizes and bytes, in order, which a single differing word
     always changes."""
-    tensors = list(tensors)
-    return torch.ops.dopamine.digest(tensors) if tensors else 0
+    return torch.ops.dopamine.digest(list(tensors))
 
 
 def _first_difference(ours: Any, theirs: Any, path: str = "") -> Optional[str]:
-    """Where two configurations (nested dicts and lists) first differ, as
-    'path: theirs there, ours on rank 0', or None when they are equal."""
+    """Where two configurations (nested dicts) first differ, as 'path:
+    theirs there, ours on rank 0', or None when they are equal. A key only
+    one of them has reads as None in the other."""
     if isinstance(ours, dict) and isinstance(theirs, dict):
-        for key in [key for key in ours if key in theirs]:
-            found = _first_difference(ours[key], theirs[key], f"{path} {key}".strip())
-            if found:
-                return found
-        if ours.keys() != theirs.keys():
-            return f"{path or 'keys'}: {sorted(theirs)} there, {sorted(ours)} on rank 0"
-        return None
-    if isinstance(ours, list) and isinstance(theirs, list):
-        if len(ours) != len(theirs):
-            return f"{path}: {len(theirs)} entries there, {len(ours)} on rank 0"
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            found = _first_difference(a, b, f"{path} {i}")
+        for key in list(ours) + [key for key in theirs if key not in ours]:
+            found = _first_difference(ours.get(key), theirs.get(key), f"{path} {key}".strip())
             if found:
                 return found
         return None
@@ -52,21 +53,10 @@ def _first_difference(ours: Any, theirs: Any, path: str = "") -> Optional[str]:
 class Collective:
     """The collectives of one distributed Dopamine optimizer: the
     configuration check at construction, the losses' all-reduce in every
-    step, and the optional drift check."""
+    step, and the optional drift check. Every rank makes the same ones in
+    the same order, whatever fails where."""
 
-    def __init__(self, process_group: Any, parallel: str, verify_every: int):
-        if not isinstance(process_group, dist.ProcessGroup):
-            raise ValueError(
-                f"Dopamine: invalid process_group: {process_group!r} (expected a "
-                "torch.distributed ProcessGroup, such as torch.distributed.group.WORLD, or None)"
-            )
-        if parallel not in PARALLEL_MODES:
-            raise ValueError(f"Dopamine: invalid parallel: {parallel!r} (expected one of {', '.join(PARALLEL_MODES)})")
-        if parallel == "population":
-            raise ValueError(
-                "Dopamine: invalid parallel: 'population' needs num_perturbations, which this "
-                "version does not implement yet; use parallel='data'"
-            )
+    def __init__(self, process_group: "dist.ProcessGroup", parallel: str, verify_every: int):
         self.group = process_group
         self.parallel = parallel
         self.verify_every = verify_every
@@ -76,12 +66,21 @@ class Collective:
         backend = str(dist.get_backend(process_group))
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
-    def check_configuration(self, configuration: Any) -> None:
+    def check_configuration(self, configuration: Any, refused: Optional[BaseException]) -> None:
         """Raises ValueError on every rank unless every rank describes the
         same configuration (options, parameter shapes, dtypes and values):
-        ranks built differently would otherwise drift apart silently."""
+        ranks built differently would otherwise drift apart silently. A rank
+        that ``refused`` its arguments passes its error instead; it raises
+        that error, and the others name it."""
         gathered: List[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, configuration, group=self.group)
+        dist.all_gather_object(gathered, {"refused": f"{refused}"} if refused else configuration, group=self.group)
+        failed = {rank: entry["refused"] for rank, entry in enumerate(gathered) if "refused" in entry}
+        if refused:
+            raise refused
+        if failed:
+            raise ValueError(
+                "Dopamine: " + "; ".join(f"rank {rank} refused its arguments ({message})" for rank, message in failed.items())
+            )
         for rank, theirs in enumerate(gathered[1:], start=1):
             difference = _first_difference(gathered[0], theirs)
             if difference:
@@ -92,29 +91,41 @@ class Collective:
                     "broadcast rank 0's parameters before building the optimizer)"
                 )
 
-    def mean_losses(self, losses: Optional[torch.Tensor], failure: Optional[BaseException]) -> torch.Tensor:
-        """The mean over the ranks of this rank's losses (a float64 tensor of
-        two), from one all-reduce. A rank whose evaluation failed passes
-        ``failure`` instead; then every rank raises RuntimeError naming the
-        failing ranks and their errors."""
+    def _sum(self, losses: Optional[torch.Tensor], failure: Optional[BaseException] = None) -> torch.Tensor:
+        """The all-reduce of [L0, L1, failed] that every step makes; a rank
+        whose evaluation failed passes its error and no losses."""
         buffer = torch.zeros(3, dtype=torch.float64, device=self.device)
-        if failure is None:
-            buffer[:2] = losses
-        else:
+        if losses is None:
             buffer[2] = 1
+        else:
+            buffer[:2] = losses
         dist.all_reduce(buffer, group=self.group)
-        # The sum is the same bits on every rank, so the ranks agree on
+        # The sum has the same bits on every rank, so the ranks agree on
         # whether to fail, and the mean is the same on every rank.
-        if failure is not None or buffer[2].item() != 0:
-            messages: List[Any] = [None] * self.world_size
-            mine = None if failure is None else f"{type(failure).__name__}: {failure}"
-            dist.all_gather_object(messages, mine, group=self.group)
-            failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages) if message)
-            raise RuntimeError(
-                f"Dopamine: the closure failed on {failed}; parameters restored on every rank, "
-                "step not taken"
-            ) from failure
-        return (buffer[:2] / self.world_size).to(losses.device)
+        if buffer[2].item() != 0:
+            self._raise_failures(failure)
+        return buffer
+
+    def _raise_failures(self, failure: Optional[BaseException]) -> NoReturn:
+        messages: List[Any] = [None] * self.world_size
+        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+        dist.all_gather_object(messages, mine, group=self.group)
+        failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages) if message)
+        raise RuntimeError(
+            f"Dopamine: the closure failed on {failed}; parameters restored on every rank, step not taken"
+        ) from failure
+
+    def mean_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        """The mean over the ranks of this rank's losses (a float64 tensor of
+        two); raises RuntimeError on every rank if any rank's evaluation
+        failed (that rank called :meth:`fail`)."""
+        return (self._sum(losses)[:2] / self.world_size).to(losses.device)
+
+    def fail(self, failure: BaseException) -> NoReturn:
+        """This rank's evaluation failed (and it restored its parameters):
+        joins the step's all-reduce, then raises RuntimeError naming every
+        failing rank and its error, as every other rank does."""
+        self._sum(None, failure)  # counts this rank's failure, so it raises
 
     def verify(self, tensors: Sequence[torch.Tensor], step: int) -> None:
         """Every ``verify_every`` steps: raises RuntimeError on every rank if

@@ -5,9 +5,10 @@ import numbers
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
-from .distributed import Collective, checksum
+from .distributed import Collective, check_parallel, checksum
 from .trajectory import Recorder
 
 __all__ = ["Dopamine", "STATE_FIELDS"]
@@ -260,7 +261,7 @@ class Dopamine(Optimizer):
         parallel: ``"data"`` (the only mode this version implements).
         verify_every: with a process group, every that many steps compare a
             digest of every rank's parameters and raise RuntimeError if they
-            differ (0, the default: never).
+            differ, after the step (0, the default: never).
         record_trajectory: record every step's scalars, for
             :meth:`trajectory` and :func:`torch_dopamine.replay`.
 
@@ -313,26 +314,41 @@ class Dopamine(Optimizer):
             master_weights=master_weights,
             antithetic=antithetic,
         )
-        _check_options(defaults)
-        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
-            raise ValueError(f"Dopamine: invalid verify_every: {verify_every!r} (expected an int >= 0)")
-        if process_group is None and (parallel != "data" or verify_every):
-            name = "parallel" if parallel != "data" else "verify_every"
-            raise ValueError(f"Dopamine: {name} needs a process_group")
-        if process_group is not None and capturable:
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise ValueError(
-                "Dopamine: capturable=True with a process_group is not supported: a distributed step "
-                "reads on the host whether the closure failed on any rank"
+                f"Dopamine: invalid process_group: {process_group!r} (expected a torch.distributed "
+                "ProcessGroup, such as torch.distributed.group.WORLD, or None)"
             )
         # Not in the defaults: a process group is neither saved nor loaded
         # with the state (docs/DESIGN.md, "Many processes").
-        self._collective = None if process_group is None else Collective(process_group, parallel, verify_every)
-        if not isinstance(record_trajectory, bool):
-            raise ValueError(f"Dopamine: invalid record_trajectory: {record_trajectory!r} (expected a bool)")
-        self._recorder = Recorder(master_weights) if record_trajectory else None
-        super().__init__(params, defaults)
-        if self._collective is not None:
-            self._collective.check_configuration(self._configuration())
+        self._collective = None
+        try:
+            _check_options(defaults)
+            if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
+                raise ValueError(f"Dopamine: invalid verify_every: {verify_every!r} (expected an int >= 0)")
+            if not isinstance(record_trajectory, bool):
+                raise ValueError(f"Dopamine: invalid record_trajectory: {record_trajectory!r} (expected a bool)")
+            check_parallel(parallel)
+            if process_group is None and verify_every:
+                raise ValueError("Dopamine: verify_every needs a process_group")
+            if process_group is not None and capturable:
+                raise ValueError(
+                    "Dopamine: capturable=True with a process_group is not supported: a distributed step "
+                    "reads on the host whether the closure failed on any rank"
+                )
+            self._recorder = Recorder(master_weights) if record_trajectory else None
+            super().__init__(params, defaults)
+            refused = None
+        except (ValueError, TypeError) as error:
+            if process_group is None:
+                raise
+            refused = error
+        if process_group is not None:
+            # Every rank takes part, even one that refused its arguments, so
+            # that no rank waits for the others (docs/DESIGN.md, "Many processes").
+            collective = Collective(process_group, parallel, verify_every)
+            collective.check_configuration(None if refused else self._configuration(collective), refused)
+            self._collective = collective
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Adds a group after checking its options and parameters; options it
@@ -416,9 +432,13 @@ class Dopamine(Optimizer):
         """Evaluates ``closure`` exactly twice (unperturbed, then perturbed;
         with ``antithetic`` at ``theta + sigma z`` and ``theta - sigma z``),
         updates the parameters and returns the unperturbed loss as the closure
-        returned it (with ``antithetic`` the mean of the two). If the closure
+        returned it (with ``antithetic`` the mean of the two; with a process
+        group the mean over the ranks, in the closure's type). If the closure
         raises or returns something other than a scalar, the parameters are
-        restored, the state is unchanged and the error propagates."""
+        restored, the state is unchanged and the error propagates (with a
+        process group, on every rank, naming the failing ones). A
+        ``verify_every`` check that finds ranks apart raises after the step
+        was taken."""
         if closure is None:
             raise RuntimeError(
                 "Dopamine.step() needs a closure that returns the loss: each step "
@@ -473,18 +493,20 @@ class Dopamine(Optimizer):
                     f"{antithetic!r} in group 0; it must be the same in every group"
                 )
         names = ("theta + sigma z", "theta - sigma z") if antithetic else ("unperturbed", "perturbed")
+        if not steps:
+            # Nothing to perturb, so no collective either: every rank of a
+            # process group has the same trainable parameters.
+            loss = closure()
+            _loss_tensor(loss, names[0])
+            return loss
         collective = self.__dict__.get("_collective")
         try:
             if antithetic:
-                if not steps:
-                    return closure()
                 loss, unperturbed = evaluate_at(1, names[0])
                 perturbed = evaluate_at(-1, names[1])[1]
             else:
                 loss = closure()
                 unperturbed = _loss_tensor(loss, names[0])
-                if not steps:
-                    return loss
                 perturbed = evaluate_at(1, names[1])[1]
             losses = torch.stack([unperturbed, perturbed.to(unperturbed.device)])
         except Exception as error:
@@ -492,11 +514,10 @@ class Dopamine(Optimizer):
                 raise
             # The other ranks are waiting in the all-reduce: join it, so
             # that every rank raises (docs/DESIGN.md, "Many processes").
-            collective.mean_losses(None, error)
-            raise
+            collective.fail(error)
         if collective is not None:
             try:
-                losses = collective.mean_losses(losses, None)
+                losses = collective.mean_losses(losses)
             except BaseException:
                 restore()
                 raise
@@ -557,19 +578,21 @@ class Dopamine(Optimizer):
         """The steps taken since construction as a few scalars each (see
         :mod:`torch_dopamine.trajectory`), from which
         :func:`torch_dopamine.replay` rebuilds the parameters bit for bit
-        from the initial ones. Needs ``record_trajectory=True``."""
+        from the initial ones. Needs ``record_trajectory=True``. The record
+        itself, which later steps extend: ``copy.deepcopy`` keeps a
+        snapshot."""
         recorder = self.__dict__.get("_recorder")
         if recorder is None:
             raise RuntimeError("Dopamine.trajectory() needs the optimizer built with record_trajectory=True")
         return recorder.trajectory
 
-    def _configuration(self) -> Dict[str, Any]:
+    def _configuration(self, collective: Collective) -> Dict[str, Any]:
         """What every rank of a process group must agree on: each group's
         options and its parameters' shapes, dtypes and requires_grad, in
         the words of the error that names a difference."""
         configuration: Dict[str, Any] = {
-            "parallel": self._collective.parallel,
-            "verify_every": self._collective.verify_every,
+            "parallel": collective.parallel,
+            "verify_every": collective.verify_every,
             "parameter groups": len(self.param_groups),
         }
         # After the shapes (a difference there says more), whether every

@@ -26,7 +26,8 @@ class Recorder:
     ``steps`` (per step: its layout, each group's step number, the
     perturbations moved through as ``(offset, groups moved)``, and each
     group's plan as a list of floats, or None for a step abandoned when the
-    closure failed). Plain Python values: it pickles or goes to JSON as is."""
+    closure failed). Plain Python values: it pickles, and goes to JSON as
+    Python's json module writes it (a skipped step's plan may hold NaN)."""
 
     def __init__(self, master_weights: bool):
         self.trajectory: Dict[str, Any] = dict(format=FORMAT, master_weights=master_weights, layouts=[], steps=[])
@@ -51,7 +52,9 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
     order keys the noise), as they were before the first recorded step. The
     result is the recorded run's parameters, bit for bit. Bfloat16/float16
     parameters of a ``master_weights`` run start from their float32 copies,
-    as the optimizer's master weights do."""
+    as the optimizer's master weights do; an optimizer that loaded master
+    weights from a checkpoint before recording started from those instead,
+    which replay does not know."""
     if not isinstance(trajectory, dict) or trajectory.get("format") != FORMAT:
         raise ValueError(f"replay: not a trajectory of format {FORMAT} (from Dopamine.trajectory())")
     params = list(params)

@@ -15,7 +15,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -166,44 +168,92 @@ TEST_F(DataParallel, RanksAgreeAndMatchOneProcessOnTheBatch) {
 }
 
 TEST_F(DataParallel, AClosureFailingOnOneRankThrowsOnEveryRankAndRestores) {
+  for (const bool antithetic : {false, true}) {
+    for (const int failing_call : {1, 2}) {
+      auto params = task.params();
+      dopamine::Dopamine optimizer(
+          params,
+          dopamine::DopamineOptions(0.05).sigma(0.3).antithetic(antithetic));
+      dopamine::make_data_parallel(optimizer, group);
+      optimizer.step([&] { return shard_loss(params); });
+      const auto before = copies(params);
+      int calls = 0;
+      try {
+        optimizer.step([&] {
+          TORCH_CHECK(!(rank == 1 && ++calls == failing_call),
+                      "the data loader failed");
+          return shard_loss(params);
+        });
+        ADD_FAILURE() << "no rank may complete the step";
+      } catch (const c10::Error& error) {
+        const std::string message = error.what_without_backtrace();
+        EXPECT_NE(message.find("the closure failed on rank 1: the data loader "
+                               "failed"),
+                  std::string::npos)
+            << message;
+      }
+      // Exact where nothing was perturbed, else within the round trip.
+      const bool exact = rank == 1 && failing_call == 1 && !antithetic;
+      for (size_t i = 0; i < params.size(); ++i) {
+        EXPECT_TRUE(exact ? params[i].equal(before[i])
+                          : torch::allclose(params[i], before[i], 0, 1e-15));
+      }
+      EXPECT_EQ(optimizer.group_state(0)->step(), 1);
+      optimizer.step([&] { return shard_loss(params); });
+      EXPECT_TRUE(ranks_agree(params));
+    }
+  }
+}
+
+TEST_F(DataParallel, ANonFiniteLossOnOneRankSkipsTheStepOnEveryRank) {
   auto params = task.params();
-  dopamine::Dopamine optimizer(params,
-                               dopamine::DopamineOptions(0.05).sigma(0.3));
+  dopamine::Dopamine optimizer(params, dopamine::DopamineOptions().sigma(1e-3));
   dopamine::make_data_parallel(optimizer, group);
-  optimizer.step([&] { return shard_loss(params); });
-  const auto before = copies(params);
   int calls = 0;
-  try {
-    optimizer.step([&] {
-      TORCH_CHECK(!(rank == 1 && ++calls == 2), "the data loader failed");
-      return shard_loss(params);
-    });
-    ADD_FAILURE() << "no rank may complete the step";
-  } catch (const c10::Error& error) {
-    const std::string message = error.what_without_backtrace();
-    EXPECT_NE(message.find("the closure failed on rank(s) 1"),
-              std::string::npos)
-        << message;
-    EXPECT_EQ(message.find("the data loader failed") != std::string::npos,
-              rank == 1)
-        << message;
+  optimizer.step([&] {
+    return rank == 1 && ++calls == 2
+               ? torch::tensor(std::nan(""), torch::kDouble)
+               : shard_loss(params);
+  });
+  EXPECT_EQ(optimizer.group_state(0)->skipped_steps(), 1);
+  EXPECT_TRUE(ranks_agree(params));
+}
+
+TEST_F(DataParallel, WithNothingToTrainAFailingClosureMakesNoCollective) {
+  auto frozen = task.params();
+  for (auto& p : frozen) {
+    p.requires_grad_(false);
   }
-  for (size_t i = 0; i < params.size(); ++i) {
-    EXPECT_TRUE(torch::allclose(params[i], before[i], 0, 1e-15));
+  dopamine::Dopamine idle(frozen);
+  dopamine::make_data_parallel(idle, group);
+  if (rank == 1) {
+    EXPECT_THROW(idle.step([]() -> torch::Tensor {
+      throw std::runtime_error("the data loader failed");
+    }),
+                 std::runtime_error);
+  } else {
+    idle.step([&] { return shard_loss(frozen); });
   }
-  EXPECT_EQ(optimizer.group_state(0)->step(), 1);
+  // The ranks' next collectives still pair up.
+  auto params = task.params();
+  dopamine::Dopamine optimizer(params);
+  dopamine::make_data_parallel(optimizer, group);
   optimizer.step([&] { return shard_loss(params); });
   EXPECT_TRUE(ranks_agree(params));
 }
 
 TEST_F(DataParallel, RanksBuiltApartAreRefusedOnEveryRank) {
-  const auto refused = [&](dopamine::Dopamine& optimizer) {
+  const auto refused_with = [&](dopamine::Dopamine& optimizer,
+                                dopamine::DataParallelOptions options) {
     try {
-      dopamine::make_data_parallel(optimizer, group);
+      dopamine::make_data_parallel(optimizer, group, options);
     } catch (const c10::Error& error) {
       return std::string(error.what_without_backtrace());
     }
     return std::string();
+  };
+  const auto refused = [&](dopamine::Dopamine& optimizer) {
+    return refused_with(optimizer, {});
   };
   auto params = task.params();
   dopamine::Dopamine seeded(params, dopamine::DopamineOptions().seed(rank));
@@ -216,10 +266,20 @@ TEST_F(DataParallel, RanksBuiltApartAreRefusedOnEveryRank) {
   dopamine::Dopamine shifted(apart);
   EXPECT_NE(refused(shifted).find("(its parameter values differ)"),
             std::string::npos);
-  dopamine::Dopamine capturable(params,
-                                dopamine::DopamineOptions().capturable(true));
-  EXPECT_NE(refused(capturable).find("capturable with a process group"),
-            std::string::npos);
+  dopamine::Dopamine checked(params);
+  EXPECT_NE(
+      refused_with(checked, dopamine::DataParallelOptions().verify_every(rank))
+          .find("(its verify_every differ)"),
+      std::string::npos);
+  // One rank refuses its arguments; the others are told, not left waiting.
+  dopamine::Dopamine capturable(
+      params, dopamine::DopamineOptions().capturable(rank == 1));
+  const auto message = refused(capturable);
+  EXPECT_NE(message.find(rank == 1 ? "capturable with a process group"
+                                   : "rank 1 refused its arguments (Dopamine: "
+                                     "capturable with a process group"),
+            std::string::npos)
+      << message;
 }
 
 TEST_F(DataParallel, VerifyEveryFindsRanksThatDriftedApart) {

@@ -148,6 +148,13 @@ def mismatch(rank, world_size):
         with torch.no_grad():
             apart[3] += 1e-12
     results["values"] = error_of(lambda: torch_dopamine.Dopamine(apart, process_group=dist.group.WORLD))
+    results["verify_every"] = error_of(
+        lambda: torch_dopamine.Dopamine(model(), process_group=dist.group.WORLD, verify_every=2 if last else 0)
+    )
+    # One rank refuses its arguments; the others are told, not left waiting.
+    results["refused"] = error_of(
+        lambda: torch_dopamine.Dopamine(model(), process_group=dist.group.WORLD, capturable=last)
+    )
     results["groups"] = error_of(
         lambda: torch_dopamine.Dopamine(
             [{"params": params[:2]}, {"params": params[2:]}] if last else [{"params": params}],
@@ -167,6 +174,24 @@ def bad_options(rank, world_size):
         "capturable": error_of(lambda: torch_dopamine.Dopamine(params, process_group=group, capturable=True)),
         "verify_every": error_of(lambda: torch_dopamine.Dopamine(params, process_group=group, verify_every=-1)),
     }
+
+
+def nothing_to_train(rank, world_size):
+    """Every parameter frozen: the last rank's closure raises, and no rank
+    may be left in a collective (the next optimizer's steps still pair up)."""
+    frozen = [p.requires_grad_(False) for p in model()]
+    idle = torch_dopamine.Dopamine(frozen, process_group=dist.group.WORLD)
+
+    def closure():
+        if rank == world_size - 1:
+            raise ValueError("boom")
+        return loss_on(frozen, shard(rank, world_size))
+
+    error = error_of(lambda: idle.step(closure))
+    params = model()
+    opt = torch_dopamine.Dopamine(params, process_group=dist.group.WORLD)
+    opt.step(lambda: loss_on(params, shard(rank, world_size)))
+    return dict(error=error, params=copies(params))
 
 
 def verify(rank, world_size):
@@ -217,7 +242,7 @@ def state_dict(rank, world_size):
     return dict(from_distributed=from_distributed, from_single=from_single)
 
 
-SCENARIOS = [data_parallel, closure_raises, non_finite, mismatch, bad_options, verify, state_dict]
+SCENARIOS = [data_parallel, closure_raises, non_finite, mismatch, bad_options, nothing_to_train, verify, state_dict]
 
 
 def main():

@@ -3,6 +3,7 @@ loopback, 2 and 4 ranks started here, each running every scenario of
 distributed_worker.py once; the tests read what each rank saw."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def scenario(ranks, name):
 
 
 def same_bits(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def restored(after, before):
@@ -100,6 +101,9 @@ def test_a_closure_failing_on_one_rank_raises_on_every_rank_and_restores(ranks, 
         assert "parameters restored on every rank" in message
         assert restored(rank["after"], rank["before"])
         assert rank["state_after"] == rank["state_before"]
+    # The failing rank never perturbed its parameters before an unperturbed failure.
+    assert which == "perturbed" or same_bits(seen[last]["after"], seen[last]["before"])
+    for rank in seen:
         # The next step is taken alike everywhere.
         assert same_bits(rank["next"], seen[0]["next"])
     assert seen[0]["state_before"]["step"] == 2
@@ -116,7 +120,8 @@ def test_a_non_finite_loss_on_one_rank_skips_or_raises_on_every_rank(ranks):
         assert kind == "RuntimeError"
         assert "the perturbed loss is nan (the mean over the process group's ranks)" in message
         assert restored(rank["raise"]["after"], rank["raise"]["before"])
-        assert rank["raise"]["state"]["step"] == 2
+        assert same_bits(rank["raise"]["after"], seen[0]["raise"]["after"])
+        assert rank["raise"]["state"]["step"] == 2 and rank["raise"]["state"]["skipped_steps"] == 0
 
 
 @pytest.mark.parametrize(
@@ -126,6 +131,7 @@ def test_a_non_finite_loss_on_one_rank_skips_or_raises_on_every_rank(ranks):
         ("shape", "group 0 parameter 1: '[9] torch.float64' there, '[8] torch.float64' on rank 0"),
         ("groups", "parameter groups: 2 there, 1 on rank 0"),
         ("values", "the parameters' digest: "),
+        ("verify_every", "verify_every: 2 there, 0 on rank 0"),
     ],
 )
 def test_ranks_built_differently_are_refused_on_every_rank(ranks, kind, expected):
@@ -136,10 +142,28 @@ def test_ranks_built_differently_are_refused_on_every_rank(ranks, kind, expected
         assert f"rank {last} of the process group was built differently from rank 0 ({expected}" in message
 
 
+def test_one_rank_refusing_its_arguments_is_named_on_every_rank(ranks):
+    last = len(ranks) - 1
+    for rank, seen in enumerate(scenario(ranks, "mismatch")):
+        error, message = seen["refused"]
+        assert error == "ValueError"
+        if rank == last:
+            assert message.startswith("Dopamine: capturable=True with a process_group is not supported")
+        else:
+            assert f"rank {last} refused its arguments (Dopamine: capturable=True with a process_group" in message
+
+
+def test_with_nothing_to_train_a_failing_closure_makes_no_collective(ranks):
+    seen = scenario(ranks, "nothing_to_train")
+    for rank, result in enumerate(seen):
+        assert result["error"] == (("ValueError", "boom") if rank == len(seen) - 1 else None)
+        assert same_bits(result["params"], seen[0]["params"])
+
+
 def test_bad_distributed_options_raise_value_errors(ranks):
     for rank in scenario(ranks, "bad_options"):
         assert rank["population"][0] == "ValueError" and "'population' needs num_perturbations" in rank["population"][1]
-        assert rank["parallel"][0] == "ValueError" and "invalid parallel: 'model'" in rank["parallel"][1]
+        assert rank["parallel"][0] == "ValueError" and "invalid parallel: 'model' (expected 'data')" in rank["parallel"][1]
         assert rank["capturable"][0] == "ValueError" and "capturable=True with a process_group" in rank["capturable"][1]
         assert rank["verify_every"][0] == "ValueError" and "invalid verify_every: -1" in rank["verify_every"][1]
 
@@ -166,13 +190,14 @@ def test_a_state_dict_moves_between_distributed_and_single_process_runs(ranks, d
     "options,message",
     [
         (dict(process_group="world"), "invalid process_group: 'world'"),
+        (dict(parallel="model"), "invalid parallel: 'model' (expected 'data')"),
         (dict(verify_every=2), "verify_every needs a process_group"),
-        (dict(parallel="population"), "parallel needs a process_group"),
+        (dict(parallel="population"), "'population' needs num_perturbations"),
         (dict(verify_every=True), "invalid verify_every: True"),
     ],
 )
 def test_distributed_options_without_a_process_group_raise(options, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         torch_dopamine.Dopamine(model(), **options)
 
 
@@ -180,7 +205,8 @@ def test_the_digest_changes_with_any_word_and_only_with_the_bits():
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(1001, generator=generator), torch.randn(7, 3, dtype=torch.float64, generator=generator)]
     digest = torch.ops.dopamine.digest(tensors)
-    assert digest == torch.ops.dopamine.digest([t.clone() for t in tensors]) >= 0
+    assert digest == torch.ops.dopamine.digest([t.clone() for t in tensors])
+    assert torch.ops.dopamine.digest([]) == 0
     # A non-contiguous tensor digests its logical order.
     assert torch.ops.dopamine.digest([tensors[0], tensors[1].T.contiguous().T]) == digest
     for i in (0, 500, 1000):  # the first, a middle and the tail word
