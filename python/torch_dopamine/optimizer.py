@@ -339,7 +339,7 @@ class Dopamine(Optimizer):
             self._recorder = Recorder(master_weights) if record_trajectory else None
             super().__init__(params, defaults)
             refused = None
-        except (ValueError, TypeError) as error:
+        except Exception as error:
             if process_group is None:
                 raise
             refused = error

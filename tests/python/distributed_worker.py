@@ -155,6 +155,9 @@ def mismatch(rank, world_size):
     results["refused"] = error_of(
         lambda: torch_dopamine.Dopamine(model(), process_group=dist.group.WORLD, capturable=last)
     )
+    results["refused_key"] = error_of(
+        lambda: torch_dopamine.Dopamine([{"param": model()}] if last else model(), process_group=dist.group.WORLD)
+    )
     results["groups"] = error_of(
         lambda: torch_dopamine.Dopamine(
             [{"params": params[:2]}, {"params": params[2:]}] if last else [{"params": params}],

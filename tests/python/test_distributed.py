@@ -153,6 +153,16 @@ def test_one_rank_refusing_its_arguments_is_named_on_every_rank(ranks):
             assert f"rank {last} refused its arguments (Dopamine: capturable=True with a process_group" in message
 
 
+def test_a_rank_failing_in_the_constructor_with_any_error_is_named_on_every_rank(ranks):
+    last = len(ranks) - 1
+    for rank, seen in enumerate(scenario(ranks, "mismatch")):
+        error, message = seen["refused_key"]
+        if rank == last:
+            assert (error, message) == ("KeyError", "'params'")
+        else:
+            assert error == "ValueError" and f"rank {last} refused its arguments ('params')" in message
+
+
 def test_with_nothing_to_train_a_failing_closure_makes_no_collective(ranks):
     seen = scenario(ranks, "nothing_to_train")
     for rank, result in enumerate(seen):
