@@ -167,11 +167,18 @@ class ProcessGroupCollective : public StepCollective {
     throw_failures(error.empty() ? "an error without a message" : error);
   }
 
-  void after_step(const std::vector<torch::Tensor>& tensors,
-                  int64_t step) override {
-    if (verify_every_ == 0 || step % verify_every_ != 0) {
+  void after_step(const std::vector<torch::Tensor>& params,
+                  const std::vector<torch::Tensor>& masters,
+                  const torch::Tensor& state) override {
+    if (verify_every_ == 0) {
       return;
     }
+    const auto step = static_cast<int64_t>(state[0].item<double>());
+    if (step % verify_every_ != 0) {
+      return;
+    }
+    std::vector<torch::Tensor> tensors = params;
+    tensors.insert(tensors.end(), masters.begin(), masters.end());
     const auto digests = all_gather(std::vector<int64_t>{ops::digest(tensors)});
     std::ostringstream drifted;
     for (const auto rank : c10::irange(digests.size(0))) {

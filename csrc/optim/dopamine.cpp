@@ -584,10 +584,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     }
   }
   if (collective_) {
-    std::vector<torch::Tensor> written = params;
-    written.insert(written.end(), masters.begin(), masters.end());
-    collective_->after_step(
-        written, static_cast<int64_t>(groups.front().state[0].item<double>()));
+    collective_->after_step(params, masters, groups.front().state);
   }
   return loss;
 }

@@ -53,9 +53,11 @@ class StepCollective {
   // joins the step's collective, then throws naming every failing rank.
   [[noreturn]] virtual void fail(const std::string& error) = 0;
   // Called after every completed step with the parameters and master
-  // weights it wrote and the group state's step count.
-  virtual void after_step(const std::vector<torch::Tensor>& tensors,
-                          int64_t step) = 0;
+  // weights it wrote and the first group's state (its step count on the
+  // CPU): the step's hot path, so it reads them only when it needs to.
+  virtual void after_step(const std::vector<torch::Tensor>& params,
+                          const std::vector<torch::Tensor>& masters,
+                          const torch::Tensor& state) = 0;
 };
 
 // Dopamine: derivative-free, forward-only weight perturbation whose step size

@@ -60,7 +60,6 @@ class Collective:
         self.group = process_group
         self.parallel = parallel
         self.verify_every = verify_every
-        self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
         # NCCL reduces only CUDA tensors; gloo (and others) take CPU ones.
         backend = str(dist.get_backend(process_group))

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from ._engine import GroupTensors, finish
 from .distributed import Collective, check_parallel, checksum
 from .trajectory import Recorder
 
@@ -162,32 +163,14 @@ class _GroupArguments:
         return cls(group)
 
 
-class _GroupStep:
+class _GroupStep(GroupTensors):
     """One group's share of a step, taken when the step starts: its options,
-    its trainable parameters with their global indices (which key their
-    noise), master weights, and its state, which finish_step_ commits."""
+    its tensors (GroupTensors), and its state, which finish_step_ commits."""
 
     def __init__(self, group: Dict[str, Any], arguments: _GroupArguments, params, indices, masters, state):
+        super().__init__(params, indices, masters, state, arguments.perturb)
         self.group_params = list(group["params"])
         self.arguments = arguments
-        self.params = params
-        self.indices = indices
-        self.masters = masters
-        self.state = state
-        # The perturbation the parameters carry, in units of sigma * z.
-        self.carried = 0
-
-    def perturb(self, offset: int) -> None:
-        torch.ops.dopamine.perturb_(
-            self.params,
-            self.masters,
-            self.state,
-            indices=self.indices,
-            previous=self.carried,
-            offset=offset,
-            **self.arguments.perturb,
-        )
-        self.carried = offset
 
     def plan(self, losses: torch.Tensor, antithetic: bool) -> torch.Tensor:
         return torch.ops.dopamine.plan_step(self.state, losses, antithetic=antithetic, **self.arguments.plan)
@@ -450,8 +433,8 @@ class Dopamine(Optimizer):
         record = None
         if recorder is not None and steps:
             record = recorder.begin(
-                [(tuple(gs.indices), gs.arguments.perturb["seed"], gs.arguments.perturb["sigma"],
-                  gs.arguments.perturb["noise"]) for gs in steps],
+                [(tuple(gs.indices), gs.perturb_arguments["seed"], gs.perturb_arguments["sigma"],
+                  gs.perturb_arguments["noise"]) for gs in steps],
                 [int(gs.state[0].item()) + 1 for gs in steps],
             )
 
@@ -461,8 +444,7 @@ class Dopamine(Optimizer):
             moved = 0
             try:
                 for group_step in steps:
-                    if group_step.carried != offset:
-                        group_step.perturb(offset)
+                    group_step.come_to(offset)
                     moved += 1
             finally:
                 if record is not None:
@@ -535,14 +517,7 @@ class Dopamine(Optimizer):
         try:
             plans = [group_step.plan(losses, antithetic) for group_step in steps]
             saved = [group_step.state.clone() for group_step in steps] if raises else []
-            taken = torch.ops.dopamine.finish_step_(
-                [p for group_step in steps for p in group_step.params],
-                [m for group_step in steps for m in group_step.masters],
-                [group_step.state for group_step in steps],
-                plans,
-                indices=[i for group_step in steps for i in group_step.indices],
-                group_sizes=[len(group_step.params) for group_step in steps],
-            )
+            taken = finish(steps, plans)
             if record is not None:
                 record["plans"] = torch.stack(plans).tolist()
         except BaseException:
@@ -567,7 +542,7 @@ class Dopamine(Optimizer):
                 self.state[param]["group_state"] = group_step.state
             for param, master in zip([p for p in group_step.params if _is_half(p)], group_step.masters):
                 self.state[param]["master_weight"] = master
-        if collective is not None:
+        if collective is not None and collective.verify_every:
             collective.verify(
                 [t for group_step in steps for t in group_step.params + group_step.masters],
                 int(steps[0].state[0].item()),
@@ -595,10 +570,6 @@ class Dopamine(Optimizer):
             "verify_every": collective.verify_every,
             "parameter groups": len(self.param_groups),
         }
-        # After the shapes (a difference there says more), whether every
-        # rank starts from the same parameters: DDP broadcasts rank 0's, we
-        # refuse to start apart.
-        digest = {"the parameters' digest": checksum([p for group in self.param_groups for p in group["params"]])}
         for g, group in enumerate(self.param_groups):
             configuration[f"group {g}"] = {
                 "options": {name: group[name] for name in _OPTION_NAMES},
@@ -608,7 +579,11 @@ class Dopamine(Optimizer):
                     for i, p in enumerate(group["params"])
                 },
             }
-        return {**configuration, **digest}
+        # Last, since a difference in the shapes says more: whether every
+        # rank starts from the same parameters (DDP broadcasts rank 0's; we
+        # refuse to start apart).
+        configuration["the parameters' digest"] = checksum([p for group in self.param_groups for p in group["params"]])
+        return configuration
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's state dict, with copies of the group states (five numbers

@@ -14,6 +14,8 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
+from ._engine import GroupTensors, finish
+
 __all__ = ["Recorder", "replay"]
 
 FORMAT = 1
@@ -67,28 +69,16 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
         layout = trajectory["layouts"][record["layout"]]
         groups = []
         for (indices, seed, sigma, noise), step in zip(layout, record["steps"]):
-            tensors = [params[i] for i in indices]
             halves = [i for i in indices if trajectory["master_weights"] and params[i].dtype in (torch.bfloat16, torch.float16)]
             for i in halves:
                 masters.setdefault(i, params[i].detach().float().contiguous())
+            # perturb_ keys the noise by the state's step + 1.
             state = torch.zeros(5, dtype=torch.float64)
             state[0] = step - 1
-            groups.append(dict(params=tensors, masters=[masters[i] for i in halves], indices=list(indices), state=state,
-                               perturb=dict(seed=seed, sigma=sigma, noise=noise), carried=0))
+            groups.append(GroupTensors([params[i] for i in indices], list(indices), [masters[i] for i in halves],
+                                       state, dict(seed=seed, sigma=sigma, noise=noise)))
         for offset, moved in record["moves"]:
             for group in groups[:moved]:
-                if group["carried"] != offset:
-                    torch.ops.dopamine.perturb_(
-                        group["params"], group["masters"], group["state"], indices=group["indices"],
-                        previous=group["carried"], offset=offset, **group["perturb"],
-                    )
-                    group["carried"] = offset
+                group.come_to(offset)
         if record["plans"] is not None:
-            torch.ops.dopamine.finish_step_(
-                [p for group in groups for p in group["params"]],
-                [m for group in groups for m in group["masters"]],
-                [group["state"] for group in groups],
-                list(torch.tensor(record["plans"], dtype=torch.float64).unbind(0)),
-                indices=[i for group in groups for i in group["indices"]],
-                group_sizes=[len(group["params"]) for group in groups],
-            )
+            finish(groups, list(torch.tensor(record["plans"], dtype=torch.float64).unbind(0)))

@@ -1,0 +1,51 @@
+"""What a step and its replay share: a group's tensors as the step ops take
+them, moved between perturbations and finished (docs/DESIGN.md, "The step
+protocol")."""
+
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+
+class GroupTensors:
+    """One group's trainable parameters, their global indices (which key
+    their noise), master weights and state, the keyword arguments of its
+    perturbation (seed, sigma, noise), and the perturbation the parameters
+    carry, in units of sigma * z."""
+
+    def __init__(self, params: List[torch.Tensor], indices: List[int], masters: List[torch.Tensor],
+                 state: torch.Tensor, perturb: Dict[str, Any]):
+        self.params = params
+        self.indices = indices
+        self.masters = masters
+        self.state = state
+        self.perturb_arguments = perturb
+        self.carried = 0
+
+    def come_to(self, offset: int) -> None:
+        """The parameters come to carry offset * sigma * z (nothing to do if
+        they already do)."""
+        if self.carried == offset:
+            return
+        torch.ops.dopamine.perturb_(
+            self.params,
+            self.masters,
+            self.state,
+            indices=self.indices,
+            previous=self.carried,
+            offset=offset,
+            **self.perturb_arguments,
+        )
+        self.carried = offset
+
+
+def finish(groups: Sequence[GroupTensors], plans: List[torch.Tensor]) -> torch.Tensor:
+    """finish_step_ over every group at once; returns whether it was taken."""
+    return torch.ops.dopamine.finish_step_(
+        [p for group in groups for p in group.params],
+        [m for group in groups for m in group.masters],
+        [group.state for group in groups],
+        plans,
+        indices=[i for group in groups for i in group.indices],
+        group_sizes=[len(group.params) for group in groups],
+    )
