@@ -20,17 +20,17 @@ TORCH_LIBRARY(dopamine, m) {
       "check_options(*, float lr, float sigma, int lr_adaptation, "
       "float beta, float beta_s, float beta_eta, float eps, float? lr_min, "
       "float? lr_max, float weight_decay, int noise, int non_finite_loss, "
-      "bool capturable) -> ()");
+      "bool capturable, int num_perturbations=1) -> ()");
   m.def("check_state(Tensor state) -> ()");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] master_weights, Tensor state, "
       "*, int[] indices, int seed, float sigma, int noise, int previous, "
-      "int offset) -> ()");
+      "int offset, int direction=0) -> ()");
   m.def(
       "plan_step(Tensor state, Tensor losses, *, int lr_adaptation, "
       "float lr, float sigma, float beta, float beta_s, float beta_eta, "
       "float eps, float? lr_min, float? lr_max, float weight_decay, int seed, "
-      "int noise, bool antithetic=False) -> Tensor");
+      "int noise, bool antithetic=False, int num_perturbations=1) -> Tensor");
   m.def(
       "finish_step_(Tensor(a!)[] params, Tensor(b!)[] master_weights, "
       "Tensor(c!)[] states, Tensor[] plans, *, int[] indices, "
@@ -73,7 +73,8 @@ void check_options(const DopamineOptions& o) {
                                 double,
                                 int64_t,
                                 int64_t,
-                                bool)>("dopamine::check_options");
+                                bool,
+                                int64_t)>("dopamine::check_options");
   op.call(o.lr(),
           o.sigma(),
           code(o.lr_adaptation()),
@@ -86,7 +87,8 @@ void check_options(const DopamineOptions& o) {
           o.weight_decay(),
           code(o.noise()),
           code(o.non_finite_loss()),
-          o.capturable());
+          o.capturable(),
+          o.num_perturbations());
 }
 
 void check_state(const at::Tensor& state) {
@@ -102,13 +104,15 @@ void perturb_(at::TensorList params,
               double sigma,
               Noise noise,
               int64_t previous,
-              int64_t offset) {
+              int64_t offset,
+              int64_t direction) {
   static auto op = find_op<void(at::TensorList,
                                 at::TensorList,
                                 const at::Tensor&,
                                 c10::IntArrayRef,
                                 int64_t,
                                 double,
+                                int64_t,
                                 int64_t,
                                 int64_t,
                                 int64_t)>("dopamine::perturb_");
@@ -120,7 +124,8 @@ void perturb_(at::TensorList params,
           sigma,
           code(noise),
           previous,
-          offset);
+          offset,
+          direction);
 }
 
 at::Tensor plan_step(const at::Tensor& state,
@@ -140,7 +145,8 @@ at::Tensor plan_step(const at::Tensor& state,
                                       double,
                                       int64_t,
                                       int64_t,
-                                      bool)>("dopamine::plan_step");
+                                      bool,
+                                      int64_t)>("dopamine::plan_step");
   return op.call(state,
                  losses,
                  code(o.lr_adaptation()),
@@ -155,7 +161,8 @@ at::Tensor plan_step(const at::Tensor& state,
                  o.weight_decay(),
                  o.seed(),
                  code(o.noise()),
-                 o.antithetic());
+                 o.antithetic(),
+                 o.num_perturbations());
 }
 
 at::Tensor finish_step_(at::TensorList params,

@@ -23,20 +23,25 @@ constexpr int64_t kCurrentLr = 4;     // eta_t of the last completed step
 constexpr int64_t kStateSize = 5;
 
 // A group's plan for one step: the state it commits if the step is taken,
-// then everything the update needs, so that finish_step_ takes no options.
+// then everything the update needs, so that finish_step_ takes no options;
+// last, one step size per direction (num_perturbations), so a plan of k
+// directions has kPlanHeader + k entries.
 constexpr int64_t kNextState = 0;  // kStateSize entries
-constexpr int64_t kStepSize = kStateSize;
-constexpr int64_t kDecay = kStateSize + 1;
-// 1 when both losses, the step size and the traces are finite.
-constexpr int64_t kFinite = kStateSize + 2;
+constexpr int64_t kDecay = kStateSize;
+// 1 when every loss, step size and trace is finite.
+constexpr int64_t kFinite = kStateSize + 1;
 // The perturbation the parameters carry when the step finishes, in units of
-// z: sigma, or -sigma with antithetic.
-constexpr int64_t kSigma = kStateSize + 3;
+// the last direction's z: sigma, or -sigma with antithetic.
+constexpr int64_t kSigma = kStateSize + 2;
 // The noise key's two words (exact in float64) and its noise::Kind.
-constexpr int64_t kKeyLo = kStateSize + 4;
-constexpr int64_t kKeyHi = kStateSize + 5;
-constexpr int64_t kNoise = kStateSize + 6;
-constexpr int64_t kPlanSize = kStateSize + 7;
+constexpr int64_t kKeyLo = kStateSize + 3;
+constexpr int64_t kKeyHi = kStateSize + 4;
+constexpr int64_t kNoise = kStateSize + 5;
+constexpr int64_t kPlanHeader = kStateSize + 6;
+constexpr int64_t kStepSizes = kPlanHeader;  // one per direction
+// The most directions a step may take (num_perturbations): far beyond any
+// useful count, and few enough that a plan is a few pages.
+constexpr int64_t kMaxDirections = 65536;
 
 // Codes of the op arguments `lr_adaptation`, `noise` and `non_finite_loss`:
 // the values of the C++ enums (include/dopamine/options.h).
@@ -57,17 +62,37 @@ struct GroupOptions {
   // The losses are L(theta + sigma z) and L(theta - sigma z), and the
   // parameters carry -sigma z when the step finishes.
   bool antithetic;
+  int64_t directions;  // num_perturbations, >= 1
 };
 
+// The number of losses a step of these options evaluates.
+C10_HOST_DEVICE inline int64_t loss_count(bool antithetic, int64_t directions) {
+  return antithetic ? 2 * directions : directions + 1;
+}
+
 // The rule of docs/DESIGN.md, "The algorithm", for one group: the plan of a
-// step whose losses are `l0` (unperturbed) and `l1` (perturbed), or with
-// antithetic L(theta + sigma z) and L(theta - sigma z).
+// step whose losses are L0 (unperturbed), then L(theta + sigma z_j) for each
+// direction j; or with antithetic L(theta + sigma z_j) and L(theta - sigma
+// z_j) for each j in turn. One direction divides by k = 1, which is exact,
+// so its plan is the one-direction rule's to the bit.
 C10_HOST_DEVICE inline void plan_group(const double* state,
-                                       double l0,
-                                       double l1,
+                                       const double* losses,
                                        const GroupOptions& o,
                                        double* plan) {
-  const double delta = o.antithetic ? (l0 - l1) / 2 : l1 - l0;
+  const double k = static_cast<double>(o.directions);
+  bool finite = true;
+  double magnitude_sum = 0;  // sum over j of |delta_j|
+  for (int64_t j = 0; j < o.directions; ++j) {
+    const double delta = o.antithetic ? (losses[2 * j] - losses[2 * j + 1]) / 2
+                                      : losses[j + 1] - losses[0];
+    // The step sizes are scaled by lr below, once it is known.
+    plan[kStepSizes + j] = delta;
+    magnitude_sum += std::fabs(delta);
+  }
+  for (int64_t i = 0; i < loss_count(o.antithetic, o.directions); ++i) {
+    finite = finite && std::isfinite(losses[i]);
+  }
+  const double mean_magnitude = magnitude_sum / k;
   const double step = state[kStep] + 1;
   // The bias correction counts completed updates, skipped steps excluded.
   const double updates = step - state[kSkippedSteps];
@@ -75,10 +100,10 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
   double magnitude = state[kRpeMagnitude];
   double lr = o.lr;
   if (o.mode == Adaptation::RpeNormalized) {
-    trace = o.beta * trace + (1 - o.beta) * std::fabs(delta) / o.sigma;
+    trace = o.beta * trace + (1 - o.beta) * mean_magnitude / o.sigma;
     lr = o.lr / (trace / (1 - std::pow(o.beta, updates)) + o.eps);
   } else if (o.mode == Adaptation::RpeTracking) {
-    magnitude = o.beta_s * magnitude + (1 - o.beta_s) * std::fabs(delta);
+    magnitude = o.beta_s * magnitude + (1 - o.beta_s) * mean_magnitude;
     const double previous = updates == 1 ? o.lr : state[kCurrentLr];
     lr = (1 - o.beta_eta) * previous + o.beta_eta * magnitude;
   }
@@ -88,17 +113,20 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
   if (o.has_lr_max) {
     lr = lr > o.lr_max ? o.lr_max : lr;
   }
-  const double step_size = lr * delta / o.sigma;
+  // The update is the mean over the directions of lr (delta_j / sigma) z_j.
+  for (int64_t j = 0; j < o.directions; ++j) {
+    const double step_size = lr * plan[kStepSizes + j] / o.sigma / k;
+    plan[kStepSizes + j] = step_size;
+    finite = finite && std::isfinite(step_size);
+  }
   plan[kNextState + kStep] = step;
   plan[kNextState + kSkippedSteps] = state[kSkippedSteps];
   plan[kNextState + kRpeTrace] = trace;
   plan[kNextState + kRpeMagnitude] = magnitude;
   plan[kNextState + kCurrentLr] = lr;
-  plan[kStepSize] = step_size;
   plan[kDecay] = o.lr * o.weight_decay;
-  const bool finite = std::isfinite(l0) && std::isfinite(l1) &&
-                      std::isfinite(step_size) && std::isfinite(trace) &&
-                      std::isfinite(magnitude) && std::isfinite(lr);
+  finite = finite && std::isfinite(trace) && std::isfinite(magnitude) &&
+           std::isfinite(lr);
   plan[kFinite] = finite ? 1 : 0;
   plan[kSigma] = o.antithetic ? -o.sigma : o.sigma;
   plan[kKeyLo] = o.key.lo;
@@ -165,22 +193,26 @@ C10_HOST_DEVICE inline Coefficients perturb_coefficients(double sigma,
   return c;
 }
 
-// finish_step_: removes the perturbation and, when the step is taken, applies
-// decay and moves along the noise (docs/DESIGN.md, "The algorithm").
+// finish_step_: removes the perturbation, which is along the last
+// direction, and, when the step is taken, applies decay and moves along that
+// direction (docs/DESIGN.md, "The algorithm"); the kernels then move along
+// the other directions (their step sizes are in the plan).
 C10_HOST_DEVICE inline Coefficients finish_coefficients(const double* plan,
+                                                        int64_t directions,
                                                         bool taken,
                                                         bool has_master) {
   Coefficients c;
   const double unperturb = has_master ? 0 : plan[kSigma];
+  const double step_size = plan[kStepSizes + directions - 1];
   c.writes_master = has_master && taken;
   if (!taken) {
     c.shift = unperturb;
   } else if (plan[kDecay] == 0) {
-    c.shift = unperturb + plan[kStepSize];
+    c.shift = unperturb + step_size;
   } else {
     c.keep = 1 - plan[kDecay];
     c.shift = unperturb;
-    c.move = plan[kStepSize];
+    c.move = step_size;
   }
   return c;
 }

@@ -17,12 +17,21 @@
 
 namespace dopamine::ops {
 
-// The noise and element update of one tensor in one op.
+// The noise and element update of one tensor in one op: x' = apply(
+// coefficients, x, z_direction), then x' -= other_step_sizes[j] * z_j for
+// each j < other_directions (the finish of a step of several directions,
+// docs/DESIGN.md, "Several directions"). z_j is drawn with
+// noise::direction_key(key, j).
 struct TensorStep {
   noise::Kind kind;
   noise::Key key;
   uint32_t step;
+  uint32_t direction;
   engine::Coefficients coefficients;
+  int64_t other_directions;
+  // Host memory when the host resolved the step, else the plan's device
+  // memory.
+  const double* other_step_sizes;
 };
 
 // Where a TensorStep comes from when the host cannot read it (a capturable
@@ -37,11 +46,15 @@ struct DeviceStepSource {
   noise::Key key = {0, 0};
   double sigma = 0;
   int64_t previous = 0, offset = 1;
+  uint32_t direction = 0;
+  // finish_step_'s number of directions, from the plan's size.
+  int64_t directions = 1;
   bool has_master = false;
 };
 
 C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
                                                       noise::Key key,
+                                                      uint32_t direction,
                                                       const double* state,
                                                       double sigma,
                                                       int64_t previous,
@@ -50,25 +63,33 @@ C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
   return {kind,
           key,
           static_cast<uint32_t>(state[engine::kStep] + 1),
-          engine::perturb_coefficients(sigma, previous, offset, has_master)};
+          direction,
+          engine::perturb_coefficients(sigma, previous, offset, has_master),
+          0,
+          nullptr};
 }
 
 C10_HOST_DEVICE inline TensorStep finish_tensor_step(const double* plan,
+                                                     int64_t directions,
                                                      bool taken,
                                                      bool has_master) {
   return {engine::plan_noise(plan),
           engine::plan_key(plan),
           static_cast<uint32_t>(plan[engine::kNextState + engine::kStep]),
-          engine::finish_coefficients(plan, taken, has_master)};
+          static_cast<uint32_t>(directions - 1),
+          engine::finish_coefficients(plan, directions, taken, has_master),
+          taken ? directions - 1 : 0,
+          plan + engine::kStepSizes};
 }
 
 C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
   if (source.plan != nullptr) {
     return finish_tensor_step(
-        source.plan, *source.taken != 0, source.has_master);
+        source.plan, source.directions, *source.taken != 0, source.has_master);
   }
   return perturb_tensor_step(source.kind,
                              source.key,
+                             source.direction,
                              source.state,
                              source.sigma,
                              source.previous,
@@ -104,7 +125,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T apply(const engine::Coefficients& c,
 // `settle` run the state arithmetic (engine.h) where the state lives.
 struct Backend {
   void (*update)(c10::ArrayRef<UpdateEntry> entries);
-  // plan = engine::plan_group(state, losses[0], losses[1], options).
+  // plan = engine::plan_group(state, losses, options).
   void (*plan)(const at::Tensor& state,
                const at::Tensor& losses,
                const engine::GroupOptions& options,

@@ -51,6 +51,20 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE Key key_of(int64_t seed) {
   return {static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32)};
 }
 
+// The key of direction `direction` of a step with several directions
+// (num_perturbations; docs/DESIGN.md, "The noise"): direction 0 keeps the
+// seed's key, so a one-direction step draws the noise it always did, and
+// direction j > 0 hashes that key with j.
+C10_HOST_DEVICE C10_ALWAYS_INLINE Key direction_key(Key key,
+                                                    uint32_t direction) {
+  if (direction == 0) {
+    return key;
+  }
+  const uint64_t mixed = splitmix64(
+      ((static_cast<uint64_t>(key.hi) << 32) | key.lo) ^ splitmix64(direction));
+  return {static_cast<uint32_t>(mixed), static_cast<uint32_t>(mixed >> 32)};
+}
+
 // Philox-4x32-10 of the counter (c0, c1, c2, c3) under key (k0, k1), in place.
 C10_HOST_DEVICE C10_ALWAYS_INLINE void philox(uint32_t& c0,
                                               uint32_t& c1,

@@ -33,7 +33,8 @@ void check_options_kernel(double lr,
                           double weight_decay,
                           int64_t noise,
                           int64_t non_finite_loss,
-                          bool capturable) {
+                          bool capturable,
+                          int64_t num_perturbations) {
   check(std::isfinite(lr) && lr >= 0, "lr", lr, ">= 0");
   check(std::isfinite(sigma) && sigma > 0, "sigma", sigma, "> 0");
   check(beta >= 0 && beta < 1, "beta", beta, "in [0, 1)");
@@ -44,6 +45,13 @@ void check_options_kernel(double lr,
         "weight_decay",
         weight_decay,
         ">= 0");
+  TORCH_CHECK(
+      num_perturbations >= 1 && num_perturbations <= engine::kMaxDirections,
+      "Dopamine: invalid num_perturbations: ",
+      num_perturbations,
+      " (expected an int in [1, ",
+      engine::kMaxDirections,
+      "])");
   if (lr_min) {
     check(*lr_min >= 0, "lr_min", *lr_min, ">= 0");
   }

@@ -250,7 +250,8 @@ void perturb(at::TensorList params,
              double sigma,
              int64_t noise,
              int64_t previous,
-             int64_t offset) {
+             int64_t offset,
+             int64_t direction) {
   const ParamTable table(params, master_weights, indices, "perturb_");
   check_state_tensor(state, engine::kStateSize, "perturb_", "state");
   TORCH_CHECK(
@@ -265,6 +266,8 @@ void perturb(at::TensorList params,
               sigma);
   const noise::Kind kind = noise_kind(noise);
   const noise::Key key = noise::key_of(seed);
+  const uint32_t direction_word =
+      counter_word(static_cast<double>(direction), "direction");
   const bool on_host = host_readable(state, params, "perturb_");
   if (state.is_meta()) {
     return;
@@ -277,6 +280,7 @@ void perturb(at::TensorList params,
     if (on_host) {
       e.step = perturb_tensor_step(kind,
                                    key,
+                                   direction_word,
                                    state.data_ptr<double>(),
                                    sigma,
                                    previous,
@@ -289,6 +293,7 @@ void perturb(at::TensorList params,
       e.source.sigma = sigma;
       e.source.previous = previous;
       e.source.offset = offset;
+      e.source.direction = direction_word;
       e.source.has_master = e.master != nullptr;
     }
   });
@@ -310,12 +315,27 @@ at::Tensor plan_step(const at::Tensor& state,
                      double weight_decay,
                      int64_t seed,
                      int64_t noise,
-                     bool antithetic) {
+                     bool antithetic,
+                     int64_t num_perturbations) {
   check_state_tensor(state, engine::kStateSize, "plan_step", "state");
-  TORCH_CHECK(losses.defined() && losses.dim() == 1 && losses.sym_size(0) == 2,
-              "dopamine::plan_step: losses must be a tensor of shape [2] "
-              "(unperturbed and perturbed, or with antithetic L(theta + "
-              "sigma z) and L(theta - sigma z))");
+  TORCH_CHECK(
+      num_perturbations >= 1 && num_perturbations <= engine::kMaxDirections,
+      "dopamine::plan_step: num_perturbations must be in [1, ",
+      engine::kMaxDirections,
+      "], got ",
+      num_perturbations);
+  const int64_t count = engine::loss_count(antithetic, num_perturbations);
+  TORCH_CHECK(
+      losses.defined() && losses.dim() == 1 && losses.sym_size(0) == count,
+      "dopamine::plan_step: losses must be a tensor of shape [",
+      count,
+      "] (",
+      antithetic ? "L(theta + sigma z_j) and L(theta - sigma z_j) for "
+                   "each direction j"
+                 : "the unperturbed loss, then L(theta + sigma z_j) "
+                   "for each direction j",
+      "), got shape ",
+      losses.sym_sizes());
   TORCH_CHECK(lr_adaptation >= 0 && lr_adaptation <= 2,
               "dopamine::plan_step: invalid lr_adaptation code ",
               lr_adaptation);
@@ -334,8 +354,10 @@ at::Tensor plan_step(const at::Tensor& state,
       lr_max.value_or(0),
       noise::key_of(seed),
       noise_kind(noise),
-      antithetic};
-  auto plan = at::empty({engine::kPlanSize}, state.options());
+      antithetic,
+      num_perturbations};
+  auto plan =
+      at::empty({engine::kPlanHeader + num_perturbations}, state.options());
   if (state.is_meta()) {
     return plan;
   }
@@ -366,7 +388,15 @@ at::Tensor finish_step(at::TensorList params,
   std::vector<size_t> group_of;
   for (const auto g : c10::irange(states.size())) {
     check_state_tensor(states[g], engine::kStateSize, "finish_step_", "state");
-    check_state_tensor(plans[g], engine::kPlanSize, "finish_step_", "plan");
+    TORCH_CHECK(
+        plans[g].defined() && plans[g].scalar_type() == at::kDouble &&
+            plans[g].dim() == 1 && plans[g].size(0) > engine::kPlanHeader &&
+            plans[g].size(0) <= engine::kPlanHeader + engine::kMaxDirections &&
+            plans[g].is_contiguous(),
+        "dopamine::finish_step_: plan must be a contiguous float64 "
+        "tensor of shape [",
+        engine::kPlanHeader,
+        " + num_perturbations], as plan_step returns it");
     TORCH_CHECK(states[g].device() == states[0].device() &&
                     plans[g].device() == states[0].device(),
                 "dopamine::finish_step_: every state and plan must be on one "
@@ -397,13 +427,18 @@ at::Tensor finish_step(at::TensorList params,
   const at::Tensor taken =
       backend_for(states[0].device().type()).settle(states, plans);
   const auto buckets = table.entries(indices, [&](size_t i, UpdateEntry& e) {
-    const double* plan = plans[group_of[i]].data_ptr<double>();
+    const auto& plan_tensor = plans[group_of[i]];
+    const double* plan = plan_tensor.data_ptr<double>();
+    const int64_t directions = plan_tensor.size(0) - engine::kPlanHeader;
     e.resolved = on_host;
     if (on_host) {
-      e.step = finish_tensor_step(
-          plan, taken.data_ptr<double>()[0] != 0, e.master != nullptr);
+      e.step = finish_tensor_step(plan,
+                                  directions,
+                                  taken.data_ptr<double>()[0] != 0,
+                                  e.master != nullptr);
     } else {
       e.source.plan = plan;
+      e.source.directions = directions;
       e.source.taken = taken.data_ptr<double>();
       e.source.has_master = e.master != nullptr;
     }

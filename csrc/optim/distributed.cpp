@@ -56,7 +56,8 @@ std::vector<int64_t> configuration(const Dopamine& optimizer,
                     bits_of(o.weight_decay()),
                     o.seed(),
                     static_cast<int64_t>(o.noise()),
-                    o.antithetic()});
+                    o.antithetic(),
+                    o.num_perturbations()});
     layout.push_back(static_cast<int64_t>(group.params().size()));
     for (const auto& param : group.params()) {
       layout.push_back(static_cast<int64_t>(param.scalar_type()));
@@ -121,16 +122,16 @@ class ProcessGroupCollective : public StepCollective {
     return messages;
   }
 
-  // The all-reduce of [L0, L1, failed] that every step makes; a rank whose
-  // evaluation failed passes no losses. The sum has the same bits on every
-  // rank, so the ranks agree on whether to fail, and the mean is the same on
-  // every rank.
-  torch::Tensor sum(const torch::Tensor& losses) {
-    auto buffer = torch::zeros({3}, torch::dtype(torch::kDouble));
+  // The all-reduce of [losses..., failed] that every step makes; a rank
+  // whose evaluation failed passes no losses. The sum has the same bits on
+  // every rank, so the ranks agree on whether to fail, and the mean is the
+  // same on every rank.
+  torch::Tensor sum(const torch::Tensor& losses, int64_t loss_count) {
+    auto buffer = torch::zeros({loss_count + 1}, torch::dtype(torch::kDouble));
     if (losses.defined()) {
-      buffer.slice(0, 0, 2).copy_(losses);
+      buffer.slice(0, 0, loss_count).copy_(losses);
     } else {
-      buffer[2] = 1;
+      buffer[loss_count] = 1;
     }
     std::vector<torch::Tensor> tensors{buffer.to(device_)};
     group_->allreduce(tensors)->wait();
@@ -155,15 +156,17 @@ class ProcessGroupCollective : public StepCollective {
   }
 
   torch::Tensor mean_losses(const torch::Tensor& losses) override {
-    const auto total = sum(losses);
-    if (total[2].item<double>() != 0) {
+    const int64_t count = losses.size(0);
+    const auto total = sum(losses, count);
+    if (total[count].item<double>() != 0) {
       throw_failures("");
     }
-    return (total.slice(0, 0, 2) / group_->getSize()).to(losses.device());
+    return (total.slice(0, 0, count) / group_->getSize()).to(losses.device());
   }
 
-  [[noreturn]] void fail(const std::string& error) override {
-    sum({});
+  [[noreturn]] void fail(const std::string& error,
+                         int64_t loss_count) override {
+    sum({}, loss_count);
     throw_failures(error.empty() ? "an error without a message" : error);
   }
 

@@ -66,7 +66,8 @@ bool operator==(const DopamineOptions& lhs, const DopamineOptions& rhs) {
          lhs.non_finite_loss() == rhs.non_finite_loss() &&
          lhs.capturable() == rhs.capturable() &&
          lhs.master_weights() == rhs.master_weights() &&
-         lhs.antithetic() == rhs.antithetic();
+         lhs.antithetic() == rhs.antithetic() &&
+         lhs.num_perturbations() == rhs.num_perturbations();
 }
 
 void DopamineOptions::serialize(
@@ -87,6 +88,7 @@ void DopamineOptions::serialize(
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(capturable);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master_weights);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(antithetic);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(num_perturbations);
 }
 
 void DopamineOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -115,6 +117,11 @@ void DopamineOptions::serialize(torch::serialize::InputArchive& archive) {
   c10::IValue antithetic_flag;
   antithetic(archive.try_read("antithetic", antithetic_flag) &&
              antithetic_flag.toBool());
+  // ... and take one direction.
+  c10::IValue directions;
+  num_perturbations(archive.try_read("num_perturbations", directions)
+                        ? directions.toInt()
+                        : 1);
   validate();
 }
 
@@ -276,10 +283,24 @@ struct GroupStep {
   std::vector<torch::Tensor> masters;
   torch::Tensor state;
 
-  // The perturbation the parameters carry, in units of sigma z: 0, 1 or -1.
+  // The perturbation the parameters carry: offset * sigma * z_direction,
+  // offset 0, 1 or -1.
   int64_t carried = 0;
+  int64_t carried_direction = 0;
 
-  void perturb(int64_t offset) {
+  // The parameters come to carry offset * sigma * z_direction, through theta
+  // when they carry another direction.
+  void come_to(int64_t offset, int64_t direction) {
+    if (carried != 0 && carried_direction != direction) {
+      perturb(0, carried_direction);
+    }
+    if (carried != offset) {
+      perturb(offset, direction);
+    }
+  }
+
+ private:
+  void perturb(int64_t offset, int64_t direction) {
     ops::perturb_(params,
                   masters,
                   state,
@@ -288,10 +309,28 @@ struct GroupStep {
                   options.sigma(),
                   options.noise(),
                   carried,
-                  offset);
+                  offset,
+                  direction);
     carried = offset;
+    carried_direction = direction;
   }
 };
+
+// The name of loss `i` of a step, as its errors give it.
+std::string loss_name(bool antithetic, int64_t directions, int64_t i) {
+  const std::string z =
+      directions == 1
+          ? "z"
+          : "z_" + std::to_string(antithetic ? i / 2
+                                             : std::max<int64_t>(i - 1, 0));
+  if (antithetic) {
+    return std::string("theta ") + (i % 2 == 0 ? "+" : "-") + " sigma " + z;
+  }
+  if (i == 0) {
+    return "unperturbed";
+  }
+  return directions == 1 ? "perturbed" : "theta + sigma " + z;
+}
 
 }  // namespace
 
@@ -367,14 +406,16 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   std::vector<GroupStep> groups;
   int64_t index = 0;
   bool antithetic = defaults.antithetic();
+  int64_t directions = defaults.num_perturbations();
   for (const auto g : c10::irange(param_groups_.size())) {
     const auto& all = param_groups_[g].params();
     GroupStep group{g, options_of(param_groups_[g], g)};
     group.options.validate();
     // One evaluation serves every group, so all must agree on antithetic
-    // (docs/DESIGN.md, "The algorithm").
+    // and num_perturbations (docs/DESIGN.md, "The algorithm").
     if (g == 0) {
       antithetic = group.options.antithetic();
+      directions = group.options.num_perturbations();
     }
     TORCH_CHECK(group.options.antithetic() == antithetic,
                 "Dopamine: invalid antithetic: ",
@@ -383,6 +424,14 @@ torch::Tensor Dopamine::step(LossClosure closure) {
                 g,
                 ", ",
                 antithetic ? "true" : "false",
+                " in group 0; it must be the same in every group");
+    TORCH_CHECK(group.options.num_perturbations() == directions,
+                "Dopamine: invalid num_perturbations: ",
+                group.options.num_perturbations(),
+                " in parameter group ",
+                g,
+                ", ",
+                directions,
                 " in group 0; it must be the same in every group");
     // Parameters that have taken a step were checked then; a group changed
     // since (through param_groups()) is checked again.
@@ -439,50 +488,41 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   // Brings every group back to theta, whatever it carries.
   auto restore = [&groups] {
     for (auto& group : groups) {
-      if (group.carried != 0) {
-        group.perturb(0);
-      }
+      group.come_to(0, 0);
     }
   };
-  // The parameters at offset * sigma z, then the closure's loss there.
-  auto evaluate_at = [&](int64_t offset, const char* which) {
-    try {
-      for (auto& group : groups) {
-        group.perturb(offset);
-      }
-      const torch::Tensor loss = closure();
-      return std::make_pair(loss, loss_tensor(loss, which));
-    } catch (...) {
-      restore();
-      throw;
-    }
-  };
-
-  // The two evaluations: L0 and L1, or with antithetic L(theta + sigma z)
-  // and L(theta - sigma z) (docs/DESIGN.md, "The algorithm").
-  const char* first_name = antithetic ? "theta + sigma z" : "unperturbed";
-  const char* second_name = antithetic ? "theta - sigma z" : "perturbed";
+  const int64_t loss_count = antithetic ? 2 * directions : directions + 1;
   if (groups.empty()) {
     // Nothing to perturb, so no collective either: every rank of a process
     // group has the same trainable parameters.
     auto loss = closure();
-    loss_tensor(loss, first_name);
+    loss_tensor(loss, loss_name(antithetic, directions, 0).c_str());
     return loss;
   }
-  torch::Tensor loss, unperturbed, perturbed;
+  // The evaluations (docs/DESIGN.md, "The algorithm"): L0, then L(theta +
+  // sigma z_j) for each direction j; or with antithetic L(theta + sigma z_j)
+  // and L(theta - sigma z_j) for each j.
+  torch::Tensor loss;
+  std::vector<torch::Tensor> values;
   try {
-    if (antithetic) {
-      auto [plus, plus_value] = evaluate_at(1, first_name);
-      auto [minus, minus_value] = evaluate_at(-1, second_name);
-      // From the copies: a closure may return the same buffer twice.
-      loss = ((plus_value + minus_value.to(plus_value.device())) / 2)
-                 .to(plus.options());
-      unperturbed = plus_value;
-      perturbed = minus_value;
-    } else {
-      loss = closure();
-      unperturbed = loss_tensor(loss, first_name);
-      perturbed = evaluate_at(1, second_name).second;
+    for (int64_t i = 0; i < loss_count; ++i) {
+      const int64_t offset = antithetic ? (i % 2 == 0 ? 1 : -1) : (i > 0);
+      const int64_t direction =
+          antithetic ? i / 2 : std::max<int64_t>(i - 1, 0);
+      try {
+        for (auto& group : groups) {
+          group.come_to(offset, direction);
+        }
+        auto returned = closure();
+        values.push_back(loss_tensor(
+            returned, loss_name(antithetic, directions, i).c_str()));
+        if (i == 0) {
+          loss = returned;
+        }
+      } catch (...) {
+        restore();
+        throw;
+      }
     }
   } catch (const std::exception& error) {
     if (!collective_) {
@@ -491,13 +531,17 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     // The other ranks wait in the losses' all-reduce: join it, so that
     // every rank throws (docs/DESIGN.md, "Many processes").
     const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
-    collective_->fail(c10_error ? c10_error->what_without_backtrace()
-                                : error.what());
+    collective_->fail(
+        c10_error ? c10_error->what_without_backtrace() : error.what(),
+        loss_count);
   }
 
   // Without capturable the states are on the CPU, and moving the losses there
   // is the step's one host synchronisation.
-  auto losses = torch::stack({unperturbed, perturbed.to(unperturbed.device())});
+  for (auto& value : values) {
+    value = value.to(values.front().device());
+  }
+  auto losses = torch::stack(values);
   if (collective_) {
     try {
       losses = collective_->mean_losses(losses);
@@ -505,8 +549,13 @@ torch::Tensor Dopamine::step(LossClosure closure) {
       restore();
       throw;
     }
-    // The loss the step evaluated: the mean over the ranks.
-    loss = (antithetic ? (losses[0] + losses[1]) / 2 : losses[0])
+  }
+  if (antithetic || collective_) {
+    // The loss the step evaluated: with antithetic the mean of every
+    // evaluation (from the copies: a closure may return the same buffer
+    // twice), and with a process group the mean over the ranks.
+    loss = (antithetic ? losses.sum() / static_cast<double>(loss_count)
+                       : losses[0])
                .to(loss.options());
   }
   losses = losses.to(groups.front().state.device());
@@ -537,31 +586,25 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     for (const auto g : c10::irange(groups.size())) {
       groups[g].state.copy_(saved[g]);
     }
-    const double l0 = losses[0].item<double>();
-    const double l1 = losses[1].item<double>();
     const char* where =
         collective_ ? " (the mean over the process group's ranks)" : "";
-    TORCH_CHECK(std::isfinite(l0),
-                "Dopamine: the ",
-                first_name,
-                " loss is ",
-                l0,
-                where,
-                "; parameters restored, step not taken "
-                "(non_finite_loss=Raise)");
-    TORCH_CHECK(std::isfinite(l1),
-                "Dopamine: the ",
-                second_name,
-                " loss is ",
-                l1,
-                where,
-                "; parameters restored, step not taken "
-                "(non_finite_loss=Raise)");
+    const auto values_on_host = losses.cpu();
+    std::ostringstream all;
+    for (int64_t i = 0; i < loss_count; ++i) {
+      const double value = values_on_host[i].item<double>();
+      TORCH_CHECK(std::isfinite(value),
+                  "Dopamine: the ",
+                  loss_name(antithetic, directions, i),
+                  " loss is ",
+                  value,
+                  where,
+                  "; parameters restored, step not taken "
+                  "(non_finite_loss=Raise)");
+      all << (i == 0 ? "" : i + 1 == loss_count ? " and " : ", ") << value;
+    }
     TORCH_CHECK(false,
                 "Dopamine: the step size is not finite (losses ",
-                l0,
-                " and ",
-                l1,
+                all.str(),
                 "); parameters restored, step not taken "
                 "(non_finite_loss=Raise)");
   }

@@ -38,7 +38,8 @@ void check_state(const at::Tensor& state);
 // z_i (previous and offset differ, each -1, 0 or 1): params[i] += (offset -
 // previous) * sigma * z_i. A parameter with a master weight becomes the
 // rounding of master + offset * sigma * z_i; the master weight itself is not
-// changed.
+// changed. z_i is the noise of direction `direction` (0 for a step of one
+// direction).
 void perturb_(at::TensorList params,
               at::TensorList master_weights,
               const at::Tensor& state,
@@ -47,12 +48,15 @@ void perturb_(at::TensorList params,
               double sigma,
               Noise noise,
               int64_t previous,
-              int64_t offset);
+              int64_t offset,
+              int64_t direction = 0);
 
 // One group's plan for a step: its next state and the update's coefficients
-// (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L1], or with
-// options.antithetic() [L(theta + sigma z), L(theta - sigma z)] (any device;
-// moved to the state's). Computes nothing in place.
+// (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L(theta + sigma
+// z_0), ..., L(theta + sigma z_k-1)], or with options.antithetic()
+// [L(theta + sigma z_0), L(theta - sigma z_0), L(theta + sigma z_1), ...]
+// for k = options.num_perturbations() (any device; moved to the state's).
+// Computes nothing in place.
 at::Tensor plan_step(const at::Tensor& state,
                      const at::Tensor& losses,
                      const DopamineOptions& options);
@@ -60,9 +64,9 @@ at::Tensor plan_step(const at::Tensor& state,
 // Ends a step for all groups at once: the step is taken when every plan is
 // finite, else skipped. Each parameter (group g's, group_sizes giving the
 // groups' lengths) loses its perturbation and, when taken, becomes
-// (1 - decay) theta - step_size z; each state commits its plan or counts a
-// skipped step. Returns `taken` (1 or 0) as a float64 scalar on the states'
-// device. All checks run before anything is written.
+// (1 - decay) theta - sum_j step_size_j z_j; each state commits its plan or
+// counts a skipped step. Returns `taken` (1 or 0) as a float64 scalar on the
+// states' device. All checks run before anything is written.
 at::Tensor finish_step_(at::TensorList params,
                         at::TensorList master_weights,
                         at::TensorList states,

@@ -46,12 +46,15 @@ struct DopamineParamState
 class StepCollective {
  public:
   virtual ~StepCollective() = default;
-  // The mean over the ranks of this rank's losses (float64 [2]); throws on
-  // every rank if any rank's evaluation failed (that rank called fail).
+  // The mean over the ranks of this rank's losses (float64, one per
+  // evaluation); throws on every rank if any rank's evaluation failed (that
+  // rank called fail).
   virtual torch::Tensor mean_losses(const torch::Tensor& losses) = 0;
   // This rank's evaluation failed with `error` (its parameters restored):
-  // joins the step's collective, then throws naming every failing rank.
-  [[noreturn]] virtual void fail(const std::string& error) = 0;
+  // joins the step's collective, as a step of `loss_count` losses, then
+  // throws naming every failing rank.
+  [[noreturn]] virtual void fail(const std::string& error,
+                                 int64_t loss_count) = 0;
   // Called after every completed step with the parameters and master
   // weights it wrote and the first group's state (its step count on the
   // CPU): the step's hot path, so it reads them only when it needs to.
@@ -77,9 +80,10 @@ class Dopamine : public torch::optim::Optimizer {
       const torch::OrderedDict<std::string, torch::Tensor>& named_params,
       DopamineOptions defaults = {});
 
-  // Evaluates `closure` exactly twice under NoGradGuard (unperturbed, then
-  // perturbed) and returns the unperturbed loss; with antithetic at theta +
-  // sigma z and theta - sigma z, returning their mean. Made data parallel
+  // Evaluates `closure` under NoGradGuard, unperturbed and then perturbed
+  // along each of the num_perturbations directions (k + 1 times), and returns
+  // the unperturbed loss; with antithetic at theta + sigma z_j and theta -
+  // sigma z_j for each j (2k times), returning their mean. Made data parallel
   // (set_collective), it returns the mean over the ranks. The closure is
   // required.
   // Parameters with requires_grad() false are left untouched.

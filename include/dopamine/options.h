@@ -44,7 +44,7 @@ std::string to_string(NonFiniteLoss policy);
 // Hyperparameters of one parameter group. `seed` is per group (a group's
 // noise is keyed by it). `non_finite_loss`, `capturable` and `master_weights`
 // are read from the optimizer's defaults, since a step spans all groups;
-// `antithetic` must be the same in every group.
+// `antithetic` and `num_perturbations` must be the same in every group.
 struct DopamineOptions
     : public torch::optim::OptimizerCloneableOptions<DopamineOptions> {
   // One double, the lr, as torch's optimizer serializer requires.
@@ -77,6 +77,11 @@ struct DopamineOptions
   // algorithm"). One evaluation serves every group, so all groups must have
   // the same value (a step throws otherwise).
   TORCH_ARG(bool, antithetic) = false;
+  // Directions per step, k >= 1: z_j is keyed by (seed, step, j, parameter,
+  // element) and the update is the mean over j of lr (delta_j / sigma) z_j;
+  // k + 1 evaluations (2k with antithetic). Like antithetic, the same in
+  // every group (docs/DESIGN.md, "Several directions").
+  TORCH_ARG(int64_t, num_perturbations) = 1;
 
  public:
   // Throws c10::Error naming the first invalid option and its value.

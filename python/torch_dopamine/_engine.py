@@ -11,7 +11,8 @@ class GroupTensors:
     """One group's trainable parameters, their global indices (which key
     their noise), master weights and state, the keyword arguments of its
     perturbation (seed, sigma, noise), and the perturbation the parameters
-    carry, in units of sigma * z."""
+    carry: ``carried`` times sigma times the noise of direction
+    ``carried_direction``."""
 
     def __init__(self, params: List[torch.Tensor], indices: List[int], masters: List[torch.Tensor],
                  state: torch.Tensor, perturb: Dict[str, Any]):
@@ -21,12 +22,18 @@ class GroupTensors:
         self.state = state
         self.perturb_arguments = perturb
         self.carried = 0
+        self.carried_direction = 0
 
-    def come_to(self, offset: int) -> None:
-        """The parameters come to carry offset * sigma * z (nothing to do if
-        they already do)."""
-        if self.carried == offset:
-            return
+    def come_to(self, offset: int, direction: int = 0) -> None:
+        """The parameters come to carry offset * sigma * z_direction, through
+        theta when they carry another direction (nothing to do if they
+        already do)."""
+        if self.carried and self.carried_direction != direction:
+            self._perturb(0, self.carried_direction)
+        if self.carried != offset:
+            self._perturb(offset, direction)
+
+    def _perturb(self, offset: int, direction: int) -> None:
         torch.ops.dopamine.perturb_(
             self.params,
             self.masters,
@@ -34,9 +41,11 @@ class GroupTensors:
             indices=self.indices,
             previous=self.carried,
             offset=offset,
+            direction=direction,
             **self.perturb_arguments,
         )
         self.carried = offset
+        self.carried_direction = direction
 
 
 def finish(groups: Sequence[GroupTensors], plans: List[torch.Tensor]) -> torch.Tensor:

@@ -1,12 +1,17 @@
 """Dopamine over ``torch.distributed``: the ranks exchange losses, never
 parameters (docs/DESIGN.md, "Many processes").
 
-The noise is a pure function of (seed, step, parameter index, element index),
-so every rank can draw every other rank's perturbation. With
+The noise is a pure function of (seed, step, direction, parameter index,
+element index), so every rank can draw every other rank's perturbation. A step
+sums ``[losses..., failed]`` over the ranks in one all-reduce of float64
+numbers (24 bytes for one direction, whatever the model's size), and every
+rank applies the same update to its own copy of the parameters. With
 ``parallel="data"`` each rank's closure returns the loss of its own shard of
-the batch; a step sums ``[L0, L1, failed]`` over the ranks in one all-reduce
-of three float64 numbers (24 bytes, whatever the model's size), and every
-rank applies the same update to its own copy of the parameters.
+the batch, and the step takes the mean over the ranks. With
+``parallel="population"`` every rank's closure returns the loss of the same
+batch; rank 0 evaluates the unperturbed loss and rank r the directions r,
+r + W, ... of the ``num_perturbations``, passing 0 for the others, so the sum
+holds each loss as the one rank that evaluated it computed it.
 """
 
 from typing import Any, List, NoReturn, Optional, Sequence
@@ -16,17 +21,19 @@ import torch.distributed as dist
 
 __all__ = ["PARALLEL_MODES", "Collective", "check_parallel", "checksum"]
 
-# SPEC's modes; "population" needs num_perturbations, not implemented yet.
 PARALLEL_MODES = ("data", "population")
 
 
-def check_parallel(parallel: Any) -> None:
+def check_parallel(parallel: Any, num_perturbations: int, world_size: int) -> None:
+    """Raises ValueError unless ``parallel`` is a mode, and with
+    ``"population"`` the directions divide evenly among the ranks."""
     if parallel not in PARALLEL_MODES:
-        raise ValueError(f"Dopamine: invalid parallel: {parallel!r} (expected 'data')")
-    if parallel == "population":
+        raise ValueError(f"Dopamine: invalid parallel: {parallel!r} (expected 'data' or 'population')")
+    if parallel == "population" and num_perturbations % world_size:
         raise ValueError(
-            "Dopamine: invalid parallel: 'population' needs num_perturbations, which this "
-            "version does not implement yet; use parallel='data'"
+            f"Dopamine: invalid num_perturbations: {num_perturbations} with parallel='population' "
+            f"(expected a multiple of the process group's {world_size} ranks, each evaluating as "
+            "many directions)"
         )
 
 
@@ -61,9 +68,22 @@ class Collective:
         self.parallel = parallel
         self.verify_every = verify_every
         self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
         # NCCL reduces only CUDA tensors; gloo (and others) take CPU ones.
         backend = str(dist.get_backend(process_group))
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def evaluates(self, loss: int, antithetic: bool) -> bool:
+        """Whether this rank evaluates loss number ``loss`` of a step (in
+        ``plan_step``'s order): every one with ``"data"``; with
+        ``"population"``, rank 0 the unperturbed loss and rank r the
+        directions r, r + W, ..."""
+        if self.parallel == "data":
+            return True
+        if not antithetic and loss == 0:
+            return self.rank == 0
+        direction = loss // 2 if antithetic else loss - 1
+        return direction % self.world_size == self.rank
 
     def check_configuration(self, configuration: Any, refused: Optional[BaseException]) -> None:
         """Raises ValueError on every rank unless every rank describes the
@@ -90,20 +110,20 @@ class Collective:
                     "broadcast rank 0's parameters before building the optimizer)"
                 )
 
-    def _sum(self, losses: Optional[torch.Tensor], failure: Optional[BaseException] = None) -> torch.Tensor:
-        """The all-reduce of [L0, L1, failed] that every step makes; a rank
-        whose evaluation failed passes its error and no losses."""
-        buffer = torch.zeros(3, dtype=torch.float64, device=self.device)
+    def _sum(self, losses: Optional[torch.Tensor], count: int, failure: Optional[BaseException] = None) -> torch.Tensor:
+        """The all-reduce of [losses..., failed] that every step makes; a
+        rank whose evaluation failed passes its error and no losses."""
+        buffer = torch.zeros(count + 1, dtype=torch.float64, device=self.device)
         if losses is None:
-            buffer[2] = 1
+            buffer[count] = 1
         else:
-            buffer[:2] = losses
+            buffer[:count] = losses
         dist.all_reduce(buffer, group=self.group)
         # The sum has the same bits on every rank, so the ranks agree on
-        # whether to fail, and the mean is the same on every rank.
-        if buffer[2].item() != 0:
+        # whether to fail, and the losses are the same on every rank.
+        if buffer[count].item() != 0:
             self._raise_failures(failure)
-        return buffer
+        return buffer[:count]
 
     def _raise_failures(self, failure: Optional[BaseException]) -> NoReturn:
         messages: List[Any] = [None] * self.world_size
@@ -114,17 +134,21 @@ class Collective:
             f"Dopamine: the closure failed on {failed}; parameters restored on every rank, step not taken"
         ) from failure
 
-    def mean_losses(self, losses: torch.Tensor) -> torch.Tensor:
-        """The mean over the ranks of this rank's losses (a float64 tensor of
-        two); raises RuntimeError on every rank if any rank's evaluation
-        failed (that rank called :meth:`fail`)."""
-        return (self._sum(losses)[:2] / self.world_size).to(losses.device)
+    def share_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        """Every rank's losses from this rank's (a float64 tensor, 0 where
+        this rank evaluates nothing): with ``"data"`` the mean over the
+        ranks, with ``"population"`` each loss as the rank that evaluated it
+        computed it. Raises RuntimeError on every rank if any rank's
+        evaluation failed (that rank called :meth:`fail`)."""
+        total = self._sum(losses, len(losses))
+        return (total / self.world_size if self.parallel == "data" else total).to(losses.device)
 
-    def fail(self, failure: BaseException) -> NoReturn:
+    def fail(self, failure: BaseException, count: int) -> NoReturn:
         """This rank's evaluation failed (and it restored its parameters):
-        joins the step's all-reduce, then raises RuntimeError naming every
-        failing rank and its error, as every other rank does."""
-        self._sum(None, failure)  # counts this rank's failure, so it raises
+        joins the step's all-reduce of ``count`` losses, then raises
+        RuntimeError naming every failing rank and its error, as every other
+        rank does."""
+        self._sum(None, count, failure)  # counts this rank's failure, so it raises
 
     def verify(self, tensors: Sequence[torch.Tensor], step: int) -> None:
         """Every ``verify_every`` steps: raises RuntimeError on every rank if

@@ -31,10 +31,11 @@ _OPTION_NAMES = (
     "capturable",
     "master_weights",
     "antithetic",
+    "num_perturbations",
 )
 # Options that a state saved before they existed lacks, and their values in
 # such a state (None: this optimizer's defaults, which steps read them from).
-_ADDED_LATER = {"capturable": None, "master_weights": None, "antithetic": False}
+_ADDED_LATER = {"capturable": None, "master_weights": None, "antithetic": False, "num_perturbations": 1}
 # The names of the C++ enums' values, in the order of their codes
 # (include/dopamine/options.h): the ops take the codes.
 _ENUM_NAMES = {
@@ -79,6 +80,7 @@ def _option_arguments(group: Dict[str, Any]) -> Dict[str, Any]:
         lr_max=_as_float("lr_max", group["lr_max"], optional=True),
         weight_decay=_as_float("weight_decay", group["weight_decay"]),
         noise=_code("noise", group["noise"]),
+        num_perturbations=group["num_perturbations"],
     )
 
 
@@ -92,6 +94,9 @@ def _check_options(group: Dict[str, Any]) -> Dict[str, Any]:
     for name in ("capturable", "master_weights", "antithetic"):
         if not isinstance(group[name], bool):
             raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a bool)")
+    directions = group["num_perturbations"]
+    if isinstance(directions, bool) or not isinstance(directions, int):
+        raise ValueError(f"Dopamine: invalid num_perturbations: {directions!r} (expected an int >= 1)")
     arguments = _option_arguments(group)
     try:
         torch.ops.dopamine.check_options(
@@ -139,6 +144,18 @@ def _loss_tensor(loss: Any, which: str) -> torch.Tensor:
     )
 
 
+def _evaluations(antithetic: bool, directions: int) -> List[Tuple[int, int, str]]:
+    """The evaluations of a step in plan_step's order, as (offset,
+    direction, name): the parameters carry offset * sigma * z_direction."""
+    def z(j: int) -> str:
+        return "z" if directions == 1 else f"z_{j}"
+
+    if antithetic:
+        return [(offset, j, f"theta {sign} sigma {z(j)}") for j in range(directions) for offset, sign in ((1, "+"), (-1, "-"))]
+    perturbed = ["perturbed"] if directions == 1 else [f"theta + sigma {z(j)}" for j in range(directions)]
+    return [(0, 0, "unperturbed")] + [(1, j, name) for j, name in enumerate(perturbed)]
+
+
 def _is_half(param: torch.Tensor) -> bool:
     return param.dtype in (torch.bfloat16, torch.float16)
 
@@ -180,7 +197,8 @@ class Dopamine(Optimizer):
     r"""Dopamine: forward-only weight perturbation whose step size is adapted by
     the reward prediction error (RPE).
 
-    Each :meth:`step` evaluates the closure twice under ``torch.no_grad()``:
+    Each :meth:`step` evaluates the closure twice under ``torch.no_grad()``
+    (with the defaults):
     ``L0 = L(theta)`` and ``L1 = L(theta + sigma * z)``, with ``z`` standard
     noise (normal, or +-1) that is a pure function of (``seed``, step, parameter index,
     element index) and is never stored. With ``delta = L1 - L0``:
@@ -235,13 +253,26 @@ class Dopamine(Optimizer):
             the central difference of MeZO and SPSA, and :meth:`step` returns
             ``(L+ + L-) / 2``. One evaluation serves every group, so all groups
             must have the same value (a step raises ValueError otherwise).
-        process_group: a ``torch.distributed`` process group: every rank's
-            closure returns the loss of its own shard of the batch, a step
-            all-reduces the losses (24 bytes) and every rank applies the same
-            update; the parameters never travel. Every rank must build the
-            optimizer alike (checked here, with one all-gather). Not saved in
-            the state, and refused with ``capturable``.
-        parallel: ``"data"`` (the only mode this version implements).
+        num_perturbations: the number k of directions per step (an int in
+            [1, 65536]): ``z_j`` is keyed by (``seed``, step, j, parameter
+            index, element index), ``delta_j`` is measured along each, the RPE
+            trace takes the mean of ``|delta_j| / sigma`` and the update is
+            the mean over j of ``eta_t (delta_j / sigma) z_j``. k + 1
+            evaluations per step (2k with ``antithetic``); the same in every
+            group. k = 1 is the rule above, to the bit.
+        process_group: a ``torch.distributed`` process group: a step
+            all-reduces the losses (8 bytes per evaluation, plus 8) and every
+            rank applies the same update; the parameters never travel. Every
+            rank must build the optimizer alike (checked here, with one
+            all-gather). Not saved in the state, and refused with
+            ``capturable``.
+        parallel: with a process group, ``"data"`` (every rank's closure
+            returns the loss of its own shard of the batch; the step takes
+            the mean over the ranks) or ``"population"`` (every rank's closure
+            returns the loss of the same batch; rank 0 evaluates the
+            unperturbed loss and rank r the directions r, r + W, ... of the
+            ``num_perturbations``, which must be a multiple of the world size
+            W). Ignored without a process group.
         verify_every: with a process group, every that many steps compare a
             digest of every rank's parameters and raise RuntimeError if they
             differ, after the step (0, the default: never).
@@ -274,6 +305,7 @@ class Dopamine(Optimizer):
         capturable: bool = False,
         master_weights: bool = False,
         antithetic: bool = False,
+        num_perturbations: int = 1,
         process_group: Optional[Any] = None,
         parallel: str = "data",
         verify_every: int = 0,
@@ -296,6 +328,7 @@ class Dopamine(Optimizer):
             capturable=capturable,
             master_weights=master_weights,
             antithetic=antithetic,
+            num_perturbations=num_perturbations,
         )
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise ValueError(
@@ -311,7 +344,7 @@ class Dopamine(Optimizer):
                 raise ValueError(f"Dopamine: invalid verify_every: {verify_every!r} (expected an int >= 0)")
             if not isinstance(record_trajectory, bool):
                 raise ValueError(f"Dopamine: invalid record_trajectory: {record_trajectory!r} (expected a bool)")
-            check_parallel(parallel)
+            check_parallel(parallel, num_perturbations, 1 if process_group is None else dist.get_world_size(process_group))
             if process_group is None and verify_every:
                 raise ValueError("Dopamine: verify_every needs a process_group")
             if process_group is not None and capturable:
@@ -412,11 +445,12 @@ class Dopamine(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Loss]] = None) -> Loss:  # type: ignore[override]
-        """Evaluates ``closure`` exactly twice (unperturbed, then perturbed;
-        with ``antithetic`` at ``theta + sigma z`` and ``theta - sigma z``),
-        updates the parameters and returns the unperturbed loss as the closure
-        returned it (with ``antithetic`` the mean of the two; with a process
-        group the mean over the ranks, in the closure's type). If the closure
+        """Evaluates ``closure`` unperturbed, then at ``theta + sigma z_j`` for
+        each of the ``num_perturbations`` directions (with ``antithetic`` at
+        ``theta + sigma z_j`` and ``theta - sigma z_j`` for each j), updates
+        the parameters and returns the unperturbed loss as the closure
+        returned it (with ``antithetic`` the mean of the evaluations; with a
+        process group the ranks', in the closure's type). If the closure
         raises or returns something other than a scalar, the parameters are
         restored, the state is unchanged and the error propagates (with a
         process group, on every rank, naming the failing ones). A
@@ -438,76 +472,87 @@ class Dopamine(Optimizer):
                 [int(gs.state[0].item()) + 1 for gs in steps],
             )
 
-        def move(offset: int) -> None:
-            """Every group comes to carry offset * sigma * z (a group that
-            already does stays)."""
+        def move(offset: int, direction: int = 0) -> None:
+            """Every group comes to carry offset * sigma * z_direction (a
+            group that already does stays)."""
+            if all(gs.carried == offset and (not offset or gs.carried_direction == direction) for gs in steps):
+                return
             moved = 0
             try:
                 for group_step in steps:
-                    group_step.come_to(offset)
+                    group_step.come_to(offset, direction)
                     moved += 1
             finally:
                 if record is not None:
-                    record["moves"].append((offset, moved))
+                    record["moves"].append((offset, direction, moved))
 
         def restore() -> None:
             move(0)
 
-        def evaluate_at(offset: int, which: str) -> Tuple[Loss, torch.Tensor]:
-            """The parameters at offset * sigma * z, then the closure's loss
-            there; restores every group if anything fails."""
-            try:
-                move(offset)
-                loss = closure()
-                return loss, _loss_tensor(loss, which)
-            except BaseException:
-                restore()
-                raise
-
-        # docs/DESIGN.md, "The algorithm": L0 and L1, or with antithetic
-        # L(theta + sigma z) and L(theta - sigma z), which every group must
-        # agree on since one evaluation serves them all.
-        antithetic = self.param_groups[0]["antithetic"] if self.param_groups else self.defaults["antithetic"]
+        # docs/DESIGN.md, "The algorithm": L0, then L(theta + sigma z_j) for
+        # each direction j; or with antithetic L(theta + sigma z_j) and
+        # L(theta - sigma z_j) for each j. One evaluation serves every group,
+        # so all must agree on both options.
+        first = self.param_groups[0] if self.param_groups else self.defaults
+        antithetic, directions = first["antithetic"], first["num_perturbations"]
         for g, group in enumerate(self.param_groups):
-            if group["antithetic"] != antithetic:
-                raise ValueError(
-                    f"Dopamine: invalid antithetic: {group['antithetic']!r} in parameter group {g}, "
-                    f"{antithetic!r} in group 0; it must be the same in every group"
-                )
-        names = ("theta + sigma z", "theta - sigma z") if antithetic else ("unperturbed", "perturbed")
+            for name, value in (("antithetic", antithetic), ("num_perturbations", directions)):
+                if group[name] != value:
+                    raise ValueError(
+                        f"Dopamine: invalid {name}: {group[name]!r} in parameter group {g}, "
+                        f"{value!r} in group 0; it must be the same in every group"
+                    )
+        evaluations = _evaluations(antithetic, directions)
         if not steps:
             # Nothing to perturb, so no collective either: every rank of a
             # process group has the same trainable parameters.
             loss = closure()
-            _loss_tensor(loss, names[0])
+            _loss_tensor(loss, evaluations[0][2])
             return loss
         collective = self.__dict__.get("_collective")
+        if collective is not None:
+            check_parallel(collective.parallel, directions, collective.world_size)
+        # With parallel="population" a rank evaluates some of the losses, and
+        # moves through every perturbation all the same, so that every rank
+        # rounds alike (docs/DESIGN.md, "Many processes").
+        returned = None
+        values: List[Optional[torch.Tensor]] = [None] * len(evaluations)
         try:
-            if antithetic:
-                loss, unperturbed = evaluate_at(1, names[0])
-                perturbed = evaluate_at(-1, names[1])[1]
-            else:
-                loss = closure()
-                unperturbed = _loss_tensor(loss, names[0])
-                perturbed = evaluate_at(1, names[1])[1]
-            losses = torch.stack([unperturbed, perturbed.to(unperturbed.device)])
+            for i, (offset, direction, which) in enumerate(evaluations):
+                try:
+                    move(offset, direction)
+                    if collective is not None and not collective.evaluates(i, antithetic):
+                        continue
+                    loss = closure()
+                    values[i] = _loss_tensor(loss, which)
+                    returned = loss if returned is None else returned
+                except BaseException:
+                    restore()
+                    raise
+            # On the first loss's device; 0 for a loss another rank evaluates.
+            device = next(value.device for value in values if value is not None)
+            losses = torch.stack([
+                torch.zeros((), dtype=torch.float64, device=device) if value is None else value.to(device)
+                for value in values
+            ])
         except Exception as error:
             if collective is None:
                 raise
             # The other ranks are waiting in the all-reduce: join it, so
             # that every rank raises (docs/DESIGN.md, "Many processes").
-            collective.fail(error)
+            collective.fail(error, len(evaluations))
         if collective is not None:
             try:
-                losses = collective.mean_losses(losses)
+                losses = collective.share_losses(losses)
             except BaseException:
                 restore()
                 raise
+        # The loss the step evaluated, as the closure returned it: L0, or with
+        # antithetic the mean of every evaluation (from the copies: a closure
+        # may return the same buffer twice); with a process group, the ranks'.
+        loss = returned
         if antithetic or collective is not None:
-            # The loss the step evaluated: the mean over the ranks, and with
-            # antithetic the mean of L+ and L- (from the copies: a closure
-            # may return the same buffer twice), as the closure returned it.
-            mean = (losses[0] + losses[1]) / 2 if antithetic else losses[0]
+            mean = losses.sum() / len(evaluations) if antithetic else losses[0]
             loss = mean.to(loss.dtype).to(loss.device) if isinstance(loss, torch.Tensor) else mean.item()
 
         # Without capturable the states are on the CPU, and moving the losses
@@ -528,10 +573,12 @@ class Dopamine(Optimizer):
         if raises and not taken.item():
             for group_step, before in zip(steps, saved):
                 group_step.state.copy_(before)
-            l0, l1 = losses.tolist()
-            which = names[0] if not math.isfinite(l0) else names[1] if not math.isfinite(l1) else None
-            cause = f"the {which} loss is {l0 if which == names[0] else l1}" if which else (
-                f"the step size is not finite (losses {l0} and {l1})"
+            values = losses.tolist()
+            bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+            cause = (
+                f"the {evaluations[bad][2]} loss is {values[bad]}"
+                if bad is not None
+                else f"the step size is not finite (losses {', '.join(map(str, values[:-1]))} and {values[-1]})"
             )
             where = " (the mean over the process group's ranks)" if collective is not None else ""
             raise RuntimeError(

@@ -18,7 +18,9 @@ from ._engine import GroupTensors, finish
 
 __all__ = ["Recorder", "replay"]
 
-FORMAT = 1
+# 2: moves name their direction, and plans end with one step size per
+# direction (num_perturbations).
+FORMAT = 2
 
 
 class Recorder:
@@ -26,7 +28,7 @@ class Recorder:
     ``format``, ``master_weights``, ``layouts`` (per group: the parameters'
     global indices, seed, sigma and noise code; stored once per change) and
     ``steps`` (per step: its layout, each group's step number, the
-    perturbations moved through as ``(offset, groups moved)``, and each
+    perturbations moved through as ``(offset, direction, groups moved)``, and each
     group's plan as a list of floats, or None for a step abandoned when the
     closure failed). Plain Python values: it pickles, and goes to JSON as
     Python's json module writes it (a skipped step's plan may hold NaN)."""
@@ -77,8 +79,8 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
             state[0] = step - 1
             groups.append(GroupTensors([params[i] for i in indices], list(indices), [masters[i] for i in halves],
                                        state, dict(seed=seed, sigma=sigma, noise=noise)))
-        for offset, moved in record["moves"]:
+        for offset, direction, moved in record["moves"]:
             for group in groups[:moved]:
-                group.come_to(offset)
+                group.come_to(offset, direction)
         if record["plans"] is not None:
             finish(groups, list(torch.tensor(record["plans"], dtype=torch.float64).unbind(0)))

@@ -7,7 +7,8 @@
 // A GROUP is comma-separated key=value pairs: `size` (how many of the
 // module's parameters, in order, the group takes) and any of lr, sigma,
 // lr_adaptation, beta, beta_s, beta_eta, eps, lr_min, lr_max, weight_decay,
-// seed and noise (enums by their to_string names). --antithetic sets every
+// seed, noise (enums by their to_string names) and num_perturbations.
+// --antithetic sets every
 // group's antithetic option.
 #include <dopamine/dopamine.h>
 #include <torch/script.h>
@@ -73,6 +74,8 @@ std::pair<size_t, dopamine::DopamineOptions> parse_group(
       o.noise(parse_enum(value, {Noise::Gaussian, Noise::Rademacher}));
     } else if (key == "seed") {
       o.seed(std::stoll(value));
+    } else if (key == "num_perturbations") {
+      o.num_perturbations(std::stoll(value));
     } else {
       const auto setter = kRealOptions.find(key);
       if (setter == kRealOptions.end()) {

@@ -122,35 +122,82 @@ TEST_F(BadInput, ClosureThrowsRestoresAndKeepsState) {
   EXPECT_GT(max_abs_diff(params_, untouched), 1e-3);
 }
 
-// With antithetic a failure at theta + sigma z or at theta - sigma z
-// restores every parameter (exactly, from the master weight, for a bfloat16
-// parameter that has one) and leaves the state unset; the non-scalar error
-// names the evaluation.
-TEST_F(BadInput, AntitheticClosureFailureRestores) {
+// A failure at any evaluation (with antithetic at theta + sigma z or theta -
+// sigma z; with three directions along any of them) restores every parameter
+// (exactly, from the master weight, for a bfloat16 parameter that has one)
+// and leaves the state unset; a bad loss's error names its evaluation.
+TEST_F(BadInput, ClosureFailureAtAnyEvaluationRestores) {
   auto half = torch::randn({7}).to(torch::kBFloat16).requires_grad_();
   const auto half_before = half.detach().clone();
   std::vector<torch::Tensor> all = {params_[0], params_[1], half};
-  Dopamine optimizer(
-      all, DopamineOptions(0.1).antithetic(true).master_weights(true));
-  for (int failing_call : {1, 2}) {
+  struct Case {
+    bool antithetic;
+    int64_t directions;
+    std::vector<int> failing_calls;
+  };
+  for (const auto& c : std::vector<Case>{
+           {true, 1, {1, 2}}, {false, 3, {1, 3, 4}}, {true, 3, {1, 3, 4}}}) {
+    // Each case starts from the initial values: the rounding of the round
+    // trips of one case must not count against the next.
+    {
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < params_.size(); ++i) {
+        params_[i].copy_(initial_[i]);
+      }
+    }
+    Dopamine optimizer(all,
+                       DopamineOptions(0.1)
+                           .antithetic(c.antithetic)
+                           .num_perturbations(c.directions)
+                           .master_weights(true)
+                           .non_finite_loss(NonFiniteLoss::Raise));
+    for (const int failing_call : c.failing_calls) {
+      int calls = 0;
+      EXPECT_THROW(optimizer.step(failing_at(failing_call, calls)),
+                   std::runtime_error);
+      EXPECT_EQ(calls, failing_call);
+      expect_restored();
+      EXPECT_TRUE(torch::equal(half, half_before));
+      EXPECT_EQ(optimizer.group_state(0), nullptr);
+    }
     int calls = 0;
-    EXPECT_THROW(optimizer.step(failing_at(failing_call, calls)),
-                 std::runtime_error);
-    EXPECT_EQ(calls, failing_call);
+    if (c.directions == 1) {
+      expect_error([&] { optimizer.step(non_scalar_second(calls)); },
+                   {"scalar", "theta - sigma z"});
+    } else {
+      expect_error(
+          [&] {
+            optimizer.step([&] {
+              return ++calls == 3 ? torch::tensor(INFINITY) : params_[0].sum();
+            });
+          },
+          {"the theta + sigma z_1 loss is inf", "parameters restored"});
+      EXPECT_EQ(calls, c.antithetic ? 6 : 4);
+    }
     expect_restored();
     EXPECT_TRUE(torch::equal(half, half_before));
     EXPECT_EQ(optimizer.group_state(0), nullptr);
   }
-  int calls = 0;
-  expect_error([&] { optimizer.step(non_scalar_second(calls)); },
-               {"scalar", "theta - sigma z"});
-  expect_restored();
-  EXPECT_TRUE(torch::equal(half, half_before));
-  EXPECT_EQ(optimizer.group_state(0), nullptr);
 }
 
-// One evaluation serves every group: groups that disagree on antithetic are
-// refused before anything is evaluated.
+// One evaluation serves every group: groups that disagree on antithetic or
+// num_perturbations are refused before anything is evaluated.
+TEST_F(BadInput, NumPerturbationsMustAgreeAcrossGroups) {
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{params_[0]},
+                      std::make_unique<DopamineOptions>(0.1));
+  groups.emplace_back(std::vector<torch::Tensor>{params_[1]},
+                      std::make_unique<DopamineOptions>(
+                          DopamineOptions(0.1).num_perturbations(2)));
+  Dopamine optimizer(groups);
+  int calls = 0;
+  expect_error([&] { optimizer.step(failing_at(0, calls)); },
+               {"invalid num_perturbations: 2 in parameter group 1",
+                "same in every group"});
+  EXPECT_EQ(calls, 0);
+  EXPECT_TRUE(bitwise_equal(params_, initial_));
+}
+
 TEST_F(BadInput, AntitheticMustAgreeAcrossGroups) {
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(std::vector<torch::Tensor>{params_[0]},
@@ -235,6 +282,9 @@ TEST(InvalidOptions, RejectedAtConstruction) {
       {DopamineOptions().weight_decay(-1), {"weight_decay", "-1"}},
       {DopamineOptions().lr_min(-1), {"lr_min", "-1"}},
       {DopamineOptions().lr_min(0.5).lr_max(0.1), {"lr_min", "0.5", "lr_max"}},
+      {DopamineOptions().num_perturbations(0), {"num_perturbations", "0"}},
+      {DopamineOptions().num_perturbations(65537),
+       {"num_perturbations", "65537", "[1, 65536]"}},
   };
   for (const auto& c : cases) {
     auto param = torch::zeros({2});

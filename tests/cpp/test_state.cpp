@@ -25,12 +25,15 @@ std::vector<torch::Tensor> train_xor(XorNet& net,
 
 class Resume : public ::testing::TestWithParam<LrAdaptation> {};
 
-// The rpe_tracking case is antithetic: the option is saved with the group.
+// The rpe_tracking case is antithetic and the none case takes three
+// directions: the options are saved with the group.
 TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
-  const auto options = DopamineOptions(0.1)
-                           .lr_adaptation(GetParam())
-                           .seed(3)
-                           .antithetic(GetParam() == LrAdaptation::RpeTracking);
+  const auto options =
+      DopamineOptions(0.1)
+          .lr_adaptation(GetParam())
+          .seed(3)
+          .antithetic(GetParam() == LrAdaptation::RpeTracking)
+          .num_perturbations(GetParam() == LrAdaptation::None ? 3 : 1);
   auto straight = make_xor_net(1);
   Dopamine straight_optimizer(straight->parameters(), options);
   const auto expected = train_xor(straight, straight_optimizer, 40);

@@ -71,6 +71,11 @@ def data_parallel(rank, world_size):
         )
         losses = [opt.step(lambda: loss_on(params, shard(rank, world_size))) for _ in range(15)]
         results[antithetic] = dict(params=copies(params), state=group_state(opt), losses=torch.stack(losses))
+    # Two directions, each evaluated by every rank on its shard.
+    params = model()
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3, num_perturbations=2, process_group=dist.group.WORLD)
+    losses = [opt.step(lambda: loss_on(params, shard(rank, world_size))) for _ in range(15)]
+    results["two directions"] = dict(params=copies(params), state=group_state(opt), losses=torch.stack(losses))
     # A closure returning a Python float gets a float back.
     params = model()
     opt = torch_dopamine.Dopamine(params, process_group=dist.group.WORLD)
@@ -172,7 +177,9 @@ def bad_options(rank, world_size):
     params = model()
     group = dist.group.WORLD
     return {
-        "population": error_of(lambda: torch_dopamine.Dopamine(params, process_group=group, parallel="population")),
+        "population": error_of(
+            lambda: torch_dopamine.Dopamine(params, process_group=group, parallel="population", num_perturbations=3)
+        ),
         "parallel": error_of(lambda: torch_dopamine.Dopamine(params, process_group=group, parallel="model")),
         "capturable": error_of(lambda: torch_dopamine.Dopamine(params, process_group=group, capturable=True)),
         "verify_every": error_of(lambda: torch_dopamine.Dopamine(params, process_group=group, verify_every=-1)),
@@ -245,7 +252,59 @@ def state_dict(rank, world_size):
     return dict(from_distributed=from_distributed, from_single=from_single)
 
 
-SCENARIOS = [data_parallel, closure_raises, non_finite, mismatch, bad_options, nothing_to_train, verify, state_dict]
+def population(rank, world_size):
+    """The directions divided among the ranks, every rank's closure on the
+    whole batch; each rank also runs one process that evaluates every
+    direction itself (the reference). Then the last rank's first evaluation
+    raises, and later its first loss is NaN."""
+    results = {}
+    batch = slice(0, ROWS)
+    for antithetic in (False, True):
+        for per_rank in (1, 2):
+            options = dict(lr=0.05, sigma=1e-3, antithetic=antithetic, num_perturbations=per_rank * world_size)
+            params, reference = model(), model()
+            calls = []
+
+            def closure():
+                calls.append(1)
+                return loss_on(params, batch)
+
+            opt = torch_dopamine.Dopamine(params, **options, process_group=dist.group.WORLD, parallel="population")
+            losses = [opt.step(closure) for _ in range(6)]
+            alone = torch_dopamine.Dopamine(reference, **options)
+            reference_losses = [alone.step(lambda: loss_on(reference, batch)) for _ in range(6)]
+            results[(antithetic, per_rank)] = dict(
+                params=copies(params), reference=copies(reference), losses=torch.stack(losses),
+                reference_losses=torch.stack(reference_losses), calls=len(calls), state=group_state(opt),
+            )
+    params = model()
+    opt = torch_dopamine.Dopamine(
+        params, sigma=1e-3, num_perturbations=world_size, process_group=dist.group.WORLD, parallel="population"
+    )
+    opt.step(lambda: loss_on(params, batch))
+    before, state = copies(params), group_state(opt)
+    last = rank == world_size - 1
+
+    def raising():
+        if last:
+            raise ValueError("boom")
+        return loss_on(params, batch)
+
+    results["raises"] = dict(error=error_of(lambda: opt.step(raising)), before=before, after=copies(params),
+                             state_before=state, state_after=group_state(opt))
+
+    def nan_on_the_last_rank():
+        return torch.tensor(float("nan"), dtype=torch.float64) if last else loss_on(params, batch)
+
+    before = copies(params)
+    results["nan"] = dict(error=error_of(lambda: opt.step(nan_on_the_last_rank)), before=before,
+                          after=copies(params), state=group_state(opt))
+    return results
+
+
+SCENARIOS = [
+    data_parallel, closure_raises, non_finite, mismatch, bad_options, nothing_to_train, verify, state_dict, population
+]
 
 
 def main():

@@ -12,12 +12,20 @@ _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 
 
-def key_of(seed):
-    """SplitMix64 of the seed: its low and high words are the Philox key."""
-    x = (seed + 0x9E3779B97F4A7C15) % 2**64
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) % 2**64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
-    x ^= x >> 31
+    return x ^ (x >> 31)
+
+
+def key_of(seed, direction=0):
+    """SplitMix64 of the seed: its low and high words are the Philox key of
+    direction 0; direction j > 0 takes SplitMix64 of that key (as a 64-bit
+    word) xor SplitMix64(j)."""
+    x = _splitmix64(seed % 2**64)
+    if direction:
+        x = _splitmix64(x ^ _splitmix64(direction))
     return x & _MASK, x >> 32
 
 
@@ -47,7 +55,7 @@ def radius_uniform(word):
     return np.where((word >> np.uint64(9)) == 0, fine, uniform(word))
 
 
-def noise(kind, seed, step, index, numel):
+def noise(kind, seed, step, index, numel, direction=0):
     """z of elements 0..numel-1 of parameter `index` at `step`, float64, and
     how far a float32 z may be from each (`tolerance`).
     Element l * 32 + j of tile t takes, for Gaussian noise, words (0, 1)
@@ -58,7 +66,7 @@ def noise(kind, seed, step, index, numel):
     (block low, block high, index, step)."""
     element = np.arange(numel, dtype=np.uint64)
     tile, lane, word_index = element // np.uint64(128), element % np.uint64(32), (element % np.uint64(128)) // np.uint64(32)
-    key = key_of(seed)
+    key = key_of(seed, direction)
     if kind == "rademacher":
         block = tile
     else:

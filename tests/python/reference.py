@@ -22,26 +22,28 @@ def state_at(step, device="cpu"):
     return state
 
 
-def ops_noise(like, seed, step, index, kind="gaussian"):
-    """z for parameter `index` at `step` as the ops draw it (float32, on like's
-    device): perturbing zeros by sigma = 1 yields z itself."""
+def ops_noise(like, seed, step, index, kind="gaussian", direction=0):
+    """z for parameter `index` at `step` (of direction `direction`) as the ops
+    draw it (float32, on like's device): perturbing zeros by sigma = 1 yields
+    z itself."""
     noise = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
     torch.ops.dopamine.perturb_(
-        [noise], [], state_at(step, like.device), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[kind], previous=0, offset=1
+        [noise], [], state_at(step, like.device), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[kind],
+        previous=0, offset=1, direction=direction,
     )
     return noise
 
 
-def noise_of(like, seed, step, index, kind="gaussian"):
+def noise_of(like, seed, step, index, kind="gaussian", direction=0):
     """The ops' z in like's dtype, after checking every element against the
     oracle (noise_oracle.py), so that the reference's noise is not the ops' word
     alone."""
-    noise = ops_noise(like, seed, step, index, kind)
-    expected, tolerance = noise_oracle.noise(kind, seed, step, index, noise.numel())
+    noise = ops_noise(like, seed, step, index, kind, direction)
+    expected, tolerance = noise_oracle.noise(kind, seed, step, index, noise.numel(), direction)
     drawn = noise.cpu().double().flatten().numpy()
     wrong = np.flatnonzero(~(np.abs(drawn - expected) <= tolerance))
     assert wrong.size == 0, (
-        f"the ops' noise differs from the oracle at seed {seed}, step {step}, index {index}: "
+        f"the ops' noise differs from the oracle at seed {seed}, step {step}, index {index}, direction {direction}: "
         f"element {wrong[0]} is {drawn[wrong[0]]}, expected {expected[wrong[0]]}"
     )
     return noise.to(like.dtype)
@@ -70,13 +72,14 @@ class ReferenceDopamine:
             self.groups.append(dict(theta=theta, o=dict(options), first=index, t=0, n=0, m=0.0, s=0.0, eta=0.0))
             index += len(params)
 
-    def params(self, offset=0):
-        """theta + offset * sigma * z of the next step (offset 0, 1 or -1)."""
+    def params(self, offset=0, direction=0):
+        """theta + offset * sigma * z_direction of the next step (offset 0, 1
+        or -1)."""
         out = []
         for g in self.groups:
             for i, theta in enumerate(g["theta"]):
                 if offset:
-                    z = noise_of(theta, g["o"]["seed"], g["t"] + 1, g["first"] + i, g["o"]["noise"])
+                    z = noise_of(theta, g["o"]["seed"], g["t"] + 1, g["first"] + i, g["o"]["noise"], direction)
                     if self.storage is None:
                         theta = theta + offset * g["o"]["sigma"] * z
                     else:
@@ -87,12 +90,18 @@ class ReferenceDopamine:
                 out.append(theta)
         return out
 
-    def step(self, loss_fn, lrs=None, antithetic=False):
-        """One step; returns L0, or with antithetic (L+ + L-) / 2."""
-        l0 = float(loss_fn(self.params(1 if antithetic else 0)))
-        l1 = float(loss_fn(self.params(-1 if antithetic else 1)))
-        delta = self.delta = (l0 - l1) / 2 if antithetic else l1 - l0
-        finite = math.isfinite(delta)
+    def step(self, loss_fn, lrs=None, antithetic=False, directions=1):
+        """One step along `directions` directions; returns L0, or with
+        antithetic the mean of the losses."""
+        if antithetic:
+            losses = [float(loss_fn(self.params(sign, j))) for j in range(directions) for sign in (1, -1)]
+            deltas = [(losses[2 * j] - losses[2 * j + 1]) / 2 for j in range(directions)]
+        else:
+            losses = [float(loss_fn(self.params(0)))] + [float(loss_fn(self.params(1, j))) for j in range(directions)]
+            deltas = [loss - losses[0] for loss in losses[1:]]
+        self.delta = deltas[0]
+        magnitude = sum(abs(delta) for delta in deltas) / directions
+        finite = all(math.isfinite(loss) for loss in losses)
         planned = []
         for k, g in enumerate(self.groups):
             o = g["o"]
@@ -101,17 +110,19 @@ class ReferenceDopamine:
             n = g["n"] + 1
             m, s, eta = g["m"], g["s"], o["lr"]
             if o["lr_adaptation"] == "rpe_normalized":
-                m = o["beta"] * g["m"] + (1 - o["beta"]) * abs(delta) / o["sigma"]
+                m = o["beta"] * g["m"] + (1 - o["beta"]) * magnitude / o["sigma"]
                 eta = o["lr"] / (m / (1 - o["beta"] ** n) + o["eps"])
             elif o["lr_adaptation"] == "rpe_tracking":
-                s = o["beta_s"] * g["s"] + (1 - o["beta_s"]) * abs(delta)
+                s = o["beta_s"] * g["s"] + (1 - o["beta_s"]) * magnitude
                 previous = o["lr"] if n == 1 else g["eta"]
                 eta = (1 - o["beta_eta"]) * previous + o["beta_eta"] * s
             if o.get("lr_min") is not None:
                 eta = max(eta, o["lr_min"])
             if o.get("lr_max") is not None:
                 eta = min(eta, o["lr_max"])
-            finite = finite and all(math.isfinite(x) for x in (m, s, eta, eta * delta / o["sigma"]))
+            finite = finite and all(math.isfinite(x) for x in (m, s, eta)) and all(
+                math.isfinite(eta * delta / o["sigma"]) for delta in deltas
+            )
             planned.append((m, s, eta))
         for g, (m, s, eta) in zip(self.groups, planned):
             o = g["o"]
@@ -121,23 +132,25 @@ class ReferenceDopamine:
             g["n"] += 1
             g["m"], g["s"], g["eta"] = m, s, eta
             for i, theta in enumerate(g["theta"]):
-                z = noise_of(theta, o["seed"], g["t"], g["first"] + i, o["noise"])
-                grad = (delta / o["sigma"]) * z
-                theta.sub_(eta * grad + o["lr"] * o.get("weight_decay", 0.0) * theta)
-        return (l0 + l1) / 2 if antithetic else l0
+                move = o["lr"] * o.get("weight_decay", 0.0) * theta
+                for j, delta in enumerate(deltas):
+                    z = noise_of(theta, o["seed"], g["t"], g["first"] + i, o["noise"], j)
+                    move = move + eta * (delta / o["sigma"]) * z / directions
+                theta.sub_(move)
+        return sum(losses) / len(losses) if antithetic else losses[0]
 
 
-def non_finite_at(loss_fn, bad_calls):
+def non_finite_at(loss_fn, bad_calls, per_step=2):
     """`loss_fn`, except at the (step, which, value) triples of `bad_calls`:
-    the step's unperturbed (which 0) or perturbed (which 1) evaluation, steps
-    counted from 1, returns `value`. The reference and the optimizer each get
+    evaluation `which` of the step (0 the unperturbed, 1 the first perturbed;
+    `per_step` evaluations a step), steps counted from 1, returns `value`. The reference and the optimizer each get
     one."""
     calls = [0]
 
     def loss(params):
         calls[0] += 1
         for step, which, value in bad_calls:
-            if calls[0] == 2 * (step - 1) + 1 + which:
+            if calls[0] == per_step * (step - 1) + 1 + which:
                 return torch.tensor(value, dtype=torch.float64)
         return loss_fn(params)
 

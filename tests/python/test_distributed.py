@@ -83,6 +83,49 @@ def test_data_parallel_ranks_agree_and_match_one_process_on_the_batch(ranks, ant
     assert losses[-1] < losses[0] / 2  # it trained
 
 
+def test_data_parallel_with_two_directions_matches_one_process_on_the_batch(ranks):
+    seen = [result["two directions"] for result in scenario(ranks, "data_parallel")]
+    for rank in seen[1:]:
+        assert same_bits(rank["params"], seen[0]["params"]) and torch.equal(rank["losses"], seen[0]["losses"])
+    params = model()
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3, num_perturbations=2)
+    losses = torch.stack([opt.step(lambda: loss_on(params, slice(0, ROWS))) for _ in range(15)])
+    for ours, theirs in zip(seen[0]["params"], params):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(seen[0]["losses"], losses, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("per_rank", [1, 2])
+def test_population_ranks_match_one_process_evaluating_every_direction(ranks, antithetic, per_rank):
+    seen = [result[(antithetic, per_rank)] for result in scenario(ranks, "population")]
+    for rank, result in enumerate(seen):
+        # Bit for bit: every rank moves through every perturbation in order.
+        assert same_bits(result["params"], result["reference"]), f"rank {rank}"
+        assert torch.equal(result["losses"], result["reference_losses"])
+        assert same_bits(result["params"], seen[0]["params"])
+        # Each rank evaluates its own directions only (rank 0 also L0).
+        evaluations = 2 * per_rank if antithetic else per_rank + (rank == 0)
+        assert result["calls"] == 6 * evaluations
+        assert result["state"]["step"] == 6 and result["state"]["skipped_steps"] == 0
+    assert seen[0]["losses"][-1] < seen[0]["losses"][0]
+
+
+def test_population_a_failing_or_non_finite_direction_stops_every_rank_alike(ranks):
+    seen = scenario(ranks, "population")
+    last = len(seen) - 1
+    for result in seen:
+        raised = result["raises"]
+        kind, message = raised["error"]
+        assert kind == "RuntimeError" and f"the closure failed on rank {last}: ValueError: boom" in message
+        assert restored(raised["after"], raised["before"]) and raised["state_after"] == raised["state_before"]
+        assert same_bits(raised["after"], seen[0]["raises"]["after"])
+        skipped = result["nan"]
+        assert skipped["error"] is None and skipped["state"]["skipped_steps"] == 1
+        assert restored(skipped["after"], skipped["before"])
+        assert same_bits(skipped["after"], seen[0]["nan"]["after"])
+
+
 def test_a_float_loss_comes_back_as_the_mean_float(ranks):
     returned = scenario(ranks, "data_parallel")
     assert all(isinstance(r["float"], float) for r in returned)
@@ -172,8 +215,11 @@ def test_with_nothing_to_train_a_failing_closure_makes_no_collective(ranks):
 
 def test_bad_distributed_options_raise_value_errors(ranks):
     for rank in scenario(ranks, "bad_options"):
-        assert rank["population"][0] == "ValueError" and "'population' needs num_perturbations" in rank["population"][1]
-        assert rank["parallel"][0] == "ValueError" and "invalid parallel: 'model' (expected 'data')" in rank["parallel"][1]
+        assert rank["population"][0] == "ValueError" and (
+            "invalid num_perturbations: 3 with parallel='population' (expected a multiple of the process "
+            f"group's {len(ranks)} ranks" in rank["population"][1]
+        )
+        assert rank["parallel"][0] == "ValueError" and "invalid parallel: 'model' (expected 'data' or 'population')" in rank["parallel"][1]
         assert rank["capturable"][0] == "ValueError" and "capturable=True with a process_group" in rank["capturable"][1]
         assert rank["verify_every"][0] == "ValueError" and "invalid verify_every: -1" in rank["verify_every"][1]
 
@@ -200,9 +246,8 @@ def test_a_state_dict_moves_between_distributed_and_single_process_runs(ranks, d
     "options,message",
     [
         (dict(process_group="world"), "invalid process_group: 'world'"),
-        (dict(parallel="model"), "invalid parallel: 'model' (expected 'data')"),
+        (dict(parallel="model"), "invalid parallel: 'model' (expected 'data' or 'population')"),
         (dict(verify_every=2), "verify_every needs a process_group"),
-        (dict(parallel="population"), "'population' needs num_perturbations"),
         (dict(verify_every=True), "invalid verify_every: True"),
     ],
 )

@@ -108,7 +108,7 @@ def test_plan_computes_the_spec_rule():
     trace = 0.1 * 0.5 / 0.01
     lr = 0.1 / (trace / (1 - 0.9) + 1e-8)
     assert plan[:5] == pytest.approx([1, 0, trace, 0, lr])
-    assert plan[5] == pytest.approx(lr * 0.5 / 0.01) and plan[6] == pytest.approx(0.1 * 0.01) and plan[7] == 1
+    assert plan[11] == pytest.approx(lr * 0.5 / 0.01) and plan[5] == pytest.approx(0.1 * 0.01) and plan[6] == 1
     state = torch.tensor([1, 0, 0, 1.0, 0.2], dtype=torch.float64)
     losses = torch.tensor([1.0, 0.5], dtype=torch.float64)
     plan = torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=2, beta_s=0.5, beta_eta=0.25, lr_max=0.06))
@@ -118,7 +118,7 @@ def test_plan_computes_the_spec_rule():
         torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=3))
     for bad in ([1.0, math.nan], [math.inf, 1.0]):
         plan = torch.ops.dopamine.plan_step(state, torch.tensor(bad, dtype=torch.float64), **plan_options())
-        assert plan[7].item() == 0
+        assert plan[6].item() == 0
 
 
 def test_finish_checks_everything_before_it_writes():
@@ -169,6 +169,20 @@ def test_cpp_and_python_optimizers_compute_the_same_bits(build_dir, tmp_path, mo
     assert not same_bits(cpp_params, list(ParityModel().parameters()))
     assert same_bits(cpp_params, python_params)
     assert cpp_states == python_states and cpp_states[0][0] == 30
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_cpp_and_python_take_several_directions_alike(build_dir, tmp_path, antithetic):
+    """num_perturbations = 3, with weight decay in one group: the same bits in
+    both front ends."""
+    groups = [
+        (2, dict(lr=0.05, sigma=0.02, seed=5, num_perturbations=3)),
+        (2, dict(lr=0.02, sigma=0.05, seed=-9, weight_decay=0.05, noise="rademacher", num_perturbations=3)),
+    ]
+    (cpp_params, cpp_states), (python_params, python_states) = train_both(build_dir, tmp_path, groups, 20, antithetic)
+    assert not same_bits(cpp_params, list(ParityModel().parameters()))
+    assert same_bits(cpp_params, python_params)
+    assert cpp_states == python_states and cpp_states[0][0] == 20
 
 
 def test_torch_version_mismatch_is_a_clear_import_error():

@@ -97,38 +97,6 @@ def test_closure_exception_propagates_and_restores(device, failing_call):
     assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(params, twin_params))
 
 
-@pytest.mark.parametrize("failing_call", [1, 2])
-def test_antithetic_closure_failure_restores_every_parameter(device, failing_call):
-    """With antithetic the closure fails at theta + sigma z or at theta -
-    sigma z: every parameter is restored (a bfloat16 one with a master weight
-    exactly), the state is unchanged, and the next step is the one that would
-    have been."""
-    params, loss = quadratic([4, 3], device)
-    half = torch.randn(6, device=device).to(torch.bfloat16).requires_grad_()
-    everything = params + [half]
-
-    def full_loss(ps):
-        return loss(ps[:2]) + ps[2].double().square().sum()
-
-    opt = torch_dopamine.Dopamine(everything, antithetic=True, master_weights=True)
-    opt.step(lambda: full_loss(everything))
-    before, state = snapshot(everything), state_of(opt)
-    closure = failing_at(failing_call, lambda: full_loss(everything))
-    with pytest.raises(ClosureFailure, match="data loader broke"):
-        opt.step(closure)
-    assert closure.calls == failing_call
-    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
-    assert same_bits([half], before[2:])
-    assert state_of(opt) == state
-    # The next step is the one a twin that never failed takes.
-    twin_everything = [b.detach().clone().requires_grad_() for b in before]
-    twin = torch_dopamine.Dopamine(twin_everything, antithetic=True, master_weights=True)
-    twin.load_state_dict(opt.state_dict())
-    opt.step(lambda: full_loss(everything))
-    twin.step(lambda: full_loss(twin_everything))
-    assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(everything, twin_everything))
-
-
 def test_antithetic_non_scalar_loss_names_the_evaluation(device):
     params, loss = quadratic([4, 3], device)
     opt = torch_dopamine.Dopamine(params, antithetic=True)
@@ -138,6 +106,67 @@ def test_antithetic_non_scalar_loss_names_the_evaluation(device):
         opt.step(closure)
     assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
     assert opt.group_state(0) is None
+
+
+@pytest.mark.parametrize(
+    "antithetic,directions,failing_call",
+    [(True, 1, 1), (True, 1, 2), (False, 3, 1), (False, 3, 3), (False, 3, 4), (True, 3, 1), (True, 3, 4)],
+)
+def test_a_closure_failing_at_any_evaluation_restores_every_parameter(device, antithetic, directions, failing_call):
+    """The closure fails at one evaluation (with antithetic at theta + sigma
+    z or theta - sigma z; with three directions along the first, second or
+    third): every parameter is restored (a bfloat16 one with a master weight
+    exactly), the state is unchanged, and the next step is the one a twin
+    that never failed takes."""
+    params, loss = quadratic([4, 3], device)
+    half = torch.randn(6, device=device).to(torch.bfloat16).requires_grad_()
+    everything = params + [half]
+
+    def full_loss(ps):
+        return loss(ps[:2]) + ps[2].double().square().sum()
+
+    options = dict(antithetic=antithetic, num_perturbations=directions, master_weights=True)
+    opt = torch_dopamine.Dopamine(everything, **options)
+    opt.step(lambda: full_loss(everything))
+    before, state = snapshot(everything), state_of(opt)
+    closure = failing_at(failing_call, lambda: full_loss(everything))
+    with pytest.raises(ClosureFailure, match="data loader broke"):
+        opt.step(closure)
+    assert closure.calls == failing_call
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
+    assert same_bits([half], before[2:])
+    assert state_of(opt) == state
+    twin_everything = [b.detach().clone().requires_grad_() for b in before]
+    twin = torch_dopamine.Dopamine(twin_everything, **options)
+    twin.load_state_dict(opt.state_dict())
+    opt.step(lambda: full_loss(everything))
+    twin.step(lambda: full_loss(twin_everything))
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(everything, twin_everything))
+
+
+def test_a_non_finite_loss_along_a_direction_names_it(device):
+    params, loss, opt = fresh(device, non_finite_loss="raise", num_perturbations=3)
+    before = snapshot(params)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(math.inf) if len(calls) == 3 else loss(params)
+
+    with pytest.raises(RuntimeError, match=re.escape("the theta + sigma z_1 loss is inf; parameters restored")):
+        opt.step(closure)
+    assert len(calls) == 4
+    assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
+    assert opt.group_state(0)["step"] == 1
+
+
+def test_num_perturbations_must_agree_across_groups():
+    params, loss = quadratic([4, 3], "cpu")
+    opt = torch_dopamine.Dopamine([{"params": params[:1]}, {"params": params[1:], "num_perturbations": 2}])
+    before = snapshot(params)
+    with pytest.raises(ValueError, match="invalid num_perturbations: 2 in parameter group 1.*same in every group"):
+        opt.step(lambda: loss(params))
+    assert same_bits(params, before) and opt.group_state(0) is None
 
 
 def test_antithetic_must_agree_across_groups():
@@ -205,6 +234,12 @@ BAD_OPTIONS = [
     ("lr", "fast"),
     ("antithetic", 1),
     ("antithetic", "yes"),
+    ("num_perturbations", 0),
+    ("num_perturbations", -2),
+    ("num_perturbations", 1.5),
+    ("num_perturbations", 2.0),
+    ("num_perturbations", True),
+    ("num_perturbations", 65537),
 ]
 
 

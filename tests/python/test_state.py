@@ -49,12 +49,13 @@ def test_resume_is_bit_identical(device, mode, through_disk, tmp_path):
     assert resumed_opt.group_state(1) == opt.group_state(1)
 
 
-def test_antithetic_resume_is_bit_identical_and_old_states_load(device):
-    """antithetic is saved with the groups, so a resumed optimizer built
-    without it continues the antithetic run; a state saved before the option
-    existed (no 'antithetic' in its groups) loads as not antithetic."""
+@pytest.mark.parametrize("name,value,before_it_existed", [("antithetic", True, False), ("num_perturbations", 3, 1)])
+def test_added_options_resume_bit_identical_and_old_states_load(device, name, value, before_it_existed):
+    """antithetic and num_perturbations are saved with the groups, so a
+    resumed optimizer built without them continues the run; a state saved
+    before the option existed loads with the value every run had then."""
     params, loss = quadratic([5, 4], device, dtype=torch.float32)
-    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.05, antithetic=True)
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.05, **{name: value})
     for _ in range(5):
         opt.step(lambda: loss(params))
     saved_params, saved_state = snapshot(params), opt.state_dict()
@@ -63,6 +64,7 @@ def test_antithetic_resume_is_bit_identical_and_old_states_load(device):
     resumed = [p.detach().clone().requires_grad_() for p in saved_params]
     resumed_opt = torch_dopamine.Dopamine(resumed, lr=0.05, sigma=0.05)
     resumed_opt.load_state_dict(saved_state)
+    assert resumed_opt.param_groups[0][name] == value
     for _ in range(6):
         resumed_opt.step(lambda: loss(resumed))
     assert same_bits(params, resumed)
@@ -70,12 +72,10 @@ def test_antithetic_resume_is_bit_identical_and_old_states_load(device):
 
     old = opt.state_dict()
     for group in old["param_groups"]:
-        del group["antithetic"]
-    plain = torch_dopamine.Dopamine(
-        [p.detach().clone().requires_grad_() for p in params], lr=0.05, sigma=0.05, antithetic=True
-    )
+        del group[name]
+    plain = torch_dopamine.Dopamine([p.detach().clone().requires_grad_() for p in params], **{name: value})
     plain.load_state_dict(old)
-    assert plain.param_groups[0]["antithetic"] is False
+    assert plain.param_groups[0][name] == before_it_existed
 
 
 def test_state_is_one_shared_tensor_per_group():

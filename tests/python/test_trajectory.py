@@ -62,6 +62,17 @@ def test_replay_rebuilds_the_parameters_bit_for_bit(lr_adaptation, noise, antith
     assert not same_bits(replayed, network()[0])  # the run moved them
 
 
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_replay_of_several_directions_is_bit_for_bit(antithetic):
+    params, loss = network()
+    replayed, trajectory = run_and_replay(
+        params, loss, 15, lr=0.05, sigma=1e-2, num_perturbations=3, antithetic=antithetic, weight_decay=0.01
+    )
+    assert same_bits(replayed, params)
+    assert not same_bits(replayed, network()[0])
+    assert {direction for step in trajectory["steps"] for _, direction, _ in step["moves"]} == {0, 1, 2}
+
+
 def test_replay_of_groups_with_their_own_options():
     params, loss = network(torch.float64)
     groups = [{"params": params[:2], "seed": 3, "sigma": 1e-3}, {"params": params[2:], "lr": 0.01, "noise": "rademacher"}]

@@ -54,16 +54,19 @@ SKIPPED = [(1, 1, math.nan), (4, 0, math.inf)]
 @pytest.mark.parametrize("mode", ["none", "rpe_normalized", "rpe_tracking"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("antithetic", [False, True])
-def test_update_matches_reference(device, mode, weight_decay, noise, antithetic):
+@pytest.mark.parametrize("directions", [1, 3])
+def test_update_matches_reference(device, mode, weight_decay, noise, antithetic, directions):
     """With antithetic the skipped evaluations are the second and the first,
-    and step() returns (L+ + L-) / 2."""
+    and step() returns the mean of the losses; with several directions the
+    update is the mean of each direction's."""
     params, loss = quadratic([5, 7, 3], device)
     options = dict(DEFAULTS, lr=0.05, sigma=0.05, lr_adaptation=mode, weight_decay=weight_decay, seed=7, noise=noise)
     reference = ReferenceDopamine([(params, options)])
-    opt = torch_dopamine.Dopamine(params, antithetic=antithetic, **options)
-    reference_loss, optimizer_loss = non_finite_at(loss, SKIPPED), non_finite_at(loss, SKIPPED)
+    opt = torch_dopamine.Dopamine(params, antithetic=antithetic, num_perturbations=directions, **options)
+    per_step = 2 * directions if antithetic else directions + 1
+    reference_loss, optimizer_loss = non_finite_at(loss, SKIPPED, per_step), non_finite_at(loss, SKIPPED, per_step)
     for _ in range(20):
-        expected = reference.step(reference_loss, antithetic=antithetic)
+        expected = reference.step(reference_loss, antithetic=antithetic, directions=directions)
         got = opt.step(lambda: optimizer_loss(params)).item()
         assert got == pytest.approx(expected, rel=1e-12, nan_ok=True)
         assert opt.group_state(0)["current_lr"] == pytest.approx(reference.groups[0]["eta"], rel=1e-12)

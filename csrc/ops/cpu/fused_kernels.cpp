@@ -34,35 +34,56 @@ using noise::kTile;
 constexpr int64_t kGrainTiles = 512;
 
 // The tiles [begin, end) of one tensor: x' = apply(c, x, z), where x is the
-// master weight when there is one (the parameter then becomes x' rounded).
+// master weight when there is one (the parameter then becomes x' rounded),
+// less the moves along the step's other directions (kernel_common.h).
 template <auto philox, typename scalar_t>
 C10_ALWAYS_INLINE void update_tiles(const UpdateEntry& entry,
                                     int64_t begin,
                                     int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const NoiseStream stream{
-      entry.step.kind, entry.step.key, entry.index, entry.step.step};
-  const engine::Coefficients& c = entry.step.coefficients;
+  const TensorStep& step = entry.step;
+  const NoiseStream stream{step.kind,
+                           noise::direction_key(step.key, step.direction),
+                           entry.index,
+                           step.step};
+  const engine::Coefficients& c = step.coefficients;
   scalar_t* data = static_cast<scalar_t*>(entry.data);
   alignas(64) float z[kTile];
+  alignas(64) opmath_t x[kTile];
   for (int64_t tile = begin; tile < end; ++tile) {
     cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
     const int64_t first = tile * kTile;
     const int64_t count = std::min<int64_t>(kTile, entry.numel - first);
     scalar_t* p = data + first;
-    if (entry.master != nullptr) {
-      float* m = entry.master + first;
+    float* m = entry.master != nullptr ? entry.master + first : nullptr;
+    if (m != nullptr) {
       for (int64_t e = 0; e < count; ++e) {
-        const float x = apply<float>(c, m[e], z[e]);
-        p[e] = static_cast<scalar_t>(x);
-        if (c.writes_master) {
-          m[e] = x;
-        }
+        x[e] = apply<float>(c, m[e], z[e]);
       }
     } else {
       for (int64_t e = 0; e < count; ++e) {
-        p[e] = static_cast<scalar_t>(apply<opmath_t>(
-            c, static_cast<opmath_t>(p[e]), static_cast<opmath_t>(z[e])));
+        x[e] = apply<opmath_t>(
+            c, static_cast<opmath_t>(p[e]), static_cast<opmath_t>(z[e]));
+      }
+    }
+    for (int64_t j = 0; j < step.other_directions; ++j) {
+      const NoiseStream other{
+          step.kind,
+          noise::direction_key(step.key, static_cast<uint32_t>(j)),
+          entry.index,
+          step.step};
+      cpu::fill_tile<philox>(other, static_cast<uint64_t>(tile), z);
+      const auto move = static_cast<opmath_t>(step.other_step_sizes[j]);
+      for (int64_t e = 0; e < count; ++e) {
+        x[e] = x[e] - move * static_cast<opmath_t>(z[e]);
+      }
+    }
+    for (int64_t e = 0; e < count; ++e) {
+      p[e] = static_cast<scalar_t>(x[e]);
+    }
+    if (m != nullptr && c.writes_master) {
+      for (int64_t e = 0; e < count; ++e) {
+        m[e] = static_cast<float>(x[e]);
       }
     }
   }
@@ -119,9 +140,10 @@ void plan(const at::Tensor& state,
           const at::Tensor& losses,
           const engine::GroupOptions& options,
           const at::Tensor& plan) {
-  const double* l = losses.data_ptr<double>();
-  engine::plan_group(
-      state.data_ptr<double>(), l[0], l[1], options, plan.data_ptr<double>());
+  engine::plan_group(state.data_ptr<double>(),
+                     losses.data_ptr<double>(),
+                     options,
+                     plan.data_ptr<double>());
 }
 
 at::Tensor settle(at::TensorList states, at::TensorList plans) {

@@ -54,6 +54,31 @@ struct LaunchTable {
 static_assert(sizeof(LaunchTable) <= 4000,
               "the launch table must fit in the 4 KB of kernel arguments");
 
+// The four z of counter `lane` of tile `tile` of a tensor: elements
+// lane + 32 l, l = 0..3, of the tile.
+__device__ __forceinline__ void counter_noise(noise::Kind kind,
+                                              noise::Key key,
+                                              uint32_t index,
+                                              uint32_t step,
+                                              uint64_t tile,
+                                              int lane,
+                                              float* z) {
+  if (kind == noise::Kind::Rademacher) {
+    uint32_t words[4] = {static_cast<uint32_t>(tile),
+                         static_cast<uint32_t>(tile >> 32),
+                         index,
+                         step};
+    noise::philox(words[0], words[1], words[2], words[3], key.lo, key.hi);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      z[l] = noise::rademacher_sign(words[l], lane);
+    }
+  } else {
+    noise::gaussian_lane(
+        key, index, step, tile * kLanes + lane, z[0], z[1], z[2], z[3]);
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const LaunchTable table) {
@@ -61,6 +86,7 @@ __global__ void __launch_bounds__(kThreads)
   const UpdateEntry& entry = table.entries[table.block_entry[blockIdx.x]];
   const TensorStep step = entry.resolved ? entry.step : resolve(entry.source);
   const engine::Coefficients& c = step.coefficients;
+  const noise::Key key = noise::direction_key(step.key, step.direction);
   scalar_t* data = static_cast<scalar_t*>(entry.data);
   const int64_t tiles = (entry.numel + kTile - 1) / kTile;
   const int64_t first_tile =
@@ -72,41 +98,42 @@ __global__ void __launch_bounds__(kThreads)
     const uint64_t tile = static_cast<uint64_t>(counter / kLanes);
     const int lane = static_cast<int>(counter % kLanes);
     float z[4];
-    if (step.kind == noise::Kind::Rademacher) {
-      uint32_t words[4] = {static_cast<uint32_t>(tile),
-                           static_cast<uint32_t>(tile >> 32),
-                           entry.index,
-                           step.step};
-      noise::philox(
-          words[0], words[1], words[2], words[3], step.key.lo, step.key.hi);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        z[l] = noise::rademacher_sign(words[l], lane);
-      }
-    } else {
-      noise::gaussian_lane(step.key,
-                           entry.index,
-                           step.step,
-                           tile * kLanes + lane,
-                           z[0],
-                           z[1],
-                           z[2],
-                           z[3]);
-    }
+    counter_noise(step.kind, key, entry.index, step.step, tile, lane, z);
     const int64_t first = static_cast<int64_t>(tile) * kTile + lane;
+    opmath_t x[4] = {};
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t e = first + l * kLanes;
       if (e < entry.numel) {
-        if (entry.master != nullptr) {
-          const float x = apply<float>(c, entry.master[e], z[l]);
-          data[e] = static_cast<scalar_t>(x);
-          if (c.writes_master) {
-            entry.master[e] = x;
-          }
-        } else {
-          data[e] = static_cast<scalar_t>(apply<opmath_t>(
-              c, static_cast<opmath_t>(data[e]), static_cast<opmath_t>(z[l])));
+        x[l] = entry.master != nullptr
+                   ? apply<float>(c, entry.master[e], z[l])
+                   : apply<opmath_t>(c,
+                                     static_cast<opmath_t>(data[e]),
+                                     static_cast<opmath_t>(z[l]));
+      }
+    }
+    // The moves along the step's other directions (kernel_common.h).
+    for (int64_t j = 0; j < step.other_directions; ++j) {
+      counter_noise(step.kind,
+                    noise::direction_key(step.key, static_cast<uint32_t>(j)),
+                    entry.index,
+                    step.step,
+                    tile,
+                    lane,
+                    z);
+      const auto move = static_cast<opmath_t>(step.other_step_sizes[j]);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        x[l] = x[l] - move * static_cast<opmath_t>(z[l]);
+      }
+    }
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t e = first + l * kLanes;
+      if (e < entry.numel) {
+        data[e] = static_cast<scalar_t>(x[l]);
+        if (entry.master != nullptr && c.writes_master) {
+          entry.master[e] = static_cast<float>(x[l]);
         }
       }
     }
@@ -205,7 +232,7 @@ __global__ void plan_kernel(const double* state,
                             const double* losses,
                             const engine::GroupOptions options,
                             double* plan) {
-  engine::plan_group(state, losses[0], losses[1], options, plan);
+  engine::plan_group(state, losses, options, plan);
 }
 
 void plan(const at::Tensor& state,
