@@ -1,8 +1,9 @@
-"""What every benchmark shares: the contenders (Dopamine in each mode,
-standard WP, torch's SGD and Adam), their learning-rate grids, the training
-loop that times them, and the record format of results/bench.json."""
+"""What every benchmark shares: the contenders (Dopamine in each mode, the
+forward-only methods a user would pick instead, torch's SGD and Adam), the
+training loop that times them, and the record format of results/bench.json."""
 
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -14,40 +15,57 @@ import torch
 
 import torch_dopamine
 
-# The grid rule: three points, x1/3, x1 and x3 around a per-task centre for
-# each optimizer family (the centres are in each task's GRID_CENTRES).
-GRID_FACTORS = (1 / 3, 1.0, 3.0)
-
 
 @dataclasses.dataclass(frozen=True)
 class Contender:
     """One optimizer as the report names it."""
 
-    name: str  # "dopamine", "dopamine[rpe_tracking]", "wp", "sgd", "adam[foreach]", ...
-    family: str  # key of the task's grid centre
+    name: str  # "dopamine", "wp", "zo-sgd[central]", "sgd", "adam[foreach]", ...
+    family: str  # key of the task's learning-rate grid centre
     gradient: bool  # needs backward()
     make: Callable[[List[torch.Tensor], float, float, int], torch.optim.Optimizer]
+    # Forward evaluations a step makes (a forward-only step: k + 1, or 2k
+    # with antithetic).
+    forwards: int = 1
 
     @property
     def forwards_per_step(self) -> int:
-        return 1 if self.gradient else 2
+        return self.forwards
 
     @property
     def backwards_per_step(self) -> int:
         return 1 if self.gradient else 0
+
+    @property
+    def forward_equivalents_per_step(self) -> int:
+        """A step's cost in forward passes: a backward costs about two."""
+        return self.forwards + 2 * self.backwards_per_step
 
 
 def _dopamine(**options):
     return lambda params, lr, sigma, seed: torch_dopamine.Dopamine(params, lr=lr, sigma=sigma, seed=seed, **options)
 
 
+def _forward_only(name, family, **options):
+    directions = options.get("num_perturbations", 1)
+    forwards = 2 * directions if options.get("antithetic") else directions + 1
+    return Contender(name, family, False, _dopamine(**options), forwards)
+
+
 CONTENDERS = {
     c.name: c
     for c in [
-        Contender("dopamine", "dopamine", False, _dopamine()),
-        Contender("dopamine[rpe_tracking]", "rpe_tracking", False, _dopamine(lr_adaptation="rpe_tracking")),
-        Contender("dopamine[rademacher]", "dopamine", False, _dopamine(noise="rademacher")),
-        Contender("wp", "wp", False, _dopamine(lr_adaptation="none")),
+        _forward_only("dopamine", "dopamine"),
+        _forward_only("dopamine[antithetic]", "dopamine", antithetic=True),
+        _forward_only("dopamine[k=2]", "dopamine", num_perturbations=2),
+        _forward_only("dopamine[k=4]", "dopamine", num_perturbations=4),
+        _forward_only("dopamine[rpe_tracking]", "rpe_tracking", lr_adaptation="rpe_tracking"),
+        _forward_only("dopamine[rademacher]", "dopamine", noise="rademacher"),
+        _forward_only("wp", "wp", lr_adaptation="none"),
+        # MeZO's estimator: the central difference of Gaussian noise, no
+        # adaptation; SPSA's: the same with Rademacher noise.
+        _forward_only("zo-sgd[central]", "wp", lr_adaptation="none", antithetic=True),
+        _forward_only("spsa", "wp", lr_adaptation="none", antithetic=True, noise="rademacher"),
         Contender("sgd", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr)),
         Contender("sgd[foreach]", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr, foreach=True)),
         Contender("adam", "adam", True, lambda p, lr, sigma, seed: torch.optim.Adam(p, lr=lr)),
@@ -55,21 +73,31 @@ CONTENDERS = {
         Contender("adam[fused]", "adam", True, lambda p, lr, sigma, seed: torch.optim.Adam(p, lr=lr, fused=True)),
     ]
 }
+# The contenders of the paper's tasks: Dopamine's variants, the forward-only
+# peers, and the gradient baselines.
 TASK_CONTENDERS = [
     "dopamine",
-    "dopamine[rpe_tracking]",
-    "dopamine[rademacher]",
+    "dopamine[antithetic]",
+    "dopamine[k=2]",
+    "dopamine[k=4]",
     "wp",
+    "zo-sgd[central]",
+    "spsa",
     "sgd",
-    "sgd[foreach]",
     "adam",
-    "adam[foreach]",
 ]
+# Learning-rate schedules every contender is tuned over: constant, or cosine
+# decay from lr to 0 at the horizon.
+SCHEDULES = ("constant", "cosine")
 
 
-def grid(centres: Dict[str, float], contender: Contender) -> List[float]:
-    centre = centres[contender.family]
-    return [float(f"{centre * factor:.3g}") for factor in GRID_FACTORS]
+def schedule_factor(schedule: str, step: int, horizon: int) -> float:
+    """The multiplier of the base lr at `step` (counted from 0)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / horizon))
+    raise ValueError(f"unknown schedule {schedule!r} (expected one of {SCHEDULES})")
 
 
 def take_step(optimizer, contender: Contender, loss_fn: Callable[[], torch.Tensor]) -> float:
@@ -85,16 +113,23 @@ def take_step(optimizer, contender: Contender, loss_fn: Callable[[], torch.Tenso
 
 @dataclasses.dataclass
 class Run:
-    """One training run: when it reached the target, where it ended, and the
-    curve of (step, seconds, train loss, metric) at each evaluation."""
+    """One training run: when it reached the target, where it ended, whether
+    it diverged, and the curve of (step, seconds, train loss, metric) at each
+    evaluation."""
 
     steps_to_target: Optional[int] = None
     seconds_to_target: Optional[float] = None
+    initial_loss: float = float("nan")
     final_loss: float = float("nan")
     final_metric: Optional[float] = None
     seconds: float = 0.0
     steps: int = 0
     curve: List[tuple] = dataclasses.field(default_factory=list)
+
+    @property
+    def diverged(self) -> bool:
+        """A non-finite loss, or a last loss above the first."""
+        return not math.isfinite(self.final_loss) or self.final_loss > self.initial_loss
 
 
 def train(
@@ -111,23 +146,29 @@ def train(
     stop_at_target: bool = True,
     before_step: Optional[Callable[[], None]] = None,
     after_step: Optional[Callable[[], None]] = None,
+    schedule: str = "constant",
 ) -> Run:
-    """Trains for `steps` steps. The clock runs during optimizer steps only,
-    not during evaluations or the task's own hooks (drawing a minibatch
-    before a step, a projection after it). `reached(loss, metric)` says when
-    the target is met."""
+    """Trains for `steps` steps with the base learning rate `lr` under
+    `schedule`. The clock runs during optimizer steps only, not during
+    evaluations or the task's own hooks (drawing a minibatch before a step,
+    a projection after it). `reached(loss, metric)` says when the target is
+    met."""
     optimizer = contender.make(params, lr, sigma, seed)
     run = Run()
     elapsed = 0.0
     for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule_factor(schedule, step - 1, steps)
         if before_step:
             before_step()
         start = time.perf_counter()
         loss = take_step(optimizer, contender, loss_fn)
         elapsed += time.perf_counter() - start
+        if step == 1:
+            run.initial_loss = loss
         if after_step:
             after_step()
-        if not (loss == loss) or abs(loss) == float("inf"):
+        if not math.isfinite(loss):
             run.final_loss = loss
             break
         if step % eval_every == 0 or step == steps:

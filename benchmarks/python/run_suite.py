@@ -1,23 +1,30 @@
-"""The benchmark suite: Dopamine against standard WP, SGD and Adam on XOR,
-Lorenz and Rössler forecasting, scikit-learn's digits and MLP scaling, plus
-the op benchmark. Writes results/bench.json, results/REPORT.md and the plots.
+"""The benchmark suite: Dopamine against the forward-only methods a user
+would pick instead (standard WP, MeZO's central difference, SPSA), SGD and
+Adam on XOR, Lorenz and Rössler forecasting and scikit-learn's digits, under
+the tuning/scoring protocol of protocol.py; then MLP scaling, the scale-out
+section and the op benchmark. Writes results/bench.json, results/REPORT.md
+and the plots.
 
-    python benchmarks/python/run_suite.py            # quick (make bench)
+    python benchmarks/python/run_suite.py            # score from tuned.json (make bench)
+    python benchmarks/python/run_suite.py --tune     # rerun the tuning (make bench-tune)
     python benchmarks/python/run_suite.py --full     # paper-size (make bench-full)
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+import protocol
 import report
 import scaleout
 import scaling
 import tasks
 from harness import CONTENDERS, TASK_CONTENDERS, Progress, machine, record
 
+TUNED = Path(__file__).resolve().parents[1] / "tuned.json"
 SCALING_CONTENDERS = ["dopamine", "dopamine[rademacher]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
 
 
@@ -97,9 +104,51 @@ def ops_record(device, progress):
     )
 
 
+def load_tuned(path: Path, mode: str, task_names) -> dict:
+    """The tuned configurations of `mode` for the tasks, or SystemExit saying
+    how to make them."""
+    tuned = json.loads(path.read_text()) if path.exists() else {}
+    entries = tuned.get(mode, {}).get("tasks", {})
+    missing = [name for name in task_names if set(TASK_CONTENDERS) - set(entries.get(name, {}))]
+    if missing:
+        raise SystemExit(
+            f"{path} has no {mode} tuning for {', '.join(missing)} (or lacks contenders there); run `make bench-tune` "
+            f"(or run_suite.py --tune{' --full' if mode == 'full' else ''}) first"
+        )
+    return tuned[mode]
+
+
+def tune(args, task_list, progress) -> None:
+    """Reruns the tuning of the tasks and rewrites their entries of
+    tuned.json."""
+    mode = "full" if args.full else "quick"
+    tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
+    started = time.time()
+    entry = tuned.setdefault(mode, {})
+    entry.setdefault("tasks", {})
+    for task in task_list:
+        progress(
+            f"tuning {task.name}: {len(TASK_CONTENDERS)} optimizers x {len(protocol.GRID_FACTORS)} learning rates x "
+            f"{len(protocol.SCHEDULES)} schedules x {len(protocol.TUNING_SEEDS)} seeds, {task.steps} steps, {args.workers} workers"
+        )
+        task_started = time.time()
+        entry["tasks"][task.name] = protocol.tune(task, TASK_CONTENDERS, args.full, args.workers, progress)
+        entry.setdefault("seconds", {})[task.name] = time.time() - task_started
+    entry.update(
+        protocol=protocol.description(args.full),
+        machine=machine(),
+        workers=args.workers,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
+    TUNED.write_text(json.dumps(tuned, indent=1) + "\n")
+    progress(f"wrote {TUNED} ({(time.time() - started) / 60:.1f} minutes)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="paper-size configurations (hours on a CPU)")
+    parser.add_argument("--tune", action="store_true", help=f"rerun the tuning and rewrite {TUNED.name}; no scoring")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that train runs side by side")
     parser.add_argument("--out", default="results", help="output folder")
     parser.add_argument("--cpp-json", help="records written by the C++ benchmark, merged into bench.json")
     parser.add_argument("--noise-json", help="the C++ noise benchmark's breakdown of a CPU op, added to the ops record")
@@ -113,18 +162,25 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     progress = Progress()
     started = time.time()
     info = machine()
     progress(f"machine: {info}")
+    task_list = [task for task in tasks.all_tasks(args.full) if task.name not in args.skip]
+    if args.tune:
+        tune(args, task_list, progress)
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mode = "full" if args.full else "quick"
+    tuned = load_tuned(TUNED, mode, [task.name for task in task_list])
     records = []
-    for task in tasks.all_tasks(args.full):
-        if task.name in args.skip:
-            continue
-        progress(f"{task.name}: {len(TASK_CONTENDERS)} optimizers x 3 learning rates x {len(task.seeds)} seed(s), {task.steps} steps")
-        records += tasks.run_task(task, TASK_CONTENDERS, progress)
+    for task in task_list:
+        progress(
+            f"{task.name}: {len(TASK_CONTENDERS)} optimizers at their tuned configurations x {len(task.seeds)} scoring seeds, "
+            f"{task.steps} steps, {args.workers} workers"
+        )
+        records += protocol.score(task, {name: tuned["tasks"][task.name][name] for name in TASK_CONTENDERS}, args.full, args.workers, progress)
     if "scaling" not in args.skip:
         sizes = args.scaling_sizes or default_scaling_sizes(args.device, args.full)
         records += scaling_records(sizes, args.device, progress)
@@ -138,10 +194,20 @@ def main(argv=None):
         cpp = json.loads(Path(args.cpp_json).read_text())["records"]
         progress(f"merged {len(cpp)} C++ records from {args.cpp_json}")
         records += cpp
-    meta = dict(machine=info, mode="full" if args.full else "quick", seconds=time.time() - started, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    meta = dict(
+        machine=info,
+        mode=mode,
+        seconds=time.time() - started,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        workers=args.workers,
+        tuning=dict(date=tuned.get("date"), seconds=tuned.get("seconds"), machine=tuned.get("machine"), workers=tuned.get("workers")),
+    )
+    (out / "bench.json").write_text(
+        json.dumps({"meta": meta, "protocol": protocol.description(args.full), "records": records}, indent=1)
+    )
     report.write(records, meta, out)
     progress(f"wrote {out / 'bench.json'}, {out / 'REPORT.md'} and the plots")
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ struct TensorStep {
   uint32_t direction;
   engine::Coefficients coefficients;
   int64_t other_directions;
-  // Host memory when the host resolved the step, else the plan's device
-  // memory.
+  // On the device of the kernel that reads it: the plan's own memory, or a
+  // copy of the host plan's step sizes for a kernel off the CPU.
   const double* other_step_sizes;
 };
 

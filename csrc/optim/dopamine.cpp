@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <unordered_set>
@@ -504,36 +505,55 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   // and L(theta - sigma z_j) for each j.
   torch::Tensor loss;
   std::vector<torch::Tensor> values;
+  // The message of this rank's failure, with a process group.
+  std::optional<std::string> failure;
+  auto message_of = [](const std::exception& error) -> std::string {
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+    return c10_error ? c10_error->what_without_backtrace() : error.what();
+  };
   try {
     for (int64_t i = 0; i < loss_count; ++i) {
       const int64_t offset = antithetic ? (i % 2 == 0 ? 1 : -1) : (i > 0);
       const int64_t direction =
           antithetic ? i / 2 : std::max<int64_t>(i - 1, 0);
+      for (auto& group : groups) {
+        group.come_to(offset, direction);
+      }
+      if (failure) {
+        continue;
+      }
       try {
-        for (auto& group : groups) {
-          group.come_to(offset, direction);
-        }
         auto returned = closure();
         values.push_back(loss_tensor(
             returned, loss_name(antithetic, directions, i).c_str()));
         if (i == 0) {
           loss = returned;
         }
-      } catch (...) {
-        restore();
-        throw;
+      } catch (const std::exception& error) {
+        if (!collective_) {
+          throw;
+        }
+        // A rank whose closure failed still moves through every
+        // perturbation the others do, so that all ranks round alike when
+        // they restore (docs/DESIGN.md, "Many processes").
+        failure = message_of(error);
       }
     }
   } catch (const std::exception& error) {
+    restore();
     if (!collective_) {
       throw;
     }
+    failure = message_of(error);
+  } catch (...) {
+    restore();
+    throw;
+  }
+  if (failure) {
+    restore();
     // The other ranks wait in the losses' all-reduce: join it, so that
-    // every rank throws (docs/DESIGN.md, "Many processes").
-    const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
-    collective_->fail(
-        c10_error ? c10_error->what_without_backtrace() : error.what(),
-        loss_count);
+    // every rank throws.
+    collective_->fail(*failure, loss_count);
   }
 
   // Without capturable the states are on the CPU, and moving the losses there

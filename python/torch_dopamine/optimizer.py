@@ -95,7 +95,8 @@ def _check_options(group: Dict[str, Any]) -> Dict[str, Any]:
         if not isinstance(group[name], bool):
             raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a bool)")
     directions = group["num_perturbations"]
-    if isinstance(directions, bool) or not isinstance(directions, int):
+    # The op checks the range; an int beyond 64 bits would not reach it.
+    if isinstance(directions, bool) or not isinstance(directions, int) or not 0 < directions < 2**63:
         raise ValueError(f"Dopamine: invalid num_perturbations: {directions!r} (expected an int >= 1)")
     arguments = _option_arguments(group)
     try:
@@ -517,30 +518,40 @@ class Dopamine(Optimizer):
         # rounds alike (docs/DESIGN.md, "Many processes").
         returned = None
         values: List[Optional[torch.Tensor]] = [None] * len(evaluations)
+        failure: Optional[Exception] = None
         try:
             for i, (offset, direction, which) in enumerate(evaluations):
+                move(offset, direction)
+                if failure is not None or (collective is not None and not collective.evaluates(i, antithetic)):
+                    continue
                 try:
-                    move(offset, direction)
-                    if collective is not None and not collective.evaluates(i, antithetic):
-                        continue
                     loss = closure()
                     values[i] = _loss_tensor(loss, which)
-                    returned = loss if returned is None else returned
-                except BaseException:
-                    restore()
-                    raise
-            # On the first loss's device; 0 for a loss another rank evaluates.
-            device = next(value.device for value in values if value is not None)
-            losses = torch.stack([
-                torch.zeros((), dtype=torch.float64, device=device) if value is None else value.to(device)
-                for value in values
-            ])
-        except Exception as error:
-            if collective is None:
+                except Exception as error:
+                    if collective is None:
+                        raise
+                    # A rank whose closure failed still moves through every
+                    # perturbation the others do, so that all ranks round
+                    # alike when they restore (docs/DESIGN.md, "Many processes").
+                    failure = error
+                    continue
+                returned = loss if returned is None else returned
+        except BaseException as error:
+            restore()
+            if collective is None or not isinstance(error, Exception):
                 raise
+            failure = error
+        if failure is not None:
+            restore()
             # The other ranks are waiting in the all-reduce: join it, so
-            # that every rank raises (docs/DESIGN.md, "Many processes").
-            collective.fail(error, len(evaluations))
+            # that every rank raises.
+            collective.fail(failure, len(evaluations))
+        # On the first loss's device; 0 for a loss another rank evaluates.
+        device = next(value.device for value in values if value is not None)
+        losses = torch.stack([
+            torch.zeros((), dtype=torch.float64, device=device) if value is None else value.to(device)
+            for value in values
+        ])
         if collective is not None:
             try:
                 losses = collective.share_losses(losses)
@@ -580,7 +591,10 @@ class Dopamine(Optimizer):
                 if bad is not None
                 else f"the step size is not finite (losses {', '.join(map(str, values[:-1]))} and {values[-1]})"
             )
-            where = " (the mean over the process group's ranks)" if collective is not None else ""
+            where = "" if collective is None else (
+                " (the mean over the process group's ranks)" if collective.parallel == "data"
+                else " (as the rank that evaluated it computed it)"
+            )
             raise RuntimeError(
                 f"Dopamine: {cause}{where}; parameters restored, step not taken (non_finite_loss='raise')"
             )

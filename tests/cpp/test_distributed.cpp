@@ -171,9 +171,13 @@ TEST_F(DataParallel, AClosureFailingOnOneRankThrowsOnEveryRankAndRestores) {
   for (const bool antithetic : {false, true}) {
     for (const int failing_call : {1, 2}) {
       auto params = task.params();
-      dopamine::Dopamine optimizer(
-          params,
-          dopamine::DopamineOptions(0.05).sigma(0.3).antithetic(antithetic));
+      // With two directions the failure is followed by evaluations that
+      // the failing rank still moves through.
+      dopamine::Dopamine optimizer(params,
+                                   dopamine::DopamineOptions(0.05)
+                                       .sigma(0.3)
+                                       .antithetic(antithetic)
+                                       .num_perturbations(2));
       dopamine::make_data_parallel(optimizer, group);
       optimizer.step([&] { return shard_loss(params); });
       const auto before = copies(params);
@@ -192,12 +196,12 @@ TEST_F(DataParallel, AClosureFailingOnOneRankThrowsOnEveryRankAndRestores) {
                   std::string::npos)
             << message;
       }
-      // Exact where nothing was perturbed, else within the round trip.
-      const bool exact = rank == 1 && failing_call == 1 && !antithetic;
+      // Within the round trips, and the same bits on every rank: the
+      // failing rank moved through every perturbation the others did.
       for (size_t i = 0; i < params.size(); ++i) {
-        EXPECT_TRUE(exact ? params[i].equal(before[i])
-                          : torch::allclose(params[i], before[i], 0, 1e-15));
+        EXPECT_TRUE(torch::allclose(params[i], before[i], 0, 1e-15));
       }
+      EXPECT_TRUE(ranks_agree(params));
       EXPECT_EQ(optimizer.group_state(0)->step(), 1);
       optimizer.step([&] { return shard_loss(params); });
       EXPECT_TRUE(ranks_agree(params));

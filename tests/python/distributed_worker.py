@@ -278,8 +278,9 @@ def population(rank, world_size):
                 reference_losses=torch.stack(reference_losses), calls=len(calls), state=group_state(opt),
             )
     params = model()
+    # The last rank's first direction is in the middle of the step's.
     opt = torch_dopamine.Dopamine(
-        params, sigma=1e-3, num_perturbations=world_size, process_group=dist.group.WORLD, parallel="population"
+        params, sigma=1e-3, num_perturbations=2 * world_size, process_group=dist.group.WORLD, parallel="population"
     )
     opt.step(lambda: loss_on(params, batch))
     before, state = copies(params), group_state(opt)

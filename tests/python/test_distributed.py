@@ -144,8 +144,10 @@ def test_a_closure_failing_on_one_rank_raises_on_every_rank_and_restores(ranks, 
         assert "parameters restored on every rank" in message
         assert restored(rank["after"], rank["before"])
         assert rank["state_after"] == rank["state_before"]
-    # The failing rank never perturbed its parameters before an unperturbed failure.
-    assert which == "perturbed" or same_bits(seen[last]["after"], seen[last]["before"])
+    # The failing rank moved through the perturbation the others evaluated
+    # before restoring, so every rank rounded alike.
+    for rank in seen:
+        assert same_bits(rank["after"], seen[0]["after"])
     for rank in seen:
         # The next step is taken alike everywhere.
         assert same_bits(rank["next"], seen[0]["next"])

@@ -240,6 +240,7 @@ BAD_OPTIONS = [
     ("num_perturbations", 2.0),
     ("num_perturbations", True),
     ("num_perturbations", 65537),
+    ("num_perturbations", 2**70),
 ]
 
 

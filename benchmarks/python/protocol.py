@@ -1,0 +1,307 @@
+"""The benchmark protocol, modelled on MLCommons AlgoPerf's external tuning:
+tuning is separate from scoring.
+
+- Tuning (`make bench-tune`): every contender gets the same budget on every
+  task: the learning rates centre x {1/9, 1/3, 1, 3, 9} (log-spaced, the
+  centre per task and optimizer family) crossed with the schedules
+  {constant, cosine}, each trained on the three TUNING_SEEDS. The task's
+  rule picks one configuration per contender; benchmarks/tuned.json keeps
+  every trial.
+- Scoring (`make bench`): the selected configuration on the task's scoring
+  seeds, which tuning never saw. A diverged run (a non-finite loss, or a last
+  loss above the first) counts as a failure and as the worst value in every
+  median; it is reported, never dropped.
+- Figures: medians over the scoring seeds with a 95% bootstrap interval,
+  success rates, divergences, and steps, forward passes and seconds to
+  target; every contender has the same horizon, and the metric at an equal
+  budget of forward passes is read off each run's curve.
+
+Runs go to a pool of worker processes with one intra-op thread each (the
+models are small), so a run's seconds are measured beside the other
+workers' runs.
+"""
+
+import dataclasses
+import math
+import multiprocessing
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import tasks
+from harness import CONTENDERS, SCHEDULES, median, record, train
+
+TUNING_SEEDS = (1000, 1001, 1002)
+GRID_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
+BOOTSTRAP_RESAMPLES = 2000
+# A forward-only step of the default evaluates twice: the budget of "equal
+# forward passes" is this many forward equivalents per step of the horizon.
+BUDGET_FORWARDS_PER_STEP = 2
+
+
+def grid(task: tasks.Task, contender_name: str) -> List[float]:
+    centre = task.centres[CONTENDERS[contender_name].family]
+    return [float(f"{centre * factor:.3g}") for factor in GRID_FACTORS]
+
+
+def description(full: bool) -> dict:
+    """What results/bench.json and tuned.json record as "protocol"."""
+    return dict(
+        tuning_seeds=list(TUNING_SEEDS),
+        scoring_seeds={task.name: task.seeds for task in tasks.all_tasks(full)},
+        grid=f"lr = centre x {{{', '.join(f'{f:.3g}' for f in GRID_FACTORS)}}} per task and optimizer family",
+        schedules=list(SCHEDULES),
+        divergence="a non-finite loss, or a last training loss above the first",
+        bootstrap_resamples=BOOTSTRAP_RESAMPLES,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    task: str
+    full: bool
+    contender: str
+    lr: float
+    schedule: str
+    seed: int
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run(job: Job) -> dict:
+    """One training run, in a worker process."""
+    task = tasks.task_named(job.task, job.full)
+    contender = CONTENDERS[job.contender]
+    setup = task.setup(job.seed)
+    run = train(
+        contender,
+        setup["params"],
+        setup["loss_fn"],
+        job.lr,
+        task.sigma,
+        job.seed,
+        task.steps,
+        setup["reached"],
+        setup.get("evaluate"),
+        task.eval_every,
+        task.stop_at_target,
+        setup.get("before_step"),
+        setup.get("after_step"),
+        schedule=job.schedule,
+    )
+    return dict(
+        steps_to_target=run.steps_to_target,
+        seconds_to_target=run.seconds_to_target,
+        final_metric=run.final_metric if run.final_metric is not None else run.final_loss,
+        final_loss=run.final_loss,
+        diverged=run.diverged,
+        seconds=run.seconds,
+        steps=run.steps,
+        curve=run.curve,
+    )
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, progress, label: str) -> List[dict]:
+    """Every job's result, in order, from `workers` processes; a progress
+    line about every tenth of the way."""
+    results = []
+    started = time.perf_counter()
+    every = max(1, len(jobs) // 10)
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
+        for done, result in enumerate(pool.imap(_run, jobs), start=1):
+            results.append(result)
+            if done % every == 0 or done == len(jobs):
+                elapsed = time.perf_counter() - started
+                progress(f"{label}: {done}/{len(jobs)} runs, {elapsed:.0f} s, about {elapsed / done * (len(jobs) - done):.0f} s left")
+    return results
+
+
+# --- Judging runs --------------------------------------------------------------
+
+
+def worst(task: tasks.Task) -> float:
+    return -math.inf if task.higher_is_better else math.inf
+
+
+def final_value(task: tasks.Task, run: dict) -> float:
+    """A run's final metric; a diverged run's is the worst."""
+    value = run["final_metric"]
+    return worst(task) if run["diverged"] or value is None or not math.isfinite(value) else value
+
+
+def value_at_forwards(task: tasks.Task, run: dict, contender_name: str) -> float:
+    """The metric when the run had spent the budget of forward passes
+    (BUDGET_FORWARDS_PER_STEP x the horizon, a backward counting as two):
+    the last evaluation at or before that step; the worst if it diverged
+    before, or had no evaluation by then."""
+    last_step = BUDGET_FORWARDS_PER_STEP * task.steps // CONTENDERS[contender_name].forward_equivalents_per_step
+    if run["diverged"] and run["steps"] <= last_step:
+        return worst(task)
+    points = [metric if metric is not None else loss for step, _, loss, metric in run["curve"] if step <= last_step]
+    return points[-1] if points and math.isfinite(points[-1]) else worst(task)
+
+
+def steps_or_inf(run: dict) -> float:
+    return math.inf if run["steps_to_target"] is None else float(run["steps_to_target"])
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = 0) -> Optional[List[float]]:
+    """The 95% percentile interval of the median over BOOTSTRAP_RESAMPLES
+    resamples of `values` (with replacement); None for no values. Infinite
+    values (failures) stay in, so an interval may reach infinity."""
+    if not values:
+        return None
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.sort(np.median(data[rng.integers(0, len(data), size=(BOOTSTRAP_RESAMPLES, len(data)))], axis=1))
+    low = medians[int(0.025 * (BOOTSTRAP_RESAMPLES - 1))]
+    high = medians[int(math.ceil(0.975 * (BOOTSTRAP_RESAMPLES - 1)))]
+    return [float(low), float(high)]
+
+
+def trial_score(task: tasks.Task, runs: List[dict]) -> tuple:
+    """The task's rule as a key that is larger for the better trial: XOR by
+    success rate, then fewer median steps; the others by the median final
+    metric, diverged runs counting as the worst."""
+    if task.name == "xor":
+        solved = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
+        return (len(solved) / len(runs), -(statistics.median(solved) if solved else math.inf))
+    middle = statistics.median(final_value(task, r) for r in runs)
+    return (middle if task.higher_is_better else -middle,)
+
+
+# --- Tuning ----------------------------------------------------------------------
+
+
+def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: int, progress) -> Dict[str, dict]:
+    """Every contender's trials on the tuning seeds and the configuration
+    the task's rule selects, for benchmarks/tuned.json."""
+    trials = [(name, lr, schedule) for name in contender_names for lr in grid(task, name) for schedule in SCHEDULES]
+    jobs = [Job(task.name, full, name, lr, schedule, seed) for name, lr, schedule in trials for seed in TUNING_SEEDS]
+    results = run_jobs(jobs, workers, progress, f"tuning {task.name}")
+    tuned: Dict[str, dict] = {}
+    for i, (name, lr, schedule) in enumerate(trials):
+        runs = results[i * len(TUNING_SEEDS) : (i + 1) * len(TUNING_SEEDS)]
+        entry = tuned.setdefault(name, dict(grid=grid(task, name), schedules=list(SCHEDULES), trials=[]))
+        entry["trials"].append(
+            dict(
+                lr=lr,
+                schedule=schedule,
+                score=list(trial_score(task, runs)),
+                successes=sum(r["steps_to_target"] is not None for r in runs),
+                divergences=sum(r["diverged"] for r in runs),
+                finals=[final_value(task, r) for r in runs],
+            )
+        )
+    for name, entry in tuned.items():
+        best = max(entry["trials"], key=lambda trial: tuple(trial["score"]))
+        entry.update(lr=best["lr"], schedule=best["schedule"], at_grid_edge=best["lr"] in (entry["grid"][0], entry["grid"][-1]))
+        progress(f"tuning {task.name}: {name} selects lr {best['lr']:g} {best['schedule']}{' (grid edge)' if entry['at_grid_edge'] else ''}")
+    return tuned
+
+
+# --- Scoring ---------------------------------------------------------------------
+
+
+def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, progress) -> List[dict]:
+    """One record per contender: its tuned configuration on the scoring
+    seeds."""
+    names = list(tuned)
+    jobs = [Job(task.name, full, name, tuned[name]["lr"], tuned[name]["schedule"], seed) for name in names for seed in task.seeds]
+    results = run_jobs(jobs, workers, progress, f"scoring {task.name}")
+    records = []
+    for i, name in enumerate(names):
+        runs = results[i * len(task.seeds) : (i + 1) * len(task.seeds)]
+        contender = CONTENDERS[name]
+        entry = tuned[name]
+        solved = [r for r in runs if r["steps_to_target"] is not None]
+        finals = [final_value(task, r) for r in runs]
+        at_budget = [value_at_forwards(task, r, name) for r in runs]
+        budget_steps = BUDGET_FORWARDS_PER_STEP * task.steps // contender.forward_equivalents_per_step
+        steps = [steps_or_inf(r) for r in runs]
+        records.append(
+            record(
+                "python",
+                task.name,
+                contender,
+                dict(task.config, lr=entry["lr"], sigma=None if contender.gradient else task.sigma, seeds=len(runs), selected=True),
+                schedule=entry["schedule"],
+                success_rate=len(solved) / len(runs),
+                median_steps_to_target=median([r["steps_to_target"] for r in solved]),
+                median_seconds_to_target=median([r["seconds_to_target"] for r in solved]),
+                median_forwards_to_target=median([r["steps_to_target"] * contender.forward_equivalents_per_step for r in solved]),
+                final_metric=statistics.median(finals),
+                ci95=bootstrap_ci(finals),
+                median_steps_all_runs=statistics.median(steps),
+                ci95_steps=bootstrap_ci(steps) if task.name == "xor" else None,
+                divergences=sum(r["diverged"] for r in runs),
+                metric_at_equal_forwards=statistics.median(at_budget),
+                ci95_at_equal_forwards=bootstrap_ci(at_budget),
+                solved_within_equal_forwards=sum(r["steps_to_target"] is not None and r["steps_to_target"] <= budget_steps for r in runs) / len(runs),
+                equal_forwards_budget=BUDGET_FORWARDS_PER_STEP * task.steps,
+                forward_equivalents_per_step=contender.forward_equivalents_per_step,
+                ms_per_step=1e3 * sum(r["seconds"] for r in runs) / max(1, sum(r["steps"] for r in runs)),
+                metric=task.metric,
+                higher_is_better=task.higher_is_better,
+                grid=entry["grid"],
+                at_grid_edge=entry["at_grid_edge"],
+                chosen_by=task.chosen_by,
+                scoring_seeds=list(task.seeds),
+                curve=runs[0]["curve"],
+            )
+        )
+        row = records[-1]
+        progress(
+            f"scoring {task.name}: {name} (lr {entry['lr']:g} {entry['schedule']}): solved {len(solved)}/{len(runs)}, "
+            f"{row['divergences']} diverged, median {task.metric} {row['final_metric']:.4g}"
+        )
+    return records
+
+
+# --- Comparing -------------------------------------------------------------------
+
+
+def cost(row: dict, at_equal_forwards: bool = False) -> float:
+    """A scored row as one number, lower is better, for the performance
+    profile: XOR the median steps (or forward passes) to target over every
+    scoring seed, a failure counting as infinite; the others the median
+    final metric (test error for accuracy)."""
+    if row["task"] == "xor":
+        middle = row["median_steps_all_runs"]
+        return middle * row["forward_equivalents_per_step"] if at_equal_forwards else middle
+    value = row["metric_at_equal_forwards"] if at_equal_forwards else row["final_metric"]
+    return 1.0 - value if row["higher_is_better"] else value
+
+
+def performance_profile(rows_by_task: Dict[str, Dict[str, dict]], taus: Sequence[float], at_equal_forwards: bool = False) -> Dict[str, List[float]]:
+    """Dolan-More: for each optimizer, the fraction of tasks on which its cost
+    is within a factor tau of the best optimizer's on that task."""
+    names = sorted({name for rows in rows_by_task.values() for name in rows})
+    ratios: Dict[str, List[float]] = {name: [] for name in names}
+    for rows in rows_by_task.values():
+        costs = {name: cost(row, at_equal_forwards) for name, row in rows.items()}
+        best = min(costs.values())
+        for name in names:
+            c = costs.get(name, math.inf)
+            ratios[name].append(c / best if math.isfinite(c) and best > 0 else (1.0 if c == best else math.inf))
+    tasks_count = len(rows_by_task)
+    return {name: [sum(r <= tau for r in ratios[name]) / tasks_count for tau in taus] for name in names}
+
+
+def beats(row: dict, other: dict) -> bool:
+    """The issue's rule: XOR by success rate, then median steps; the others
+    by the median final metric; and no more divergences."""
+    if row["divergences"] > other["divergences"]:
+        return False
+    if row["task"] == "xor":
+        if row["success_rate"] != other["success_rate"]:
+            return row["success_rate"] > other["success_rate"]
+        return (row["median_steps_to_target"] or math.inf) < (other["median_steps_to_target"] or math.inf)
+    if row["higher_is_better"]:
+        return row["final_metric"] > other["final_metric"]
+    return row["final_metric"] < other["final_metric"]
