@@ -6,7 +6,8 @@
 # kernels (GoogleTest from $GTEST_SOURCE_DIR, default .device/googletest,
 # when none is installed), runs the C++ and Python suites (CUDA cases
 # included), checks that CPU and CUDA draw the same noise, and runs the op
-# and scaling benchmarks on CUDA. Logs and results go under $OUT (default
+# and scaling benchmarks on CUDA; with two GPUs, Dopamine over NCCL
+# (tests/python/ranks_check.py). Logs and results go under $OUT (default
 # build/gpu_check); summary.txt says what passed. On a machine without a
 # CUDA device it prints the versions, says so and skips the rest.
 set -uo pipefail
@@ -92,6 +93,14 @@ else
 fi
 run python-tests env DOPAMINE_BUILD_DIR="$BUILD" "$PYTHON" -m pytest -q -rs tests/python
 run noise-equality "$PYTHON" -m pytest -v tests/python/test_noise.py
+# Data and population parallel over NCCL, one rank per GPU.
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 2 ]; then
+  run nccl-ranks "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 tests/python/ranks_check.py
+  cat "$OUT/nccl-ranks.log" >>"$OUT/summary.txt" 2>/dev/null
+else
+  log "one GPU: the 2-rank NCCL check (tests/python/ranks_check.py) needs two; skipped"
+fi
 # Scaling from 1e6: each point is a fresh process, and the smaller ones say
 # little on a GPU; this keeps the whole check within 8 minutes.
 run bench-cuda "$PYTHON" benchmarks/python/run_suite.py --device cuda --skip xor lorenz rossler digits \

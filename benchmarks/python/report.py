@@ -151,7 +151,7 @@ def _plot_task(task: str, rows: Dict[str, dict], out: Path) -> Optional[str]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{task}: seed 0 at each optimizer's selected learning rate")
+    fig.suptitle(f"{task}: the first scoring seed at each optimizer's tuned configuration")
     fig.tight_layout()
     path = out / f"{task}.png"
     fig.savefig(path, dpi=110)
@@ -296,7 +296,50 @@ def _cpp_layouts(layouts: Optional[dict], threads) -> List[str]:
     ]
 
 
-def write(records: List[dict], meta: dict, out: Path) -> None:
+def _protocol(meta: dict, description: Optional[dict]) -> List[str]:
+    if not description:
+        return []
+    tuning = meta.get("tuning") or {}
+    seconds = tuning.get("seconds") or {}
+    return [
+        "## Protocol",
+        "",
+        f"Tuning (`make bench-tune`, {tuning.get('date', '?')}, {sum(seconds.values()) / 60:.0f} minutes on "
+        f"{tuning.get('workers', '?')} workers): every optimizer on every task gets the same budget, {description['grid']} "
+        f"crossed with the schedules {', '.join(description['schedules'])}, each trained on the tuning seeds "
+        f"{description['tuning_seeds']}; the task's rule picks one configuration, on those seeds only. Scoring (this run): "
+        f"the picked configuration on the scoring seeds ({', '.join(f'{t}: {len(s)}' for t, s in description['scoring_seeds'].items())}), "
+        "which tuning never saw, with the same horizon for every optimizer. A diverged run "
+        f"({description['divergence']}) counts as a failure and as the worst value in every median. Intervals are 95% "
+        f"bootstrap intervals of the median ({description['bootstrap_resamples']} resamples of the scoring seeds). Runs go "
+        f"to {meta.get('workers', '?')} worker processes of one thread each, so times are measured beside another run.",
+        "",
+    ]
+
+
+def _plot_profile(rows_by_task: Dict[str, Dict[str, dict]], out: Path) -> Optional[str]:
+    if not rows_by_task or plt is None:
+        return None
+    taus = [10 ** (i / 20) for i in range(0, 61)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, at_equal_forwards, title in zip(axes, (False, True), ("equal steps", "equal forward passes")):
+        for name, fractions in protocol.performance_profile(rows_by_task, taus, at_equal_forwards).items():
+            style = "-" if name.startswith("dopamine") else ("--" if name in GRADIENT else ":")
+            ax.step(taus, fractions, style, where="post", label=name, linewidth=2 if name == "dopamine" else 1.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("tau (ratio to the best on the task)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction of tasks")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out / "profile.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def write(records: List[dict], meta: dict, out: Path, protocol_description: Optional[dict] = None) -> None:
     m = meta["machine"]
     lines = [
         "# torch-dopamine benchmark report",
@@ -304,33 +347,45 @@ def write(records: List[dict], meta: dict, out: Path) -> None:
         f"{meta['mode'].capitalize()} run of {meta['date']}, {meta['seconds'] / 60:.1f} minutes. Machine: {m['cpu']}, "
         f"{m['cores']} cores, {m['threads']} intra-op threads, GPU: {m['gpu'] or 'none'}; torch {m['torch']}, Python {m['python']}.",
         "Every figure comes from this run; ratios compare rows measured in it. Times are medians; training times count the "
-        "optimizer steps only (not evaluations). Each optimizer gets a grid of three learning rates, x1/3, x1 and x3 around a "
-        "per-task centre set by a pilot run to put the best point inside the grid (the table says where it did not); the "
-        "bold lr is the one selected by the task's rule.",
+        "optimizer steps only (not evaluations).",
         "",
-        "## Claims of the paper",
+        *_protocol(meta, protocol_description),
+        "## Claims",
         "",
         *_claims(records),
         "",
+        *_cost_claims(records),
+        "",
     ]
-    for task in TASKS:
-        rows = _selected(records, task)
-        if not rows:
-            continue
+    rows_by_task = {task: _selected(records, task) for task in TASKS if _selected(records, task)}
+    profile = _plot_profile(rows_by_task, out)
+    if profile:
+        lines += [
+            "## Performance profile",
+            "",
+            "Dolan-More: for each optimizer, the fraction of the tasks on which its figure (XOR: median steps to target over "
+            "every scoring seed, a failure counting as infinite; the others: median final test MSE or test error) is within a "
+            "factor tau of the best optimizer's on that task; left at equal steps, right at equal forward passes.",
+            "",
+            f"![performance profile]({profile})",
+            "",
+        ]
+    for task, rows in rows_by_task.items():
         first = next(iter(rows.values()))
-        lines += [f"## {task}", "", f"Configuration: {first['config'] | {}}".replace("'", ""), "", f"Selection: {first.get('chosen_by')}. Metric: {first.get('metric')}.", ""]
+        lines += [
+            f"## {task}",
+            "",
+            f"Configuration: {first['config'] | {}}".replace("'", ""),
+            "",
+            f"Selection: {first.get('chosen_by')}. Metric: {first.get('metric')}; scoring seeds {first.get('scoring_seeds')}. "
+            f"Equal forwards: each run's metric after {first.get('equal_forwards_budget')} forward passes (a backward counting as "
+            "two).",
+            "",
+        ]
         lines += _task_table(rows)
         d = rows.get("dopamine")
-        ratios = []
-        for other in ("wp", "sgd", "adam"):
-            o = rows.get(other)
-            if d and o and d["median_steps_to_target"] and o["median_steps_to_target"]:
-                ratios.append(
-                    f"{other}: {d['median_steps_to_target'] / o['median_steps_to_target']:.2f}x the steps, "
-                    f"{d['median_seconds_to_target'] / o['median_seconds_to_target']:.2f}x the time"
-                )
-        if ratios:
-            lines += ["", "Dopamine to target against " + "; ".join(ratios) + "."]
+        if d:
+            lines += ["", "Dopamine (default) against " + "; ".join(f"{name}: {_versus(task, d, row)}" for name, row in rows.items() if name != "dopamine") + "."]
         plot = _plot_task(task, rows, out)
         if plot:
             lines += ["", f"![{task}]({plot})"]
@@ -392,11 +447,4 @@ def write(records: List[dict], meta: dict, out: Path) -> None:
                 f"| {_fmt(r['median_seconds_to_target'])} | {_fmt(r['ms_per_step'])} | {r['forward_passes_per_step']}/{r['backward_passes_per_step']} |"
             )
         lines.append("")
-    grid_rows = [r for r in records if r["task"] in TASKS and r["front_end"] == "python"]
-    lines += ["## Every grid point", "", "| task | optimizer | lr | solved | median steps | final metric |", "|---|---|---|---|---|---|"]
-    for r in grid_rows:
-        lines.append(
-            f"| {r['task']} | {r['optimizer']} | {_fmt(r['config']['lr'])}{' (selected)' if r['config'].get('selected') else ''} "
-            f"| {r['success_rate']:.0%} | {_fmt(r['median_steps_to_target'])} | {_fmt(r['final_metric'], 4)} |"
-        )
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")

@@ -115,7 +115,7 @@ def load_tuned(path: Path, mode: str, task_names) -> dict:
             f"{path} has no {mode} tuning for {', '.join(missing)} (or lacks contenders there); run `make bench-tune` "
             f"(or run_suite.py --tune{' --full' if mode == 'full' else ''}) first"
         )
-    return tuned[mode]
+    return tuned.get(mode, {})
 
 
 def tune(args, task_list, progress) -> None:
@@ -134,14 +134,15 @@ def tune(args, task_list, progress) -> None:
         task_started = time.time()
         entry["tasks"][task.name] = protocol.tune(task, TASK_CONTENDERS, args.full, args.workers, progress)
         entry.setdefault("seconds", {})[task.name] = time.time() - task_started
-    entry.update(
-        protocol=protocol.description(args.full),
-        machine=machine(),
-        workers=args.workers,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    )
-    TUNED.write_text(json.dumps(tuned, indent=1) + "\n")
-    progress(f"wrote {TUNED} ({(time.time() - started) / 60:.1f} minutes)")
+        entry.update(
+            protocol=protocol.description(args.full),
+            machine=machine(),
+            workers=args.workers,
+            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        )
+        # After every task, so that an interrupted tuning keeps what it did.
+        TUNED.write_text(json.dumps(tuned, indent=1) + "\n")
+        progress(f"wrote {TUNED.name} with {task.name} ({(time.time() - started) / 60:.1f} minutes so far)")
 
 
 def main(argv=None):
@@ -205,7 +206,7 @@ def main(argv=None):
     (out / "bench.json").write_text(
         json.dumps({"meta": meta, "protocol": protocol.description(args.full), "records": records}, indent=1)
     )
-    report.write(records, meta, out)
+    report.write(records, meta, out, protocol.description(args.full))
     progress(f"wrote {out / 'bench.json'}, {out / 'REPORT.md'} and the plots")
     return 0
 

@@ -1,0 +1,111 @@
+"""The benchmark protocol's arithmetic (benchmarks/python/protocol.py): how a
+run is judged, how trials are ranked, the intervals and the performance
+profile. No training: `make bench` measures, these assert."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "python"))
+np = pytest.importorskip("numpy")
+
+import protocol  # noqa: E402
+import tasks  # noqa: E402
+from harness import CONTENDERS, Run, schedule_factor  # noqa: E402
+
+
+def run(final_metric, diverged=False, steps_to_target=None, steps=3000, curve=()):
+    return dict(final_metric=final_metric, diverged=diverged, steps_to_target=steps_to_target, steps=steps, curve=list(curve))
+
+
+def test_a_run_diverges_on_a_non_finite_loss_or_a_last_loss_above_the_first():
+    assert Run(initial_loss=1.0, final_loss=float("nan")).diverged
+    assert Run(initial_loss=1.0, final_loss=float("inf")).diverged
+    assert Run(initial_loss=1.0, final_loss=1.5).diverged
+    assert not Run(initial_loss=1.0, final_loss=0.5).diverged
+
+
+def test_the_cosine_schedule_starts_at_lr_and_ends_at_zero():
+    assert schedule_factor("constant", 7, 10) == 1.0
+    assert schedule_factor("cosine", 0, 10) == 1.0
+    assert schedule_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert schedule_factor("cosine", 10, 10) == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        schedule_factor("linear", 0, 10)
+
+
+def test_the_grid_has_five_log_spaced_points_around_the_family_centre():
+    task = tasks.xor_task(False)
+    points = protocol.grid(task, "zo-sgd[central]")
+    centre = task.centres[CONTENDERS["zo-sgd[central]"].family]
+    assert len(points) == 5 and points[2] == centre
+    assert all(b / a == pytest.approx(3, rel=1e-2) for a, b in zip(points, points[1:]))
+
+
+def test_a_diverged_run_counts_as_the_worst_value():
+    mse, accuracy = tasks.chaotic_task("lorenz", False), tasks.digits_task(False)
+    assert protocol.final_value(mse, run(0.1, diverged=True)) == math.inf
+    assert protocol.final_value(accuracy, run(0.9, diverged=True)) == -math.inf
+    assert protocol.final_value(mse, run(0.1)) == 0.1
+    # Two of three trials fine: the median is the worse fine one.
+    assert protocol.trial_score(mse, [run(0.1), run(0.3), run(0.2, diverged=True)]) == (-0.3,)
+    assert protocol.trial_score(accuracy, [run(0.9), run(0.8), run(0.95, diverged=True)]) == (0.8,)
+
+
+def test_xor_trials_rank_by_success_rate_then_median_steps():
+    xor = tasks.xor_task(False)
+    all_solved_slowly = [run(0.0, steps_to_target=s) for s in (900, 1000, 1100)]
+    two_solved_fast = [run(0.0, steps_to_target=s) for s in (10, 20)] + [run(0.5)]
+    all_solved_fast = [run(0.0, steps_to_target=s) for s in (100, 200, 300)]
+    ranked = sorted([two_solved_fast, all_solved_slowly, all_solved_fast], key=lambda r: protocol.trial_score(xor, r), reverse=True)
+    assert ranked == [all_solved_fast, all_solved_slowly, two_solved_fast]
+
+
+def test_the_metric_at_equal_forwards_is_read_at_the_budget_step():
+    task = tasks.chaotic_task("lorenz", False)  # 3000 steps: a budget of 6000 forwards
+    curve = [(step, 0.0, 1.0, 1.0 / step) for step in range(50, 3001, 50)]
+    # Adam costs 3 forwards a step: 2000 steps; dopamine[k=4] 5: 1200 steps.
+    assert protocol.value_at_forwards(task, run(None, curve=curve), "adam") == pytest.approx(1 / 2000)
+    assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine[k=4]") == pytest.approx(1 / 1200)
+    assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine") == pytest.approx(1 / 3000)
+    diverged_early = run(None, diverged=True, steps=700, curve=curve[:14])
+    assert protocol.value_at_forwards(task, diverged_early, "adam") == math.inf
+    diverged_late = run(None, diverged=True, steps=2500, curve=curve[:50])
+    assert protocol.value_at_forwards(task, diverged_late, "dopamine[k=4]") == pytest.approx(1 / 1200)
+
+
+def test_the_bootstrap_interval_brackets_the_median_and_keeps_failures():
+    values = [float(v) for v in range(1, 10)]
+    low, high = protocol.bootstrap_ci(values)
+    assert 1 <= low <= 5 <= high <= 9 and low < high
+    assert protocol.bootstrap_ci(values) == [low, high]  # seeded
+    assert protocol.bootstrap_ci([1.0, 2.0, math.inf, math.inf, math.inf])[1] == math.inf
+    assert protocol.bootstrap_ci([]) is None
+
+
+def scored(task, name, final, divergences=0, success_rate=1.0, steps=None, higher_is_better=False, forwards=2):
+    return dict(task=task, optimizer=name, final_metric=final, metric_at_equal_forwards=final, divergences=divergences,
+                success_rate=success_rate, median_steps_to_target=steps, median_steps_all_runs=steps or math.inf,
+                higher_is_better=higher_is_better, forward_equivalents_per_step=forwards)
+
+
+def test_the_performance_profile_counts_tasks_within_tau_of_the_best():
+    rows = {
+        "lorenz": {"a": scored("lorenz", "a", 1.0), "b": scored("lorenz", "b", 2.0)},
+        "digits": {"a": scored("digits", "a", 0.9, higher_is_better=True), "b": scored("digits", "b", 0.95, higher_is_better=True)},
+        "xor": {"a": scored("xor", "a", 0.0, steps=100), "b": scored("xor", "b", 0.0, success_rate=0.4)},
+    }
+    # Costs: lorenz a 1, b 2; digits errors a 0.1, b 0.05; xor a 100 steps, b unsolved.
+    profile = protocol.performance_profile(rows, [1.0, 1.99, 2.01, 1e9])
+    assert profile["a"] == pytest.approx([2 / 3, 2 / 3, 1.0, 1.0])
+    assert profile["b"] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3])
+
+
+def test_beating_a_peer_needs_the_better_figure_and_no_more_divergences():
+    assert protocol.beats(scored("lorenz", "d", 1.0), scored("lorenz", "w", 2.0))
+    assert not protocol.beats(scored("lorenz", "d", 1.0, divergences=1), scored("lorenz", "w", 2.0))
+    assert protocol.beats(scored("digits", "d", 0.95, higher_is_better=True), scored("digits", "w", 0.9, higher_is_better=True))
+    assert protocol.beats(scored("xor", "d", 0.0, success_rate=1.0, steps=500), scored("xor", "w", 0.0, success_rate=0.9, steps=50))
+    assert not protocol.beats(scored("xor", "d", 0.0, steps=500), scored("xor", "w", 0.0, steps=50))
