@@ -25,7 +25,7 @@ TORCH_LIBRARY(dopamine, m) {
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] master_weights, Tensor state, "
       "*, int[] indices, int seed, float sigma, int noise, int previous, "
-      "int offset, int direction=0) -> ()");
+      "int offset, int direction=0, int[] element_offsets=[]) -> ()");
   m.def(
       "plan_step(Tensor state, Tensor losses, *, int lr_adaptation, "
       "float lr, float sigma, float beta, float beta_s, float beta_eta, "
@@ -34,7 +34,7 @@ TORCH_LIBRARY(dopamine, m) {
   m.def(
       "finish_step_(Tensor(a!)[] params, Tensor(b!)[] master_weights, "
       "Tensor(c!)[] states, Tensor[] plans, *, int[] indices, "
-      "int[] group_sizes) -> Tensor");
+      "int[] group_sizes, int[] element_offsets=[]) -> Tensor");
   m.def("cpu_capability() -> str");
   m.def("digest(Tensor[] tensors) -> int");
 }
@@ -105,7 +105,8 @@ void perturb_(at::TensorList params,
               Noise noise,
               int64_t previous,
               int64_t offset,
-              int64_t direction) {
+              int64_t direction,
+              c10::IntArrayRef element_offsets) {
   static auto op = find_op<void(at::TensorList,
                                 at::TensorList,
                                 const at::Tensor&,
@@ -115,7 +116,8 @@ void perturb_(at::TensorList params,
                                 int64_t,
                                 int64_t,
                                 int64_t,
-                                int64_t)>("dopamine::perturb_");
+                                int64_t,
+                                c10::IntArrayRef)>("dopamine::perturb_");
   op.call(params,
           master_weights,
           state,
@@ -125,7 +127,8 @@ void perturb_(at::TensorList params,
           code(noise),
           previous,
           offset,
-          direction);
+          direction,
+          element_offsets);
 }
 
 at::Tensor plan_step(const at::Tensor& state,
@@ -170,15 +173,23 @@ at::Tensor finish_step_(at::TensorList params,
                         at::TensorList states,
                         at::TensorList plans,
                         c10::IntArrayRef indices,
-                        c10::IntArrayRef group_sizes) {
+                        c10::IntArrayRef group_sizes,
+                        c10::IntArrayRef element_offsets) {
   static auto op =
       find_op<at::Tensor(at::TensorList,
                          at::TensorList,
                          at::TensorList,
                          at::TensorList,
                          c10::IntArrayRef,
+                         c10::IntArrayRef,
                          c10::IntArrayRef)>("dopamine::finish_step_");
-  return op.call(params, master_weights, states, plans, indices, group_sizes);
+  return op.call(params,
+                 master_weights,
+                 states,
+                 plans,
+                 indices,
+                 group_sizes,
+                 element_offsets);
 }
 
 std::string cpu_capability() {

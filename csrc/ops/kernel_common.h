@@ -99,18 +99,30 @@ C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
 
 // One tensor of an op: its contiguous data (the parameter, or a contiguous
 // copy written back afterwards), its float32 master weight or nullptr, its
-// global index (which keys its noise) and its step.
+// global index (which keys its noise), the element of the parameter its first
+// element is (a shard of a sharded parameter draws the noise of its elements'
+// places in the whole; docs/DESIGN.md, "Many processes"), and its step.
 struct UpdateEntry {
   void* data;
   float* master;
   int64_t numel;
   at::ScalarType dtype;
   uint32_t index;
+  int64_t offset;
   // Read on the host when `resolved`, else by the kernel from `source`.
   bool resolved;
   TensorStep step;
   DeviceStepSource source;
 };
+
+// The noise tiles an entry's elements lie in: [first, first + count).
+C10_HOST_DEVICE inline int64_t first_tile_of(const UpdateEntry& entry) {
+  return entry.offset / noise::kTile;
+}
+C10_HOST_DEVICE inline int64_t tile_count(const UpdateEntry& entry) {
+  return (entry.offset + entry.numel + noise::kTile - 1) / noise::kTile -
+         first_tile_of(entry);
+}
 
 // x' = keep * (x - shift * z) - move * z in the arithmetic type T.
 template <typename T>

@@ -95,10 +95,33 @@ struct ParamTable {
   std::vector<at::Tensor> work;
   std::vector<at::Tensor> masters;  // undefined where a parameter has none
 
+  std::vector<int64_t> offsets;  // each tensor's first element's place
+
   ParamTable(at::TensorList params,
              at::TensorList master_weights,
              c10::IntArrayRef indices,
+             c10::IntArrayRef element_offsets,
              const char* op) {
+    TORCH_CHECK(
+        element_offsets.empty() || element_offsets.size() == params.size(),
+        "dopamine::",
+        op,
+        ": element_offsets must be empty or hold one offset per "
+        "parameter (",
+        params.size(),
+        "), got ",
+        element_offsets.size());
+    for (const auto i : c10::irange(params.size())) {
+      const int64_t offset = element_offsets.empty() ? 0 : element_offsets[i];
+      TORCH_CHECK(offset >= 0 && offset <= (int64_t{1} << 62),
+                  "dopamine::",
+                  op,
+                  ": element_offsets[",
+                  i,
+                  "] must be in [0, 2^62], got ",
+                  offset);
+      offsets.push_back(offset);
+    }
     TORCH_CHECK(indices.size() == params.size(),
                 "dopamine::",
                 op,
@@ -177,6 +200,7 @@ struct ParamTable {
       entry.numel = work[i].numel();
       entry.dtype = work[i].scalar_type();
       entry.index = static_cast<uint32_t>(indices[i]);
+      entry.offset = offsets[i];
       step_of(i, entry);
       if (entry.numel == 0) {
         continue;
@@ -251,8 +275,10 @@ void perturb(at::TensorList params,
              int64_t noise,
              int64_t previous,
              int64_t offset,
-             int64_t direction) {
-  const ParamTable table(params, master_weights, indices, "perturb_");
+             int64_t direction,
+             c10::IntArrayRef element_offsets) {
+  const ParamTable table(
+      params, master_weights, indices, element_offsets, "perturb_");
   check_state_tensor(state, engine::kStateSize, "perturb_", "state");
   TORCH_CHECK(
       std::abs(previous) <= 1 && std::abs(offset) <= 1 && previous != offset,
@@ -374,8 +400,10 @@ at::Tensor finish_step(at::TensorList params,
                        at::TensorList states,
                        at::TensorList plans,
                        c10::IntArrayRef indices,
-                       c10::IntArrayRef group_sizes) {
-  const ParamTable table(params, master_weights, indices, "finish_step_");
+                       c10::IntArrayRef group_sizes,
+                       c10::IntArrayRef element_offsets) {
+  const ParamTable table(
+      params, master_weights, indices, element_offsets, "finish_step_");
   TORCH_CHECK(!states.empty() && states.size() == plans.size() &&
                   states.size() == group_sizes.size(),
               "dopamine::finish_step_: one state, one plan and one size per "

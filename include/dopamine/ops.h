@@ -39,7 +39,10 @@ void check_state(const at::Tensor& state);
 // previous) * sigma * z_i. A parameter with a master weight becomes the
 // rounding of master + offset * sigma * z_i; the master weight itself is not
 // changed. z_i is the noise of direction `direction` (0 for a step of one
-// direction).
+// direction). `element_offsets` (empty, or one per tensor) says which element
+// of its parameter a tensor's first element is: a shard of a sharded
+// parameter draws the noise of its elements' places in the whole (finish_step_
+// takes them too).
 void perturb_(at::TensorList params,
               at::TensorList master_weights,
               const at::Tensor& state,
@@ -49,7 +52,8 @@ void perturb_(at::TensorList params,
               Noise noise,
               int64_t previous,
               int64_t offset,
-              int64_t direction = 0);
+              int64_t direction = 0,
+              c10::IntArrayRef element_offsets = {});
 
 // One group's plan for a step: its next state and the update's coefficients
 // (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L(theta + sigma
@@ -72,7 +76,8 @@ at::Tensor finish_step_(at::TensorList params,
                         at::TensorList states,
                         at::TensorList plans,
                         c10::IntArrayRef indices,
-                        c10::IntArrayRef group_sizes);
+                        c10::IntArrayRef group_sizes,
+                        c10::IntArrayRef element_offsets = {});
 
 // The instruction set the CPU kernels run: "baseline", "avx2" or "avx512",
 // the widest this CPU has, capped by the environment variable

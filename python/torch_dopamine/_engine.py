@@ -2,7 +2,7 @@
 them, moved between perturbations and finished (docs/DESIGN.md, "The step
 protocol")."""
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -12,12 +12,14 @@ class GroupTensors:
     their noise), master weights and state, the keyword arguments of its
     perturbation (seed, sigma, noise), and the perturbation the parameters
     carry: ``carried`` times sigma times the noise of direction
-    ``carried_direction``."""
+    ``carried_direction``. A tensor that is a piece of a sharded parameter
+    has the place of its first element in ``element_offsets`` (else 0)."""
 
     def __init__(self, params: List[torch.Tensor], indices: List[int], masters: List[torch.Tensor],
-                 state: torch.Tensor, perturb: Dict[str, Any]):
+                 state: torch.Tensor, perturb: Dict[str, Any], element_offsets: Optional[List[int]] = None):
         self.params = params
         self.indices = indices
+        self.element_offsets = element_offsets if element_offsets is not None else [0] * len(params)
         self.masters = masters
         self.state = state
         self.perturb_arguments = perturb
@@ -42,6 +44,7 @@ class GroupTensors:
             previous=self.carried,
             offset=offset,
             direction=direction,
+            element_offsets=self.element_offsets,
             **self.perturb_arguments,
         )
         self.carried = offset
@@ -57,4 +60,5 @@ def finish(groups: Sequence[GroupTensors], plans: List[torch.Tensor]) -> torch.T
         plans,
         indices=[i for group in groups for i in group.indices],
         group_sizes=[len(group.params) for group in groups],
+        element_offsets=[o for group in groups for o in group.element_offsets],
     )

@@ -14,12 +14,20 @@ r + W, ... of the ``num_perturbations``, passing 0 for the others, so the sum
 holds each loss as the one rank that evaluated it computed it.
 """
 
-from typing import Any, List, NoReturn, Optional, Sequence
+from typing import Any, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PARALLEL_MODES", "Collective", "check_parallel", "checksum"]
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch before 2.5 keeps it private; no DTensor support
+    DTensor = Replicate = Shard = None
+
+__all__ = [
+    "PARALLEL_MODES", "Collective", "check_parallel", "check_sharding", "checksum", "describe", "is_dtensor",
+    "local_pieces", "replicated",
+]
 
 PARALLEL_MODES = ("data", "population")
 
@@ -35,6 +43,71 @@ def check_parallel(parallel: Any, num_perturbations: int, world_size: int) -> No
             f"(expected a multiple of the process group's {world_size} ranks, each evaluating as "
             "many directions)"
         )
+
+
+def is_dtensor(param: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(param, DTensor)
+
+
+def check_sharding(param: torch.Tensor, where: str) -> None:
+    """Raises ValueError unless `param` is a plain tensor or a DTensor the
+    ops can update shard by shard: a 1-D mesh, placement Shard(0), Shard(1)
+    or Replicate(), and a contiguous local tensor."""
+    if not is_dtensor(param):
+        return
+    placements = tuple(param.placements)
+    supported = len(placements) == 1 and (
+        isinstance(placements[0], Replicate) or (isinstance(placements[0], Shard) and placements[0].dim in (0, 1))
+    )
+    if param.device_mesh.ndim != 1 or not supported:
+        raise ValueError(
+            f"{where} is a DTensor placed {placements} on a {param.device_mesh.ndim}-D mesh; Dopamine supports "
+            "Shard(0), Shard(1) and Replicate() on a 1-D mesh"
+        )
+    if not param.to_local().is_contiguous():
+        raise ValueError(f"{where} is a DTensor whose local tensor is not contiguous")
+
+
+def local_pieces(param: torch.Tensor) -> List[Tuple[torch.Tensor, int]]:
+    """The tensors the ops update for a parameter, each with the place of its
+    first element in the whole parameter's row-major order (its noise is
+    that of those places): a plain tensor is itself at 0. A DTensor's local
+    shard along dim d is, for each index of the dims before d, one block
+    that is contiguous both in the shard and in the whole (torch splits a
+    dim of n into chunks of ceil(n / W))."""
+    if not is_dtensor(param):
+        return [(param, 0)]
+    local = param.to_local()
+    placement = param.placements[0]
+    if isinstance(placement, Replicate) or local.numel() == 0:
+        return [(local, 0)] if local.numel() else []
+    dim, shape = placement.dim, tuple(param.shape)
+    chunk = -(-shape[dim] // param.device_mesh.size())
+    start = min(param.device_mesh.get_local_rank() * chunk, shape[dim])
+    rest = 1
+    for size in shape[dim + 1:]:
+        rest *= size
+    prefix = 1
+    for size in shape[:dim]:
+        prefix *= size
+    blocks = local.view(prefix, -1)
+    return [(blocks[p], p * shape[dim] * rest + start * rest) for p in range(prefix)]
+
+
+def replicated(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The tensor of `param` that every rank holds alike: a plain tensor,
+    or a replicated DTensor's local tensor; None for a sharded one."""
+    if not is_dtensor(param):
+        return param
+    return param.to_local() if isinstance(param.placements[0], Replicate) else None
+
+
+def describe(param: torch.Tensor) -> str:
+    """A parameter as the configuration check compares it."""
+    text = f"{list(param.shape)} {param.dtype}"
+    if is_dtensor(param):
+        text += f" {tuple(param.placements)}"
+    return text + ("" if param.requires_grad else " frozen")
 
 
 def checksum(tensors: Sequence[torch.Tensor]) -> int:

@@ -9,7 +9,9 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from ._engine import GroupTensors, finish
-from .distributed import Collective, check_parallel, checksum
+from .distributed import (
+    Collective, check_parallel, check_sharding, checksum, describe, is_dtensor, local_pieces, replicated,
+)
 from .trajectory import Recorder
 
 __all__ = ["Dopamine", "STATE_FIELDS"]
@@ -116,6 +118,7 @@ def _check_params(params: List[torch.Tensor], group_index: int) -> None:
         where = f"Dopamine: parameter {i} of group {group_index}"
         if not isinstance(param, torch.Tensor):
             raise ValueError(f"{where} is a {type(param).__name__}, not a tensor")
+        check_sharding(param, where)
         if not param.is_floating_point():
             raise ValueError(f"{where} has dtype {param.dtype}; expected a floating-point tensor")
         if param.layout != torch.strided:
@@ -185,8 +188,8 @@ class _GroupStep(GroupTensors):
     """One group's share of a step, taken when the step starts: its options,
     its tensors (GroupTensors), and its state, which finish_step_ commits."""
 
-    def __init__(self, group: Dict[str, Any], arguments: _GroupArguments, params, indices, masters, state):
-        super().__init__(params, indices, masters, state, arguments.perturb)
+    def __init__(self, group: Dict[str, Any], arguments: _GroupArguments, params, indices, masters, state, offsets):
+        super().__init__(params, indices, masters, state, arguments.perturb, offsets)
         self.group_params = list(group["params"])
         self.arguments = arguments
 
@@ -384,6 +387,11 @@ class Dopamine(Optimizer):
             raise ValueError(f"Dopamine: unknown option(s) {unknown} in parameter group {len(self.param_groups)}")
         _check_options({**self.defaults, **param_group})
         _check_params(params, len(self.param_groups))
+        if any(is_dtensor(p) for p in params):
+            for name, enabled in (("master_weights", self.defaults["master_weights"]),
+                                  ("record_trajectory", self.__dict__.get("_recorder") is not None)):
+                if enabled:
+                    raise ValueError(f"Dopamine: {name} is not supported with DTensor parameters")
         super().add_param_group({**param_group, "params": params})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -413,7 +421,7 @@ class Dopamine(Optimizer):
             if any(param not in self.state for param in group["params"]):
                 _check_params(group["params"], g)
             state = None
-            params, indices, masters = [], [], []
+            params, indices, masters, offsets = [], [], [], []
             for i, param in enumerate(group["params"]):
                 record = self.state.get(param)
                 if record and "group_state" in record:
@@ -425,8 +433,12 @@ class Dopamine(Optimizer):
                     state = record["group_state"]
                 if not param.requires_grad:
                     continue
-                params.append(param)
-                indices.append(index + i)
+                # A DTensor's shard is updated in pieces that draw the noise
+                # of their places in the whole (docs/DESIGN.md, "Many processes").
+                for piece, offset in local_pieces(param):
+                    params.append(piece)
+                    indices.append(index + i)
+                    offsets.append(offset)
                 if self.defaults["master_weights"] and _is_half(param):
                     master = record.get("master_weight") if record else None
                     masters.append(master if master is not None else param.detach().float().contiguous())
@@ -441,7 +453,7 @@ class Dopamine(Optimizer):
                 )
             if state is None:
                 state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64, device=device)
-            steps.append(_GroupStep(group, arguments, params, indices, masters, state.to(device)))
+            steps.append(_GroupStep(group, arguments, params, indices, masters, state.to(device), offsets))
         return steps
 
     @torch.no_grad()
@@ -604,8 +616,10 @@ class Dopamine(Optimizer):
             for param, master in zip([p for p in group_step.params if _is_half(p)], group_step.masters):
                 self.state[param]["master_weight"] = master
         if collective is not None and collective.verify_every:
+            # What every rank holds alike: not the shards of sharded parameters.
+            held_alike = [replicated(p) for group_step in steps for p in group_step.group_params if p.requires_grad]
             collective.verify(
-                [t for group_step in steps for t in group_step.params + group_step.masters],
+                [t for t in held_alike if t is not None] + [m for group_step in steps for m in group_step.masters],
                 int(steps[0].state[0].item()),
             )
         return loss
@@ -635,15 +649,14 @@ class Dopamine(Optimizer):
             configuration[f"group {g}"] = {
                 "options": {name: group[name] for name in _OPTION_NAMES},
                 "parameters": len(group["params"]),
-                **{
-                    f"parameter {i}": f"{list(p.shape)} {p.dtype}" + ("" if p.requires_grad else " frozen")
-                    for i, p in enumerate(group["params"])
-                },
+                **{f"parameter {i}": describe(p) for i, p in enumerate(group["params"])},
             }
         # Last, since a difference in the shapes says more: whether every
         # rank starts from the same parameters (DDP broadcasts rank 0's; we
         # refuse to start apart).
-        configuration["the parameters' digest"] = checksum([p for group in self.param_groups for p in group["params"]])
+        # (of what every rank holds alike: not the shards of sharded ones)
+        held_alike = [replicated(p) for group in self.param_groups for p in group["params"]]
+        configuration["the parameters' digest"] = checksum([t for t in held_alike if t is not None])
         return configuration
 
     def state_dict(self) -> Dict[str, Any]:

@@ -303,8 +303,56 @@ def population(rank, world_size):
     return results
 
 
+def sharded(rank, world_size):
+    """Parameters as DTensors (Shard(0), Shard(1), Replicate() on a 1-D mesh)
+    draw the noise of the unsharded model: each rank's closure computes the
+    whole model's loss from the full tensors; the test compares with one
+    process training plain tensors. Then the same over the process group in
+    data parallel, each rank on its shard of the batch."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    generator = torch.Generator().manual_seed(5)
+    # 6 rows over 4 ranks leave one rank an empty shard; 7 columns split 4/3
+    # or 2/2/2/1; no shard starts at a multiple of 128 elements.
+    shapes = [(6, 5), (6,), (7, 6), (7,), (1, 7)]
+    placements = [Shard(0), Shard(0), Shard(1), Replicate(), Shard(1)]
+    initial = [0.5 * torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    x = torch.randn(ROWS, 5, generator=generator, dtype=torch.float64)
+    y = torch.sin(x.sum(1, keepdim=True))
+
+    def loss_of(tensors, rows=slice(0, ROWS)):
+        w1, b1, w2, b2, w3 = tensors
+        return ((torch.tanh(torch.tanh(x[rows] @ w1.T + b1) @ w2.T + b2) @ w3.T - y[rows]) ** 2).mean()
+
+    results = {}
+    for name, options in (("plain", {}), ("antithetic, k=2", dict(antithetic=True, num_perturbations=2))):
+        params = [distribute_tensor(t.clone(), mesh, [p]).requires_grad_() for t, p in zip(initial, placements)]
+        opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3, noise="gaussian", **options)
+        for _ in range(8):
+            opt.step(lambda: loss_of([p.full_tensor() for p in params]))
+        results[name] = dict(full=[p.full_tensor().detach().clone() for p in params], state=group_state(opt))
+    params = [distribute_tensor(t.clone(), mesh, [p]).requires_grad_() for t, p in zip(initial, placements)]
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3, process_group=dist.group.WORLD, verify_every=1)
+    size = ROWS // world_size
+    for _ in range(8):
+        opt.step(lambda: loss_of([p.full_tensor() for p in params], slice(rank * size, (rank + 1) * size)))
+    results["data parallel"] = dict(full=[p.full_tensor().detach().clone() for p in params], state=group_state(opt))
+    results["initial"], results["x"], results["y"] = initial, x, y
+    sharded_weight = distribute_tensor(initial[0].clone(), mesh, [Shard(0)]).requires_grad_()
+    results["refused"] = {
+        "master_weights": error_of(lambda: torch_dopamine.Dopamine([sharded_weight], master_weights=True)),
+        "record_trajectory": error_of(lambda: torch_dopamine.Dopamine([sharded_weight], record_trajectory=True)),
+        "Shard(2)": error_of(
+            lambda: torch_dopamine.Dopamine([distribute_tensor(torch.zeros(2, 2, 8), mesh, [Shard(2)]).requires_grad_()])
+        ),
+    }
+    return results
+
+
 SCENARIOS = [
-    data_parallel, closure_raises, non_finite, mismatch, bad_options, nothing_to_train, verify, state_dict, population
+    data_parallel, closure_raises, non_finite, mismatch, bad_options, nothing_to_train, verify, state_dict, population,
+    sharded,
 ]
 
 

@@ -126,6 +126,40 @@ def test_population_a_failing_or_non_finite_direction_stops_every_rank_alike(ran
         assert same_bits(skipped["after"], seen[0]["nan"]["after"])
 
 
+def test_sharded_parameters_draw_the_noise_of_the_unsharded_model(ranks):
+    seen = scenario(ranks, "sharded")
+    initial, x, y = seen[0]["initial"], seen[0]["x"], seen[0]["y"]
+
+    def loss_of(tensors, rows=slice(0, ROWS)):
+        w1, b1, w2, b2, w3 = tensors
+        return ((torch.tanh(torch.tanh(x[rows] @ w1.T + b1) @ w2.T + b2) @ w3.T - y[rows]) ** 2).mean()
+
+    for name, options in (("plain", {}), ("antithetic, k=2", dict(antithetic=True, num_perturbations=2))):
+        params = [t.clone().requires_grad_() for t in initial]
+        opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3, **options)
+        for _ in range(8):
+            opt.step(lambda: loss_of(params))
+        for rank in seen:
+            # Bit for bit: every shard moved by the noise of its places.
+            assert same_bits(rank[name]["full"], params), name
+            assert rank[name]["state"] == opt.group_state(0)
+        assert not same_bits(params, initial)
+    # Data parallel over sharded parameters: within the reduction's rounding
+    # of one process on the whole batch, and alike on every rank.
+    params = [t.clone().requires_grad_() for t in initial]
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3)
+    for _ in range(8):
+        opt.step(lambda: loss_of(params))
+    for rank in seen:
+        assert same_bits(rank["data parallel"]["full"], seen[0]["data parallel"]["full"])
+    for ours, theirs in zip(seen[0]["data parallel"]["full"], params):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-9, atol=1e-12)
+    refused = seen[0]["refused"]
+    assert refused["master_weights"] == ("ValueError", "Dopamine: master_weights is not supported with DTensor parameters")
+    assert refused["record_trajectory"][1] == "Dopamine: record_trajectory is not supported with DTensor parameters"
+    assert refused["Shard(2)"][0] == "ValueError" and "supports Shard(0), Shard(1) and Replicate() on a 1-D mesh" in refused["Shard(2)"][1]
+
+
 def test_a_float_loss_comes_back_as_the_mean_float(ranks):
     returned = scenario(ranks, "data_parallel")
     assert all(isinstance(r["float"], float) for r in returned)

@@ -51,3 +51,37 @@ def test_cpu_and_cuda_draw_the_same_noise(noise, numel):
         drawn[device] = torch.cat([p.flatten() for p in params]).cpu()
     ulps = (drawn["cpu"].view(torch.int32).long() - drawn["cuda"].view(torch.int32).long()).abs()
     assert ulps.max().item() <= 2
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("direction", [0, 3])
+def test_pieces_at_element_offsets_draw_the_noise_of_their_places(device, noise, direction):
+    """A tensor given an element offset draws the noise of those places of
+    its parameter (a shard of a sharded parameter), for offsets off the tile
+    grid and pieces shorter than a tile, in perturb_ and in finish_step_."""
+    whole = torch.zeros(1000, device=device)
+    bounds = [0, 37, 40, 300, 663, 1000]
+    pieces = [torch.zeros(b - a, device=device) for a, b in zip(bounds, bounds[1:])]
+    arguments = dict(seed=11, sigma=1.0, noise=NOISE_CODES[noise], previous=0, offset=1, direction=direction)
+    torch.ops.dopamine.perturb_([whole], [], state_at(3, device), indices=[5], **arguments)
+    torch.ops.dopamine.perturb_(pieces, [], state_at(3, device), indices=[5] * len(pieces), element_offsets=bounds[:-1],
+                                **arguments)
+    assert torch.equal(torch.cat(pieces), whole)
+    expected = noise_oracle.noise(noise, 11, 3, 5, 1000, direction)[0]
+    assert np.allclose(whole.cpu().double().numpy(), expected, rtol=0, atol=1e-5)
+    # The finish of a step that moves by 0.5 z_0 and 0.25 z_1 (two directions).
+    plan = torch.ops.dopamine.plan_step(
+        state_at(3), torch.tensor([1.0, 1.5, 1.25], dtype=torch.float64), lr_adaptation=0, lr=0.01, sigma=1.0, beta=0.9,
+        beta_s=0.9, beta_eta=0.1, eps=1e-8, lr_min=None, lr_max=None, weight_decay=0.0, seed=11,
+        noise=NOISE_CODES[noise], num_perturbations=2,
+    )
+    finished = [torch.zeros(1000, device=device)]
+    torch.ops.dopamine.finish_step_(finished, [], [state_at(3)], [plan], indices=[5], group_sizes=[1])
+    parts = [torch.zeros(b - a, device=device) for a, b in zip(bounds, bounds[1:])]
+    torch.ops.dopamine.finish_step_(parts, [], [state_at(3)], [plan.clone()], indices=[5] * len(parts),
+                                    group_sizes=[len(parts)], element_offsets=bounds[:-1])
+    assert torch.equal(torch.cat(parts), finished[0]) and finished[0].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="element_offsets must be empty or hold one offset per parameter"):
+        torch.ops.dopamine.perturb_(pieces, [], state_at(3, device), indices=[5] * len(pieces), element_offsets=[0], **arguments)
+    with pytest.raises(RuntimeError, match=r"element_offsets\[0\] must be in \[0, 2\^62\]"):
+        torch.ops.dopamine.perturb_([whole], [], state_at(3, device), indices=[5], element_offsets=[-1], **arguments)

@@ -33,9 +33,10 @@ using noise::kTile;
 // Tiles per parallel task: about 64K elements, to amortise thread start-up.
 constexpr int64_t kGrainTiles = 512;
 
-// The tiles [begin, end) of one tensor: x' = apply(c, x, z), where x is the
-// master weight when there is one (the parameter then becomes x' rounded),
-// less the moves along the step's other directions (kernel_common.h).
+// The tiles [begin, end) of one tensor (counted from the first its elements
+// lie in): x' = apply(c, x, z), where x is the master weight when there is
+// one (the parameter then becomes x' rounded), less the moves along the
+// step's other directions (kernel_common.h).
 template <auto philox, typename scalar_t>
 C10_ALWAYS_INLINE void update_tiles(const UpdateEntry& entry,
                                     int64_t begin,
@@ -47,23 +48,30 @@ C10_ALWAYS_INLINE void update_tiles(const UpdateEntry& entry,
                            entry.index,
                            step.step};
   const engine::Coefficients& c = step.coefficients;
-  scalar_t* data = static_cast<scalar_t*>(entry.data);
   alignas(64) float z[kTile];
   alignas(64) opmath_t x[kTile];
-  for (int64_t tile = begin; tile < end; ++tile) {
+  for (int64_t tile = first_tile_of(entry) + begin;
+       tile < first_tile_of(entry) + end;
+       ++tile) {
     cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
-    const int64_t first = tile * kTile;
-    const int64_t count = std::min<int64_t>(kTile, entry.numel - first);
-    scalar_t* p = data + first;
+    // The tile's elements [from, to) that are this tensor's, as offsets in
+    // the tile; element `from` is the tensor's element `first`.
+    const int64_t from = std::max<int64_t>(0, entry.offset - tile * kTile);
+    const int64_t to =
+        std::min<int64_t>(kTile, entry.offset + entry.numel - tile * kTile);
+    const int64_t first = tile * kTile + from - entry.offset;
+    const int64_t count = to - from;
+    const float* zt = z + from;
+    scalar_t* p = static_cast<scalar_t*>(entry.data) + first;
     float* m = entry.master != nullptr ? entry.master + first : nullptr;
     if (m != nullptr) {
       for (int64_t e = 0; e < count; ++e) {
-        x[e] = apply<float>(c, m[e], z[e]);
+        x[e] = apply<float>(c, m[e], zt[e]);
       }
     } else {
       for (int64_t e = 0; e < count; ++e) {
         x[e] = apply<opmath_t>(
-            c, static_cast<opmath_t>(p[e]), static_cast<opmath_t>(z[e]));
+            c, static_cast<opmath_t>(p[e]), static_cast<opmath_t>(zt[e]));
       }
     }
     for (int64_t j = 0; j < step.other_directions; ++j) {
@@ -75,7 +83,7 @@ C10_ALWAYS_INLINE void update_tiles(const UpdateEntry& entry,
       cpu::fill_tile<philox>(other, static_cast<uint64_t>(tile), z);
       const auto move = static_cast<opmath_t>(step.other_step_sizes[j]);
       for (int64_t e = 0; e < count; ++e) {
-        x[e] = x[e] - move * static_cast<opmath_t>(z[e]);
+        x[e] = x[e] - move * static_cast<opmath_t>(zt[e]);
       }
     }
     for (int64_t e = 0; e < count; ++e) {
@@ -115,7 +123,7 @@ void update(c10::ArrayRef<UpdateEntry> entries) {
   // first_tile[i]: the number of tiles of the entries before entry i.
   std::vector<int64_t> first_tile(entries.size() + 1, 0);
   for (size_t i = 0; i < entries.size(); ++i) {
-    first_tile[i + 1] = first_tile[i] + (entries[i].numel + kTile - 1) / kTile;
+    first_tile[i + 1] = first_tile[i] + tile_count(entries[i]);
   }
   // Decided here, on the calling thread, where a warning reaches the caller.
   const cpu::CpuPath path = cpu::cpu_path();

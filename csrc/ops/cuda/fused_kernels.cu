@@ -88,23 +88,27 @@ __global__ void __launch_bounds__(kThreads)
   const engine::Coefficients& c = step.coefficients;
   const noise::Key key = noise::direction_key(step.key, step.direction);
   scalar_t* data = static_cast<scalar_t*>(entry.data);
-  const int64_t tiles = (entry.numel + kTile - 1) / kTile;
+  // Tiles counted from the first the tensor's elements lie in.
+  const int64_t tiles = tile_count(entry);
   const int64_t first_tile =
       int64_t{table.block_chunk[blockIdx.x]} * table.chunk_tiles;
   const int64_t end_tile = min(first_tile + table.chunk_tiles, tiles);
   for (int64_t counter = first_tile * kLanes + threadIdx.x;
        counter < end_tile * kLanes;
        counter += blockDim.x) {
-    const uint64_t tile = static_cast<uint64_t>(counter / kLanes);
+    const uint64_t tile =
+        static_cast<uint64_t>(first_tile_of(entry) + counter / kLanes);
     const int lane = static_cast<int>(counter % kLanes);
     float z[4];
     counter_noise(step.kind, key, entry.index, step.step, tile, lane, z);
-    const int64_t first = static_cast<int64_t>(tile) * kTile + lane;
+    // The tensor's element that is element `lane` of the tile.
+    const int64_t first =
+        static_cast<int64_t>(tile) * kTile + lane - entry.offset;
     opmath_t x[4] = {};
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t e = first + l * kLanes;
-      if (e < entry.numel) {
+      if (e >= 0 && e < entry.numel) {
         x[l] = entry.master != nullptr
                    ? apply<float>(c, entry.master[e], z[l])
                    : apply<opmath_t>(c,
@@ -130,7 +134,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t e = first + l * kLanes;
-      if (e < entry.numel) {
+      if (e >= 0 && e < entry.numel) {
         data[e] = static_cast<scalar_t>(x[l]);
         if (entry.master != nullptr && c.writes_master) {
           entry.master[e] = static_cast<float>(x[l]);
@@ -169,7 +173,7 @@ template <typename scalar_t>
 void update_dtype(const std::vector<UpdateEntry>& entries) {
   int64_t total_tiles = 0;
   for (const auto& entry : entries) {
-    total_tiles += (entry.numel + kTile - 1) / kTile;
+    total_tiles += tile_count(entry);
   }
   const int64_t sms = sm_count();
   LaunchTable table{};
@@ -178,8 +182,7 @@ void update_dtype(const std::vector<UpdateEntry>& entries) {
   int blocks = 0;
   for (const auto& entry : entries) {
     const int64_t chunks =
-        ((entry.numel + kTile - 1) / kTile + table.chunk_tiles - 1) /
-        table.chunk_tiles;
+        (tile_count(entry) + table.chunk_tiles - 1) / table.chunk_tiles;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       if (blocks == kMaxBlocks || (chunk == 0 && tensors == kMaxTensors)) {
         launch<scalar_t>(table, blocks);
