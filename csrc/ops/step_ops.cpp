@@ -449,33 +449,35 @@ at::Tensor finish_step(at::TensorList params,
                    "step");
     }
   }
+  // A kernel reads the other directions' step sizes where it runs: a
+  // parameter off the states' device gets a copy of them on its own, one per
+  // group and device, made before anything is written (a failed copy leaves
+  // everything as it was) and kept until the kernels are queued.
+  std::vector<std::pair<std::pair<size_t, c10::Device>, at::Tensor>> copies;
+  auto copy_of = [&](size_t g, c10::Device device) {
+    return std::find_if(copies.begin(), copies.end(), [&](const auto& c) {
+      return c.first == std::make_pair(g, device);
+    });
+  };
+  if (on_host) {
+    for (const auto i : c10::irange(params.size())) {
+      const auto& plan = plans[group_of[i]];
+      const auto device = table.work[i].device();
+      if (plan.size(0) > engine::kPlanHeader + 1 && device != plan.device() &&
+          copy_of(group_of[i], device) == copies.end()) {
+        copies.emplace_back(
+            std::make_pair(group_of[i], device),
+            plan.narrow(
+                    0, engine::kStepSizes, plan.size(0) - engine::kStepSizes)
+                .to(device));
+      }
+    }
+  }
   // Nothing is written before this point: a step whose arguments fail a
   // check leaves everything as it was.
   const c10::OptionalDeviceGuard guard(states[0].device());
   const at::Tensor taken =
       backend_for(states[0].device().type()).settle(states, plans);
-  // A kernel reads the other directions' step sizes where it runs: a
-  // parameter off the states' device gets a copy of them on its own, one
-  // per group and device, kept until the kernels are queued.
-  std::vector<std::pair<std::pair<size_t, c10::Device>, at::Tensor>> copies;
-  auto step_sizes_on = [&](size_t g, c10::Device device) -> const double* {
-    const auto& plan = plans[g];
-    if (device == plan.device()) {
-      return plan.data_ptr<double>() + engine::kStepSizes;
-    }
-    const auto key = std::make_pair(g, device);
-    auto found = std::find_if(copies.begin(), copies.end(), [&](const auto& c) {
-      return c.first == key;
-    });
-    if (found == copies.end()) {
-      copies.emplace_back(
-          key,
-          plan.narrow(0, engine::kStepSizes, plan.size(0) - engine::kStepSizes)
-              .to(device));
-      found = std::prev(copies.end());
-    }
-    return found->second.data_ptr<double>();
-  };
   const auto buckets = table.entries(indices, [&](size_t i, UpdateEntry& e) {
     const auto& plan_tensor = plans[group_of[i]];
     const double* plan = plan_tensor.data_ptr<double>();
@@ -486,9 +488,9 @@ at::Tensor finish_step(at::TensorList params,
                                   directions,
                                   taken.data_ptr<double>()[0] != 0,
                                   e.master != nullptr);
-      if (e.step.other_directions > 0) {
-        e.step.other_step_sizes =
-            step_sizes_on(group_of[i], table.work[i].device());
+      const auto copy = copy_of(group_of[i], table.work[i].device());
+      if (copy != copies.end()) {
+        e.step.other_step_sizes = copy->second.data_ptr<double>();
       }
     } else {
       e.source.plan = plan;

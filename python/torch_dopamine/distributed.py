@@ -84,6 +84,12 @@ def local_pieces(param: torch.Tensor) -> List[Tuple[torch.Tensor, int]]:
     dim, shape = placement.dim, tuple(param.shape)
     chunk = -(-shape[dim] // param.device_mesh.size())
     start = min(param.device_mesh.get_local_rank() * chunk, shape[dim])
+    if local.shape[dim] != min(chunk, shape[dim] - start):
+        raise ValueError(
+            f"Dopamine: a DTensor of shape {list(shape)} has a local shard of {local.shape[dim]} along dim {dim} on "
+            f"mesh rank {param.device_mesh.get_local_rank()}, not torch's chunk of {min(chunk, shape[dim] - start)}; "
+            "uneven shards of another split are not supported"
+        )
     rest = 1
     for size in shape[dim + 1:]:
         rest *= size

@@ -358,6 +358,13 @@ class Dopamine(Optimizer):
                 )
             self._recorder = Recorder(master_weights) if record_trajectory else None
             super().__init__(params, defaults)
+            if process_group is not None and parallel == "population" and any(
+                replicated(p) is None for group in self.param_groups for p in group["params"]
+            ):
+                raise ValueError(
+                    "Dopamine: parallel='population' with sharded DTensor parameters is not supported: rank 0 "
+                    "evaluates once more than the others, and a closure over shards makes collectives"
+                )
             refused = None
         except Exception as error:
             if process_group is None:
@@ -443,13 +450,17 @@ class Dopamine(Optimizer):
                     master = record.get("master_weight") if record else None
                     masters.append(master if master is not None else param.detach().float().contiguous())
             index += len(group["params"])
-            if not params:
+            # A group is left out when it has nothing to train, not when
+            # this rank's shards of it are empty: every rank takes the same
+            # steps (docs/DESIGN.md, "Many processes").
+            trainable = [p for p in group["params"] if p.requires_grad]
+            if not trainable:
                 continue
-            device = params[0].device if self.defaults["capturable"] else torch.device("cpu")
-            if self.defaults["capturable"] and any(p.device != device for p in params):
+            device = trainable[0].device if self.defaults["capturable"] else torch.device("cpu")
+            if self.defaults["capturable"] and any(p.device != device for p in trainable):
                 raise RuntimeError(
                     f"Dopamine: with capturable=True every parameter of group {g} must be on one "
-                    f"device; they are on {sorted({str(p.device) for p in params})}"
+                    f"device; they are on {sorted({str(p.device) for p in trainable})}"
                 )
             if state is None:
                 state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64, device=device)

@@ -339,8 +339,29 @@ def sharded(rank, world_size):
         opt.step(lambda: loss_of([p.full_tensor() for p in params], slice(rank * size, (rank + 1) * size)))
     results["data parallel"] = dict(full=[p.full_tensor().detach().clone() for p in params], state=group_state(opt))
     results["initial"], results["x"], results["y"] = initial, x, y
+    # A group of which some ranks hold nothing (2 rows over 4 ranks), alone
+    # and beside another group: every rank still takes its steps.
+    for name, with_other in (("empty shards", True), ("nothing here", False)):
+        small = distribute_tensor(initial[1][:2].clone(), mesh, [Shard(0)]).requires_grad_()
+        other = distribute_tensor(initial[3].clone(), mesh, [Replicate()]).requires_grad_()
+        groups = [{"params": [small]}] + ([{"params": [other], "seed": 4}] if with_other else [])
+        opt = torch_dopamine.Dopamine(groups, lr=0.05, sigma=1e-3)
+        for _ in range(3):
+            opt.step(lambda: (small.full_tensor() ** 2).sum() + (other.full_tensor() ** 2).sum())
+        results[name] = dict(full=[small.full_tensor().detach().clone(), other.full_tensor().detach().clone()],
+                             states=[opt.group_state(g) for g in range(len(groups))])
     sharded_weight = distribute_tensor(initial[0].clone(), mesh, [Shard(0)]).requires_grad_()
+    from torch.distributed.tensor import DTensor
+
+    uneven = DTensor.from_local(torch.zeros(1 + 2 * rank, 3, dtype=torch.float64), mesh, [Shard(0)],
+                                shape=torch.Size([sum(1 + 2 * r for r in range(world_size)), 3]),
+                                stride=(3, 1)).requires_grad_()
     results["refused"] = {
+        "uneven": error_of(lambda: torch_dopamine.Dopamine([uneven]).step(lambda: torch.tensor(0.0))),
+        "population": error_of(
+            lambda: torch_dopamine.Dopamine([sharded_weight], process_group=dist.group.WORLD, parallel="population",
+                                            num_perturbations=world_size)
+        ),
         "master_weights": error_of(lambda: torch_dopamine.Dopamine([sharded_weight], master_weights=True)),
         "record_trajectory": error_of(lambda: torch_dopamine.Dopamine([sharded_weight], record_trajectory=True)),
         "Shard(2)": error_of(

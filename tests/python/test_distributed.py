@@ -154,7 +154,19 @@ def test_sharded_parameters_draw_the_noise_of_the_unsharded_model(ranks):
         assert same_bits(rank["data parallel"]["full"], seen[0]["data parallel"]["full"])
     for ours, theirs in zip(seen[0]["data parallel"]["full"], params):
         torch.testing.assert_close(ours, theirs.detach(), rtol=1e-9, atol=1e-12)
+    for name in ("empty shards", "nothing here"):
+        small = initial[1][:2].clone().requires_grad_()
+        other = initial[3].clone().requires_grad_()
+        groups = [{"params": [small]}] + ([{"params": [other], "seed": 4}] if name == "empty shards" else [])
+        opt = torch_dopamine.Dopamine(groups, lr=0.05, sigma=1e-3)
+        for _ in range(3):
+            opt.step(lambda: (small ** 2).sum() + (other ** 2).sum())
+        for rank in seen:
+            assert same_bits(rank[name]["full"], [small, other]), name
+            assert rank[name]["states"] == [opt.group_state(g) for g in range(len(groups))], name
     refused = seen[0]["refused"]
+    assert refused["uneven"][0] == "ValueError" and "not torch's chunk" in refused["uneven"][1]
+    assert refused["population"][0] == "ValueError" and "'population' with sharded DTensor" in refused["population"][1]
     assert refused["master_weights"] == ("ValueError", "Dopamine: master_weights is not supported with DTensor parameters")
     assert refused["record_trajectory"][1] == "Dopamine: record_trajectory is not supported with DTensor parameters"
     assert refused["Shard(2)"][0] == "ValueError" and "supports Shard(0), Shard(1) and Replicate() on a 1-D mesh" in refused["Shard(2)"][1]
