@@ -288,7 +288,12 @@ def performance_profile(rows_by_task: Dict[str, Dict[str, dict]], taus: Sequence
         best = min(costs.values())
         for name in names:
             c = costs.get(name, math.inf)
-            ratios[name].append(c / best if math.isfinite(c) and best > 0 else (1.0 if c == best else math.inf))
+            if not math.isfinite(c):  # failed, also where every optimizer failed
+                ratios[name].append(math.inf)
+            elif best > 0:
+                ratios[name].append(c / best)
+            else:  # a zero cost: only the optimizers that reach it are best
+                ratios[name].append(1.0 if c == 0 else math.inf)
     tasks_count = len(rows_by_task)
     return {name: [sum(r <= tau for r in ratios[name]) / tasks_count for tau in taus] for name in names}
 

@@ -193,6 +193,9 @@ def main(argv=None):
             records[-1]["ops"]["cpu_breakdown"] = json.loads(Path(args.noise_json).read_text())
     if args.cpp_json:
         cpp = json.loads(Path(args.cpp_json).read_text())["records"]
+        for row in cpp:
+            # Outside the protocol: fixed learning rates, no tuning.
+            row.update(schedule="constant", divergences=None, ci95=None)
         progress(f"merged {len(cpp)} C++ records from {args.cpp_json}")
         records += cpp
     meta = dict(

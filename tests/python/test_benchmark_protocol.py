@@ -101,6 +101,12 @@ def test_the_performance_profile_counts_tasks_within_tau_of_the_best():
     profile = protocol.performance_profile(rows, [1.0, 1.99, 2.01, 1e9])
     assert profile["a"] == pytest.approx([2 / 3, 2 / 3, 1.0, 1.0])
     assert profile["b"] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3])
+    # A task every optimizer failed counts for none; a zero cost only for those that reach it.
+    rows["xor"]["a"] = scored("xor", "a", 0.0, success_rate=0.0)
+    rows["lorenz"]["b"] = scored("lorenz", "b", 0.0)
+    profile = protocol.performance_profile(rows, [1.0, 1e9])
+    assert profile["a"] == pytest.approx([0.0, 1 / 3])
+    assert profile["b"] == pytest.approx([2 / 3, 2 / 3])
 
 
 def test_beating_a_peer_needs_the_better_figure_and_no_more_divergences():
