@@ -77,7 +77,7 @@ bench: build python
 
 # Reruns the tuning of the quick tasks (every optimizer: 5 learning rates x
 # 2 schedules x 3 tuning seeds) and rewrites benchmarks/tuned.json: about
-# 35 minutes on 2 cores.
+# 40 minutes on 2 cores (42 in the run of 2026-11-29, beside other work).
 bench-tune: build python
 	$(PYTHON) benchmarks/python/run_suite.py --tune
 
