@@ -26,11 +26,7 @@ class Contender:
     make: Callable[[List[torch.Tensor], float, float, int], torch.optim.Optimizer]
     # Forward evaluations a step makes (a forward-only step: k + 1, or 2k
     # with antithetic).
-    forwards: int = 1
-
-    @property
-    def forwards_per_step(self) -> int:
-        return self.forwards
+    forwards_per_step: int = 1
 
     @property
     def backwards_per_step(self) -> int:
@@ -39,7 +35,7 @@ class Contender:
     @property
     def forward_equivalents_per_step(self) -> int:
         """A step's cost in forward passes: a backward costs about two."""
-        return self.forwards + 2 * self.backwards_per_step
+        return self.forwards_per_step + 2 * self.backwards_per_step
 
 
 def _dopamine(**options):

@@ -416,15 +416,16 @@ at::Tensor finish_step(at::TensorList params,
   std::vector<size_t> group_of;
   for (const auto g : c10::irange(states.size())) {
     check_state_tensor(states[g], engine::kStateSize, "finish_step_", "state");
-    TORCH_CHECK(
-        plans[g].defined() && plans[g].scalar_type() == at::kDouble &&
-            plans[g].dim() == 1 && plans[g].size(0) > engine::kPlanHeader &&
-            plans[g].size(0) <= engine::kPlanHeader + engine::kMaxDirections &&
-            plans[g].is_contiguous(),
-        "dopamine::finish_step_: plan must be a contiguous float64 "
-        "tensor of shape [",
-        engine::kPlanHeader,
-        " + num_perturbations], as plan_step returns it");
+    TORCH_CHECK(plans[g].defined() && plans[g].scalar_type() == at::kDouble &&
+                    plans[g].dim() == 1 &&
+                    plans[g].sym_size(0) > engine::kPlanHeader &&
+                    plans[g].sym_size(0) <=
+                        engine::kPlanHeader + engine::kMaxDirections &&
+                    plans[g].is_contiguous(),
+                "dopamine::finish_step_: plan must be a contiguous float64 "
+                "tensor of shape [",
+                engine::kPlanHeader,
+                " + num_perturbations], as plan_step returns it");
     TORCH_CHECK(states[g].device() == states[0].device() &&
                     plans[g].device() == states[0].device(),
                 "dopamine::finish_step_: every state and plan must be on one "

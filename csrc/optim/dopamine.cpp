@@ -249,25 +249,6 @@ void check_params(const std::vector<torch::Tensor>& params,
   }
 }
 
-// The loss as a float64 scalar, after checking what the closure returned.
-torch::Tensor loss_tensor(const torch::Tensor& loss, const char* which) {
-  TORCH_CHECK(loss.defined(),
-              "Dopamine: the closure returned an undefined tensor as the ",
-              which,
-              " loss; expected a scalar floating-point tensor");
-  TORCH_CHECK(loss.numel() == 1 && loss.is_floating_point(),
-              "Dopamine: the closure must return a scalar floating-point "
-              "tensor; the ",
-              which,
-              " loss has shape ",
-              loss.sizes(),
-              " and dtype ",
-              loss.scalar_type());
-  // A copy: a closure may return the same buffer at every call.
-  return loss.detach().reshape({}).to(
-      torch::kDouble, /*non_blocking=*/false, /*copy=*/true);
-}
-
 bool is_half(const torch::Tensor& param) {
   return param.scalar_type() == torch::kHalf ||
          param.scalar_type() == torch::kBFloat16;
@@ -317,20 +298,57 @@ struct GroupStep {
   }
 };
 
-// The name of loss `i` of a step, as its errors give it.
-std::string loss_name(bool antithetic, int64_t directions, int64_t i) {
-  const std::string z =
-      directions == 1
-          ? "z"
-          : "z_" + std::to_string(antithetic ? i / 2
-                                             : std::max<int64_t>(i - 1, 0));
-  if (antithetic) {
-    return std::string("theta ") + (i % 2 == 0 ? "+" : "-") + " sigma " + z;
+// The evaluations of a step (docs/DESIGN.md, "The algorithm"): L0, then
+// L(theta + sigma z_j) for each direction j; or with antithetic L(theta +
+// sigma z_j) and L(theta - sigma z_j) for each j, in plan_step's order.
+struct Evaluations {
+  bool antithetic;
+  int64_t directions;
+
+  int64_t count() const {
+    return antithetic ? 2 * directions : directions + 1;
   }
-  if (i == 0) {
-    return "unperturbed";
+  // Evaluation i is at offset(i) * sigma * z_direction(i).
+  int64_t offset(int64_t i) const {
+    return antithetic ? (i % 2 == 0 ? 1 : -1) : (i > 0);
   }
-  return directions == 1 ? "perturbed" : "theta + sigma " + z;
+  int64_t direction(int64_t i) const {
+    return antithetic ? i / 2 : std::max<int64_t>(i - 1, 0);
+  }
+  // The name of evaluation i, as errors give it.
+  std::string name(int64_t i) const {
+    const std::string z =
+        directions == 1 ? "z" : "z_" + std::to_string(direction(i));
+    if (offset(i) == 0) {
+      return "unperturbed";
+    }
+    if (!antithetic) {
+      return directions == 1 ? "perturbed" : "theta + sigma " + z;
+    }
+    return std::string("theta ") + (offset(i) > 0 ? "+" : "-") + " sigma " + z;
+  }
+};
+
+// Evaluation i's loss as a float64 scalar, after checking what the closure
+// returned (its name is built only for an error).
+torch::Tensor loss_tensor(const torch::Tensor& loss,
+                          const Evaluations& evaluations,
+                          int64_t i) {
+  TORCH_CHECK(loss.defined(),
+              "Dopamine: the closure returned an undefined tensor as the ",
+              evaluations.name(i),
+              " loss; expected a scalar floating-point tensor");
+  TORCH_CHECK(loss.numel() == 1 && loss.is_floating_point(),
+              "Dopamine: the closure must return a scalar floating-point "
+              "tensor; the ",
+              evaluations.name(i),
+              " loss has shape ",
+              loss.sizes(),
+              " and dtype ",
+              loss.scalar_type());
+  // A copy: a closure may return the same buffer at every call.
+  return loss.detach().reshape({}).to(
+      torch::kDouble, /*non_blocking=*/false, /*copy=*/true);
 }
 
 }  // namespace
@@ -492,17 +510,15 @@ torch::Tensor Dopamine::step(LossClosure closure) {
       group.come_to(0, 0);
     }
   };
-  const int64_t loss_count = antithetic ? 2 * directions : directions + 1;
+  const Evaluations evaluations{antithetic, directions};
+  const int64_t loss_count = evaluations.count();
   if (groups.empty()) {
     // Nothing to perturb, so no collective either: every rank of a process
     // group has the same trainable parameters.
     auto loss = closure();
-    loss_tensor(loss, loss_name(antithetic, directions, 0).c_str());
+    loss_tensor(loss, evaluations, 0);
     return loss;
   }
-  // The evaluations (docs/DESIGN.md, "The algorithm"): L0, then L(theta +
-  // sigma z_j) for each direction j; or with antithetic L(theta + sigma z_j)
-  // and L(theta - sigma z_j) for each j.
   torch::Tensor loss;
   std::vector<torch::Tensor> values;
   // The message of this rank's failure, with a process group.
@@ -513,19 +529,15 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   };
   try {
     for (int64_t i = 0; i < loss_count; ++i) {
-      const int64_t offset = antithetic ? (i % 2 == 0 ? 1 : -1) : (i > 0);
-      const int64_t direction =
-          antithetic ? i / 2 : std::max<int64_t>(i - 1, 0);
       for (auto& group : groups) {
-        group.come_to(offset, direction);
+        group.come_to(evaluations.offset(i), evaluations.direction(i));
       }
       if (failure) {
         continue;
       }
       try {
         auto returned = closure();
-        values.push_back(loss_tensor(
-            returned, loss_name(antithetic, directions, i).c_str()));
+        values.push_back(loss_tensor(returned, evaluations, i));
         if (i == 0) {
           loss = returned;
         }
@@ -614,7 +626,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
       const double value = values_on_host[i].item<double>();
       TORCH_CHECK(std::isfinite(value),
                   "Dopamine: the ",
-                  loss_name(antithetic, directions, i),
+                  evaluations.name(i),
                   " loss is ",
                   value,
                   where,

@@ -26,10 +26,17 @@ class GroupTensors:
         self.carried = 0
         self.carried_direction = 0
 
+    def carries(self, offset: int, direction: int = 0) -> bool:
+        """Whether the parameters carry offset * sigma * z_direction (any
+        direction carries offset 0)."""
+        return self.carried == offset and (not offset or self.carried_direction == direction)
+
     def come_to(self, offset: int, direction: int = 0) -> None:
         """The parameters come to carry offset * sigma * z_direction, through
         theta when they carry another direction (nothing to do if they
         already do)."""
+        if self.carries(offset, direction):
+            return
         if self.carried and self.carried_direction != direction:
             self._perturb(0, self.carried_direction)
         if self.carried != offset:

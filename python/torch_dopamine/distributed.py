@@ -14,6 +14,7 @@ r + W, ... of the ``num_perturbations``, passing 0 for the others, so the sum
 holds each loss as the one rank that evaluated it computed it.
 """
 
+import math
 from typing import Any, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
@@ -25,8 +26,8 @@ except ImportError:  # torch before 2.5 keeps it private; no DTensor support
     DTensor = Replicate = Shard = None
 
 __all__ = [
-    "PARALLEL_MODES", "Collective", "check_parallel", "check_sharding", "checksum", "describe", "is_dtensor",
-    "local_pieces", "replicated",
+    "PARALLEL_MODES", "Collective", "check_parallel", "check_sharding", "checksum", "describe", "held_alike",
+    "is_dtensor", "local_pieces", "replicated",
 ]
 
 PARALLEL_MODES = ("data", "population")
@@ -81,23 +82,18 @@ def local_pieces(param: torch.Tensor) -> List[Tuple[torch.Tensor, int]]:
     placement = param.placements[0]
     if isinstance(placement, Replicate) or local.numel() == 0:
         return [(local, 0)] if local.numel() else []
-    dim, shape = placement.dim, tuple(param.shape)
+    dim, shape, rank = placement.dim, tuple(param.shape), param.device_mesh.get_local_rank()
     chunk = -(-shape[dim] // param.device_mesh.size())
-    start = min(param.device_mesh.get_local_rank() * chunk, shape[dim])
-    if local.shape[dim] != min(chunk, shape[dim] - start):
+    start = min(rank * chunk, shape[dim])
+    expected = min(chunk, shape[dim] - start)
+    if local.shape[dim] != expected:
         raise ValueError(
             f"Dopamine: a DTensor of shape {list(shape)} has a local shard of {local.shape[dim]} along dim {dim} on "
-            f"mesh rank {param.device_mesh.get_local_rank()}, not torch's chunk of {min(chunk, shape[dim] - start)}; "
-            "uneven shards of another split are not supported"
+            f"mesh rank {rank}, not torch's chunk of {expected}; uneven shards of another split are not supported"
         )
-    rest = 1
-    for size in shape[dim + 1:]:
-        rest *= size
-    prefix = 1
-    for size in shape[:dim]:
-        prefix *= size
+    prefix, rest = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
     blocks = local.view(prefix, -1)
-    return [(blocks[p], p * shape[dim] * rest + start * rest) for p in range(prefix)]
+    return [(blocks[p], (p * shape[dim] + start) * rest) for p in range(prefix)]
 
 
 def replicated(param: torch.Tensor) -> Optional[torch.Tensor]:
@@ -106,6 +102,14 @@ def replicated(param: torch.Tensor) -> Optional[torch.Tensor]:
     if not is_dtensor(param):
         return param
     return param.to_local() if isinstance(param.placements[0], Replicate) else None
+
+
+def held_alike(params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors of `params` that every rank holds alike (what the
+    configuration check and verify_every compare): not the shards of
+    sharded parameters."""
+    tensors = [replicated(param) for param in params]
+    return [tensor for tensor in tensors if tensor is not None]
 
 
 def describe(param: torch.Tensor) -> str:

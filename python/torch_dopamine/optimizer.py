@@ -1,5 +1,6 @@
 """The Dopamine optimizer for Python, over the ops that the C++ optimizer calls."""
 
+import functools
 import math
 import numbers
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -10,7 +11,7 @@ from torch.optim import Optimizer
 
 from ._engine import GroupTensors, finish
 from .distributed import (
-    Collective, check_parallel, check_sharding, checksum, describe, is_dtensor, local_pieces, replicated,
+    Collective, check_parallel, check_sharding, checksum, describe, held_alike, is_dtensor, local_pieces, replicated,
 )
 from .trajectory import Recorder
 
@@ -148,16 +149,18 @@ def _loss_tensor(loss: Any, which: str) -> torch.Tensor:
     )
 
 
-def _evaluations(antithetic: bool, directions: int) -> List[Tuple[int, int, str]]:
+@functools.lru_cache(maxsize=16)
+def _evaluations(antithetic: bool, directions: int) -> Tuple[Tuple[int, int, str], ...]:
     """The evaluations of a step in plan_step's order, as (offset,
-    direction, name): the parameters carry offset * sigma * z_direction."""
+    direction, name): the parameters carry offset * sigma * z_direction.
+    Cached: every step of an optimizer asks for the same ones."""
     def z(j: int) -> str:
         return "z" if directions == 1 else f"z_{j}"
 
     if antithetic:
-        return [(offset, j, f"theta {sign} sigma {z(j)}") for j in range(directions) for offset, sign in ((1, "+"), (-1, "-"))]
+        return tuple((offset, j, f"theta {sign} sigma {z(j)}") for j in range(directions) for offset, sign in ((1, "+"), (-1, "-")))
     perturbed = ["perturbed"] if directions == 1 else [f"theta + sigma {z(j)}" for j in range(directions)]
-    return [(0, 0, "unperturbed")] + [(1, j, name) for j, name in enumerate(perturbed)]
+    return ((0, 0, "unperturbed"),) + tuple((1, j, name) for j, name in enumerate(perturbed))
 
 
 def _is_half(param: torch.Tensor) -> bool:
@@ -499,7 +502,7 @@ class Dopamine(Optimizer):
         def move(offset: int, direction: int = 0) -> None:
             """Every group comes to carry offset * sigma * z_direction (a
             group that already does stays)."""
-            if all(gs.carried == offset and (not offset or gs.carried_direction == direction) for gs in steps):
+            if all(gs.carries(offset, direction) for gs in steps):
                 return
             moved = 0
             try:
@@ -607,12 +610,12 @@ class Dopamine(Optimizer):
         if raises and not taken.item():
             for group_step, before in zip(steps, saved):
                 group_step.state.copy_(before)
-            values = losses.tolist()
-            bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+            numbers = losses.tolist()
+            bad = next((i for i, value in enumerate(numbers) if not math.isfinite(value)), None)
             cause = (
-                f"the {evaluations[bad][2]} loss is {values[bad]}"
+                f"the {evaluations[bad][2]} loss is {numbers[bad]}"
                 if bad is not None
-                else f"the step size is not finite (losses {', '.join(map(str, values[:-1]))} and {values[-1]})"
+                else f"the step size is not finite (losses {', '.join(map(str, numbers[:-1]))} and {numbers[-1]})"
             )
             where = "" if collective is None else (
                 " (the mean over the process group's ranks)" if collective.parallel == "data"
@@ -627,10 +630,9 @@ class Dopamine(Optimizer):
             for param, master in zip([p for p in group_step.params if _is_half(p)], group_step.masters):
                 self.state[param]["master_weight"] = master
         if collective is not None and collective.verify_every:
-            # What every rank holds alike: not the shards of sharded parameters.
-            held_alike = [replicated(p) for group_step in steps for p in group_step.group_params if p.requires_grad]
             collective.verify(
-                [t for t in held_alike if t is not None] + [m for group_step in steps for m in group_step.masters],
+                held_alike([p for group_step in steps for p in group_step.group_params if p.requires_grad])
+                + [m for group_step in steps for m in group_step.masters],
                 int(steps[0].state[0].item()),
             )
         return loss
@@ -665,9 +667,9 @@ class Dopamine(Optimizer):
         # Last, since a difference in the shapes says more: whether every
         # rank starts from the same parameters (DDP broadcasts rank 0's; we
         # refuse to start apart).
-        # (of what every rank holds alike: not the shards of sharded ones)
-        held_alike = [replicated(p) for group in self.param_groups for p in group["params"]]
-        configuration["the parameters' digest"] = checksum([t for t in held_alike if t is not None])
+        configuration["the parameters' digest"] = checksum(
+            held_alike([p for group in self.param_groups for p in group["params"]])
+        )
         return configuration
 
     def state_dict(self) -> Dict[str, Any]:
