@@ -4,11 +4,13 @@ tuning is separate from scoring.
 - Tuning (`make bench-tune`): every contender gets the same budget on every
   task: the learning rates centre x {1/9, 1/3, 1, 3, 9} (log-spaced, the
   centre per task and optimizer family) crossed with the schedules
-  {constant, cosine}, each trained on the three TUNING_SEEDS. The task's
-  rule picks one configuration per contender; benchmarks/tuned.json keeps
-  every trial.
+  {constant, cosine}, each trained on the three TUNING_SEEDS and judged on
+  the task's validation split. The task's rule picks one configuration per
+  contender, fewest divergences first; benchmarks/tuned.json keeps every
+  trial.
 - Scoring (`make bench`): the selected configuration on the task's scoring
-  seeds, which tuning never saw. A diverged run (a non-finite loss, or a last
+  seeds, which tuning never saw, judged on the test split, which tuning
+  never saw either. A diverged run (a non-finite loss, or a last
   loss above the first) counts as a failure and as the worst value in every
   median; it is reported, never dropped.
 - Figures: medians over the scoring seeds with a 95% bootstrap interval,
@@ -37,8 +39,9 @@ from harness import CONTENDERS, SCHEDULES, median, record, train
 TUNING_SEEDS = (1000, 1001, 1002)
 GRID_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
 BOOTSTRAP_RESAMPLES = 2000
-# A forward-only step of the default evaluates twice: the budget of "equal
-# forward passes" is this many forward equivalents per step of the horizon.
+# A step of standard WP and of MeZO's central difference evaluates twice: the
+# budget of "equal forward passes" is this many forward equivalents per step
+# of the horizon.
 BUDGET_FORWARDS_PER_STEP = 2
 
 
@@ -47,11 +50,11 @@ def grid(task: tasks.Task, contender_name: str) -> List[float]:
     return [float(f"{centre * factor:.3g}") for factor in GRID_FACTORS]
 
 
-def description(full: bool) -> dict:
+def description(task_list: Sequence[tasks.Task]) -> dict:
     """What results/bench.json and tuned.json record as "protocol"."""
     return dict(
         tuning_seeds=list(TUNING_SEEDS),
-        scoring_seeds={task.name: task.seeds for task in tasks.all_tasks(full)},
+        scoring_seeds={task.name: task.seeds for task in task_list},
         grid=f"lr = centre x {{{', '.join(f'{f:.3g}' for f in GRID_FACTORS)}}} per task and optimizer family",
         schedules=list(SCHEDULES),
         divergence="a non-finite loss, or a last training loss above the first",
@@ -67,6 +70,7 @@ class Job:
     lr: float
     schedule: str
     seed: int
+    split: str  # the held-out set that judges the run: "validation" or "test"
 
 
 def _one_thread() -> None:
@@ -77,7 +81,7 @@ def _run(job: Job) -> dict:
     """One training run, in a worker process."""
     task = tasks.task_named(job.task, job.full)
     contender = CONTENDERS[job.contender]
-    setup = task.setup(job.seed)
+    setup = task.setup(job.seed, job.split)
     run = train(
         contender,
         setup["params"],
@@ -166,13 +170,16 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0) -> Optional[List[float]
 
 def trial_score(task: tasks.Task, runs: List[dict]) -> tuple:
     """The task's rule as a key that is larger for the better trial: XOR by
-    success rate, then fewer median steps; the others by the median final
-    metric, diverged runs counting as the worst."""
+    success rate (a diverged run fails), then fewer median steps; the others
+    by fewer divergences, then the median final metric, diverged runs
+    counting as the worst. Fewest divergences first because a configuration
+    that diverged on a tuning seed will on some scoring seeds too, and the
+    target counts divergences."""
     if task.name == "xor":
         solved = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
         return (len(solved) / len(runs), -(statistics.median(solved) if solved else math.inf))
     middle = statistics.median(final_value(task, r) for r in runs)
-    return (middle if task.higher_is_better else -middle,)
+    return (-sum(r["diverged"] for r in runs), middle if task.higher_is_better else -middle)
 
 
 # --- Tuning ----------------------------------------------------------------------
@@ -182,7 +189,7 @@ def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: 
     """Every contender's trials on the tuning seeds and the configuration
     the task's rule selects, for benchmarks/tuned.json."""
     trials = [(name, lr, schedule) for name in contender_names for lr in grid(task, name) for schedule in SCHEDULES]
-    jobs = [Job(task.name, full, name, lr, schedule, seed) for name, lr, schedule in trials for seed in TUNING_SEEDS]
+    jobs = [Job(task.name, full, name, lr, schedule, seed, "validation") for name, lr, schedule in trials for seed in TUNING_SEEDS]
     results = run_jobs(jobs, workers, progress, f"tuning {task.name}")
     tuned: Dict[str, dict] = {}
     for i, (name, lr, schedule) in enumerate(trials):
@@ -212,7 +219,7 @@ def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, pr
     """One record per contender: its tuned configuration on the scoring
     seeds."""
     names = list(tuned)
-    jobs = [Job(task.name, full, name, tuned[name]["lr"], tuned[name]["schedule"], seed) for name in names for seed in task.seeds]
+    jobs = [Job(task.name, full, name, tuned[name]["lr"], tuned[name]["schedule"], seed, "test") for name in names for seed in task.seeds]
     results = run_jobs(jobs, workers, progress, f"scoring {task.name}")
     records = []
     for i, name in enumerate(names):

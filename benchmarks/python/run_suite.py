@@ -25,7 +25,7 @@ import tasks
 from harness import CONTENDERS, TASK_CONTENDERS, Progress, machine, record
 
 TUNED = Path(__file__).resolve().parents[1] / "tuned.json"
-SCALING_CONTENDERS = ["dopamine", "dopamine[rademacher]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
+SCALING_CONTENDERS = ["dopamine", "dopamine[k=1]", "dopamine[rademacher]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
 
 
 def scaling_records(sizes, device, progress):
@@ -119,8 +119,9 @@ def load_tuned(path: Path, mode: str, task_names) -> dict:
 
 
 def tune(args, task_list, progress) -> None:
-    """Reruns the tuning of the tasks and rewrites their entries of
-    tuned.json."""
+    """Reruns the tuning of the tasks (of --contenders only, when given) and
+    rewrites their entries of tuned.json."""
+    contenders = args.contenders or TASK_CONTENDERS
     mode = "full" if args.full else "quick"
     tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
     started = time.time()
@@ -128,14 +129,22 @@ def tune(args, task_list, progress) -> None:
     entry.setdefault("tasks", {})
     for task in task_list:
         progress(
-            f"tuning {task.name}: {len(TASK_CONTENDERS)} optimizers x {len(protocol.GRID_FACTORS)} learning rates x "
+            f"tuning {task.name}: {len(contenders)} optimizers x {len(protocol.GRID_FACTORS)} learning rates x "
             f"{len(protocol.SCHEDULES)} schedules x {len(protocol.TUNING_SEEDS)} seeds, {task.steps} steps, {args.workers} workers"
         )
         task_started = time.time()
-        entry["tasks"][task.name] = protocol.tune(task, TASK_CONTENDERS, args.full, args.workers, progress)
-        entry.setdefault("seconds", {})[task.name] = time.time() - task_started
+        tuned_now = protocol.tune(task, contenders, args.full, args.workers, progress)
+        seconds = entry.setdefault("seconds", {})
+        if args.contenders:
+            # Some contenders retuned: the others keep their trials, and the
+            # task's time adds up the tunings that made its entry.
+            entry["tasks"][task.name] = dict(entry["tasks"].get(task.name, {}), **tuned_now)
+            seconds[task.name] = seconds.get(task.name, 0.0) + time.time() - task_started
+        else:
+            entry["tasks"][task.name] = tuned_now
+            seconds[task.name] = time.time() - task_started
         entry.update(
-            protocol=protocol.description(args.full),
+            protocol=protocol.description(task_list),
             machine=machine(),
             workers=args.workers,
             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -156,6 +165,15 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="device of the scaling and op benchmarks (cpu or cuda)")
     parser.add_argument("--skip", nargs="*", default=[], help="tasks to leave out (xor lorenz rossler digits scaling scaleout ops)")
     parser.add_argument(
+        "--contenders", nargs="+", choices=TASK_CONTENDERS, help="score, or with --tune retune, only these of the task contenders"
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="score every task on these seeds instead of its scoring seeds (a confirmation on seeds nothing was chosen on)",
+    )
+    parser.add_argument(
         "--scaling-sizes",
         nargs="+",
         type=int,
@@ -168,6 +186,11 @@ def main(argv=None):
     info = machine()
     progress(f"machine: {info}")
     task_list = [task for task in tasks.all_tasks(args.full) if task.name not in args.skip]
+    if args.seeds:
+        if set(args.seeds) & set(protocol.TUNING_SEEDS):
+            parser.error(f"--seeds must not include the tuning seeds {protocol.TUNING_SEEDS}")
+        for task in task_list:
+            task.seeds = list(args.seeds)
     if args.tune:
         tune(args, task_list, progress)
         return 0
@@ -175,13 +198,14 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     mode = "full" if args.full else "quick"
     tuned = load_tuned(TUNED, mode, [task.name for task in task_list])
+    contenders = args.contenders or TASK_CONTENDERS
     records = []
     for task in task_list:
         progress(
-            f"{task.name}: {len(TASK_CONTENDERS)} optimizers at their tuned configurations x {len(task.seeds)} scoring seeds, "
+            f"{task.name}: {len(contenders)} optimizers at their tuned configurations x {len(task.seeds)} scoring seeds, "
             f"{task.steps} steps, {args.workers} workers"
         )
-        records += protocol.score(task, {name: tuned["tasks"][task.name][name] for name in TASK_CONTENDERS}, args.full, args.workers, progress)
+        records += protocol.score(task, {name: tuned["tasks"][task.name][name] for name in contenders}, args.full, args.workers, progress)
     if "scaling" not in args.skip:
         sizes = args.scaling_sizes or default_scaling_sizes(args.device, args.full)
         records += scaling_records(sizes, args.device, progress)
@@ -207,9 +231,9 @@ def main(argv=None):
         tuning=dict(date=tuned.get("date"), seconds=tuned.get("seconds"), machine=tuned.get("machine"), workers=tuned.get("workers")),
     )
     (out / "bench.json").write_text(
-        json.dumps({"meta": meta, "protocol": protocol.description(args.full), "records": records}, indent=1)
+        json.dumps({"meta": meta, "protocol": protocol.description(task_list), "records": records}, indent=1)
     )
-    report.write(records, meta, out, protocol.description(args.full))
+    report.write(records, meta, out, protocol.description(task_list))
     progress(f"wrote {out / 'bench.json'}, {out / 'REPORT.md'} and the plots")
     return 0
 

@@ -19,7 +19,10 @@ class Task:
     steps: int  # the horizon, the same for every contender
     sigma: float
     centres: Dict[str, float]  # per contender family, the centre of its lr grid
-    setup: Callable[[int], dict]  # seed -> params, loss_fn, evaluate, reached, after_step
+    # (seed, split) -> params, loss_fn, evaluate, reached, after_step; split
+    # is "validation" (tuning) or "test" (scoring): the held-out set that
+    # evaluate and reached judge.
+    setup: Callable[[int, str], dict]
     eval_every: int
     metric: str  # what final_metric is
     higher_is_better: bool
@@ -34,7 +37,8 @@ XOR_INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_TARGETS = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
 
 
-def _xor_setup(seed):
+def _xor_setup(seed, split):
+    # XOR is judged by its training loss: there is nothing held out.
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1), torch.nn.Sigmoid())
     return dict(
@@ -99,27 +103,43 @@ class ReluRnn(torch.nn.Module):
         return self.head(out[:, -1])
 
 
-_SERIES_CACHE: Dict[str, tuple] = {}
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Windows of a series and the point after each: the first 70% of the
+    series trains, the next 10% validates (tuning selects on it), the last
+    20% tests (scoring reports it); targets never cross a boundary."""
+
+    train: tuple
+    held_out: Dict[str, tuple]  # split -> (x, y)
+    persistence: Dict[str, float]  # split -> MSE of repeating the last point
 
 
-def _windows(system: str, window: int):
+_SERIES_CACHE: Dict[tuple, Windows] = {}
+
+
+def _windows(system: str, window: int) -> Windows:
     if (system, window) not in _SERIES_CACHE:
         series = trajectory(system)
-        split = int(0.8 * len(series))
-        mean, std = series[:split].mean(0), series[:split].std(0)
+        validation_start, test_start = int(0.7 * len(series)), int(0.8 * len(series))
+        mean, std = series[:validation_start].mean(0), series[:validation_start].std(0)
         z = ((series - mean) / std).float()
-        x = z.unfold(0, window, 1)[:-1].transpose(1, 2).contiguous()  # [n, window, 3]
+        x = z.unfold(0, window, 1)[:-1].transpose(1, 2).contiguous()  # [n, window, 3]; x[i] predicts y[i] = z[i + window]
         y = z[window:]
-        cut = split - window
-        test_x, test_y = x[cut:], y[cut:]
-        persistence = F.mse_loss(test_x[:, -1], test_y).item()
-        _SERIES_CACHE[system, window] = (x[:cut], y[:cut], test_x, test_y, persistence)
+        cuts = validation_start - window, test_start - window
+        held_out = dict(validation=(x[cuts[0] : cuts[1]], y[cuts[0] : cuts[1]]), test=(x[cuts[1] :], y[cuts[1] :]))
+        _SERIES_CACHE[system, window] = Windows(
+            train=(x[: cuts[0]], y[: cuts[0]]),
+            held_out=held_out,
+            persistence={split: F.mse_loss(hx[:, -1], hy).item() for split, (hx, hy) in held_out.items()},
+        )
     return _SERIES_CACHE[system, window]
 
 
 def _chaotic_setup(system: str, hidden: int, batch: Optional[int], window: int, reset_radius: bool):
-    def setup(seed):
-        train_x, train_y, test_x, test_y, persistence = _windows(system, window)
+    def setup(seed, split):
+        windows = _windows(system, window)
+        (train_x, train_y), (test_x, test_y) = windows.train, windows.held_out[split]
+        persistence = windows.persistence[split]
         torch.manual_seed(seed)
         model = ReluRnn(hidden)
         batches = torch.Generator().manual_seed(seed)
@@ -159,7 +179,7 @@ def chaotic_task(system: str, full: bool) -> Task:
     hidden, batch, window = (512, None, 32) if full else (32, 64, 16)
     steps = 3000
     sigma = {"lorenz": 1e-4, "rossler": 1e-5}[system]
-    persistence = _windows(system, window)[4]
+    persistence = _windows(system, window).persistence["test"]
     return Task(
         name=system,
         seeds=list(range(5)),
@@ -170,10 +190,10 @@ def chaotic_task(system: str, full: bool) -> Task:
         eval_every=10 if full else 50,
         metric="test MSE",
         higher_is_better=False,
-        chosen_by="lowest median final test MSE on the tuning seeds (a diverged run counts as the worst)",
+        chosen_by="fewest divergences, then lowest median final validation MSE, on the tuning seeds (a diverged run counts as the worst)",
         config=dict(
             model=f"ReLU RNN, {hidden} hidden, linear read-out",
-            data=f"RK4 dt 0.01, 5000 steps, z-scored on the first 80%, windows of {window}",
+            data=f"RK4 dt 0.01, 5000 steps, z-scored on the first 70% (train), then 10% validation and 20% test, windows of {window}",
             batch="full" if batch is None else batch,
             steps=steps,
             spectral_radius_reset=full,
@@ -196,13 +216,16 @@ def _digits_data():
         x = torch.tensor(data.data, dtype=torch.float32) / 16.0
         y = torch.tensor(data.target)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        cut = int(0.8 * len(x))
-        _DIGITS.update(train=(x[order[:cut]], y[order[:cut]]), test=(x[order[cut:]], y[order[cut:]]))
+        # 64% train, 16% validation (tuning selects on it), 20% test (scoring
+        # reports it).
+        validation_start, test_start = int(0.64 * len(x)), int(0.8 * len(x))
+        for split, part in (("train", order[:validation_start]), ("validation", order[validation_start:test_start]), ("test", order[test_start:])):
+            _DIGITS[split] = (x[part], y[part])
     return _DIGITS
 
 
-def _digits_setup(seed):
-    (train_x, train_y), (test_x, test_y) = _digits_data()["train"], _digits_data()["test"]
+def _digits_setup(seed, split):
+    (train_x, train_y), (test_x, test_y) = _digits_data()["train"], _digits_data()[split]
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
 
@@ -230,10 +253,10 @@ def digits_task(full: bool) -> Task:
         eval_every=25,
         metric="test accuracy",
         higher_is_better=True,
-        chosen_by="highest median final test accuracy on the tuning seeds (a diverged run counts as the worst)",
+        chosen_by="fewest divergences, then highest median final validation accuracy, on the tuning seeds (a diverged run counts as the worst)",
         config=dict(
             model="64-32-10 MLP, ReLU",
-            data="scikit-learn digits (8x8), 1437 train / 360 test, split by seed 0",
+            data="scikit-learn digits (8x8), 1150 train / 287 validation / 360 test, split by seed 0",
             loss="cross-entropy, full batch",
             steps=steps,
             target="test accuracy >= 0.9",
