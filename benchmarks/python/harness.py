@@ -3,6 +3,7 @@ forward-only methods a user would pick instead, torch's SGD and Adam), the
 training loop that times them, and the record format of results/bench.json."""
 
 import dataclasses
+import inspect
 import math
 import os
 import platform
@@ -42,26 +43,34 @@ def _dopamine(**options):
     return lambda params, lr, sigma, seed: torch_dopamine.Dopamine(params, lr=lr, sigma=sigma, seed=seed, **options)
 
 
+# The optimizer's own defaults, which a contender's options override.
+_DEFAULTS = {name: p.default for name, p in inspect.signature(torch_dopamine.Dopamine).parameters.items()}
+
+
 def _forward_only(name, family, **options):
-    directions = options.get("num_perturbations", 1)
-    forwards = 2 * directions if options.get("antithetic") else directions + 1
+    directions = options.get("num_perturbations", _DEFAULTS["num_perturbations"])
+    forwards = 2 * directions if options.get("antithetic", _DEFAULTS["antithetic"]) else directions + 1
     return Contender(name, family, False, _dopamine(**options), forwards)
 
 
 CONTENDERS = {
     c.name: c
     for c in [
+        # The defaults (num_perturbations=4, docs/DESIGN.md "Defaults"), then
+        # what each part of them buys: one direction (the paper's rule), two,
+        # and one direction measured centrally at the cost of two forwards.
         _forward_only("dopamine", "dopamine"),
-        _forward_only("dopamine[antithetic]", "dopamine", antithetic=True),
+        _forward_only("dopamine[k=1]", "dopamine", num_perturbations=1),
         _forward_only("dopamine[k=2]", "dopamine", num_perturbations=2),
-        _forward_only("dopamine[k=4]", "dopamine", num_perturbations=4),
+        _forward_only("dopamine[k=1,antithetic]", "dopamine", num_perturbations=1, antithetic=True),
         _forward_only("dopamine[rpe_tracking]", "rpe_tracking", lr_adaptation="rpe_tracking"),
         _forward_only("dopamine[rademacher]", "dopamine", noise="rademacher"),
-        _forward_only("wp", "wp", lr_adaptation="none"),
-        # MeZO's estimator: the central difference of Gaussian noise, no
-        # adaptation; SPSA's: the same with Rademacher noise.
-        _forward_only("zo-sgd[central]", "wp", lr_adaptation="none", antithetic=True),
-        _forward_only("spsa", "wp", lr_adaptation="none", antithetic=True, noise="rademacher"),
+        # Standard WP, one direction, no adaptation.
+        _forward_only("wp", "wp", lr_adaptation="none", num_perturbations=1),
+        # MeZO's estimator: the central difference of Gaussian noise along one
+        # direction, no adaptation; SPSA's: the same with Rademacher noise.
+        _forward_only("zo-sgd[central]", "wp", lr_adaptation="none", antithetic=True, num_perturbations=1),
+        _forward_only("spsa", "wp", lr_adaptation="none", antithetic=True, noise="rademacher", num_perturbations=1),
         Contender("sgd", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr)),
         Contender("sgd[foreach]", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr, foreach=True)),
         Contender("adam", "adam", True, lambda p, lr, sigma, seed: torch.optim.Adam(p, lr=lr)),
@@ -73,9 +82,9 @@ CONTENDERS = {
 # peers, and the gradient baselines.
 TASK_CONTENDERS = [
     "dopamine",
-    "dopamine[antithetic]",
+    "dopamine[k=1]",
     "dopamine[k=2]",
-    "dopamine[k=4]",
+    "dopamine[k=1,antithetic]",
     "wp",
     "zo-sgd[central]",
     "spsa",

@@ -408,7 +408,8 @@ void Dopamine::add_param_group(
 torch::Tensor Dopamine::step(LossClosure closure) {
   TORCH_CHECK(closure != nullptr,
               "Dopamine::step() needs a closure that returns the loss: each "
-              "step evaluates the model twice, unperturbed and perturbed");
+              "step evaluates the model unperturbed and along each "
+              "perturbation");
   torch::NoGradGuard no_grad;
   const auto& defaults = static_cast<const DopamineOptions&>(this->defaults());
   defaults.validate();

@@ -84,8 +84,9 @@ TEST_F(BadInput, ClosureReturnsUndefined) {
 TEST_F(BadInput, PerturbedLossNonScalarRestores) {
   Dopamine optimizer(params_);
   int calls = 0;
+  // The second evaluation is along the first of the default four directions.
   expect_error([&] { optimizer.step(non_scalar_second(calls)); },
-               {"scalar", "perturbed"});
+               {"scalar", "theta + sigma z_0"});
   EXPECT_EQ(calls, 2);
   expect_restored();
   EXPECT_EQ(optimizer.group_state(0), nullptr);
@@ -225,8 +226,9 @@ TEST_F(BadInput, NonFiniteLossSkipped) {
       const auto loss = optimizer.step([&] {
         return ++calls == bad_call ? torch::full({}, bad) : good_loss();
       });
-      // Both evaluations run: the check is made on the losses together.
-      EXPECT_EQ(calls, 2);
+      // Every evaluation runs (the unperturbed one and one along each of the
+      // default four directions): the check is made on the losses together.
+      EXPECT_EQ(calls, 5);
       if (bad_call == 1) {
         EXPECT_FALSE(std::isfinite(loss.item<double>()));
       }
@@ -257,7 +259,8 @@ TEST_F(BadInput, NonFiniteLossRaises) {
                        : good_loss();
           });
         },
-        {bad_call == 1 ? "unperturbed loss is inf" : "perturbed loss is inf",
+        {bad_call == 1 ? "unperturbed loss is inf"
+                       : "theta + sigma z_0 loss is inf",
          "Raise"});
     expect_restored();
     EXPECT_EQ(optimizer.group_state(0), nullptr);

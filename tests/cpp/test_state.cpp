@@ -72,10 +72,10 @@ INSTANTIATE_TEST_SUITE_P(AllModes,
                            return to_string(info.param);
                          });
 
-// Options saved before antithetic existed (no "antithetic" key) load as not
-// antithetic.
+// Options saved before antithetic and num_perturbations existed (no such
+// keys) load as not antithetic, with one direction.
 TEST(Resume, OptionsSavedBeforeAntitheticLoadAsNotAntithetic) {
-  const auto saved = DopamineOptions(0.3).seed(4);
+  const auto saved = DopamineOptions(0.3).seed(4).num_perturbations(1);
   torch::serialize::OutputArchive old;
   old.write("lr", saved.lr());
   old.write("sigma", saved.sigma());
@@ -100,13 +100,16 @@ TEST(Resume, OptionsSavedBeforeAntitheticLoadAsNotAntithetic) {
   loaded.serialize(archive);
   EXPECT_EQ(loaded, saved);
   EXPECT_FALSE(loaded.antithetic());
+  EXPECT_EQ(loaded.num_perturbations(), 1);
 }
 
 TEST(Scheduler, StepLRDrivesTheLearningRate) {
   const Quadratic loss({{6}}, torch::kDouble, 8);
   std::vector<torch::Tensor> params = {
       torch::ones({6}, torch::kDouble).requires_grad_()};
-  const auto options = DopamineOptions(0.2).lr_adaptation(LrAdaptation::None);
+  const auto options = DopamineOptions(0.2)
+                           .lr_adaptation(LrAdaptation::None)
+                           .num_perturbations(1);
   ReferenceDopamine reference;
   reference.add_group(params, options);
   Dopamine optimizer(params, options);
@@ -131,10 +134,12 @@ TEST(ParamGroups, EachGroupUsesItsOwnOptions) {
       torch::randn({4}, torch::kDouble).requires_grad_(),
       torch::randn({3}, torch::kDouble).requires_grad_(),
       torch::randn({2, 3}, torch::kDouble).requires_grad_()};
-  const auto defaults = DopamineOptions(0.05).sigma(1e-3).seed(1);
+  const auto defaults =
+      DopamineOptions(0.05).sigma(1e-3).seed(1).num_perturbations(1);
   const auto second = DopamineOptions(0.3)
                           .sigma(1e-2)
                           .seed(8)
+                          .num_perturbations(1)
                           .lr_adaptation(LrAdaptation::RpeTracking)
                           .weight_decay(0.01);
   std::vector<torch::optim::OptimizerParamGroup> groups;
@@ -238,7 +243,8 @@ TEST(Cuda, UpdateMatchesReferenceAndXorTrains) {
   std::vector<torch::Tensor> params = {
       torch::randn({5}, torch::kDouble).to(cuda).requires_grad_(),
       torch::randn({2, 3}, torch::kDouble).to(cuda).requires_grad_()};
-  const auto options = DopamineOptions(0.05).sigma(1e-3).weight_decay(0.1);
+  const auto options =
+      DopamineOptions(0.05).sigma(1e-3).weight_decay(0.1).num_perturbations(1);
   ReferenceDopamine reference;
   reference.add_group(params, options);
   Dopamine optimizer(params, options);

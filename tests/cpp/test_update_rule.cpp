@@ -34,7 +34,8 @@ TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
                            .weight_decay(weight_decay)
                            .noise(noise)
                            .seed(42)
-                           .antithetic(antithetic);
+                           .antithetic(antithetic)
+                           .num_perturbations(1);
   const auto with_skips = [&] {
     const LossFn loss = [&](const auto& p) { return quadratic(p); };
     return non_finite_at(loss, {{1, 1, std::nan("")}, {4, 0, INFINITY}});
@@ -104,7 +105,7 @@ TEST(UpdateRule, LrMinAndLrMaxClamp) {
   const auto tracking = [](double lr) {
     return DopamineOptions(lr).lr_adaptation(LrAdaptation::RpeTracking);
   };
-  for (const auto& options :
+  for (auto options :
        {DopamineOptions(1.0).lr_max(0.01).lr_adaptation(LrAdaptation::None),
         DopamineOptions(1e-6).lr_min(0.02).lr_adaptation(LrAdaptation::None),
         DopamineOptions(0.1).lr_max(1e-3),
@@ -112,6 +113,7 @@ TEST(UpdateRule, LrMinAndLrMaxClamp) {
         tracking(1e-6).lr_min(0.02),
         // Tracking fast, so the rate moves between the clamps.
         tracking(0.5).beta_s(0.5).beta_eta(0.5).lr_min(0.1).lr_max(0.2)}) {
+    options.num_perturbations(1);  // as the reference
     std::vector<torch::Tensor> params = {
         torch::ones({4}, torch::kDouble).requires_grad_()};
     ReferenceDopamine reference;

@@ -93,8 +93,12 @@ class ReferenceDopamine {
     double m = 0, s = 0, eta = 0;
   };
 
+  // The reference follows one direction (docs/DESIGN.md, "The algorithm");
+  // several are checked against the Python reference, and C++ against Python.
   void add_group(const std::vector<torch::Tensor>& params,
                  const DopamineOptions& options) {
+    TORCH_CHECK(options.num_perturbations() == 1,
+                "ReferenceDopamine follows one direction");
     Group group{{}, options, first_index_};
     for (const auto& p : params) {
       group.theta.push_back(p.detach().clone());

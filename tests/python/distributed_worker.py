@@ -113,7 +113,7 @@ def closure_raises(rank, world_size):
 
 
 def non_finite(rank, world_size):
-    """The last rank's perturbed loss is NaN at the third step."""
+    """The last rank's loss along the first direction is NaN at the third step."""
     results = {}
     for mode in ("skip", "raise"):
         params = model()

@@ -90,9 +90,11 @@ class ReferenceDopamine:
                 out.append(theta)
         return out
 
-    def step(self, loss_fn, lrs=None, antithetic=False, directions=1):
-        """One step along `directions` directions; returns L0, or with
-        antithetic the mean of the losses."""
+    def step(self, loss_fn, lrs=None):
+        """One step with the first group's `antithetic` and `num_perturbations`
+        (the same in every group); returns L0, or with antithetic the mean of
+        the losses."""
+        antithetic, directions = self.groups[0]["o"]["antithetic"], self.groups[0]["o"]["num_perturbations"]
         if antithetic:
             losses = [float(loss_fn(self.params(sign, j))) for j in range(directions) for sign in (1, -1)]
             deltas = [(losses[2 * j] - losses[2 * j + 1]) / 2 for j in range(directions)]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "python"))
 np = pytest.importorskip("numpy")
@@ -50,8 +51,55 @@ def test_a_diverged_run_counts_as_the_worst_value():
     assert protocol.final_value(accuracy, run(0.9, diverged=True)) == -math.inf
     assert protocol.final_value(mse, run(0.1)) == 0.1
     # Two of three trials fine: the median is the worse fine one.
-    assert protocol.trial_score(mse, [run(0.1), run(0.3), run(0.2, diverged=True)]) == (-0.3,)
-    assert protocol.trial_score(accuracy, [run(0.9), run(0.8), run(0.95, diverged=True)]) == (0.8,)
+    assert protocol.trial_score(mse, [run(0.1), run(0.3), run(0.2, diverged=True)]) == (-1, -0.3)
+    assert protocol.trial_score(accuracy, [run(0.9), run(0.8), run(0.95, diverged=True)]) == (-1, 0.8)
+
+
+def test_trials_rank_by_fewest_divergences_then_the_median():
+    mse = tasks.chaotic_task("rossler", False)
+    better_median_one_diverged = [run(0.001), run(0.002), run(0.5, diverged=True)]
+    worse_median_none_diverged = [run(0.003), run(0.004), run(0.005)]
+    best_none_diverged = [run(0.002), run(0.003), run(0.004)]
+    ranked = sorted(
+        [better_median_one_diverged, worse_median_none_diverged, best_none_diverged],
+        key=lambda r: protocol.trial_score(mse, r),
+        reverse=True,
+    )
+    assert ranked == [best_none_diverged, worse_median_none_diverged, better_median_one_diverged]
+
+
+@pytest.mark.parametrize("system", ["lorenz", "rossler"])
+def test_the_series_splits_into_train_validation_and_test_in_time_order(system):
+    windows = tasks._windows(system, 16)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = windows.train, windows.held_out["validation"], windows.held_out["test"]
+    series = torch.cat([train_y, val_y, test_y])
+    # Every target once, in order: 70% / 10% / 20% of the 5000 points,
+    # less the first window, which has no target.
+    assert (len(train_y), len(val_y), len(test_y)) == (3500 - 16, 500, 1000)
+    assert torch.equal(torch.cat([train_x, val_x, test_x])[1:, -1], series[:-1])
+    for split, (x, y) in windows.held_out.items():
+        assert windows.persistence[split] == pytest.approx(torch.nn.functional.mse_loss(x[:, -1], y).item())
+
+
+def test_the_digits_splits_are_disjoint_and_cover_the_data():
+    data = tasks._digits_data()
+    rows = [tuple(row.tolist()) for split in ("train", "validation", "test") for row in data[split][0]]
+    assert [len(data[split][0]) for split in ("train", "validation", "test")] == [1150, 287, 360]
+    assert len(rows) == 1797
+    # Digit images repeat in the data set, so compare row sets by count.
+    from sklearn.datasets import load_digits
+
+    assert sorted(rows) == sorted(tuple((torch.tensor(row, dtype=torch.float32) / 16.0).tolist()) for row in load_digits().data)
+
+
+@pytest.mark.parametrize("name", ["lorenz", "digits"])
+def test_tuning_judges_on_validation_and_scoring_on_test(name):
+    task = tasks.task_named(name, False)
+    validation, test = task.setup(0, "validation"), task.setup(0, "test")
+    # The same model and training data; another held-out set.
+    assert torch.equal(torch.cat([p.flatten() for p in validation["params"]]), torch.cat([p.flatten() for p in test["params"]]))
+    assert validation["loss_fn"]().item() == test["loss_fn"]().item()
+    assert validation["evaluate"]() != test["evaluate"]()
 
 
 def test_xor_trials_rank_by_success_rate_then_median_steps():
@@ -66,14 +114,15 @@ def test_xor_trials_rank_by_success_rate_then_median_steps():
 def test_the_metric_at_equal_forwards_is_read_at_the_budget_step():
     task = tasks.chaotic_task("lorenz", False)  # 3000 steps: a budget of 6000 forwards
     curve = [(step, 0.0, 1.0, 1.0 / step) for step in range(50, 3001, 50)]
-    # Adam costs 3 forwards a step: 2000 steps; dopamine[k=4] 5: 1200 steps.
+    # Adam costs 3 forwards a step: 2000 steps; the default Dopamine (four
+    # directions) 5: 1200 steps; one direction 2: 3000 steps.
     assert protocol.value_at_forwards(task, run(None, curve=curve), "adam") == pytest.approx(1 / 2000)
-    assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine[k=4]") == pytest.approx(1 / 1200)
-    assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine") == pytest.approx(1 / 3000)
+    assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine") == pytest.approx(1 / 1200)
+    assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine[k=1]") == pytest.approx(1 / 3000)
     diverged_early = run(None, diverged=True, steps=700, curve=curve[:14])
     assert protocol.value_at_forwards(task, diverged_early, "adam") == math.inf
     diverged_late = run(None, diverged=True, steps=2500, curve=curve[:50])
-    assert protocol.value_at_forwards(task, diverged_late, "dopamine[k=4]") == pytest.approx(1 / 1200)
+    assert protocol.value_at_forwards(task, diverged_late, "dopamine") == pytest.approx(1 / 1200)
 
 
 def test_the_bootstrap_interval_brackets_the_median_and_keeps_failures():
@@ -115,3 +164,25 @@ def test_beating_a_peer_needs_the_better_figure_and_no_more_divergences():
     assert protocol.beats(scored("digits", "d", 0.95, higher_is_better=True), scored("digits", "w", 0.9, higher_is_better=True))
     assert protocol.beats(scored("xor", "d", 0.0, success_rate=1.0, steps=500), scored("xor", "w", 0.0, success_rate=0.9, steps=50))
     assert not protocol.beats(scored("xor", "d", 0.0, steps=500), scored("xor", "w", 0.0, steps=50))
+
+
+@pytest.mark.parametrize("name", [name for name, contender in CONTENDERS.items() if not contender.gradient])
+def test_a_forward_only_contender_counts_the_forwards_its_step_makes(name):
+    contender = CONTENDERS[name]
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = contender.make([weight], 0.01, 0.01, 0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return (weight**2).sum()
+
+    optimizer.step(closure)
+    assert len(calls) == contender.forwards_per_step == contender.forward_equivalents_per_step
+
+
+@pytest.mark.parametrize("name", ["wp", "zo-sgd[central]", "spsa", "dopamine[k=1]", "dopamine[k=1,antithetic]"])
+def test_the_peers_and_the_one_direction_variants_take_one_direction_whatever_the_default(name):
+    optimizer = CONTENDERS[name].make([torch.nn.Parameter(torch.ones(3))], 0.01, 0.01, 0)
+    assert optimizer.defaults["num_perturbations"] == 1
+    assert optimizer.defaults["lr_adaptation"] == ("none" if name in ("wp", "zo-sgd[central]", "spsa") else "rpe_normalized")

@@ -209,7 +209,7 @@ def test_a_non_finite_loss_on_one_rank_skips_or_raises_on_every_rank(ranks):
         assert same_bits(rank["skip"]["after"], seen[0]["skip"]["after"])
         kind, message = rank["raise"]["error"]
         assert kind == "RuntimeError"
-        assert "the perturbed loss is nan (the mean over the process group's ranks)" in message
+        assert "the theta + sigma z_0 loss is nan (the mean over the process group's ranks)" in message
         assert restored(rank["raise"]["after"], rank["raise"]["before"])
         assert same_bits(rank["raise"]["after"], seen[0]["raise"]["after"])
         assert rank["raise"]["state"]["step"] == 2 and rank["raise"]["state"]["skipped_steps"] == 0

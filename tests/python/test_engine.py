@@ -96,7 +96,8 @@ def test_a_group_of_mixed_dtypes_follows_the_reference():
         return sum(((p.double() - c) ** 2).sum() for p, c in zip(ps[:2], centers))
 
     initial = snapshot(params)
-    options = dict(DEFAULTS, lr=0.01, sigma=0.05, lr_adaptation="none", seed=3)
+    # One direction: the half types' tolerance below counts its roundings.
+    options = dict(DEFAULTS, lr=0.01, sigma=0.05, lr_adaptation="none", seed=3, num_perturbations=1)
     reference = ReferenceDopamine([(params, options)])
     opt = torch_dopamine.Dopamine(params, **options)
     for _ in range(5):

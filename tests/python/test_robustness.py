@@ -30,8 +30,13 @@ def test_step_without_closure_raises_and_changes_nothing(device):
     assert same_bits(params, before) and state_of(opt) == state
 
 
+# The second evaluation of a step: along the first of the default four
+# directions, as the errors name it.
+PERTURBED = "theta + sigma z_0"
+
+
 def closure_returning(bad, which, loss, params):
-    """A closure that returns bad() at the unperturbed (first) or perturbed
+    """A closure that returns bad() at the unperturbed (first) or PERTURBED
     (second) evaluation and the true loss otherwise; .calls counts calls."""
 
     def closure():
@@ -52,13 +57,13 @@ BAD_LOSSES = {
 }
 
 
-@pytest.mark.parametrize("which", ["unperturbed", "perturbed"])
+@pytest.mark.parametrize("which", ["unperturbed", PERTURBED])
 @pytest.mark.parametrize("bad", BAD_LOSSES, ids=list(BAD_LOSSES))
 def test_bad_loss_raises_and_restores(device, which, bad):
     params, loss, opt = fresh(device)
     before, state = snapshot(params), state_of(opt)
     closure = closure_returning(BAD_LOSSES[bad], which, loss, params)
-    with pytest.raises(RuntimeError, match=f"closure must return a scalar.*{which} loss"):
+    with pytest.raises(RuntimeError, match=f"closure must return a scalar.*{re.escape(which)} loss"):
         opt.step(closure)
     assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
     assert state_of(opt) == state
@@ -99,9 +104,9 @@ def test_closure_exception_propagates_and_restores(device, failing_call):
 
 def test_antithetic_non_scalar_loss_names_the_evaluation(device):
     params, loss = quadratic([4, 3], device)
-    opt = torch_dopamine.Dopamine(params, antithetic=True)
+    opt = torch_dopamine.Dopamine(params, antithetic=True, num_perturbations=1)
     before = snapshot(params)
-    closure = closure_returning(lambda: torch.ones(3), "perturbed", loss, params)
+    closure = closure_returning(lambda: torch.ones(3), PERTURBED, loss, params)
     with pytest.raises(RuntimeError, match="closure must return a scalar.*theta - sigma z loss"):
         opt.step(closure)
     assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
@@ -179,35 +184,36 @@ def test_antithetic_must_agree_across_groups():
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("which", ["unperturbed", "perturbed"])
+@pytest.mark.parametrize("which", ["unperturbed", PERTURBED])
 def test_non_finite_loss_is_skipped(device, value, which):
     params, loss, opt = fresh(device)
     before, state = snapshot(params), opt.group_state(0)
     closure = closure_returning(lambda: torch.tensor(value), which, loss, params)
     returned = opt.step(closure)
-    # Both evaluations run: the losses are checked together, on the device.
-    assert closure.calls == 2
+    # Every evaluation runs (the unperturbed one and one along each default
+    # direction): the losses are checked together, on the device.
+    assert closure.calls == 1 + opt.defaults["num_perturbations"] == 5
     if which == "unperturbed":
         assert math.isnan(returned.item()) if math.isnan(value) else returned.item() == value
     assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
     assert opt.group_state(0) == dict(state, step=state["step"] + 1, skipped_steps=1)
 
 
-@pytest.mark.parametrize("which", ["unperturbed", "perturbed"])
+@pytest.mark.parametrize("which", ["unperturbed", PERTURBED])
 def test_non_finite_loss_raises_when_asked(device, which):
     params, loss, opt = fresh(device, non_finite_loss="raise")
     before, state = snapshot(params), state_of(opt)
     closure = closure_returning(lambda: float("nan"), which, loss, params)
-    with pytest.raises(RuntimeError, match=f"the {which} loss is nan.*non_finite_loss='raise'"):
+    with pytest.raises(RuntimeError, match=f"the {re.escape(which)} loss is nan.*non_finite_loss='raise'"):
         opt.step(closure)
     assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))
     assert state_of(opt) == state
 
 
 def test_antithetic_non_finite_loss_raises_naming_the_evaluation(device):
-    params, loss, opt = fresh(device, non_finite_loss="raise", antithetic=True)
+    params, loss, opt = fresh(device, non_finite_loss="raise", antithetic=True, num_perturbations=1)
     before, state = snapshot(params), state_of(opt)
-    closure = closure_returning(lambda: float("inf"), "perturbed", loss, params)
+    closure = closure_returning(lambda: float("inf"), PERTURBED, loss, params)
     with pytest.raises(RuntimeError, match=r"the theta - sigma z loss is inf.*non_finite_loss='raise'"):
         opt.step(closure)
     assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))

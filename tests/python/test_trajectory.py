@@ -109,7 +109,8 @@ def test_replay_repeats_the_round_trips_of_failed_and_skipped_steps():
         return loss()
 
     initial = copies(params)
-    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.3, record_trajectory=True)
+    # One direction: the call numbers above count two evaluations a step.
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.3, num_perturbations=1, record_trajectory=True)
     opt.step(closure)
     before_failure = copies(params)
     for step in range(2, 9):

@@ -1,5 +1,6 @@
 """The optimizer against the float64 reference of docs/DESIGN.md, "The algorithm", on every device."""
 
+import inspect
 import math
 import os
 import shutil
@@ -41,7 +42,14 @@ DEFAULTS = dict(
     non_finite_loss="skip",
     capturable=False,
     master_weights=False,
+    antithetic=False,
+    num_perturbations=4,
 )
+
+
+def test_the_tests_defaults_are_the_optimizers():
+    signature = inspect.signature(torch_dopamine.Dopamine).parameters
+    assert {name: signature[name].default for name in DEFAULTS} == DEFAULTS
 
 
 # Steps 1 (a NaN perturbed loss) and 4 (an infinite unperturbed loss) are
@@ -60,13 +68,16 @@ def test_update_matches_reference(device, mode, weight_decay, noise, antithetic,
     and step() returns the mean of the losses; with several directions the
     update is the mean of each direction's."""
     params, loss = quadratic([5, 7, 3], device)
-    options = dict(DEFAULTS, lr=0.05, sigma=0.05, lr_adaptation=mode, weight_decay=weight_decay, seed=7, noise=noise)
+    options = dict(
+        DEFAULTS, lr=0.05, sigma=0.05, lr_adaptation=mode, weight_decay=weight_decay, seed=7, noise=noise,
+        antithetic=antithetic, num_perturbations=directions,
+    )
     reference = ReferenceDopamine([(params, options)])
-    opt = torch_dopamine.Dopamine(params, antithetic=antithetic, num_perturbations=directions, **options)
+    opt = torch_dopamine.Dopamine(params, **options)
     per_step = 2 * directions if antithetic else directions + 1
     reference_loss, optimizer_loss = non_finite_at(loss, SKIPPED, per_step), non_finite_at(loss, SKIPPED, per_step)
     for _ in range(20):
-        expected = reference.step(reference_loss, antithetic=antithetic, directions=directions)
+        expected = reference.step(reference_loss)
         got = opt.step(lambda: optimizer_loss(params)).item()
         assert got == pytest.approx(expected, rel=1e-12, nan_ok=True)
         assert opt.group_state(0)["current_lr"] == pytest.approx(reference.groups[0]["eta"], rel=1e-12)
@@ -144,7 +155,7 @@ def test_closure_may_return_a_python_float_and_runs_without_grad(device):
     result = torch_dopamine.Dopamine(params).step(closure)
     expected = twin_opt.step(lambda: loss(twin))
     assert isinstance(result, float) and result == expected.item()
-    assert grad_modes == [False, False]
+    assert grad_modes == [False] * (1 + DEFAULTS["num_perturbations"])
     assert same_bits(params, twin)
 
 
@@ -171,8 +182,9 @@ def test_each_step_in_reduced_precision_follows_the_reference(device, dtype, mas
     weight's, rounded, as the reference computes it."""
     params, loss = quadratic([300, 77], device)
     params = [p.detach().to(dtype).requires_grad_() for p in params]
-    options = dict(DEFAULTS, lr=0.05, sigma=0.05, weight_decay=0.5, seed=3, master_weights=master)
-    opt = torch_dopamine.Dopamine(params, **dict(options, antithetic=antithetic))
+    # One direction: the bound below counts the roundings of one.
+    options = dict(DEFAULTS, lr=0.05, sigma=0.05, weight_decay=0.5, seed=3, master_weights=master, antithetic=antithetic, num_perturbations=1)
+    opt = torch_dopamine.Dopamine(params, **options)
     reference = ReferenceDopamine([(params, options)], storage=dtype)
     group = reference.groups[0]
     # Per element, without a master weight: the roundings of x + sigma z and
@@ -182,7 +194,7 @@ def test_each_step_in_reduced_precision_follows_the_reference(device, dtype, mas
     for _ in range(10):
         start = [(opt.state[p]["master_weight"] if master and p in opt.state else p).detach().clone() for p in params]
         group["theta"] = [x.double() for x in start]
-        expected_l0 = reference.step(loss, antithetic=antithetic)
+        expected_l0 = reference.step(loss)
         assert opt.step(lambda: loss(params)).item() == expected_l0
         # The trace, an EMA of |L1 - L0| / sigma, and the rate agree: so do L1.
         assert opt.group_state(0)["rpe_trace"] == pytest.approx(group["m"], rel=1e-12)
