@@ -29,6 +29,7 @@ struct Contender {
   std::string settings;
   double lr;
   bool uses_gradients;
+  int forwards_per_step;
   std::function<std::unique_ptr<torch::optim::Optimizer>(
       std::vector<torch::Tensor>, uint64_t seed)>
       make;
@@ -55,16 +56,20 @@ struct Row {
 Contender dopamine_contender(const std::string& name,
                              const dopamine::DopamineOptions& options) {
   std::ostringstream settings;
+  const auto directions = options.num_perturbations();
   settings << "lr " << options.lr() << ", sigma " << options.sigma() << ", "
-           << dopamine::to_string(options.lr_adaptation());
-  return {name,
-          settings.str(),
-          options.lr(),
-          false,
-          [options](auto params, uint64_t seed) {
-            return std::make_unique<dopamine::Dopamine>(
-                params, dopamine::DopamineOptions(options).seed(seed));
-          }};
+           << dopamine::to_string(options.lr_adaptation()) << ", " << directions
+           << (directions == 1 ? " direction" : " directions");
+  return {
+      name,
+      settings.str(),
+      options.lr(),
+      false,
+      static_cast<int>(options.antithetic() ? 2 * directions : directions + 1),
+      [options](auto params, uint64_t seed) {
+        return std::make_unique<dopamine::Dopamine>(
+            params, dopamine::DopamineOptions(options).seed(seed));
+      }};
 }
 
 Run train(const Contender& contender, uint64_t seed, int max_steps) {
@@ -134,7 +139,7 @@ void write_records(const std::string& path, const std::vector<Row>& rows) {
         << ", \"median_seconds_to_target\": " << json_number(r.median_ms / 1000)
         << ", \"final_metric\": null, \"peak_memory_bytes\": null"
         << ", \"ms_per_step\": " << json_number(r.ms_per_step)
-        << ", \"forward_passes_per_step\": " << (gradients ? 1 : 2)
+        << ", \"forward_passes_per_step\": " << r.contender.forwards_per_step
         << ", \"backward_passes_per_step\": " << (gradients ? 1 : 0)
         << ", \"torch_version\": \"" << TORCH_VERSION
         << "\", \"device\": \"cpu\", \"threads\": " << torch::get_num_threads()
@@ -155,16 +160,22 @@ int main(int argc, char** argv) {
   using dopamine::LrAdaptation;
   const std::vector<Contender> contenders = {
       dopamine_contender("dopamine", DopamineOptions(0.1).sigma(0.01)),
+      // The paper's Dopamine-2 form and standard WP: one direction.
       dopamine_contender("dopamine[rpe_tracking]",
-                         DopamineOptions(1.0).sigma(0.01).lr_adaptation(
-                             LrAdaptation::RpeTracking)),
-      dopamine_contender(
-          "wp",
-          DopamineOptions(1.0).sigma(0.01).lr_adaptation(LrAdaptation::None)),
+                         DopamineOptions(1.0)
+                             .sigma(0.01)
+                             .lr_adaptation(LrAdaptation::RpeTracking)
+                             .num_perturbations(1)),
+      dopamine_contender("wp",
+                         DopamineOptions(1.0)
+                             .sigma(0.01)
+                             .lr_adaptation(LrAdaptation::None)
+                             .num_perturbations(1)),
       {"sgd",
        "lr 1.0",
        1.0,
        true,
+       1,
        [](auto params, uint64_t) {
          return std::make_unique<torch::optim::SGD>(
              params, torch::optim::SGDOptions(1.0));
@@ -173,6 +184,7 @@ int main(int argc, char** argv) {
        "lr 0.05",
        0.05,
        true,
+       1,
        [](auto params, uint64_t) {
          return std::make_unique<torch::optim::Adam>(
              params, torch::optim::AdamOptions(0.05));
@@ -217,7 +229,7 @@ int main(int argc, char** argv) {
                 seeds,
                 median(steps),
                 median(milliseconds),
-                contender.uses_gradients ? 1 : 2,
+                contender.forwards_per_step,
                 contender.uses_gradients ? 1 : 0);
     std::fflush(stdout);
   }

@@ -45,6 +45,18 @@ BOOTSTRAP_RESAMPLES = 2000
 BUDGET_FORWARDS_PER_STEP = 2
 
 
+# The options that make a contender what it is, as its optimizer reports them.
+_IDENTITY_OPTIONS = ("lr_adaptation", "noise", "antithetic", "num_perturbations", "foreach", "fused")
+
+
+def identity(contender_name: str) -> dict:
+    """What tuned.json records of the contender a tuning ran: its optimizer's
+    class and identifying options, so that a tuning made for other options
+    (another default, say) is refused rather than scored."""
+    optimizer = CONTENDERS[contender_name].make([torch.nn.Parameter(torch.zeros(1))], 1.0, 0.01, 0)
+    return dict(optimizer=type(optimizer).__name__, **{k: optimizer.defaults[k] for k in _IDENTITY_OPTIONS if k in optimizer.defaults})
+
+
 def grid(task: tasks.Task, contender_name: str) -> List[float]:
     centre = task.centres[CONTENDERS[contender_name].family]
     return [float(f"{centre * factor:.3g}") for factor in GRID_FACTORS]
@@ -194,7 +206,9 @@ def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: 
     tuned: Dict[str, dict] = {}
     for i, (name, lr, schedule) in enumerate(trials):
         runs = results[i * len(TUNING_SEEDS) : (i + 1) * len(TUNING_SEEDS)]
-        entry = tuned.setdefault(name, dict(grid=grid(task, name), schedules=list(SCHEDULES), trials=[]))
+        entry = tuned.setdefault(
+            name, dict(identity=identity(name), split="validation", grid=grid(task, name), schedules=list(SCHEDULES), trials=[])
+        )
         entry["trials"].append(
             dict(
                 lr=lr,

@@ -321,7 +321,7 @@ def _protocol(meta: dict, description: Optional[dict]) -> List[str]:
         f"bootstrap intervals of the median ({description['bootstrap_resamples']} resamples of the scoring seeds). Runs go "
         f"to {meta.get('workers', '?')} worker processes of one thread each, so times are measured beside another run. "
         "Limits, the same for every optimizer: sigma is fixed per task, not tuned; ties go to the first trial in grid "
-        "order; with 5 scoring seeds an interval of the median falls on observed values; and the comparison at equal "
+        "order; with few scoring seeds an interval of the median falls on observed values; and the comparison at equal "
         "forward passes reads runs tuned for equal steps.",
         "",
     ]
@@ -434,7 +434,8 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         lines += [
             "",
             f"Medians of {ops.get('repeats', '?')} rounds that run every op once each, so that the ratios compare runs that saw the same machine. "
-            f"A Dopamine step's ops (perturb_, plan_step and finish_step_) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
+            f"A one-direction Dopamine step's ops (perturb_, plan_step and finish_step_; a step of k directions makes 2k - 1 "
+            "perturb_ passes and a finish that draws k noise streams) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
             f"Gaussian noise, {ops['step_vs_adam']['rademacher']:.2f}x with Rademacher noise. Noise throughput against `normal_` on the "
             f"same tensors: {ops['noise_throughput_vs_normal_']:.2f}x. `copy_` reaches {ops['copy_gb_per_s']:.1f} GB/s; a step takes "
             f"{ops['step_vs_two_copies']['gaussian']:.2f}x (Gaussian) and {ops['step_vs_two_copies']['rademacher']:.2f}x (Rademacher) the "

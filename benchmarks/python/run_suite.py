@@ -95,7 +95,9 @@ def ops_record(device, progress):
     return record(
         "python",
         "ops",
-        CONTENDERS["dopamine"],
+        # The ops of a one-direction step: the unit a step of k directions
+        # repeats (2k - 1 perturb_ passes and a finish drawing k streams).
+        CONTENDERS["dopamine[k=1]"],
         dict(numel=result["numel"], tensors=result["tensors"], dtype="float32"),
         device=device,
         ms_per_step=result["ms"]["step[gaussian]"],
@@ -104,16 +106,22 @@ def ops_record(device, progress):
     )
 
 
-def load_tuned(path: Path, mode: str, task_names) -> dict:
-    """The tuned configurations of `mode` for the tasks, or SystemExit saying
-    how to make them."""
+def load_tuned(path: Path, mode: str, task_names, contenders) -> dict:
+    """The tuned configurations of `mode` for the tasks and contenders, or
+    SystemExit saying which are missing or were tuned for other options
+    (on the validation split), and how to make them."""
     tuned = json.loads(path.read_text()) if path.exists() else {}
     entries = tuned.get(mode, {}).get("tasks", {})
-    missing = [name for name in task_names if set(TASK_CONTENDERS) - set(entries.get(name, {}))]
-    if missing:
+    stale = []
+    for task in task_names:
+        for name in contenders:
+            entry = entries.get(task, {}).get(name)
+            if entry is None or entry.get("identity") != protocol.identity(name) or entry.get("split") != "validation":
+                stale.append(f"{task}/{name}")
+    if stale:
         raise SystemExit(
-            f"{path} has no {mode} tuning for {', '.join(missing)} (or lacks contenders there); run `make bench-tune` "
-            f"(or run_suite.py --tune{' --full' if mode == 'full' else ''}) first"
+            f"{path} has no {mode} tuning of the current contenders for {', '.join(stale)}; run `make bench-tune` "
+            f"(or run_suite.py --tune{' --full' if mode == 'full' else ''} [--contenders ...]) first"
         )
     return tuned.get(mode, {})
 
@@ -136,15 +144,17 @@ def tune(args, task_list, progress) -> None:
         tuned_now = protocol.tune(task, contenders, args.full, args.workers, progress)
         seconds = entry.setdefault("seconds", {})
         if args.contenders:
-            # Some contenders retuned: the others keep their trials, and the
-            # task's time adds up the tunings that made its entry.
-            entry["tasks"][task.name] = dict(entry["tasks"].get(task.name, {}), **tuned_now)
+            # Some contenders retuned: the other current ones keep their
+            # trials, and the task's time adds up the tunings that made its
+            # entry.
+            kept = {name: e for name, e in entry["tasks"].get(task.name, {}).items() if name in TASK_CONTENDERS}
+            entry["tasks"][task.name] = dict(kept, **tuned_now)
             seconds[task.name] = seconds.get(task.name, 0.0) + time.time() - task_started
         else:
             entry["tasks"][task.name] = tuned_now
             seconds[task.name] = time.time() - task_started
         entry.update(
-            protocol=protocol.description(task_list),
+            protocol=protocol.description(tasks.all_tasks(args.full)),
             machine=machine(),
             workers=args.workers,
             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -197,8 +207,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mode = "full" if args.full else "quick"
-    tuned = load_tuned(TUNED, mode, [task.name for task in task_list])
     contenders = args.contenders or TASK_CONTENDERS
+    tuned = load_tuned(TUNED, mode, [task.name for task in task_list], contenders)
     records = []
     for task in task_list:
         progress(

@@ -115,9 +115,12 @@ def measure(params: int, rank: int, world_size: int, rounds: int, byte_steps: in
 
 
 def payload_bytes(name: str, params: int) -> int:
-    """What the step's collectives carry: three float64 numbers for
-    Dopamine, the float32 gradient for DDP."""
-    return 24 if name == "dopamine[data]" else 4 * params
+    """What the step's collectives carry: for Dopamine one all-reduce of its
+    losses and a failure flag, float64 (a step's forwards plus one: 6
+    numbers, 48 bytes, with the default four directions); for DDP the
+    float32 gradient."""
+    base = CONTENDERS[SCALEOUT_CONTENDERS[name]]
+    return 8 * (base.forwards_per_step + 1) if not base.gradient else 4 * params
 
 
 def worker(rank: int, world_size: int, store: str, out: str, sizes, rounds: int, byte_steps: int) -> None:

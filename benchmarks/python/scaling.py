@@ -139,10 +139,10 @@ def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dic
     if contender.gradient:
         optimizer_ms = timed(opt.step, device, repeats)
     else:
-        noise = opt.param_groups[0]["noise"]
+        noise, directions = opt.param_groups[0]["noise"], opt.param_groups[0]["num_perturbations"]
         state = torch.zeros(5, dtype=torch.float64)
         with torch.no_grad():
-            optimizer_ms = timed(lambda: engine_step(weights, noise, state), device, repeats)
+            optimizer_ms = timed(lambda: engine_step(weights, noise, state, directions), device, repeats)
     return {
         "optimizer": optimizer,
         "params": sum(w.numel() for w in weights),
@@ -178,27 +178,33 @@ NOISE_CODES = {"gaussian": 0, "rademacher": 1}
 LOSSES = torch.tensor([1.0, 1.0 + 1e-6], dtype=torch.float64)
 
 
-def perturb(params, noise, state):
+def perturb(params, noise, state, previous=0, offset=1, direction=0):
     torch.ops.dopamine.perturb_(
-        params, [], state, indices=list(range(len(params))), seed=0, sigma=1e-3, noise=NOISE_CODES[noise], previous=0, offset=1
+        params, [], state, indices=list(range(len(params))), seed=0, sigma=1e-3, noise=NOISE_CODES[noise],
+        previous=previous, offset=offset, direction=direction,
     )
 
 
-def finish(params, noise, state):
+def finish(params, noise, state, directions=1):
+    losses = torch.cat([LOSSES[:1], LOSSES[1:].repeat(directions)])
     plan = torch.ops.dopamine.plan_step(
-        state, LOSSES, lr_adaptation=1, lr=1e-4, sigma=1e-3, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
-        lr_min=None, lr_max=None, weight_decay=0.0, seed=0, noise=NOISE_CODES[noise],
+        state, losses, lr_adaptation=1, lr=1e-4, sigma=1e-3, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
+        lr_min=None, lr_max=None, weight_decay=0.0, seed=0, noise=NOISE_CODES[noise], num_perturbations=directions,
     )
     torch.ops.dopamine.finish_step_(
         params, [], [state], [plan], indices=list(range(len(params))), group_sizes=[len(params)]
     )
 
 
-def engine_step(params, noise, state):
-    """The optimizer's own work in a step, evaluations left out: perturb_,
-    plan_step and finish_step_."""
-    perturb(params, noise, state)
-    finish(params, noise, state)
+def engine_step(params, noise, state, directions=1):
+    """The optimizer's own work in a step, evaluations left out: the
+    perturb_ calls of `directions` directions (theta + sigma z_0, back to
+    theta, theta + sigma z_1, ...), plan_step and finish_step_."""
+    for j in range(directions):
+        if j:
+            perturb(params, noise, state, previous=1, offset=0, direction=j - 1)
+        perturb(params, noise, state, direction=j)
+    finish(params, noise, state, directions)
 
 
 # The same 1e7 elements as few large and as many small tensors.

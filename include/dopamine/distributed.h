@@ -2,9 +2,9 @@
 
 // Data-parallel Dopamine over a c10d process group (docs/DESIGN.md, "Many
 // processes"): every rank's closure returns the loss of its own shard of the
-// batch; a step all-reduces [L0, L1, failed] (24 bytes; 8 more per extra
-// direction), so every rank applies the same update and the parameters never
-// travel.
+// batch; a step all-reduces [L0, L1, ..., Lk, failed] (8 (k + 2) bytes: 48
+// with the default four directions), so every rank applies the same update
+// and the parameters never travel.
 #include <dopamine/optimizer.h>
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>

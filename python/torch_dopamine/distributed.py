@@ -4,7 +4,8 @@ parameters (docs/DESIGN.md, "Many processes").
 The noise is a pure function of (seed, step, direction, parameter index,
 element index), so every rank can draw every other rank's perturbation. A step
 sums ``[losses..., failed]`` over the ranks in one all-reduce of float64
-numbers (24 bytes for one direction, whatever the model's size), and every
+numbers (8 per evaluation plus 8: 48 bytes with the default four directions,
+whatever the model's size), and every
 rank applies the same update to its own copy of the parameters. With
 ``parallel="data"`` each rank's closure returns the loss of its own shard of
 the batch, and the step takes the mean over the ranks. With
@@ -42,7 +43,7 @@ def check_parallel(parallel: Any, num_perturbations: int, world_size: int) -> No
         raise ValueError(
             f"Dopamine: invalid num_perturbations: {num_perturbations} with parallel='population' "
             f"(expected a multiple of the process group's {world_size} ranks, each evaluating as "
-            "many directions)"
+            "many directions; the default is 4)"
         )
 
 

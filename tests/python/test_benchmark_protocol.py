@@ -2,8 +2,10 @@
 run is judged, how trials are ranked, the intervals and the performance
 profile. No training: `make bench` measures, these assert."""
 
+import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,33 @@ def test_the_peers_and_the_one_direction_variants_take_one_direction_whatever_th
     optimizer = CONTENDERS[name].make([torch.nn.Parameter(torch.ones(3))], 0.01, 0.01, 0)
     assert optimizer.defaults["num_perturbations"] == 1
     assert optimizer.defaults["lr_adaptation"] == ("none" if name in ("wp", "zo-sgd[central]", "spsa") else "rpe_normalized")
+
+
+def test_a_tuning_records_what_it_tuned_and_scoring_refuses_another():
+    import run_suite
+
+    assert protocol.identity("dopamine")["num_perturbations"] == 4
+    assert protocol.identity("dopamine[k=1]")["num_perturbations"] == 1
+    assert protocol.identity("adam")["optimizer"] == "Adam"
+
+    def tuned_file(tmp, identity, split="validation"):
+        entry = dict(identity=identity, split=split, lr=0.1, schedule="constant", grid=[0.1], trials=[])
+        path = tmp / "tuned.json"
+        path.write_text(json.dumps({"quick": {"tasks": {"xor": {"dopamine": entry}}}}))
+        return path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        good = run_suite.load_tuned(tuned_file(tmp, protocol.identity("dopamine")), "quick", ["xor"], ["dopamine"])
+        assert good["tasks"]["xor"]["dopamine"]["lr"] == 0.1
+        # A tuning of the one-direction rule, of the test split, or of
+        # nothing at all is not scored as today's default.
+        for path in (
+            tuned_file(tmp, protocol.identity("dopamine[k=1]")),
+            tuned_file(tmp, protocol.identity("dopamine"), split="test"),
+            tuned_file(tmp, None),
+        ):
+            with pytest.raises(SystemExit, match="xor/dopamine"):
+                run_suite.load_tuned(path, "quick", ["xor"], ["dopamine"])
+        with pytest.raises(SystemExit, match="xor/wp"):
+            run_suite.load_tuned(tuned_file(tmp, protocol.identity("dopamine")), "quick", ["xor"], ["dopamine", "wp"])
