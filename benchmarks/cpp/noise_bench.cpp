@@ -105,9 +105,9 @@ struct Layout {
 };
 constexpr Layout kLayouts[] = {{5, 2'000'000}, {200, 50'000}, {2000, 5'000}};
 
-// The optimizer's own work in a step (perturb_, plan_step, finish_step_) on
-// each layout of kLayouts from C++, interleaved: one step of each layout per
-// round, medians over rounds.
+// The optimizer's own work in a one-direction step (perturb_, plan_step,
+// finish_step_) on each layout of kLayouts from C++, interleaved: one step of
+// each layout per round, medians over rounds.
 std::vector<double> layout_ms(dopamine::Noise kind) {
   std::vector<std::vector<at::Tensor>> tensors;
   std::vector<std::vector<int64_t>> indices;
@@ -122,7 +122,9 @@ std::vector<double> layout_ms(dopamine::Noise kind) {
   const auto state = at::zeros({5}, at::kDouble);
   const auto losses = at::zeros({2}, at::kDouble);
   losses.data_ptr<double>()[1] = 1e-6;
-  const auto options = dopamine::DopamineOptions(1e-4).sigma(1e-3).noise(kind);
+  const auto options =
+      dopamine::DopamineOptions(1e-4).sigma(1e-3).noise(kind).num_perturbations(
+          1);
   auto step = [&](size_t l) {
     dopamine::ops::perturb_(
         tensors[l], {}, state, indices[l], 0, 1e-3, kind, 0, 1);
