@@ -435,7 +435,7 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
             "",
             f"Medians of {ops.get('repeats', '?')} rounds that run every op once each, so that the ratios compare runs that saw the same machine. "
             f"A one-direction Dopamine step's ops (perturb_, plan_step and finish_step_; a step of k directions makes 2k - 1 "
-            "perturb_ passes and a finish that draws k noise streams) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
+            f"perturb_ passes and a finish that draws k noise streams) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
             f"Gaussian noise, {ops['step_vs_adam']['rademacher']:.2f}x with Rademacher noise. Noise throughput against `normal_` on the "
             f"same tensors: {ops['noise_throughput_vs_normal_']:.2f}x. `copy_` reaches {ops['copy_gb_per_s']:.1f} GB/s; a step takes "
             f"{ops['step_vs_two_copies']['gaussian']:.2f}x (Gaussian) and {ops['step_vs_two_copies']['rademacher']:.2f}x (Rademacher) the "

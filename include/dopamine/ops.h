@@ -2,11 +2,12 @@
 
 // The numeric core: ops registered in the `dopamine` library, called through
 // the dispatcher, so the C++ optimizer, the Python optimizer and any other
-// caller run the very same kernels and arithmetic (docs/DESIGN.md). A step is
-// perturb_ (0 -> 1), the perturbed evaluation (with antithetic, perturb_
-// (1 -> -1) and a second one), plan_step per group, and one finish_step_
-// over all groups; perturb_ (back to 0) undoes a perturbation when an
-// evaluation fails.
+// caller run the very same kernels and arithmetic (docs/DESIGN.md). A step of
+// one direction is perturb_ (0 -> 1), the perturbed evaluation (with
+// antithetic, perturb_ (1 -> -1) and a second one), plan_step per group, and
+// one finish_step_ over all groups; with k directions (4 by default) perturb_
+// goes 0 -> z_0 -> 0 -> z_1 ... and the finish moves along all k;
+// perturb_ (back to 0) undoes a perturbation when an evaluation fails.
 //
 // z_i is the noise of the parameter whose global index is indices[i]:
 // standard normal or +-1, a pure function of (seed, step, index, element

@@ -223,8 +223,8 @@ class Dopamine(Optimizer):
     directions ``z_0 ... z_3`` (five evaluations: ``L0`` and one along each),
     the trace takes the mean of their ``|delta_j| / sigma`` and the update
     the mean of their ``eta_t (delta_j / sigma) z_j``; on the benchmark's
-    tasks that beats one direction even at equal forward passes
-    (docs/DESIGN.md, "Defaults"). The arithmetic is the
+    tasks that beats one direction at equal steps, and at equal forward
+    passes on two tasks of four (docs/DESIGN.md, "Defaults"). The arithmetic is the
     registered ops ``torch.ops.dopamine.*``, which the C++ optimizer calls too
     (docs/DESIGN.md has the whole protocol).
 
