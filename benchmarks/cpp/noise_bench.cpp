@@ -122,9 +122,9 @@ std::vector<double> layout_ms(dopamine::Noise kind) {
   const auto state = at::zeros({5}, at::kDouble);
   const auto losses = at::zeros({2}, at::kDouble);
   losses.data_ptr<double>()[1] = 1e-6;
-  const auto options =
+  const auto options = dopamine::ops::pack_options(
       dopamine::DopamineOptions(1e-4).sigma(1e-3).noise(kind).num_perturbations(
-          1);
+          1));
   auto step = [&](size_t l) {
     dopamine::ops::perturb_(
         tensors[l], {}, state, indices[l], 0, 1e-3, kind, 0, 1);

@@ -21,7 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import torch_dopamine  # noqa: F401  (loads the ops)
+import torch_dopamine
+from torch_dopamine._options import pack
 from harness import CONTENDERS, take_step
 
 INPUTS, CLASSES, BATCH = 64, 10, 64
@@ -187,10 +188,11 @@ def perturb(params, noise, state, previous=0, offset=1, direction=0):
 
 def finish(params, noise, state, directions=1):
     losses = torch.cat([LOSSES[:1], LOSSES[1:].repeat(directions)])
-    plan = torch.ops.dopamine.plan_step(
-        state, losses, lr_adaptation=1, lr=1e-4, sigma=1e-3, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
-        lr_min=None, lr_max=None, weight_decay=0.0, seed=0, noise=NOISE_CODES[noise], num_perturbations=directions,
+    options = pack(
+        {**torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults,
+         "lr": 1e-4, "sigma": 1e-3, "noise": noise, "num_perturbations": directions}
     )
+    plan = torch.ops.dopamine.plan_step(state, losses, options=options)
     torch.ops.dopamine.finish_step_(
         params, [], [state], [plan], indices=list(range(len(params))), group_sizes=[len(params)]
     )

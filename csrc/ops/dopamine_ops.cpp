@@ -1,36 +1,38 @@
 // The schemas of Dopamine's ops, and the typed C++ entry points that call
 // them through the dispatcher. Kernels are registered elsewhere: the step ops
-// in step_ops.cpp (over each backend's kernels), check_options in
-// scalar_ops.cpp (with digest), cpu_capability in cpu/fused_kernels.cpp. Enums
-// cross the boundary as the int codes of the C++ enums
-// (include/dopamine/options.h); every argument after the tensors is
-// keyword-only.
+// in step_ops.cpp (over each backend's kernels), pack_options and
+// check_state in scalar_ops.cpp (with digest), cpu_capability in
+// cpu/fused_kernels.cpp. Options cross the boundary packed (pack_options),
+// enums as the int codes of the C++ enums (include/dopamine/options.h);
+// every argument after the tensors is keyword-only.
 #include <dopamine/ops.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <string>
 #include <tuple>
+#include <unordered_map>
+#include <vector>
 
 namespace dopamine::ops {
 
 TORCH_LIBRARY(dopamine, m) {
+  // The only schema that names the options (docs/DESIGN.md, "Adding an
+  // option"); the other ops take the list it returns.
   m.def(
-      "check_options(*, float lr, float sigma, int lr_adaptation, "
-      "float beta, float beta_s, float beta_eta, float eps, float? lr_min, "
-      "float? lr_max, float weight_decay, int noise, int non_finite_loss, "
-      "bool capturable, int num_perturbations=1) -> ()");
+      "pack_options(*, float lr, float sigma, int lr_adaptation, float beta, "
+      "float beta_s, float beta_eta, float eps, float? lr_min, float? lr_max, "
+      "float weight_decay, int seed, int noise, int non_finite_loss, "
+      "bool capturable, bool master_weights, bool antithetic, "
+      "int num_perturbations) -> float[]");
   m.def("check_state(Tensor state) -> ()");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] master_weights, Tensor state, "
       "*, int[] indices, int seed, float sigma, int noise, int previous, "
       "int offset, int direction=0, int[] element_offsets=[]) -> ()");
-  m.def(
-      "plan_step(Tensor state, Tensor losses, *, int lr_adaptation, "
-      "float lr, float sigma, float beta, float beta_s, float beta_eta, "
-      "float eps, float? lr_min, float? lr_max, float weight_decay, int seed, "
-      "int noise, bool antithetic=False, int num_perturbations=1) -> Tensor");
+  m.def("plan_step(Tensor state, Tensor losses, *, float[] options) -> Tensor");
   m.def(
       "finish_step_(Tensor(a!)[] params, Tensor(b!)[] master_weights, "
       "Tensor(c!)[] states, Tensor[] plans, *, int[] indices, "
@@ -60,35 +62,40 @@ int64_t code(NonFiniteLoss policy) {
 
 }  // namespace
 
-void check_options(const DopamineOptions& o) {
-  static auto op = find_op<void(double,
-                                double,
-                                int64_t,
-                                double,
-                                double,
-                                double,
-                                double,
-                                std::optional<double>,
-                                std::optional<double>,
-                                double,
-                                int64_t,
-                                int64_t,
-                                bool,
-                                int64_t)>("dopamine::check_options");
-  op.call(o.lr(),
-          o.sigma(),
-          code(o.lr_adaptation()),
-          o.beta(),
-          o.beta_s(),
-          o.beta_eta(),
-          o.eps(),
-          o.lr_min(),
-          o.lr_max(),
-          o.weight_decay(),
-          code(o.noise()),
-          code(o.non_finite_loss()),
-          o.capturable(),
-          o.num_perturbations());
+std::vector<double> pack_options(const DopamineOptions& o) {
+  // Called by argument name, as Python calls it: the schema's order is not
+  // repeated here, so no two options can be swapped.
+  const std::unordered_map<std::string, c10::IValue> by_name = {
+      {"lr", o.lr()},
+      {"sigma", o.sigma()},
+      {"lr_adaptation", code(o.lr_adaptation())},
+      {"beta", o.beta()},
+      {"beta_s", o.beta_s()},
+      {"beta_eta", o.beta_eta()},
+      {"eps", o.eps()},
+      {"lr_min", o.lr_min()},
+      {"lr_max", o.lr_max()},
+      {"weight_decay", o.weight_decay()},
+      {"seed", o.seed()},
+      {"noise", code(o.noise())},
+      {"non_finite_loss", code(o.non_finite_loss())},
+      {"capturable", o.capturable()},
+      {"master_weights", o.master_weights()},
+      {"antithetic", o.antithetic()},
+      {"num_perturbations", o.num_perturbations()},
+  };
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+      "dopamine::pack_options", "");
+  torch::jit::Stack stack;
+  for (const auto& argument : op.schema().arguments()) {
+    const auto found = by_name.find(argument.name());
+    TORCH_INTERNAL_ASSERT(found != by_name.end(),
+                          "dopamine::pack_options: no value for option ",
+                          argument.name());
+    stack.push_back(found->second);
+  }
+  op.callBoxed(&stack);
+  return stack.back().toDoubleVector();
 }
 
 void check_state(const at::Tensor& state) {
@@ -133,39 +140,11 @@ void perturb_(at::TensorList params,
 
 at::Tensor plan_step(const at::Tensor& state,
                      const at::Tensor& losses,
-                     const DopamineOptions& o) {
-  static auto op = find_op<at::Tensor(const at::Tensor&,
-                                      const at::Tensor&,
-                                      int64_t,
-                                      double,
-                                      double,
-                                      double,
-                                      double,
-                                      double,
-                                      double,
-                                      std::optional<double>,
-                                      std::optional<double>,
-                                      double,
-                                      int64_t,
-                                      int64_t,
-                                      bool,
-                                      int64_t)>("dopamine::plan_step");
-  return op.call(state,
-                 losses,
-                 code(o.lr_adaptation()),
-                 o.lr(),
-                 o.sigma(),
-                 o.beta(),
-                 o.beta_s(),
-                 o.beta_eta(),
-                 o.eps(),
-                 o.lr_min(),
-                 o.lr_max(),
-                 o.weight_decay(),
-                 o.seed(),
-                 code(o.noise()),
-                 o.antithetic(),
-                 o.num_perturbations());
+                     c10::ArrayRef<double> options) {
+  static auto op = find_op<at::Tensor(
+      const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>)>(
+      "dopamine::plan_step");
+  return op.call(state, losses, options);
 }
 
 at::Tensor finish_step_(at::TensorList params,

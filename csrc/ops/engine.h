@@ -51,6 +51,37 @@ enum class Adaptation : int64_t {
   RpeTracking = 2
 };
 
+// A group's options as pack_options returns them: one float64 list, the
+// only form the other ops take (docs/DESIGN.md, "Adding an option"). The
+// seed crosses as its noise key's two 32-bit words, exact in float64;
+// optional bounds as a flag and a value; enums as their codes; bools as 0 or
+// 1.
+namespace packed {
+enum Field : int64_t {
+  kLr,
+  kSigma,
+  kLrAdaptation,
+  kBeta,
+  kBetaS,
+  kBetaEta,
+  kEps,
+  kHasLrMin,
+  kLrMin,
+  kHasLrMax,
+  kLrMax,
+  kWeightDecay,
+  kKeyLo,
+  kKeyHi,
+  kNoise,
+  kNonFiniteLoss,
+  kCapturable,
+  kMasterWeights,
+  kAntithetic,
+  kNumPerturbations,
+  kSize
+};
+}  // namespace packed
+
 // The options of a group that a plan depends on.
 struct GroupOptions {
   Adaptation mode;
@@ -64,6 +95,28 @@ struct GroupOptions {
   bool antithetic;
   int64_t directions;  // num_perturbations, >= 1
 };
+
+// The plan's options from their packed form (checked by the caller).
+C10_HOST_DEVICE inline GroupOptions unpack(const double* p) {
+  return {
+      static_cast<Adaptation>(static_cast<int64_t>(p[packed::kLrAdaptation])),
+      p[packed::kLr],
+      p[packed::kSigma],
+      p[packed::kBeta],
+      p[packed::kBetaS],
+      p[packed::kBetaEta],
+      p[packed::kEps],
+      p[packed::kWeightDecay],
+      p[packed::kHasLrMin] != 0,
+      p[packed::kHasLrMax] != 0,
+      p[packed::kLrMin],
+      p[packed::kLrMax],
+      {static_cast<uint32_t>(p[packed::kKeyLo]),
+       static_cast<uint32_t>(p[packed::kKeyHi])},
+      static_cast<noise::Kind>(static_cast<int64_t>(p[packed::kNoise])),
+      p[packed::kAntithetic] != 0,
+      static_cast<int64_t>(p[packed::kNumPerturbations])};
+}
 
 // The number of losses a step of these options evaluates.
 C10_HOST_DEVICE inline int64_t loss_count(bool antithetic, int64_t directions) {

@@ -147,6 +147,11 @@ struct Backend {
   at::Tensor (*settle)(at::TensorList states, at::TensorList plans);
 };
 
+// The options that pack_options returned, checked again (a list made by hand
+// is held to the same rules) and unpacked; errors name `op`.
+engine::GroupOptions unpack_options(c10::ArrayRef<double> options,
+                                    const char* op);
+
 // The backend of a device type; registered by the file that defines it.
 void register_backend(c10::DeviceType type, const Backend& backend);
 const Backend& backend_for(c10::DeviceType type);

@@ -1,6 +1,6 @@
-// The checks of options and of loaded states, and the parameters' digest
-// that distributed runs compare: ops, not C++ helpers, so that the Python
-// optimizer runs this very code. They dispatch to the
+// The options packed and checked, the checks of loaded states, and the
+// parameters' digest that distributed runs compare: ops, not C++ helpers, so
+// that the Python optimizer runs this very code. They dispatch to the
 // CompositeExplicitAutograd kernels on any device.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -10,8 +10,10 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "engine.h"
+#include "kernel_common.h"
 
 namespace dopamine::ops {
 namespace {
@@ -21,64 +23,143 @@ void check(bool valid, const char* name, double value, const char* rule) {
       valid, "Dopamine: invalid ", name, ": ", value, " (expected ", rule, ")");
 }
 
-void check_options_kernel(double lr,
-                          double sigma,
-                          int64_t lr_adaptation,
-                          double beta,
-                          double beta_s,
-                          double beta_eta,
-                          double eps,
-                          std::optional<double> lr_min,
-                          std::optional<double> lr_max,
-                          double weight_decay,
-                          int64_t noise,
-                          int64_t non_finite_loss,
-                          bool capturable,
-                          int64_t num_perturbations) {
+// The rules of every option, on their packed form: pack_options runs them
+// on what it packs, and the ops that take a packed list on what they are
+// given, so a list made by hand is held to the same rules.
+void check_packed(const double* p) {
+  using namespace engine::packed;
+  const double lr = p[kLr], sigma = p[kSigma], eps = p[kEps];
+  const double weight_decay = p[kWeightDecay];
   check(std::isfinite(lr) && lr >= 0, "lr", lr, ">= 0");
   check(std::isfinite(sigma) && sigma > 0, "sigma", sigma, "> 0");
-  check(beta >= 0 && beta < 1, "beta", beta, "in [0, 1)");
-  check(beta_s >= 0 && beta_s < 1, "beta_s", beta_s, "in [0, 1)");
-  check(beta_eta >= 0 && beta_eta <= 1, "beta_eta", beta_eta, "in [0, 1]");
+  check(p[kBeta] >= 0 && p[kBeta] < 1, "beta", p[kBeta], "in [0, 1)");
+  check(p[kBetaS] >= 0 && p[kBetaS] < 1, "beta_s", p[kBetaS], "in [0, 1)");
+  check(p[kBetaEta] >= 0 && p[kBetaEta] <= 1,
+        "beta_eta",
+        p[kBetaEta],
+        "in [0, 1]");
   check(std::isfinite(eps) && eps > 0, "eps", eps, "> 0");
   check(std::isfinite(weight_decay) && weight_decay >= 0,
         "weight_decay",
         weight_decay,
         ">= 0");
-  TORCH_CHECK(
-      num_perturbations >= 1 && num_perturbations <= engine::kMaxDirections,
-      "Dopamine: invalid num_perturbations: ",
-      num_perturbations,
-      " (expected an int in [1, ",
-      engine::kMaxDirections,
-      "])");
-  if (lr_min) {
-    check(*lr_min >= 0, "lr_min", *lr_min, ">= 0");
+  const double directions = p[kNumPerturbations];
+  TORCH_CHECK(directions >= 1 &&
+                  directions <= static_cast<double>(engine::kMaxDirections) &&
+                  directions == std::floor(directions),
+              "Dopamine: invalid num_perturbations: ",
+              directions,
+              " (expected an int in [1, ",
+              engine::kMaxDirections,
+              "])");
+  const bool has_lr_min = p[kHasLrMin] != 0, has_lr_max = p[kHasLrMax] != 0;
+  if (has_lr_min) {
+    check(p[kLrMin] >= 0, "lr_min", p[kLrMin], ">= 0");
   }
-  if (lr_max) {
-    check(*lr_max >= 0, "lr_max", *lr_max, ">= 0");
+  if (has_lr_max) {
+    check(p[kLrMax] >= 0, "lr_max", p[kLrMax], ">= 0");
   }
-  if (lr_min && lr_max) {
-    check(*lr_min <= *lr_max, "lr_min", *lr_min, "<= lr_max");
+  if (has_lr_min && has_lr_max) {
+    check(p[kLrMin] <= p[kLrMax], "lr_min", p[kLrMin], "<= lr_max");
   }
   // The codes of the enums in include/dopamine/options.h.
-  TORCH_CHECK(lr_adaptation >= 0 && lr_adaptation <= 2,
+  const auto is_code = [](double value, int last) {
+    return value >= 0 && value <= last && value == std::floor(value);
+  };
+  TORCH_CHECK(is_code(p[kLrAdaptation], 2),
               "Dopamine: invalid lr_adaptation code ",
-              lr_adaptation,
+              p[kLrAdaptation],
               " (0 none, 1 rpe_normalized, 2 rpe_tracking)");
-  TORCH_CHECK(noise == 0 || noise == 1,
+  TORCH_CHECK(is_code(p[kNoise], 1),
               "Dopamine: invalid noise code ",
-              noise,
+              p[kNoise],
               " (0 gaussian, 1 rademacher)");
-  TORCH_CHECK(non_finite_loss == 0 || non_finite_loss == 1,
+  TORCH_CHECK(is_code(p[kNonFiniteLoss], 1),
               "Dopamine: invalid non_finite_loss code ",
-              non_finite_loss,
+              p[kNonFiniteLoss],
               " (0 skip, 1 raise)");
-  TORCH_CHECK(!(capturable && non_finite_loss == 1),
+  for (const auto field :
+       {kHasLrMin, kHasLrMax, kCapturable, kMasterWeights, kAntithetic}) {
+    TORCH_CHECK(is_code(p[field], 1),
+                "Dopamine: packed options field ",
+                static_cast<int64_t>(field),
+                " must be 0 or 1, got ",
+                p[field]);
+  }
+  for (const auto field : {kKeyLo, kKeyHi}) {
+    TORCH_CHECK(p[field] >= 0 && p[field] <= 4294967295.0 &&
+                    p[field] == std::floor(p[field]),
+                "Dopamine: packed options field ",
+                static_cast<int64_t>(field),
+                " must be a 32-bit word of a noise key, got ",
+                p[field]);
+  }
+  TORCH_CHECK(!(p[kCapturable] != 0 && p[kNonFiniteLoss] == 1),
               "Dopamine: invalid non_finite_loss: raise with capturable=True "
               "(a capturable step never reads a loss on the host; a "
               "non-finite one skips the step)");
 }
+
+std::vector<double> pack_options_kernel(double lr,
+                                        double sigma,
+                                        int64_t lr_adaptation,
+                                        double beta,
+                                        double beta_s,
+                                        double beta_eta,
+                                        double eps,
+                                        std::optional<double> lr_min,
+                                        std::optional<double> lr_max,
+                                        double weight_decay,
+                                        int64_t seed,
+                                        int64_t noise,
+                                        int64_t non_finite_loss,
+                                        bool capturable,
+                                        bool master_weights,
+                                        bool antithetic,
+                                        int64_t num_perturbations) {
+  using namespace engine::packed;
+  const noise::Key key = noise::key_of(seed);
+  std::vector<double> p(kSize);
+  p[kLr] = lr;
+  p[kSigma] = sigma;
+  p[kLrAdaptation] = static_cast<double>(lr_adaptation);
+  p[kBeta] = beta;
+  p[kBetaS] = beta_s;
+  p[kBetaEta] = beta_eta;
+  p[kEps] = eps;
+  p[kHasLrMin] = lr_min.has_value();
+  p[kLrMin] = lr_min.value_or(0);
+  p[kHasLrMax] = lr_max.has_value();
+  p[kLrMax] = lr_max.value_or(0);
+  p[kWeightDecay] = weight_decay;
+  p[kKeyLo] = key.lo;
+  p[kKeyHi] = key.hi;
+  p[kNoise] = static_cast<double>(noise);
+  p[kNonFiniteLoss] = static_cast<double>(non_finite_loss);
+  p[kCapturable] = capturable;
+  p[kMasterWeights] = master_weights;
+  p[kAntithetic] = antithetic;
+  p[kNumPerturbations] = static_cast<double>(num_perturbations);
+  check_packed(p.data());
+  return p;
+}
+
+}  // namespace
+
+engine::GroupOptions unpack_options(c10::ArrayRef<double> options,
+                                    const char* op) {
+  TORCH_CHECK(options.size() == engine::packed::kSize,
+              "dopamine::",
+              op,
+              ": options must be the ",
+              engine::packed::kSize,
+              " numbers pack_options returns, got ",
+              options.size());
+  check_packed(options.data());
+  return engine::unpack(options.data());
+}
+
+namespace {
 
 // A loaded state must be one a run can reach: the next step's noise counter
 // in range, traces finite, so that no later step writes NaN into the
@@ -152,7 +233,7 @@ int64_t digest_kernel(at::TensorList tensors) {
 
 TORCH_LIBRARY_IMPL(dopamine, CompositeExplicitAutograd, m) {
   m.impl("check_state", &check_state_kernel);
-  m.impl("check_options", &check_options_kernel);
+  m.impl("pack_options", &pack_options_kernel);
   m.impl("digest", &digest_kernel);
 }
 

@@ -329,61 +329,25 @@ void perturb(at::TensorList params,
 
 at::Tensor plan_step(const at::Tensor& state,
                      const at::Tensor& losses,
-                     int64_t lr_adaptation,
-                     double lr,
-                     double sigma,
-                     double beta,
-                     double beta_s,
-                     double beta_eta,
-                     double eps,
-                     std::optional<double> lr_min,
-                     std::optional<double> lr_max,
-                     double weight_decay,
-                     int64_t seed,
-                     int64_t noise,
-                     bool antithetic,
-                     int64_t num_perturbations) {
+                     c10::ArrayRef<double> packed_options) {
   check_state_tensor(state, engine::kStateSize, "plan_step", "state");
-  TORCH_CHECK(
-      num_perturbations >= 1 && num_perturbations <= engine::kMaxDirections,
-      "dopamine::plan_step: num_perturbations must be in [1, ",
-      engine::kMaxDirections,
-      "], got ",
-      num_perturbations);
-  const int64_t count = engine::loss_count(antithetic, num_perturbations);
+  const engine::GroupOptions options =
+      unpack_options(packed_options, "plan_step");
+  const int64_t count =
+      engine::loss_count(options.antithetic, options.directions);
   TORCH_CHECK(
       losses.defined() && losses.dim() == 1 && losses.sym_size(0) == count,
       "dopamine::plan_step: losses must be a tensor of shape [",
       count,
       "] (",
-      antithetic ? "L(theta + sigma z_j) and L(theta - sigma z_j) for "
-                   "each direction j"
-                 : "the unperturbed loss, then L(theta + sigma z_j) "
-                   "for each direction j",
+      options.antithetic ? "L(theta + sigma z_j) and L(theta - sigma z_j) for "
+                           "each direction j"
+                         : "the unperturbed loss, then L(theta + sigma z_j) "
+                           "for each direction j",
       "), got shape ",
       losses.sym_sizes());
-  TORCH_CHECK(lr_adaptation >= 0 && lr_adaptation <= 2,
-              "dopamine::plan_step: invalid lr_adaptation code ",
-              lr_adaptation);
-  const engine::GroupOptions options{
-      static_cast<engine::Adaptation>(lr_adaptation),
-      lr,
-      sigma,
-      beta,
-      beta_s,
-      beta_eta,
-      eps,
-      weight_decay,
-      lr_min.has_value(),
-      lr_max.has_value(),
-      lr_min.value_or(0),
-      lr_max.value_or(0),
-      noise::key_of(seed),
-      noise_kind(noise),
-      antithetic,
-      num_perturbations};
   auto plan =
-      at::empty({engine::kPlanHeader + num_perturbations}, state.options());
+      at::empty({engine::kPlanHeader + options.directions}, state.options());
   if (state.is_meta()) {
     return plan;
   }

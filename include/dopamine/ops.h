@@ -25,11 +25,14 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace dopamine::ops {
 
-// Throws c10::Error naming the first invalid option and its value.
-void check_options(const DopamineOptions& options);
+// The options checked and packed into the one list the other ops take
+// (docs/DESIGN.md, "Adding an option"); throws c10::Error naming the first
+// invalid option and its value.
+std::vector<double> pack_options(const DopamineOptions& options);
 
 // Throws c10::Error unless `state` is a valid group state: shape [5],
 // float64, finite, counts in range (a loaded checkpoint is checked with it).
@@ -58,13 +61,13 @@ void perturb_(at::TensorList params,
 
 // One group's plan for a step: its next state and the update's coefficients
 // (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L(theta + sigma
-// z_0), ..., L(theta + sigma z_k-1)], or with options.antithetic()
-// [L(theta + sigma z_0), L(theta - sigma z_0), L(theta + sigma z_1), ...]
-// for k = options.num_perturbations() (any device; moved to the state's).
-// Computes nothing in place.
+// z_0), ..., L(theta + sigma z_k-1)], or with antithetic [L(theta + sigma
+// z_0), L(theta - sigma z_0), L(theta + sigma z_1), ...] for k =
+// num_perturbations (any device; moved to the state's), under `options` as
+// pack_options returns them. Computes nothing in place.
 at::Tensor plan_step(const at::Tensor& state,
                      const at::Tensor& losses,
-                     const DopamineOptions& options);
+                     c10::ArrayRef<double> options);
 
 // Ends a step for all groups at once: the step is taken when every plan is
 // finite, else skipped. Each parameter (group g's, group_sizes giving the

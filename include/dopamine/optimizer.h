@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 namespace dopamine {
@@ -119,6 +120,13 @@ class Dopamine : public torch::optim::Optimizer {
  private:
   std::vector<std::string> param_names_;
   std::shared_ptr<StepCollective> collective_;
+  // The groups already warned about having no trainable parameter.
+  std::unordered_set<size_t> warned_untrained_;
+
+  // Warns, once per group, that the groups `untrained` (which have
+  // parameters, none requiring grad) are not trained.
+  void warn_untrained(const std::vector<size_t>& untrained,
+                      bool step_trains_nothing);
 
   // Checks the group states just loaded and lets each group's parameters
   // share one state tensor again.

@@ -3,6 +3,7 @@
 import functools
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from ._engine import GroupTensors, finish
+from ._options import ADDED_LATER, OPTION_NAMES, PackedOptions, pack
 from .distributed import (
     Collective, check_parallel, check_sharding, checksum, describe, held_alike, is_dtensor, local_pieces, replicated,
 )
@@ -17,100 +19,10 @@ from .trajectory import Recorder
 
 __all__ = ["Dopamine", "STATE_FIELDS"]
 
-_OPTION_NAMES = (
-    "lr",
-    "sigma",
-    "lr_adaptation",
-    "beta",
-    "beta_s",
-    "beta_eta",
-    "eps",
-    "lr_min",
-    "lr_max",
-    "weight_decay",
-    "seed",
-    "noise",
-    "non_finite_loss",
-    "capturable",
-    "master_weights",
-    "antithetic",
-    "num_perturbations",
-)
-# Options that a state saved before they existed lacks, and their values in
-# such a state (None: this optimizer's defaults, which steps read them from).
-_ADDED_LATER = {"capturable": None, "master_weights": None, "antithetic": False, "num_perturbations": 1}
-# The names of the C++ enums' values, in the order of their codes
-# (include/dopamine/options.h): the ops take the codes.
-_ENUM_NAMES = {
-    "lr_adaptation": ("none", "rpe_normalized", "rpe_tracking"),
-    "noise": ("gaussian", "rademacher"),
-    "non_finite_loss": ("skip", "raise"),
-}
 # The fields of a group's state tensor (docs/DESIGN.md, "State").
 STATE_FIELDS = ("step", "skipped_steps", "rpe_trace", "rpe_magnitude", "current_lr")
 
 Loss = Union[torch.Tensor, float]
-
-
-def _as_float(name: str, value: Any, optional: bool = False) -> Optional[float]:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
-        raise ValueError(f"Dopamine: invalid {name}: {value!r} (expected a real number)")
-    return float(value)
-
-
-def _code(name: str, value: Any) -> int:
-    names = _ENUM_NAMES[name]
-    if value not in names:
-        raise ValueError(f"Dopamine: invalid {name}: {value!r} (expected one of {', '.join(names)})")
-    return names.index(value)
-
-
-def _option_arguments(group: Dict[str, Any]) -> Dict[str, Any]:
-    """The options that check_options and plan_step share, as the ops take
-    them (floats and enum codes); raises ValueError for a value of the wrong
-    type."""
-    return dict(
-        lr=_as_float("lr", group["lr"]),
-        sigma=_as_float("sigma", group["sigma"]),
-        lr_adaptation=_code("lr_adaptation", group["lr_adaptation"]),
-        beta=_as_float("beta", group["beta"]),
-        beta_s=_as_float("beta_s", group["beta_s"]),
-        beta_eta=_as_float("beta_eta", group["beta_eta"]),
-        eps=_as_float("eps", group["eps"]),
-        lr_min=_as_float("lr_min", group["lr_min"], optional=True),
-        lr_max=_as_float("lr_max", group["lr_max"], optional=True),
-        weight_decay=_as_float("weight_decay", group["weight_decay"]),
-        noise=_code("noise", group["noise"]),
-        num_perturbations=group["num_perturbations"],
-    )
-
-
-def _check_options(group: Dict[str, Any]) -> Dict[str, Any]:
-    """Raises ValueError naming the first invalid option and its value; the
-    rules are the C++ ones (the dopamine::check_options op). Returns the
-    options as _option_arguments gives them."""
-    seed = group["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
-        raise ValueError(f"Dopamine: invalid seed: {seed!r} (expected an int in [-2**63, 2**63))")
-    for name in ("capturable", "master_weights", "antithetic"):
-        if not isinstance(group[name], bool):
-            raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a bool)")
-    directions = group["num_perturbations"]
-    # The op checks the range; an int beyond 64 bits would not reach it.
-    if isinstance(directions, bool) or not isinstance(directions, int) or not 0 < directions < 2**63:
-        raise ValueError(f"Dopamine: invalid num_perturbations: {directions!r} (expected an int >= 1)")
-    arguments = _option_arguments(group)
-    try:
-        torch.ops.dopamine.check_options(
-            **arguments,
-            non_finite_loss=_code("non_finite_loss", group["non_finite_loss"]),
-            capturable=group["capturable"],
-        )
-    except RuntimeError as error:
-        raise ValueError(str(error).splitlines()[0]) from None
-    return arguments
 
 
 def _check_params(params: List[torch.Tensor], group_index: int) -> None:
@@ -167,37 +79,17 @@ def _is_half(param: torch.Tensor) -> bool:
     return param.dtype in (torch.bfloat16, torch.float16)
 
 
-class _GroupArguments:
-    """A group's checked options as the ops take them, kept while the options
-    stay the same: checking and converting them is most of a small model's
-    step otherwise."""
-
-    def __init__(self, group: Dict[str, Any]):
-        self.values = tuple(group[name] for name in _OPTION_NAMES)
-        options = _check_options(group)
-        self.perturb = dict(seed=group["seed"], sigma=options["sigma"], noise=options["noise"])
-        self.plan = dict(options, seed=group["seed"])
-
-    @classmethod
-    def of(cls, group: Dict[str, Any], cached: Optional["_GroupArguments"]) -> "_GroupArguments":
-        """`cached` if the group's options are still the ones it was made
-        from, else the arguments of the options now (checked anew)."""
-        if cached is not None and cached.values == tuple(group[name] for name in _OPTION_NAMES):
-            return cached
-        return cls(group)
-
-
 class _GroupStep(GroupTensors):
     """One group's share of a step, taken when the step starts: its options,
     its tensors (GroupTensors), and its state, which finish_step_ commits."""
 
-    def __init__(self, group: Dict[str, Any], arguments: _GroupArguments, params, indices, masters, state, offsets):
-        super().__init__(params, indices, masters, state, arguments.perturb, offsets)
+    def __init__(self, group: Dict[str, Any], options: PackedOptions, params, indices, masters, state, offsets):
+        super().__init__(params, indices, masters, state, options.perturb, offsets)
         self.group_params = list(group["params"])
-        self.arguments = arguments
+        self.options = options
 
-    def plan(self, losses: torch.Tensor, antithetic: bool) -> torch.Tensor:
-        return torch.ops.dopamine.plan_step(self.state, losses, antithetic=antithetic, **self.arguments.plan)
+    def plan(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dopamine.plan_step(self.state, losses, options=self.options.packed)
 
 
 class Dopamine(Optimizer):
@@ -351,7 +243,7 @@ class Dopamine(Optimizer):
         # with the state (docs/DESIGN.md, "Many processes").
         self._collective = None
         try:
-            _check_options(defaults)
+            pack(defaults)
             if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
                 raise ValueError(f"Dopamine: invalid verify_every: {verify_every!r} (expected an int >= 0)")
             if not isinstance(record_trajectory, bool):
@@ -397,10 +289,10 @@ class Dopamine(Optimizer):
         if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
             param_group["param_names"] = [name for name, _ in params]
             params = [param for _, param in params]
-        unknown = sorted(set(param_group) - set(_OPTION_NAMES) - {"params", "initial_lr", "param_names"})
+        unknown = sorted(set(param_group) - set(OPTION_NAMES) - {"params", "initial_lr", "param_names"})
         if unknown:
             raise ValueError(f"Dopamine: unknown option(s) {unknown} in parameter group {len(self.param_groups)}")
-        _check_options({**self.defaults, **param_group})
+        pack({**self.defaults, **param_group})
         _check_params(params, len(self.param_groups))
         if any(is_dtensor(p) for p in params):
             for name, enabled in (("master_weights", self.defaults["master_weights"]),
@@ -426,11 +318,12 @@ class Dopamine(Optimizer):
         """The groups' shares of the next step: a closure that changes options
         or groups affects the step after it only."""
         steps: List[_GroupStep] = []
+        untrained: List[int] = []
         index = 0
-        cache = self.__dict__.setdefault("_arguments", {})
-        cache["defaults"] = _GroupArguments.of(self.defaults, cache.get("defaults"))
+        cache = self.__dict__.setdefault("_packed_options", {})
+        cache["defaults"] = PackedOptions.of(self.defaults, cache.get("defaults"))
         for g, group in enumerate(self.param_groups):
-            arguments = cache[g] = _GroupArguments.of(group, cache.get(g))
+            options = cache[g] = PackedOptions.of(group, cache.get(g))
             # Parameters that have taken a step were checked then; a group
             # changed since (through param_groups) is checked again.
             if any(param not in self.state for param in group["params"]):
@@ -463,6 +356,8 @@ class Dopamine(Optimizer):
             # steps (docs/DESIGN.md, "Many processes").
             trainable = [p for p in group["params"] if p.requires_grad]
             if not trainable:
+                if group["params"]:
+                    untrained.append(g)
                 continue
             device = trainable[0].device if self.defaults["capturable"] else torch.device("cpu")
             if self.defaults["capturable"] and any(p.device != device for p in trainable):
@@ -472,8 +367,28 @@ class Dopamine(Optimizer):
                 )
             if state is None:
                 state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64, device=device)
-            steps.append(_GroupStep(group, arguments, params, indices, masters, state.to(device), offsets))
+            steps.append(_GroupStep(group, options, params, indices, masters, state.to(device), offsets))
+        self._warn_untrained(untrained, not steps)
         return steps
+
+    def _warn_untrained(self, untrained: List[int], step_trains_nothing: bool) -> None:
+        """Warns, once per group, that the groups ``untrained`` (which have
+        parameters, none requiring grad) are not trained: a plain tensor does
+        not require grad, and forward-only users have no reason to set it."""
+        warned = self.__dict__.setdefault("_warned_untrained", set())
+        for g in untrained:
+            if g in warned:
+                continue
+            warned.add(g)
+            warnings.warn(
+                f"Dopamine: none of the {len(self.param_groups[g]['params'])} parameter(s) of group {g} "
+                f"requires grad, so {'step() trains nothing' if step_trains_nothing else 'that group is not trained'}. "
+                "Dopamine needs no gradients, but like torch's optimizers it trains only parameters with "
+                "requires_grad: call requires_grad_() on them (a plain tensor, such as torch.zeros(8), does "
+                "not require grad).",
+                UserWarning,
+                stacklevel=4,
+            )
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Loss]] = None) -> Loss:  # type: ignore[override]
@@ -602,7 +517,7 @@ class Dopamine(Optimizer):
         losses = losses.to(steps[0].state.device)
         raises = self.defaults["non_finite_loss"] == "raise"
         try:
-            plans = [group_step.plan(losses, antithetic) for group_step in steps]
+            plans = [group_step.plan(losses) for group_step in steps]
             saved = [group_step.state.clone() for group_step in steps] if raises else []
             taken = finish(steps, plans)
             if record is not None:
@@ -665,7 +580,7 @@ class Dopamine(Optimizer):
         }
         for g, group in enumerate(self.param_groups):
             configuration[f"group {g}"] = {
-                "options": {name: group[name] for name in _OPTION_NAMES},
+                "options": {name: group[name] for name in OPTION_NAMES},
                 "parameters": len(group["params"]),
                 **{f"parameter {i}": describe(p) for i, p in enumerate(group["params"])},
             }
@@ -705,7 +620,7 @@ class Dopamine(Optimizer):
             )
         params_of_id = {}
         for g, (saved, ours) in enumerate(zip(groups, self.param_groups)):
-            missing = [name for name in _OPTION_NAMES if name not in saved and name not in _ADDED_LATER]
+            missing = [name for name in OPTION_NAMES if name not in saved and name not in ADDED_LATER]
             if missing:
                 raise ValueError(
                     f"Dopamine.load_state_dict: parameter group {g} lacks {missing}; "
@@ -721,7 +636,7 @@ class Dopamine(Optimizer):
                     f"Dopamine.load_state_dict: the parameter names of group {g} differ from "
                     "this optimizer's (were the parameters reordered or renamed?)"
                 )
-            _check_options({**self.defaults, **saved})
+            pack({**self.defaults, **saved})
             params_of_id.update(zip(saved["params"], ours["params"]))
         loaded = {}
         for index, entry in state_dict["state"].items():
@@ -773,5 +688,5 @@ class Dopamine(Optimizer):
                 if master is not None:
                     self.state[param]["master_weight"] = master.to(param.device).clone()
         for group in self.param_groups:
-            for name, value in _ADDED_LATER.items():
+            for name, value in ADDED_LATER.items():
                 group.setdefault(name, self.defaults[name] if value is None else value)

@@ -84,6 +84,50 @@ TEST(Engine, FrozenParametersAreUntouched) {
   EXPECT_FALSE(torch::equal(trained, torch::ones({3})));
 }
 
+// Collects the warnings raised while it lives.
+class WarningCollector : public c10::WarningHandler {
+ public:
+  void process(const c10::Warning& warning) override {
+    messages.push_back(warning.msg());
+  }
+  std::vector<std::string> messages;
+};
+
+TEST(Engine, AGroupWithNoTrainableParameterIsWarnedAboutOnce) {
+  // Plain tensors, as a TorchScript module registers them: none requires
+  // grad, so nothing would train.
+  std::vector<torch::Tensor> plain = {torch::ones({8}), torch::ones({2})};
+  auto trained = torch::ones({3}).requires_grad_();
+  Dopamine optimizer(plain);
+  optimizer.add_param_group(torch::optim::OptimizerParamGroup({trained}));
+  WarningCollector collector;
+  {
+    const c10::WarningUtils::WarningHandlerGuard guard(&collector);
+    for (int t = 0; t < 3; ++t) {
+      optimizer.step([&] { return (trained - 2).square().sum(); });
+    }
+  }
+  ASSERT_EQ(collector.messages.size(), 1u);
+  EXPECT_NE(collector.messages[0].find("none of the 2 parameter(s) of group "
+                                       "0 requires grad, so that group is "
+                                       "not trained"),
+            std::string::npos)
+      << collector.messages[0];
+  EXPECT_NE(collector.messages[0].find("requires_grad_()"), std::string::npos);
+  EXPECT_TRUE(torch::equal(plain[0], torch::ones({8})));
+
+  Dopamine idle(std::vector<torch::Tensor>{torch::zeros({4})});
+  WarningCollector idle_collector;
+  {
+    const c10::WarningUtils::WarningHandlerGuard guard(&idle_collector);
+    idle.step([] { return torch::ones({}); });
+  }
+  ASSERT_EQ(idle_collector.messages.size(), 1u);
+  EXPECT_NE(idle_collector.messages[0].find("so step() trains nothing"),
+            std::string::npos)
+      << idle_collector.messages[0];
+}
+
 TEST(Engine, StateSurvivesReorderingAndAMovedParameterIsAnError) {
   const Quadratic loss({{4}, {3}}, torch::kDouble, 5);
   std::vector<torch::Tensor> params = {

@@ -8,6 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import noise_oracle
+import torch_dopamine
+from torch_dopamine._options import pack
+
+
+def pack_options(overrides):
+    """The packed options (dopamine::pack_options) of the optimizer's
+    defaults with `overrides`, given by name as the optimizer takes them."""
+    return pack({**torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults, **overrides})
 
 
 NOISE_CODES = {"gaussian": 0, "rademacher": 1}

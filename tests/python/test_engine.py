@@ -4,6 +4,7 @@ frozen and named parameters, and torch.compile inside the closure."""
 
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -266,10 +267,31 @@ def test_frozen_parameters_are_untouched_and_keep_the_others_noise():
     for _ in range(5):
         opt.step(lambda: loss(trained))
         twin_opt.step(lambda: loss(twin))
-    assert torch.equal(frozen, before) and frozen not in opt.state or "master_weight" not in opt.state[frozen]
+    assert torch.equal(frozen, before)
+    assert "master_weight" not in opt.state.get(frozen, {})
     # The trained parameter keeps index 1 and so the noise it draws when
     # the first parameter trains too.
     assert same_bits([trained], [twin])
+
+
+def test_a_group_with_no_trainable_parameter_is_warned_about_once():
+    plain = [torch.ones(8), torch.ones(2)]
+    trained = torch.ones(3, requires_grad=True)
+    opt = torch_dopamine.Dopamine(plain)
+    opt.add_param_group({"params": [trained]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(lambda: (trained - 2).square().sum())
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "none of the 2 parameter(s) of group 0 requires grad, so that group is not trained" in messages[0]
+    assert "requires_grad_()" in messages[0]
+    assert torch.equal(plain[0], torch.ones(8))
+
+    idle = torch_dopamine.Dopamine([torch.zeros(4)])
+    with pytest.warns(UserWarning, match=r"so step\(\) trains nothing"):
+        idle.step(lambda: torch.ones(()))
 
 
 def test_named_parameters_are_accepted_and_their_names_checked_on_load():

@@ -29,13 +29,20 @@ def step_args(device):
     return params, masters, state, losses
 
 
-def plan_options(**overrides):
+def option_arguments(**overrides):
+    """Every argument of pack_options, by name."""
     options = dict(
         lr_adaptation=1, lr=0.1, sigma=0.01, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
-        lr_min=None, lr_max=None, weight_decay=0.01, seed=3, noise=0,
+        lr_min=None, lr_max=None, weight_decay=0.01, seed=3, noise=0, non_finite_loss=0, capturable=False,
+        master_weights=False, antithetic=False, num_perturbations=1,
     )
     options.update(overrides)
     return options
+
+
+def plan_options(**overrides):
+    """plan_step's keyword arguments: the options, packed."""
+    return dict(options=torch.ops.dopamine.pack_options(**option_arguments(**overrides)))
 
 
 def op_cases(device):
@@ -66,13 +73,28 @@ def test_opcheck_passes(device, op_name):
     torch.library.opcheck(op, args, kwargs)
 
 
-def test_opcheck_passes_for_check_options():
+def test_opcheck_passes_for_pack_options():
     torch.library.opcheck(
-        torch.ops.dopamine.check_options.default,
-        (),
-        dict(lr=0.1, sigma=0.01, lr_adaptation=0, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
-             lr_min=0.0, lr_max=None, weight_decay=0.0, noise=1, non_finite_loss=0, capturable=False),
+        torch.ops.dopamine.pack_options.default, (), option_arguments(lr_adaptation=0, lr_min=0.0, noise=1)
     )
+
+
+def test_pack_options_names_every_option_once_and_plan_step_checks_a_packed_list():
+    schema = torch.ops.dopamine.pack_options.default._schema
+    names = [argument.name for argument in schema.arguments]
+    assert names == sorted(option_arguments(), key=names.index) and set(names) == set(option_arguments())
+    assert all(argument.kwarg_only for argument in schema.arguments)
+    assert set(names) == set(torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults)
+    state, losses = state_at(1), torch.tensor([1.0, 1.5], dtype=torch.float64)
+    packed = plan_options()["options"]
+    with pytest.raises(RuntimeError, match="options must be the 20 numbers pack_options returns, got 19"):
+        torch.ops.dopamine.plan_step(state, losses, options=packed[:-1])
+    for field, bad, message in ((2, 3.0, "invalid lr_adaptation code 3"), (1, -1.0, "invalid sigma: -1"),
+                                (19, 2.5, "invalid num_perturbations: 2.5")):
+        forged = list(packed)
+        forged[field] = bad
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.dopamine.plan_step(state, losses, options=forged)
 
 
 def test_op_arguments_after_the_tensors_are_keyword_only():
@@ -115,7 +137,7 @@ def test_plan_computes_the_spec_rule():
     # s = 0.5 * 1 + 0.5 * 0.5 = 0.75; eta = 0.75 * 0.2 + 0.25 * 0.75 = 0.3375, clamped.
     assert plan[3].item() == pytest.approx(0.75) and plan[4].item() == 0.06
     with pytest.raises(RuntimeError, match="invalid lr_adaptation code 3"):
-        torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=3))
+        torch.ops.dopamine.pack_options(**option_arguments(lr_adaptation=3))
     for bad in ([1.0, math.nan], [math.inf, 1.0]):
         plan = torch.ops.dopamine.plan_step(state, torch.tensor(bad, dtype=torch.float64), **plan_options())
         assert plan[6].item() == 0

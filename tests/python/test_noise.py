@@ -8,7 +8,7 @@ import torch
 
 import noise_oracle
 import torch_dopamine  # noqa: F401
-from reference import NOISE_CODES, ops_noise, state_at
+from reference import NOISE_CODES, ops_noise, pack_options, state_at
 
 M = 0xFFFFFFFF
 
@@ -70,11 +70,8 @@ def test_pieces_at_element_offsets_draw_the_noise_of_their_places(device, noise,
     expected = noise_oracle.noise(noise, 11, 3, 5, 1000, direction)[0]
     assert np.allclose(whole.cpu().double().numpy(), expected, rtol=0, atol=1e-5)
     # The finish of a step that moves by 0.5 z_0 and 0.25 z_1 (two directions).
-    plan = torch.ops.dopamine.plan_step(
-        state_at(3), torch.tensor([1.0, 1.5, 1.25], dtype=torch.float64), lr_adaptation=0, lr=0.01, sigma=1.0, beta=0.9,
-        beta_s=0.9, beta_eta=0.1, eps=1e-8, lr_min=None, lr_max=None, weight_decay=0.0, seed=11,
-        noise=NOISE_CODES[noise], num_perturbations=2,
-    )
+    options = pack_options(dict(lr_adaptation="none", lr=0.01, sigma=1.0, seed=11, noise=noise, num_perturbations=2))
+    plan = torch.ops.dopamine.plan_step(state_at(3), torch.tensor([1.0, 1.5, 1.25], dtype=torch.float64), options=options)
     finished = [torch.zeros(1000, device=device)]
     torch.ops.dopamine.finish_step_(finished, [], [state_at(3)], [plan], indices=[5], group_sizes=[1])
     parts = [torch.zeros(b - a, device=device) for a, b in zip(bounds, bounds[1:])]

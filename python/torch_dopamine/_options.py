@@ -1,0 +1,103 @@
+"""The options of a parameter group: their names, the codes of their enums,
+and their packed form (the ``dopamine::pack_options`` op, the only schema that
+names them; docs/DESIGN.md, "Adding an option")."""
+
+import numbers
+from typing import Any, Dict, List, Optional
+
+import torch
+
+__all__ = ["OPTION_NAMES", "ADDED_LATER", "ENUM_NAMES", "PackedOptions", "code", "pack"]
+
+OPTION_NAMES = (
+    "lr",
+    "sigma",
+    "lr_adaptation",
+    "beta",
+    "beta_s",
+    "beta_eta",
+    "eps",
+    "lr_min",
+    "lr_max",
+    "weight_decay",
+    "seed",
+    "noise",
+    "non_finite_loss",
+    "capturable",
+    "master_weights",
+    "antithetic",
+    "num_perturbations",
+)
+# Options that a state saved before they existed lacks, and their values in
+# such a state (None: this optimizer's defaults, which steps read them from).
+ADDED_LATER = {"capturable": None, "master_weights": None, "antithetic": False, "num_perturbations": 1}
+# The names of the C++ enums' values, in the order of their codes
+# (include/dopamine/options.h): the ops take the codes.
+ENUM_NAMES = {
+    "lr_adaptation": ("none", "rpe_normalized", "rpe_tracking"),
+    "noise": ("gaussian", "rademacher"),
+    "non_finite_loss": ("skip", "raise"),
+}
+_FLOATS = ("lr", "sigma", "beta", "beta_s", "beta_eta", "eps", "weight_decay")
+_OPTIONAL_FLOATS = ("lr_min", "lr_max")
+_BOOLS = ("capturable", "master_weights", "antithetic")
+
+
+def code(name: str, value: Any) -> int:
+    """The code of enum option ``name``'s value; raises ValueError naming it."""
+    names = ENUM_NAMES[name]
+    if value not in names:
+        raise ValueError(f"Dopamine: invalid {name}: {value!r} (expected one of {', '.join(names)})")
+    return names.index(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise ValueError(f"Dopamine: invalid {name}: {value!r} (expected a real number)")
+    return float(value)
+
+
+def _as_int(name: str, value: Any, low: int, high: int, expected: str) -> int:
+    # The op checks the range; an int beyond 64 bits would not reach it.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+        raise ValueError(f"Dopamine: invalid {name}: {value!r} (expected {expected})")
+    return value
+
+
+def pack(group: Dict[str, Any]) -> List[float]:
+    """The group's options checked and packed by ``dopamine::pack_options``:
+    a ValueError names the first invalid one and its value."""
+    arguments: Dict[str, Any] = {name: _as_float(name, group[name]) for name in _FLOATS}
+    for name in _OPTIONAL_FLOATS:
+        arguments[name] = None if group[name] is None else _as_float(name, group[name])
+    for name in _BOOLS:
+        if not isinstance(group[name], bool):
+            raise ValueError(f"Dopamine: invalid {name}: {group[name]!r} (expected a bool)")
+        arguments[name] = group[name]
+    for name in ENUM_NAMES:
+        arguments[name] = code(name, group[name])
+    arguments["seed"] = _as_int("seed", group["seed"], -(2**63), 2**63, "an int in [-2**63, 2**63)")
+    arguments["num_perturbations"] = _as_int("num_perturbations", group["num_perturbations"], 1, 2**63, "an int >= 1")
+    try:
+        return torch.ops.dopamine.pack_options(**arguments)
+    except RuntimeError as error:
+        raise ValueError(str(error).splitlines()[0]) from None
+
+
+class PackedOptions:
+    """A group's packed options, kept while its options stay the same:
+    checking and packing them is most of a small model's step otherwise."""
+
+    def __init__(self, group: Dict[str, Any]):
+        self.values = tuple(group[name] for name in OPTION_NAMES)
+        self.packed = pack(group)
+        # What perturb_ takes of them.
+        self.perturb = dict(seed=group["seed"], sigma=float(group["sigma"]), noise=code("noise", group["noise"]))
+
+    @classmethod
+    def of(cls, group: Dict[str, Any], cached: Optional["PackedOptions"]) -> "PackedOptions":
+        """`cached` if the group's options are still the ones it was made
+        from, else the options now (checked anew)."""
+        if cached is not None and cached.values == tuple(group[name] for name in OPTION_NAMES):
+            return cached
+        return cls(group)
