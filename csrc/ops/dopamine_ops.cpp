@@ -50,14 +50,8 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
       .typed<Signature>();
 }
 
-int64_t code(LrAdaptation mode) {
-  return static_cast<int64_t>(mode);
-}
 int64_t code(Noise noise) {
   return static_cast<int64_t>(noise);
-}
-int64_t code(NonFiniteLoss policy) {
-  return static_cast<int64_t>(policy);
 }
 
 }  // namespace
@@ -65,25 +59,9 @@ int64_t code(NonFiniteLoss policy) {
 std::vector<double> pack_options(const DopamineOptions& o) {
   // Called by argument name, as Python calls it: the schema's order is not
   // repeated here, so no two options can be swapped.
-  const std::unordered_map<std::string, c10::IValue> by_name = {
-      {"lr", o.lr()},
-      {"sigma", o.sigma()},
-      {"lr_adaptation", code(o.lr_adaptation())},
-      {"beta", o.beta()},
-      {"beta_s", o.beta_s()},
-      {"beta_eta", o.beta_eta()},
-      {"eps", o.eps()},
-      {"lr_min", o.lr_min()},
-      {"lr_max", o.lr_max()},
-      {"weight_decay", o.weight_decay()},
-      {"seed", o.seed()},
-      {"noise", code(o.noise())},
-      {"non_finite_loss", code(o.non_finite_loss())},
-      {"capturable", o.capturable()},
-      {"master_weights", o.master_weights()},
-      {"antithetic", o.antithetic()},
-      {"num_perturbations", o.num_perturbations()},
-  };
+  const auto values = o.named_values();
+  const std::unordered_map<std::string, c10::IValue> by_name(values.begin(),
+                                                             values.end());
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
       "dopamine::pack_options", "");
   torch::jit::Stack stack;

@@ -9,7 +9,14 @@
 #include <torch/serialize/archive.h>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <optional>
 #include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
 
 namespace dopamine {
 
@@ -51,73 +58,130 @@ void DopamineOptions::validate() const {
   ops::pack_options(*this);
 }
 
+namespace {
+
+// Every option, under the name the pack_options schema gives it: the one C++
+// list of them, from which comparison, serialization and packing follow
+// (docs/DESIGN.md, "Adding an option").
+template <typename Options, typename Visit>
+void for_each_option(Options& o, Visit&& visit) {
+  visit("lr", o.lr());
+  visit("sigma", o.sigma());
+  visit("lr_adaptation", o.lr_adaptation());
+  visit("beta", o.beta());
+  visit("beta_s", o.beta_s());
+  visit("beta_eta", o.beta_eta());
+  visit("eps", o.eps());
+  visit("lr_min", o.lr_min());
+  visit("lr_max", o.lr_max());
+  visit("weight_decay", o.weight_decay());
+  visit("seed", o.seed());
+  visit("noise", o.noise());
+  visit("non_finite_loss", o.non_finite_loss());
+  visit("capturable", o.capturable());
+  visit("master_weights", o.master_weights());
+  visit("antithetic", o.antithetic());
+  visit("num_perturbations", o.num_perturbations());
+}
+
+// Whether every Dopamine checkpoint holds the option: those of the first
+// checkpoints do, and a checkpoint without one of them is another
+// optimizer's. Options added since may be missing.
+bool in_every_checkpoint(const std::string& name) {
+  static const std::unordered_set<std::string> first = {"lr",
+                                                        "sigma",
+                                                        "lr_adaptation",
+                                                        "beta",
+                                                        "beta_s",
+                                                        "beta_eta",
+                                                        "eps",
+                                                        "lr_min",
+                                                        "lr_max",
+                                                        "weight_decay",
+                                                        "seed",
+                                                        "noise",
+                                                        "non_finite_loss",
+                                                        "capturable",
+                                                        "master_weights"};
+  return first.count(name) > 0;
+}
+
+// The value an option takes when a checkpoint predates it, where its
+// default would change that checkpoint's behaviour: the default is four
+// directions, a checkpoint without the option took one.
+std::optional<c10::IValue> older_checkpoint_value(const std::string& name) {
+  if (name == "num_perturbations") {
+    return c10::IValue(int64_t{1});
+  }
+  return std::nullopt;
+}
+
+template <typename T>
+c10::IValue to_ivalue(const T& value) {
+  if constexpr (std::is_enum_v<T>) {
+    return static_cast<int64_t>(value);
+  } else {
+    return value;
+  }
+}
+
+template <typename T>
+void from_ivalue(const c10::IValue& stored, T& value) {
+  if constexpr (std::is_enum_v<T>) {
+    value = static_cast<T>(stored.toInt());
+  } else if constexpr (std::is_same_v<T, std::optional<double>>) {
+    value = stored.isNone() ? std::nullopt
+                            : std::optional<double>(stored.toDouble());
+  } else {
+    value = stored.to<T>();
+  }
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, c10::IValue>> DopamineOptions::named_values()
+    const {
+  std::vector<std::pair<std::string, c10::IValue>> values;
+  for_each_option(*this, [&](const char* name, const auto& value) {
+    values.emplace_back(name, to_ivalue(value));
+  });
+  return values;
+}
+
 bool operator==(const DopamineOptions& lhs, const DopamineOptions& rhs) {
-  return lhs.lr() == rhs.lr() && lhs.sigma() == rhs.sigma() &&
-         lhs.lr_adaptation() == rhs.lr_adaptation() &&
-         lhs.beta() == rhs.beta() && lhs.beta_s() == rhs.beta_s() &&
-         lhs.beta_eta() == rhs.beta_eta() && lhs.eps() == rhs.eps() &&
-         lhs.lr_min() == rhs.lr_min() && lhs.lr_max() == rhs.lr_max() &&
-         lhs.weight_decay() == rhs.weight_decay() && lhs.seed() == rhs.seed() &&
-         lhs.noise() == rhs.noise() &&
-         lhs.non_finite_loss() == rhs.non_finite_loss() &&
-         lhs.capturable() == rhs.capturable() &&
-         lhs.master_weights() == rhs.master_weights() &&
-         lhs.antithetic() == rhs.antithetic() &&
-         lhs.num_perturbations() == rhs.num_perturbations();
+  const auto left = lhs.named_values(), right = rhs.named_values();
+  return std::equal(
+      left.begin(),
+      left.end(),
+      right.begin(),
+      [](const auto& l, const auto& r) { return l.second == r.second; });
 }
 
 void DopamineOptions::serialize(
     torch::serialize::OutputArchive& archive) const {
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(sigma);
-  archive.write("lr_adaptation", static_cast<int64_t>(lr_adaptation()));
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(beta);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(beta_s);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(beta_eta);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr_min);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr_max);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
-  archive.write("noise", static_cast<int64_t>(noise()));
-  archive.write("non_finite_loss", static_cast<int64_t>(non_finite_loss()));
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(capturable);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master_weights);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(antithetic);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(num_perturbations);
+  for (const auto& [name, value] : named_values()) {
+    archive.write(name, value);
+  }
 }
 
 void DopamineOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, sigma);
-  c10::IValue mode;
-  archive.read("lr_adaptation", mode);
-  lr_adaptation(static_cast<LrAdaptation>(mode.toInt()));
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, beta);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, beta_s);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, beta_eta);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG_OPTIONAL(double, lr_min);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG_OPTIONAL(double, lr_max);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
-  c10::IValue noise_kind;
-  archive.read("noise", noise_kind);
-  noise(static_cast<Noise>(noise_kind.toInt()));
-  c10::IValue policy;
-  archive.read("non_finite_loss", policy);
-  non_finite_loss(static_cast<NonFiniteLoss>(policy.toInt()));
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, capturable);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, master_weights);
-  // Checkpoints written before the option existed are not antithetic.
-  c10::IValue antithetic_flag;
-  antithetic(archive.try_read("antithetic", antithetic_flag) &&
-             antithetic_flag.toBool());
-  // ... and take one direction.
-  c10::IValue directions;
-  num_perturbations(archive.try_read("num_perturbations", directions)
-                        ? directions.toInt()
-                        : 1);
+  const auto default_values = DopamineOptions().named_values();
+  const std::unordered_map<std::string, c10::IValue> defaults(
+      default_values.begin(), default_values.end());
+  for_each_option(*this, [&](const char* name, auto& value) {
+    c10::IValue stored;
+    if (archive.try_read(name, stored)) {
+      from_ivalue(stored, value);
+      return;
+    }
+    TORCH_CHECK(!in_every_checkpoint(name),
+                "Dopamine: the checkpoint's options lack ",
+                name,
+                "; it is not a Dopamine optimizer's");
+    // A checkpoint from before the option existed.
+    from_ivalue(older_checkpoint_value(name).value_or(defaults.at(name)),
+                value);
+  });
   validate();
 }
 

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace dopamine {
 
@@ -87,6 +89,11 @@ struct DopamineOptions
  public:
   // Throws c10::Error naming the first invalid option and its value.
   void validate() const;
+
+  // Every option as (name, value), named as the pack_options op names it,
+  // enums as their integer codes: how the options are compared, saved and
+  // packed.
+  std::vector<std::pair<std::string, c10::IValue>> named_values() const;
 
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;

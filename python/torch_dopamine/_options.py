@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["OPTION_NAMES", "ADDED_LATER", "ENUM_NAMES", "PackedOptions", "code", "pack"]
+__all__ = ["OPTION_NAMES", "IN_EVERY_STATE", "OLDER_STATE_VALUES", "ENUM_NAMES", "PackedOptions", "code", "pack"]
 
 OPTION_NAMES = (
     "lr",
@@ -28,9 +28,14 @@ OPTION_NAMES = (
     "antithetic",
     "num_perturbations",
 )
-# Options that a state saved before they existed lacks, and their values in
-# such a state (None: this optimizer's defaults, which steps read them from).
-ADDED_LATER = {"capturable": None, "master_weights": None, "antithetic": False, "num_perturbations": 1}
+# The options of the first saved states: every Dopamine state has them, and a
+# state without one is another optimizer's. Options added since may be
+# missing from a state.
+IN_EVERY_STATE = OPTION_NAMES[: OPTION_NAMES.index("non_finite_loss") + 1]
+# The values such a state takes where this optimizer's defaults would change
+# its behaviour (the others take the defaults): it was not antithetic and took
+# one direction.
+OLDER_STATE_VALUES = {"antithetic": False, "num_perturbations": 1}
 # The names of the C++ enums' values, in the order of their codes
 # (include/dopamine/options.h): the ops take the codes.
 ENUM_NAMES = {

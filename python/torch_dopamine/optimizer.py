@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from ._engine import GroupTensors, finish
-from ._options import ADDED_LATER, OPTION_NAMES, PackedOptions, pack
+from ._options import IN_EVERY_STATE, OLDER_STATE_VALUES, OPTION_NAMES, PackedOptions, pack
 from .distributed import (
     Collective, check_parallel, check_sharding, checksum, describe, held_alike, is_dtensor, local_pieces, replicated,
 )
@@ -215,25 +215,9 @@ class Dopamine(Optimizer):
         verify_every: int = 0,
         record_trajectory: bool = False,
     ):
-        defaults = dict(
-            lr=lr,
-            sigma=sigma,
-            lr_adaptation=lr_adaptation,
-            beta=beta,
-            beta_s=beta_s,
-            beta_eta=beta_eta,
-            eps=eps,
-            lr_min=lr_min,
-            lr_max=lr_max,
-            weight_decay=weight_decay,
-            seed=seed,
-            noise=noise,
-            non_finite_loss=non_finite_loss,
-            capturable=capturable,
-            master_weights=master_weights,
-            antithetic=antithetic,
-            num_perturbations=num_perturbations,
-        )
+        # The keywords above are the options, by their names (_options.py).
+        arguments = locals()
+        defaults = {name: arguments[name] for name in OPTION_NAMES}
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise ValueError(
                 f"Dopamine: invalid process_group: {process_group!r} (expected a torch.distributed "
@@ -620,7 +604,7 @@ class Dopamine(Optimizer):
             )
         params_of_id = {}
         for g, (saved, ours) in enumerate(zip(groups, self.param_groups)):
-            missing = [name for name in OPTION_NAMES if name not in saved and name not in ADDED_LATER]
+            missing = [name for name in IN_EVERY_STATE if name not in saved]
             if missing:
                 raise ValueError(
                     f"Dopamine.load_state_dict: parameter group {g} lacks {missing}; "
@@ -636,7 +620,7 @@ class Dopamine(Optimizer):
                     f"Dopamine.load_state_dict: the parameter names of group {g} differ from "
                     "this optimizer's (were the parameters reordered or renamed?)"
                 )
-            pack({**self.defaults, **saved})
+            pack({**self.defaults, **OLDER_STATE_VALUES, **saved})
             params_of_id.update(zip(saved["params"], ours["params"]))
         loaded = {}
         for index, entry in state_dict["state"].items():
@@ -688,5 +672,5 @@ class Dopamine(Optimizer):
                 if master is not None:
                     self.state[param]["master_weight"] = master.to(param.device).clone()
         for group in self.param_groups:
-            for name, value in ADDED_LATER.items():
-                group.setdefault(name, self.defaults[name] if value is None else value)
+            for name in OPTION_NAMES:
+                group.setdefault(name, OLDER_STATE_VALUES.get(name, self.defaults[name]))

@@ -301,7 +301,7 @@ TEST(InvalidOptions, RejectedAtConstruction) {
 }
 
 TEST(InvalidOptions, ChangedAfterConstructionRejectedAtStep) {
-  auto param = torch::ones({2});
+  auto param = torch::ones({2}).requires_grad_();
   Dopamine optimizer({param});
   static_cast<DopamineOptions&>(optimizer.param_groups()[0].options())
       .sigma(-2);
@@ -325,7 +325,7 @@ TEST(InvalidParams, RejectedAtConstruction) {
 }
 
 TEST(InvalidParams, AddedGroupChecked) {
-  auto param = torch::ones({2});
+  auto param = torch::ones({2}).requires_grad_();
   Dopamine optimizer({param});
   auto bad_group = [] {
     return torch::optim::OptimizerParamGroup(

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -260,16 +261,25 @@ inline bool bitwise_equal(const std::vector<torch::Tensor>& x,
   return true;
 }
 
+// The largest elementwise difference; NaN where any element differs by NaN
+// (std::max would drop it), infinity for lists of different lengths, so
+// that every EXPECT_LT / LE on the result fails.
 inline double max_abs_diff(const std::vector<torch::Tensor>& x,
                            const std::vector<torch::Tensor>& y) {
+  if (x.size() != y.size()) {
+    return std::numeric_limits<double>::infinity();
+  }
   double diff = 0;
   for (size_t i = 0; i < x.size(); ++i) {
-    diff = std::max(
-        diff,
+    const double d =
         (x[i].to(torch::kDouble) - y[i].to(torch::kDouble).to(x[i].device()))
             .abs()
             .max()
-            .item<double>());
+            .item<double>();
+    if (std::isnan(d)) {
+      return d;
+    }
+    diff = std::max(diff, d);
   }
   return diff;
 }

@@ -339,6 +339,7 @@ def test_a_compiled_model_trains_without_recompiling():
     import torch._dynamo
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps earlier tests' counts
     model = xor_net(1)
     compiled = torch.compile(model, backend="eager")
     opt = torch_dopamine.Dopamine(model.parameters())
