@@ -1,6 +1,6 @@
 // Where the time of a fused CPU op goes, on one thread, per 1e7 float32
 // elements: Philox alone, a tile's noise (Philox + the normal transform, or
-// the Rademacher signs), and the whole perturb_ op (noise + reading and
+// the Rademacher signs), and the whole move_ op (noise + reading and
 // writing the parameters), on the widest CPU path (noise_tiles.h); and the
 // optimizer-only step from C++ on 1e7 elements as 5, 200 or 2000 tensors.
 //   dopamine_bench_noise [out.json]
@@ -86,16 +86,18 @@ double noise_ms(noise::Kind kind) {
   });
 }
 
-// perturb_ over kElements float32 elements in 4 tensors.
+// move_ (one pass) over kElements float32 elements in 4 tensors.
 double perturb_ms(dopamine::Noise kind) {
   std::vector<at::Tensor> params;
   for (int i = 0; i < 4; ++i) {
     params.push_back(at::zeros({kElements / 4}));
   }
   const auto state = at::zeros({5}, at::kDouble);
+  const auto options = dopamine::ops::pack_options(
+      dopamine::DopamineOptions().sigma(1e-3).noise(kind));
   return median_ms([&] {
-    dopamine::ops::perturb_(
-        params, {}, state, {0, 1, 2, 3}, 0, 1e-3, kind, 0, 1);
+    dopamine::ops::move_(
+        params, {}, {state}, options, {0, 1, 2, 3}, {4}, {0, 0}, {1, 0});
   });
 }
 
@@ -105,7 +107,7 @@ struct Layout {
 };
 constexpr Layout kLayouts[] = {{5, 2'000'000}, {200, 50'000}, {2000, 5'000}};
 
-// The optimizer's own work in a one-direction step (perturb_, plan_step,
+// The optimizer's own work in a one-direction step (move_, plan_step,
 // finish_step_) on each layout of kLayouts from C++, interleaved: one step of
 // each layout per round, medians over rounds.
 std::vector<double> layout_ms(dopamine::Noise kind) {
@@ -126,8 +128,14 @@ std::vector<double> layout_ms(dopamine::Noise kind) {
       dopamine::DopamineOptions(1e-4).sigma(1e-3).noise(kind).num_perturbations(
           1));
   auto step = [&](size_t l) {
-    dopamine::ops::perturb_(
-        tensors[l], {}, state, indices[l], 0, 1e-3, kind, 0, 1);
+    dopamine::ops::move_(tensors[l],
+                         {},
+                         {state},
+                         options,
+                         indices[l],
+                         {kLayouts[l].count},
+                         {0, 0},
+                         {1, 0});
     const auto plan = dopamine::ops::plan_step(state, losses, options);
     dopamine::ops::finish_step_(
         tensors[l], {}, {state}, {plan}, indices[l], {kLayouts[l].count});

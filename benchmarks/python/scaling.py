@@ -174,38 +174,39 @@ def run_point(optimizer, params, device, repeats) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-NOISE_CODES = {"gaussian": 0, "rademacher": 1}
 # Losses of a step that is taken (state on the CPU, as without capturable).
 LOSSES = torch.tensor([1.0, 1.0 + 1e-6], dtype=torch.float64)
 
 
-def perturb(params, noise, state, previous=0, offset=1, direction=0):
-    torch.ops.dopamine.perturb_(
-        params, [], state, indices=list(range(len(params))), seed=0, sigma=1e-3, noise=NOISE_CODES[noise],
-        previous=previous, offset=offset, direction=direction,
+@functools.lru_cache(maxsize=None)
+def packed_options(noise, directions):
+    """The options of the ops' steps, packed once (as the optimizer keeps
+    them while they stay the same)."""
+    defaults = torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults
+    return pack({**defaults, "lr": 1e-4, "sigma": 1e-3, "noise": noise, "num_perturbations": directions})
+
+
+def move(params, noise, state, carried=(0, 0), to=(1, 0), directions=1):
+    torch.ops.dopamine.move_(
+        params, [], [state], options=packed_options(noise, directions), indices=list(range(len(params))),
+        group_sizes=[len(params)], carried=list(carried), to=list(to),
     )
 
 
 def finish(params, noise, state, directions=1):
     losses = torch.cat([LOSSES[:1], LOSSES[1:].repeat(directions)])
-    options = pack(
-        {**torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults,
-         "lr": 1e-4, "sigma": 1e-3, "noise": noise, "num_perturbations": directions}
-    )
-    plan = torch.ops.dopamine.plan_step(state, losses, options=options)
+    plan = torch.ops.dopamine.plan_step(state, losses, options=packed_options(noise, directions))
     torch.ops.dopamine.finish_step_(
         params, [], [state], [plan], indices=list(range(len(params))), group_sizes=[len(params)]
     )
 
 
 def engine_step(params, noise, state, directions=1):
-    """The optimizer's own work in a step, evaluations left out: the
-    perturb_ calls of `directions` directions (theta + sigma z_0, back to
-    theta, theta + sigma z_1, ...), plan_step and finish_step_."""
+    """The optimizer's own work in a step, evaluations left out: the move_
+    calls of `directions` directions (theta + sigma z_0, then through theta
+    to theta + sigma z_1, ...), plan_step and finish_step_."""
     for j in range(directions):
-        if j:
-            perturb(params, noise, state, previous=1, offset=0, direction=j - 1)
-        perturb(params, noise, state, direction=j)
+        move(params, noise, state, carried=(1, j - 1) if j else (0, 0), to=(1, j), directions=directions)
     finish(params, noise, state, directions)
 
 
@@ -238,7 +239,7 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
     state = torch.zeros(5, dtype=torch.float64)
     fns = {}
     for noise in ("gaussian", "rademacher"):
-        fns[f"perturb_[{noise}]"] = functools.partial(perturb, params, noise, state)
+        fns[f"move_[{noise}]"] = functools.partial(move, params, noise, state)
         fns[f"finish_step_[{noise}]"] = functools.partial(finish, params, noise, state)
         fns[f"step[{noise}]"] = functools.partial(engine_step, params, noise, state)
     fns["normal_"] = lambda: [p.normal_() for p in params]
@@ -269,9 +270,9 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
         "ms": times,
         "adam_fastest_ms": adam_best,
         "step_vs_adam": {k: times[f"step[{k}]"] / adam_best for k in ("gaussian", "rademacher")},
-        "noise_throughput_vs_normal_": times["normal_"] / times["perturb_[gaussian]"],
+        "noise_throughput_vs_normal_": times["normal_"] / times["move_[gaussian]"],
         # Each op reads and writes every element once: 8 bytes per float.
-        "gb_per_s": {k: 8 * numel / (v * 1e-3) / 1e9 for k, v in times.items() if k.startswith(("perturb_", "finish_step_"))},
+        "gb_per_s": {k: 8 * numel / (v * 1e-3) / 1e9 for k, v in times.items() if k.startswith(("move_", "finish_step_"))},
         "copy_gb_per_s": copy_gbs,
         # A step reads and writes the parameters twice; copy_ does it once.
         "step_vs_two_copies": {k: times[f"step[{k}]"] / (2 * times["copy_"]) for k in ("gaussian", "rademacher")},

@@ -11,6 +11,7 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -28,10 +29,12 @@ TORCH_LIBRARY(dopamine, m) {
       "bool capturable, bool master_weights, bool antithetic, "
       "int num_perturbations) -> float[]");
   m.def("check_state(Tensor state) -> ()");
+  // Every group's parameters come from carrying the perturbation `carried`
+  // to carrying `to`, each [offset, direction]: offset * sigma * z_direction.
   m.def(
-      "perturb_(Tensor(a!)[] params, Tensor[] master_weights, Tensor state, "
-      "*, int[] indices, int seed, float sigma, int noise, int previous, "
-      "int offset, int direction=0, int[] element_offsets=[]) -> ()");
+      "move_(Tensor(a!)[] params, Tensor[] master_weights, Tensor[] states, "
+      "*, float[] options, int[] indices, int[] group_sizes, int[] carried, "
+      "int[] to, int[] element_offsets=[]) -> ()");
   m.def("plan_step(Tensor state, Tensor losses, *, float[] options) -> Tensor");
   m.def(
       "finish_step_(Tensor(a!)[] params, Tensor(b!)[] master_weights, "
@@ -48,10 +51,6 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton()
       .findSchemaOrThrow(name, "")
       .typed<Signature>();
-}
-
-int64_t code(Noise noise) {
-  return static_cast<int64_t>(noise);
 }
 
 }  // namespace
@@ -81,38 +80,34 @@ void check_state(const at::Tensor& state) {
   op.call(state);
 }
 
-void perturb_(at::TensorList params,
-              at::TensorList master_weights,
-              const at::Tensor& state,
-              c10::IntArrayRef indices,
-              int64_t seed,
-              double sigma,
-              Noise noise,
-              int64_t previous,
-              int64_t offset,
-              int64_t direction,
-              c10::IntArrayRef element_offsets) {
+void move_(at::TensorList params,
+           at::TensorList master_weights,
+           at::TensorList states,
+           c10::ArrayRef<double> options,
+           c10::IntArrayRef indices,
+           c10::IntArrayRef group_sizes,
+           Perturbation carried,
+           Perturbation to,
+           c10::IntArrayRef element_offsets) {
   static auto op = find_op<void(at::TensorList,
                                 at::TensorList,
-                                const at::Tensor&,
+                                at::TensorList,
+                                c10::ArrayRef<double>,
                                 c10::IntArrayRef,
-                                int64_t,
-                                double,
-                                int64_t,
-                                int64_t,
-                                int64_t,
-                                int64_t,
-                                c10::IntArrayRef)>("dopamine::perturb_");
+                                c10::IntArrayRef,
+                                c10::IntArrayRef,
+                                c10::IntArrayRef,
+                                c10::IntArrayRef)>("dopamine::move_");
+  const std::array<int64_t, 2> from{carried.offset, carried.direction};
+  const std::array<int64_t, 2> target{to.offset, to.direction};
   op.call(params,
           master_weights,
-          state,
+          states,
+          options,
           indices,
-          seed,
-          sigma,
-          code(noise),
-          previous,
-          offset,
-          direction,
+          group_sizes,
+          from,
+          target,
           element_offsets);
 }
 

@@ -232,7 +232,7 @@ struct Coefficients {
   bool writes_master = false;
 };
 
-// perturb_: parameters carrying previous * sigma * z come to carry
+// move_, one pass: parameters carrying previous * sigma * z come to carry
 // offset * sigma * z (each -1, 0 or 1): theta + (offset - previous) sigma z.
 // A master weight is never perturbed: the parameter becomes the rounding of
 // master + offset * sigma * z, so every round trip is exact.

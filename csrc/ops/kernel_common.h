@@ -35,13 +35,13 @@ struct TensorStep {
 };
 
 // Where a TensorStep comes from when the host cannot read it (a capturable
-// step's state on a GPU): the kernel reads the step from `state` (perturb_)
+// step's state on a GPU): the kernel reads the step from `state` (move_)
 // or everything from `plan` and `taken` (finish_step_).
 struct DeviceStepSource {
   const double* state = nullptr;
   const double* plan = nullptr;
   const double* taken = nullptr;
-  // perturb_'s options, known on the host.
+  // move_'s options, known on the host.
   noise::Kind kind = noise::Kind::Gaussian;
   noise::Key key = {0, 0};
   double sigma = 0;

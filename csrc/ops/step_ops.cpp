@@ -258,72 +258,133 @@ bool host_readable(const at::Tensor& state,
   return false;
 }
 
-noise::Kind noise_kind(int64_t code) {
-  TORCH_CHECK(code == 0 || code == 1,
-              "dopamine: invalid noise code ",
-              code,
-              " (0 gaussian, 1 rademacher)");
-  return static_cast<noise::Kind>(code);
+// The states of a step's groups, checked: one per group, on one device,
+// with `group_sizes` covering the `count` tensors. Returns each tensor's
+// group.
+std::vector<size_t> group_of_tensors(at::TensorList states,
+                                     c10::IntArrayRef group_sizes,
+                                     size_t count,
+                                     const char* op) {
+  TORCH_CHECK(!states.empty() && states.size() == group_sizes.size(),
+              "dopamine::",
+              op,
+              ": one state and one size per group; got ",
+              states.size(),
+              " and ",
+              group_sizes.size());
+  std::vector<size_t> group_of;
+  for (const auto g : c10::irange(states.size())) {
+    check_state_tensor(states[g], engine::kStateSize, op, "state");
+    TORCH_CHECK(states[g].device() == states[0].device(),
+                "dopamine::",
+                op,
+                ": every state must be on one device");
+    TORCH_CHECK(group_sizes[g] >= 0, "dopamine::", op, ": negative group size");
+    group_of.insert(group_of.end(), group_sizes[g], g);
+  }
+  TORCH_CHECK(group_of.size() == count,
+              "dopamine::",
+              op,
+              ": the group sizes add up to ",
+              group_of.size(),
+              ", but there are ",
+              count,
+              " parameters");
+  return group_of;
 }
 
-void perturb(at::TensorList params,
-             at::TensorList master_weights,
-             const at::Tensor& state,
-             c10::IntArrayRef indices,
-             int64_t seed,
-             double sigma,
-             int64_t noise,
-             int64_t previous,
-             int64_t offset,
-             int64_t direction,
-             c10::IntArrayRef element_offsets) {
+// A perturbation a step's parameters carry: offset * sigma * z_direction.
+struct Carried {
+  int64_t offset;
+  uint32_t direction;
+};
+
+Carried carried_of(c10::IntArrayRef perturbation, const char* name) {
+  TORCH_CHECK(perturbation.size() == 2 && std::abs(perturbation[0]) <= 1,
+              "dopamine::move_: ",
+              name,
+              " must be [offset, direction] with offset -1, 0 or 1, got ",
+              perturbation);
+  return {perturbation[0],
+          counter_word(static_cast<double>(perturbation[1]), "a direction")};
+}
+
+void move(at::TensorList params,
+          at::TensorList master_weights,
+          at::TensorList states,
+          c10::ArrayRef<double> options,
+          c10::IntArrayRef indices,
+          c10::IntArrayRef group_sizes,
+          c10::IntArrayRef carried_now,
+          c10::IntArrayRef to,
+          c10::IntArrayRef element_offsets) {
   const ParamTable table(
-      params, master_weights, indices, element_offsets, "perturb_");
-  check_state_tensor(state, engine::kStateSize, "perturb_", "state");
-  TORCH_CHECK(
-      std::abs(previous) <= 1 && std::abs(offset) <= 1 && previous != offset,
-      "dopamine::perturb_: previous and offset must differ and each "
-      "be -1, 0 or 1, got ",
-      previous,
-      " and ",
-      offset);
-  TORCH_CHECK(std::isfinite(sigma),
-              "dopamine::perturb_: sigma must be finite, got ",
-              sigma);
-  const noise::Kind kind = noise_kind(noise);
-  const noise::Key key = noise::key_of(seed);
-  const uint32_t direction_word =
-      counter_word(static_cast<double>(direction), "direction");
-  const bool on_host = host_readable(state, params, "perturb_");
-  if (state.is_meta()) {
+      params, master_weights, indices, element_offsets, "move_");
+  const auto group_of =
+      group_of_tensors(states, group_sizes, params.size(), "move_");
+  TORCH_CHECK(options.size() == states.size() * engine::packed::kSize,
+              "dopamine::move_: options must hold the packed options of each "
+              "group (",
+              states.size(),
+              " x ",
+              engine::packed::kSize,
+              " numbers), got ",
+              options.size());
+  std::vector<engine::GroupOptions> group_options;
+  for (const auto g : c10::irange(states.size())) {
+    group_options.push_back(unpack_options(
+        options.slice(g * engine::packed::kSize, engine::packed::kSize),
+        "move_"));
+  }
+  const Carried from = carried_of(carried_now, "carried");
+  const Carried target = carried_of(to, "to");
+  const bool on_host = host_readable(states[0], params, "move_");
+  if (states[0].is_meta()) {
     return;
   }
   if (on_host) {
-    counter_word(state.data_ptr<double>()[engine::kStep] + 1, "step");
-  }
-  const auto buckets = table.entries(indices, [&](size_t, UpdateEntry& e) {
-    e.resolved = on_host;
-    if (on_host) {
-      e.step = perturb_tensor_step(kind,
-                                   key,
-                                   direction_word,
-                                   state.data_ptr<double>(),
-                                   sigma,
-                                   previous,
-                                   offset,
-                                   e.master != nullptr);
-    } else {
-      e.source.state = state.data_ptr<double>();
-      e.source.kind = kind;
-      e.source.key = key;
-      e.source.sigma = sigma;
-      e.source.previous = previous;
-      e.source.offset = offset;
-      e.source.direction = direction_word;
-      e.source.has_master = e.master != nullptr;
+    for (const auto& state : states) {
+      counter_word(state.data_ptr<double>()[engine::kStep] + 1, "step");
     }
-  });
-  run(buckets);
+  }
+  // Nothing is written before this point. Another direction is reached
+  // through theta, one pass each way (docs/DESIGN.md, "The step protocol").
+  std::vector<std::pair<Carried, Carried>> passes;
+  if (from.offset != 0 && target.offset != 0 &&
+      from.direction != target.direction) {
+    passes = {{from, {0, from.direction}}, {{0, target.direction}, target}};
+  } else if (from.offset != target.offset) {
+    const uint32_t direction =
+        target.offset != 0 ? target.direction : from.direction;
+    passes = {{{from.offset, direction}, {target.offset, direction}}};
+  }
+  for (const auto& [previous, next] : passes) {
+    const auto buckets = table.entries(indices, [&](size_t i, UpdateEntry& e) {
+      const auto& o = group_options[group_of[i]];
+      const double* state = states[group_of[i]].data_ptr<double>();
+      e.resolved = on_host;
+      if (on_host) {
+        e.step = perturb_tensor_step(o.noise,
+                                     o.key,
+                                     next.direction,
+                                     state,
+                                     o.sigma,
+                                     previous.offset,
+                                     next.offset,
+                                     e.master != nullptr);
+      } else {
+        e.source.state = state;
+        e.source.kind = o.noise;
+        e.source.key = o.key;
+        e.source.sigma = o.sigma;
+        e.source.previous = previous.offset;
+        e.source.offset = next.offset;
+        e.source.direction = next.direction;
+        e.source.has_master = e.master != nullptr;
+      }
+    });
+    run(buckets);
+  }
   table.write_back(params);
 }
 
@@ -368,18 +429,15 @@ at::Tensor finish_step(at::TensorList params,
                        c10::IntArrayRef element_offsets) {
   const ParamTable table(
       params, master_weights, indices, element_offsets, "finish_step_");
-  TORCH_CHECK(!states.empty() && states.size() == plans.size() &&
-                  states.size() == group_sizes.size(),
-              "dopamine::finish_step_: one state, one plan and one size per "
-              "group; got ",
-              states.size(),
-              ", ",
+  const auto group_of =
+      group_of_tensors(states, group_sizes, params.size(), "finish_step_");
+  TORCH_CHECK(plans.size() == states.size(),
+              "dopamine::finish_step_: one plan per group; got ",
               plans.size(),
-              " and ",
-              group_sizes.size());
-  std::vector<size_t> group_of;
+              " plans and ",
+              states.size(),
+              " states");
   for (const auto g : c10::irange(states.size())) {
-    check_state_tensor(states[g], engine::kStateSize, "finish_step_", "state");
     TORCH_CHECK(plans[g].defined() && plans[g].scalar_type() == at::kDouble &&
                     plans[g].dim() == 1 &&
                     plans[g].sym_size(0) > engine::kPlanHeader &&
@@ -390,20 +448,10 @@ at::Tensor finish_step(at::TensorList params,
                 "tensor of shape [",
                 engine::kPlanHeader,
                 " + num_perturbations], as plan_step returns it");
-    TORCH_CHECK(states[g].device() == states[0].device() &&
-                    plans[g].device() == states[0].device(),
-                "dopamine::finish_step_: every state and plan must be on one "
+    TORCH_CHECK(plans[g].device() == states[0].device(),
+                "dopamine::finish_step_: every plan must be on the states' "
                 "device");
-    TORCH_CHECK(group_sizes[g] >= 0,
-                "dopamine::finish_step_: negative group size");
-    group_of.insert(group_of.end(), group_sizes[g], g);
   }
-  TORCH_CHECK(group_of.size() == params.size(),
-              "dopamine::finish_step_: the group sizes add up to ",
-              group_of.size(),
-              ", but there are ",
-              params.size(),
-              " parameters");
   const bool on_host = host_readable(states[0], params, "finish_step_");
   if (states[0].is_meta()) {
     return at::empty({}, states[0].options());
@@ -470,7 +518,7 @@ at::Tensor finish_step(at::TensorList params,
 }
 
 void register_step_kernels(torch::Library& m) {
-  m.impl("perturb_", &perturb);
+  m.impl("move_", &move);
   m.impl("plan_step", &plan_step);
   m.impl("finish_step_", &finish_step);
 }

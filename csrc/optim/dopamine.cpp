@@ -88,52 +88,6 @@ bool is_half(const torch::Tensor& param) {
          param.scalar_type() == torch::kBFloat16;
 }
 
-// One group's share of a step, taken when the step starts: its options, its
-// trainable parameters with their global indices (which key their noise),
-// master weights, and its state, which finish_step_ commits.
-struct GroupStep {
-  size_t group_index;
-  DopamineOptions options;
-  // The options checked and packed, as plan_step takes them.
-  std::vector<double> packed;
-  std::vector<torch::Tensor> params;
-  std::vector<int64_t> indices;
-  std::vector<torch::Tensor> masters;
-  torch::Tensor state;
-
-  // The perturbation the parameters carry: offset * sigma * z_direction,
-  // offset 0, 1 or -1.
-  int64_t carried = 0;
-  int64_t carried_direction = 0;
-
-  // The parameters come to carry offset * sigma * z_direction, through theta
-  // when they carry another direction.
-  void come_to(int64_t offset, int64_t direction) {
-    if (carried != 0 && carried_direction != direction) {
-      perturb(0, carried_direction);
-    }
-    if (carried != offset) {
-      perturb(offset, direction);
-    }
-  }
-
- private:
-  void perturb(int64_t offset, int64_t direction) {
-    ops::perturb_(params,
-                  masters,
-                  state,
-                  indices,
-                  options.seed(),
-                  options.sigma(),
-                  options.noise(),
-                  carried,
-                  offset,
-                  direction);
-    carried = offset;
-    carried_direction = direction;
-  }
-};
-
 // The evaluations of a step (docs/DESIGN.md, "The algorithm"): L0, then
 // L(theta + sigma z_j) for each direction j; or with antithetic L(theta +
 // sigma z_j) and L(theta - sigma z_j) for each j, in plan_step's order.
@@ -150,6 +104,9 @@ struct Evaluations {
   }
   int64_t direction(int64_t i) const {
     return antithetic ? i / 2 : std::max<int64_t>(i - 1, 0);
+  }
+  ops::Perturbation at(int64_t i) const {
+    return {offset(i), direction(i)};
   }
   // The name of evaluation i, as errors give it.
   std::string name(int64_t i) const {
@@ -187,7 +144,71 @@ torch::Tensor loss_tensor(const torch::Tensor& loss,
       torch::kDouble, /*non_blocking=*/false, /*copy=*/true);
 }
 
+// The evaluations of a step. One evaluation serves every group, so all must
+// agree on antithetic and num_perturbations (docs/DESIGN.md, "The
+// algorithm").
+Evaluations evaluations_of(
+    const std::vector<torch::optim::OptimizerParamGroup>& groups,
+    const DopamineOptions& defaults) {
+  const auto& first = groups.empty() ? defaults : options_of(groups[0], 0);
+  const Evaluations evaluations{first.antithetic(), first.num_perturbations()};
+  for (const auto g : c10::irange(groups.size())) {
+    const auto& options = options_of(groups[g], g);
+    TORCH_CHECK(options.antithetic() == evaluations.antithetic,
+                "Dopamine: invalid antithetic: ",
+                options.antithetic() ? "true" : "false",
+                " in parameter group ",
+                g,
+                ", ",
+                evaluations.antithetic ? "true" : "false",
+                " in group 0; it must be the same in every group");
+    TORCH_CHECK(options.num_perturbations() == evaluations.directions,
+                "Dopamine: invalid num_perturbations: ",
+                options.num_perturbations(),
+                " in parameter group ",
+                g,
+                ", ",
+                evaluations.directions,
+                " in group 0; it must be the same in every group");
+  }
+  return evaluations;
+}
+
+std::string message_of(const std::exception& error) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+  return c10_error ? c10_error->what_without_backtrace() : error.what();
+}
+
 }  // namespace
+
+// A step's share of every group that has a trainable parameter, taken when
+// the step starts (the snapshot, docs/DESIGN.md "The step protocol"), as the
+// ops take it: the groups' options, packed one after the other; their
+// trainable parameters with their global indices (which key their noise),
+// master weights and states; and the perturbation the parameters carry.
+struct Dopamine::StepTable {
+  std::vector<size_t> group_indices;
+  std::vector<DopamineOptions> options;
+  std::vector<double> packed;
+  std::vector<torch::Tensor> params, masters, states;
+  std::vector<int64_t> indices, group_sizes;
+  ops::Perturbation carried;
+  Evaluations evaluations{false, 1};
+
+  // Every group comes to carry `to` (nothing to do if it does).
+  void move_to(ops::Perturbation to) {
+    if (to.offset == carried.offset &&
+        (to.offset == 0 || to.direction == carried.direction)) {
+      return;
+    }
+    ops::move_(
+        params, masters, states, packed, indices, group_sizes, carried, to);
+    carried = to;
+  }
+  void restore() {
+    move_to({0, 0});
+  }
+};
 
 Dopamine::Dopamine(
     const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
@@ -247,59 +268,56 @@ torch::Tensor Dopamine::step(LossClosure closure) {
               "step evaluates the model unperturbed and along each "
               "perturbation");
   torch::NoGradGuard no_grad;
+  StepTable table = snapshot();
+  if (table.states.empty()) {
+    // Nothing to perturb, so no collective either: every rank of a process
+    // group has the same trainable parameters.
+    auto loss = closure();
+    loss_tensor(loss, table.evaluations, 0);
+    return loss;
+  }
+  torch::Tensor returned;
+  auto losses = evaluate(table, closure, returned);
+  finish(table, losses);
+  commit(table);
+  // The loss the step evaluated, as the closure returned it: L0, or with
+  // antithetic the mean of every evaluation (from the copies: a closure may
+  // return the same buffer twice); with a process group, the ranks'.
+  if (table.evaluations.antithetic || collective_) {
+    return (table.evaluations.antithetic
+                ? losses.sum() / static_cast<double>(losses.size(0))
+                : losses[0])
+        .to(returned.options());
+  }
+  return returned;
+}
+
+Dopamine::StepTable Dopamine::snapshot() {
   const auto& defaults = static_cast<const DopamineOptions&>(this->defaults());
   defaults.validate();
-
-  auto state_of = [this](const torch::Tensor& param) -> DopamineParamState* {
-    const auto found = state_.find(state_key(param));
-    return found == state_.end()
-               ? nullptr
-               : static_cast<DopamineParamState*>(found->second.get());
-  };
-
-  // The snapshot: a closure that changes options or groups affects the next
-  // step only.
-  std::vector<GroupStep> groups;
+  StepTable table;
+  table.evaluations = evaluations_of(param_groups_, defaults);
   std::vector<size_t> untrained;
   int64_t index = 0;
-  bool antithetic = defaults.antithetic();
-  int64_t directions = defaults.num_perturbations();
   for (const auto g : c10::irange(param_groups_.size())) {
     const auto& all = param_groups_[g].params();
-    GroupStep group{g, options_of(param_groups_[g], g)};
-    group.packed = ops::pack_options(group.options);
-    // One evaluation serves every group, so all must agree on antithetic
-    // and num_perturbations (docs/DESIGN.md, "The algorithm").
-    if (g == 0) {
-      antithetic = group.options.antithetic();
-      directions = group.options.num_perturbations();
-    }
-    TORCH_CHECK(group.options.antithetic() == antithetic,
-                "Dopamine: invalid antithetic: ",
-                antithetic ? "false" : "true",
-                " in parameter group ",
-                g,
-                ", ",
-                antithetic ? "true" : "false",
-                " in group 0; it must be the same in every group");
-    TORCH_CHECK(group.options.num_perturbations() == directions,
-                "Dopamine: invalid num_perturbations: ",
-                group.options.num_perturbations(),
-                " in parameter group ",
-                g,
-                ", ",
-                directions,
-                " in group 0; it must be the same in every group");
+    const auto& options = options_of(param_groups_[g], g);
+    const auto packed = ops::pack_options(options);
     // Parameters that have taken a step were checked then; a group changed
     // since (through param_groups()) is checked again.
     if (std::any_of(all.begin(), all.end(), [&](const torch::Tensor& param) {
-          return state_of(param) == nullptr;
+          return state_.find(state_key(param)) == state_.end();
         })) {
       check_params(all, g);
     }
     torch::Tensor state;
+    const size_t first = table.params.size();
     for (const auto i : c10::irange(all.size())) {
-      const auto* held = state_of(all[i]);
+      const auto found = state_.find(state_key(all[i]));
+      const auto* held =
+          found == state_.end()
+              ? nullptr
+              : static_cast<const DopamineParamState*>(found->second.get());
       if (held != nullptr && held->group_state().defined()) {
         TORCH_CHECK(!state.defined() || state.is_same(held->group_state()),
                     "Dopamine: the parameters of group ",
@@ -311,79 +329,65 @@ torch::Tensor Dopamine::step(LossClosure closure) {
       if (!all[i].requires_grad()) {
         continue;
       }
-      group.params.push_back(all[i]);
-      group.indices.push_back(index + static_cast<int64_t>(i));
+      table.params.push_back(all[i]);
+      table.indices.push_back(index + static_cast<int64_t>(i));
       if (defaults.master_weights() && is_half(all[i])) {
-        group.masters.push_back(
+        table.masters.push_back(
             held != nullptr && held->master_weight().defined()
                 ? held->master_weight()
                 : all[i].detach().to(torch::kFloat).contiguous());
       }
     }
     index += static_cast<int64_t>(all.size());
-    if (group.params.empty()) {
+    if (table.params.size() == first) {
       if (!all.empty()) {
         untrained.push_back(g);
       }
       continue;
     }
-    const auto device = defaults.capturable() ? group.params.front().device()
+    const auto device = defaults.capturable() ? table.params[first].device()
                                               : torch::Device(torch::kCPU);
-    for (const auto& param : group.params) {
-      TORCH_CHECK(!defaults.capturable() || param.device() == device,
+    for (const auto i : c10::irange(first, table.params.size())) {
+      TORCH_CHECK(!defaults.capturable() || table.params[i].device() == device,
                   "Dopamine: with capturable every parameter of group ",
                   g,
                   " must be on one device; found ",
                   device,
                   " and ",
-                  param.device());
+                  table.params[i].device());
     }
-    group.state =
-        !state.defined()
-            ? torch::zeros({5}, torch::dtype(torch::kDouble).device(device))
-            : state.to(device);
-    groups.push_back(std::move(group));
+    table.group_indices.push_back(g);
+    table.options.push_back(options);
+    table.packed.insert(table.packed.end(), packed.begin(), packed.end());
+    table.group_sizes.push_back(
+        static_cast<int64_t>(table.params.size() - first));
+    table.states.push_back(
+        state.defined()
+            ? state.to(device)
+            : torch::zeros({5}, torch::dtype(torch::kDouble).device(device)));
   }
+  warn_untrained(untrained, table.states.empty());
+  return table;
+}
 
-  warn_untrained(untrained, groups.empty());
-
-  // Brings every group back to theta, whatever it carries.
-  auto restore = [&groups] {
-    for (auto& group : groups) {
-      group.come_to(0, 0);
-    }
-  };
-  const Evaluations evaluations{antithetic, directions};
-  const int64_t loss_count = evaluations.count();
-  if (groups.empty()) {
-    // Nothing to perturb, so no collective either: every rank of a process
-    // group has the same trainable parameters.
-    auto loss = closure();
-    loss_tensor(loss, evaluations, 0);
-    return loss;
-  }
-  torch::Tensor loss;
+torch::Tensor Dopamine::evaluate(StepTable& table,
+                                 const LossClosure& closure,
+                                 torch::Tensor& returned) {
+  const auto& evaluations = table.evaluations;
+  const int64_t count = evaluations.count();
   std::vector<torch::Tensor> values;
   // The message of this rank's failure, with a process group.
   std::optional<std::string> failure;
-  auto message_of = [](const std::exception& error) -> std::string {
-    const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
-    return c10_error ? c10_error->what_without_backtrace() : error.what();
-  };
   try {
-    for (int64_t i = 0; i < loss_count; ++i) {
-      for (auto& group : groups) {
-        group.come_to(evaluations.offset(i), evaluations.direction(i));
-      }
+    for (int64_t i = 0; i < count; ++i) {
+      table.move_to(evaluations.at(i));
       if (failure) {
         continue;
       }
       try {
-        auto returned = closure();
-        values.push_back(loss_tensor(returned, evaluations, i));
-        if (i == 0) {
-          loss = returned;
-        }
+        auto loss = closure();
+        values.push_back(loss_tensor(loss, evaluations, i));
+        returned = i == 0 ? loss : returned;
       } catch (const std::exception& error) {
         if (!collective_) {
           throw;
@@ -395,22 +399,21 @@ torch::Tensor Dopamine::step(LossClosure closure) {
       }
     }
   } catch (const std::exception& error) {
-    restore();
+    table.restore();
     if (!collective_) {
       throw;
     }
     failure = message_of(error);
   } catch (...) {
-    restore();
+    table.restore();
     throw;
   }
   if (failure) {
-    restore();
+    table.restore();
     // The other ranks wait in the losses' all-reduce: join it, so that
     // every rank throws.
-    collective_->fail(*failure, loss_count);
+    collective_->fail(*failure, count);
   }
-
   // Without capturable the states are on the CPU, and moving the losses there
   // is the step's one host synchronisation.
   for (auto& value : values) {
@@ -421,90 +424,92 @@ torch::Tensor Dopamine::step(LossClosure closure) {
     try {
       losses = collective_->mean_losses(losses);
     } catch (...) {
-      restore();
+      table.restore();
       throw;
     }
   }
-  if (antithetic || collective_) {
-    // The loss the step evaluated: with antithetic the mean of every
-    // evaluation (from the copies: a closure may return the same buffer
-    // twice), and with a process group the mean over the ranks.
-    loss = (antithetic ? losses.sum() / static_cast<double>(loss_count)
-                       : losses[0])
-               .to(loss.options());
-  }
-  losses = losses.to(groups.front().state.device());
+  return losses;
+}
+
+void Dopamine::finish(StepTable& table, const torch::Tensor& losses) {
+  const auto& defaults = static_cast<const DopamineOptions&>(this->defaults());
   const bool raises = defaults.non_finite_loss() == NonFiniteLoss::Raise;
-  std::vector<torch::Tensor> params, masters, states, plans, saved;
-  std::vector<int64_t> indices, group_sizes;
+  const auto on_state_device = losses.to(table.states.front().device());
+  std::vector<torch::Tensor> plans, saved;
   torch::Tensor taken;
   try {
-    for (const auto& group : groups) {
-      plans.push_back(ops::plan_step(group.state, losses, group.packed));
-      states.push_back(group.state);
-      saved.push_back(raises ? group.state.clone() : torch::Tensor());
-      params.insert(params.end(), group.params.begin(), group.params.end());
-      masters.insert(masters.end(), group.masters.begin(), group.masters.end());
-      indices.insert(indices.end(), group.indices.begin(), group.indices.end());
-      group_sizes.push_back(static_cast<int64_t>(group.params.size()));
+    for (const auto g : c10::irange(table.states.size())) {
+      plans.push_back(ops::plan_step(
+          table.states[g],
+          on_state_device,
+          c10::ArrayRef<double>(table.packed)
+              .slice(g * table.packed.size() / table.states.size(),
+                     table.packed.size() / table.states.size())));
+      saved.push_back(raises ? table.states[g].clone() : torch::Tensor());
     }
-    taken =
-        ops::finish_step_(params, masters, states, plans, indices, group_sizes);
+    taken = ops::finish_step_(table.params,
+                              table.masters,
+                              table.states,
+                              plans,
+                              table.indices,
+                              table.group_sizes);
   } catch (...) {
     // finish_step_ checks everything before it writes: the parameters are
     // still perturbed.
-    restore();
+    table.restore();
     throw;
   }
-
-  if (raises && taken.item<double>() == 0) {
-    for (const auto g : c10::irange(groups.size())) {
-      groups[g].state.copy_(saved[g]);
-    }
-    const char* where =
-        collective_ ? " (the mean over the process group's ranks)" : "";
-    const auto values_on_host = losses.cpu();
-    std::ostringstream all;
-    for (int64_t i = 0; i < loss_count; ++i) {
-      const double value = values_on_host[i].item<double>();
-      TORCH_CHECK(std::isfinite(value),
-                  "Dopamine: the ",
-                  evaluations.name(i),
-                  " loss is ",
-                  value,
-                  where,
-                  "; parameters restored, step not taken "
-                  "(non_finite_loss=Raise)");
-      all << (i == 0 ? "" : i + 1 == loss_count ? " and " : ", ") << value;
-    }
-    TORCH_CHECK(false,
-                "Dopamine: the step size is not finite (losses ",
-                all.str(),
-                "); parameters restored, step not taken "
-                "(non_finite_loss=Raise)");
+  table.carried = {0, 0};
+  if (!raises || taken.item<double>() != 0) {
+    return;
   }
+  for (const auto g : c10::irange(table.states.size())) {
+    table.states[g].copy_(saved[g]);
+  }
+  const char* where =
+      collective_ ? " (the mean over the process group's ranks)" : "";
+  const auto values = losses.cpu();
+  std::ostringstream all;
+  for (int64_t i = 0; i < values.size(0); ++i) {
+    const double value = values[i].item<double>();
+    TORCH_CHECK(std::isfinite(value),
+                "Dopamine: the ",
+                table.evaluations.name(i),
+                " loss is ",
+                value,
+                where,
+                "; parameters restored, step not taken "
+                "(non_finite_loss=Raise)");
+    all << (i == 0 ? "" : i + 1 == values.size(0) ? " and " : ", ") << value;
+  }
+  TORCH_CHECK(false,
+              "Dopamine: the step size is not finite (losses ",
+              all.str(),
+              "); parameters restored, step not taken "
+              "(non_finite_loss=Raise)");
+}
 
-  // Commit: every parameter of a group holds the group's state.
+void Dopamine::commit(const StepTable& table) {
+  // Every parameter of a group holds the group's state.
   size_t master = 0;
-  for (const auto& group : groups) {
-    for (const auto& param : param_groups_[group.group_index].params()) {
+  for (const auto t : c10::irange(table.states.size())) {
+    for (const auto& param : param_groups_[table.group_indices[t]].params()) {
       auto& slot = state_[state_key(param)];
       if (!slot) {
         slot = std::make_unique<DopamineParamState>();
       }
-      static_cast<DopamineParamState&>(*slot).group_state(group.state);
+      static_cast<DopamineParamState&>(*slot).group_state(table.states[t]);
     }
-    for (const auto& param : group.params) {
-      if (defaults.master_weights() && is_half(param)) {
-        static_cast<DopamineParamState&>(*state_[state_key(param)])
-            .master_weight(masters[master++]);
-      }
+  }
+  for (const auto& param : table.params) {
+    if (master < table.masters.size() && is_half(param)) {
+      static_cast<DopamineParamState&>(*state_[state_key(param)])
+          .master_weight(table.masters[master++]);
     }
   }
   if (collective_) {
-    collective_->after_step(params, masters, groups.front().state);
+    collective_->after_step(table.params, table.masters, table.states.front());
   }
-  return loss;
 }
 
 void Dopamine::warn_untrained(const std::vector<size_t>& untrained,

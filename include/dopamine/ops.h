@@ -3,11 +3,11 @@
 // The numeric core: ops registered in the `dopamine` library, called through
 // the dispatcher, so the C++ optimizer, the Python optimizer and any other
 // caller run the very same kernels and arithmetic (docs/DESIGN.md). A step of
-// one direction is perturb_ (0 -> 1), the perturbed evaluation (with
-// antithetic, perturb_ (1 -> -1) and a second one), plan_step per group, and
-// one finish_step_ over all groups; with k directions (4 by default) perturb_
-// goes 0 -> z_0 -> 0 -> z_1 ... and the finish moves along all k;
-// perturb_ (back to 0) undoes a perturbation when an evaluation fails.
+// one direction is move_ (0 -> 1), the perturbed evaluation (with
+// antithetic, move_ (1 -> -1) and a second one), plan_step per group, and
+// one finish_step_ over all groups; with k directions (4 by default) move_
+// goes 0 -> z_0 -> z_1 ... and the finish moves along all k; move_ (back to
+// 0) undoes a perturbation when an evaluation fails.
 //
 // z_i is the noise of the parameter whose global index is indices[i]:
 // standard normal or +-1, a pure function of (seed, step, index, element
@@ -38,26 +38,34 @@ std::vector<double> pack_options(const DopamineOptions& options);
 // float64, finite, counts in range (a loaded checkpoint is checked with it).
 void check_state(const at::Tensor& state);
 
-// Parameters carrying previous * sigma * z_i come to carry offset * sigma *
-// z_i (previous and offset differ, each -1, 0 or 1): params[i] += (offset -
-// previous) * sigma * z_i. A parameter with a master weight becomes the
-// rounding of master + offset * sigma * z_i; the master weight itself is not
-// changed. z_i is the noise of direction `direction` (0 for a step of one
-// direction). `element_offsets` (empty, or one per tensor) says which element
-// of its parameter a tensor's first element is: a shard of a sharded
-// parameter draws the noise of its elements' places in the whole (finish_step_
-// takes them too).
-void perturb_(at::TensorList params,
-              at::TensorList master_weights,
-              const at::Tensor& state,
-              c10::IntArrayRef indices,
-              int64_t seed,
-              double sigma,
-              Noise noise,
-              int64_t previous,
-              int64_t offset,
-              int64_t direction = 0,
-              c10::IntArrayRef element_offsets = {});
+// The perturbation parameters carry: offset * sigma * z_direction, offset
+// -1, 0 or 1 (0: none, whatever the direction).
+struct Perturbation {
+  int64_t offset = 0;
+  int64_t direction = 0;
+};
+
+// Every group's parameters (group g's are the next group_sizes[g] of
+// `params`, with its state states[g] and its options, as pack_options
+// returned them, at options[g * size, (g + 1) * size)) come from carrying
+// `carried` to carrying `to`: params[i] += (to - carried) sigma z_i, in one
+// pass along one direction, or in two through theta when the directions
+// differ. A parameter with a master weight becomes the rounding of master +
+// to.offset * sigma * z_i; the master weight itself is not changed. z_i is
+// drawn for the step after its state's. `element_offsets` (empty, or one
+// per tensor) says which element of its parameter a tensor's first element
+// is: a shard of a sharded parameter draws the noise of its elements' places
+// in the whole (finish_step_ takes them too). All checks run before anything
+// is written.
+void move_(at::TensorList params,
+           at::TensorList master_weights,
+           at::TensorList states,
+           c10::ArrayRef<double> options,
+           c10::IntArrayRef indices,
+           c10::IntArrayRef group_sizes,
+           Perturbation carried,
+           Perturbation to,
+           c10::IntArrayRef element_offsets = {});
 
 // One group's plan for a step: its next state and the update's coefficients
 // (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L(theta + sigma

@@ -123,6 +123,20 @@ class Dopamine : public torch::optim::Optimizer {
   // The groups already warned about having no trainable parameter.
   std::unordered_set<size_t> warned_untrained_;
 
+  // A step in its four phases (docs/DESIGN.md, "The step protocol"): the
+  // snapshot of every group that has a trainable parameter; the
+  // evaluations, returning the losses (float64, in plan_step's order; with a
+  // process group, the ranks' mean) and the first loss as the closure
+  // returned it; the finish, which plans, updates or skips, and raises for a
+  // skipped step under NonFiniteLoss::Raise; and the commit of the states.
+  struct StepTable;
+  StepTable snapshot();
+  torch::Tensor evaluate(StepTable& table,
+                         const LossClosure& closure,
+                         torch::Tensor& returned);
+  void finish(StepTable& table, const torch::Tensor& losses);
+  void commit(const StepTable& table);
+
   // Warns, once per group, that the groups `untrained` (which have
   // parameters, none requiring grad) are not trained.
   void warn_untrained(const std::vector<size_t>& untrained,

@@ -96,8 +96,6 @@ class PackedOptions:
     def __init__(self, group: Dict[str, Any]):
         self.values = tuple(group[name] for name in OPTION_NAMES)
         self.packed = pack(group)
-        # What perturb_ takes of them.
-        self.perturb = dict(seed=group["seed"], sigma=float(group["sigma"]), noise=code("noise", group["noise"]))
 
     @classmethod
     def of(cls, group: Dict[str, Any], cached: Optional["PackedOptions"]) -> "PackedOptions":

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from ._engine import GroupTensors, finish
-from ._options import IN_EVERY_STATE, OLDER_STATE_VALUES, OPTION_NAMES, PackedOptions, pack
+from ._engine import StepTable
+from ._options import IN_EVERY_STATE, OLDER_STATE_VALUES, OPTION_NAMES, PackedOptions, code, pack
 from .distributed import (
     Collective, check_parallel, check_sharding, checksum, describe, held_alike, is_dtensor, local_pieces, replicated,
 )
@@ -79,17 +79,33 @@ def _is_half(param: torch.Tensor) -> bool:
     return param.dtype in (torch.bfloat16, torch.float16)
 
 
-class _GroupStep(GroupTensors):
-    """One group's share of a step, taken when the step starts: its options,
-    its tensors (GroupTensors), and its state, which finish_step_ commits."""
+class _Step:
+    """A step's share of the optimizer, taken when it starts (the snapshot):
+    the table the ops take (StepTable), and per group in it the group, its
+    packed options and its trainable parameters; the evaluations; and the
+    trajectory's record of it, if one is kept."""
 
-    def __init__(self, group: Dict[str, Any], options: PackedOptions, params, indices, masters, state, offsets):
-        super().__init__(params, indices, masters, state, options.perturb, offsets)
-        self.group_params = list(group["params"])
-        self.options = options
+    def __init__(self, antithetic: bool, directions: int):
+        self.table = StepTable()
+        self.groups: List[Dict[str, Any]] = []
+        self.options: List[PackedOptions] = []
+        self.trainable: List[List[torch.Tensor]] = []
+        self.antithetic = antithetic
+        self.directions = directions
+        self.evaluations = _evaluations(antithetic, directions)
+        self.record: Optional[Dict[str, Any]] = None
 
-    def plan(self, losses: torch.Tensor) -> torch.Tensor:
-        return torch.ops.dopamine.plan_step(self.state, losses, options=self.options.packed)
+    def move_to(self, offset: int, direction: int = 0) -> None:
+        """Every group comes to carry offset * sigma * z_direction (recorded
+        in the trajectory)."""
+        if self.table.carries(offset, direction):
+            return
+        self.table.move_to(offset, direction)
+        if self.record is not None:
+            self.record["moves"].append((offset, direction, len(self.groups)))
+
+    def restore(self) -> None:
+        self.move_to(0)
 
 
 class Dopamine(Optimizer):
@@ -298,47 +314,37 @@ class Dopamine(Optimizer):
                 return dict(zip(STATE_FIELDS, record["group_state"].tolist()))
         return None
 
-    def _snapshot(self) -> List[_GroupStep]:
-        """The groups' shares of the next step: a closure that changes options
-        or groups affects the step after it only."""
-        steps: List[_GroupStep] = []
-        untrained: List[int] = []
-        index = 0
+    def _snapshot(self) -> _Step:
+        """The first phase of a step: the groups' shares of it, checked. A
+        closure that changes options or groups affects the step after it
+        only."""
+        first = self.param_groups[0] if self.param_groups else self.defaults
+        step = _Step(first["antithetic"], first["num_perturbations"])
+        for g, group in enumerate(self.param_groups):
+            # One evaluation serves every group, so all must agree on both
+            # options (docs/DESIGN.md, "The algorithm").
+            for name in ("antithetic", "num_perturbations"):
+                if group[name] != first[name]:
+                    raise ValueError(
+                        f"Dopamine: invalid {name}: {group[name]!r} in parameter group {g}, "
+                        f"{first[name]!r} in group 0; it must be the same in every group"
+                    )
         cache = self.__dict__.setdefault("_packed_options", {})
         cache["defaults"] = PackedOptions.of(self.defaults, cache.get("defaults"))
+        untrained: List[int] = []
+        index = 0
         for g, group in enumerate(self.param_groups):
             options = cache[g] = PackedOptions.of(group, cache.get(g))
             # Parameters that have taken a step were checked then; a group
             # changed since (through param_groups) is checked again.
             if any(param not in self.state for param in group["params"]):
                 _check_params(group["params"], g)
-            state = None
-            params, indices, masters, offsets = [], [], [], []
-            for i, param in enumerate(group["params"]):
-                record = self.state.get(param)
-                if record and "group_state" in record:
-                    if state is not None and record["group_state"] is not state:
-                        raise RuntimeError(
-                            f"Dopamine: the parameters of group {g} hold the states of "
-                            "different groups (was a parameter moved between groups?)"
-                        )
-                    state = record["group_state"]
-                if not param.requires_grad:
-                    continue
-                # A DTensor's shard is updated in pieces that draw the noise
-                # of their places in the whole (docs/DESIGN.md, "Many processes").
-                for piece, offset in local_pieces(param):
-                    params.append(piece)
-                    indices.append(index + i)
-                    offsets.append(offset)
-                if self.defaults["master_weights"] and _is_half(param):
-                    master = record.get("master_weight") if record else None
-                    masters.append(master if master is not None else param.detach().float().contiguous())
+            state = self._group_state_of(group, g)
+            trainable = [p for p in group["params"] if p.requires_grad]
             index += len(group["params"])
             # A group is left out when it has nothing to train, not when
             # this rank's shards of it are empty: every rank takes the same
             # steps (docs/DESIGN.md, "Many processes").
-            trainable = [p for p in group["params"] if p.requires_grad]
             if not trainable:
                 if group["params"]:
                     untrained.append(g)
@@ -351,9 +357,40 @@ class Dopamine(Optimizer):
                 )
             if state is None:
                 state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64, device=device)
-            steps.append(_GroupStep(group, options, params, indices, masters, state.to(device), offsets))
-        self._warn_untrained(untrained, not steps)
-        return steps
+            params, indices, offsets, masters = [], [], [], []
+            for i, param in enumerate(group["params"]):
+                if not param.requires_grad:
+                    continue
+                # A DTensor's shard is updated in pieces that draw the noise
+                # of their places in the whole (docs/DESIGN.md, "Many processes").
+                for piece, offset in local_pieces(param):
+                    params.append(piece)
+                    indices.append(index - len(group["params"]) + i)
+                    offsets.append(offset)
+                if self.defaults["master_weights"] and _is_half(param):
+                    master = self.state[param].get("master_weight") if param in self.state else None
+                    masters.append(master if master is not None else param.detach().float().contiguous())
+            step.table.add_group(params, indices, masters, state.to(device), options.packed, offsets)
+            step.groups.append(group)
+            step.options.append(options)
+            step.trainable.append(trainable)
+        self._warn_untrained(untrained, not step.groups)
+        return step
+
+    def _group_state_of(self, group: Dict[str, Any], g: int) -> Optional[torch.Tensor]:
+        """The state tensor the parameters of group ``g`` hold, or None
+        before its first step."""
+        state = None
+        for param in group["params"]:
+            record = self.state.get(param)
+            if record and "group_state" in record:
+                if state is not None and record["group_state"] is not state:
+                    raise RuntimeError(
+                        f"Dopamine: the parameters of group {g} hold the states of "
+                        "different groups (was a parameter moved between groups?)"
+                    )
+                state = record["group_state"]
+        return state
 
     def _warn_untrained(self, untrained: List[int], step_trains_nothing: bool) -> None:
         """Warns, once per group, that the groups ``untrained`` (which have
@@ -392,67 +429,52 @@ class Dopamine(Optimizer):
                 "Dopamine.step() needs a closure that returns the loss: each step "
                 "evaluates the model unperturbed and along each perturbation"
             )
-        steps = self._snapshot()
-
-        recorder = self.__dict__.get("_recorder")
-        record = None
-        if recorder is not None and steps:
-            record = recorder.begin(
-                [(tuple(gs.indices), gs.perturb_arguments["seed"], gs.perturb_arguments["sigma"],
-                  gs.perturb_arguments["noise"]) for gs in steps],
-                [int(gs.state[0].item()) + 1 for gs in steps],
-            )
-
-        def move(offset: int, direction: int = 0) -> None:
-            """Every group comes to carry offset * sigma * z_direction (a
-            group that already does stays)."""
-            if all(gs.carries(offset, direction) for gs in steps):
-                return
-            moved = 0
-            try:
-                for group_step in steps:
-                    group_step.come_to(offset, direction)
-                    moved += 1
-            finally:
-                if record is not None:
-                    record["moves"].append((offset, direction, moved))
-
-        def restore() -> None:
-            move(0)
-
-        # docs/DESIGN.md, "The algorithm": L0, then L(theta + sigma z_j) for
-        # each direction j; or with antithetic L(theta + sigma z_j) and
-        # L(theta - sigma z_j) for each j. One evaluation serves every group,
-        # so all must agree on both options.
-        first = self.param_groups[0] if self.param_groups else self.defaults
-        antithetic, directions = first["antithetic"], first["num_perturbations"]
-        for g, group in enumerate(self.param_groups):
-            for name, value in (("antithetic", antithetic), ("num_perturbations", directions)):
-                if group[name] != value:
-                    raise ValueError(
-                        f"Dopamine: invalid {name}: {group[name]!r} in parameter group {g}, "
-                        f"{value!r} in group 0; it must be the same in every group"
-                    )
-        evaluations = _evaluations(antithetic, directions)
-        if not steps:
+        step = self._snapshot()
+        if not step.groups:
             # Nothing to perturb, so no collective either: every rank of a
             # process group has the same trainable parameters.
             loss = closure()
-            _loss_tensor(loss, evaluations[0][2])
+            _loss_tensor(loss, step.evaluations[0][2])
             return loss
+        recorder = self.__dict__.get("_recorder")
+        if recorder is not None:
+            starts = [sum(step.table.group_sizes[:t]) for t in range(len(step.groups))]
+            step.record = recorder.begin(
+                [(tuple(step.table.indices[start:start + size]), group["seed"], float(group["sigma"]),
+                  code("noise", group["noise"]))
+                 for start, size, group in zip(starts, step.table.group_sizes, step.groups)],
+                [int(state[0].item()) + 1 for state in step.table.states],
+            )
+        returned, losses = self._evaluate(step, closure)
+        self._finish(step, losses)
+        self._commit(step)
+        # The loss the step evaluated, as the closure returned it: L0, or with
+        # antithetic the mean of every evaluation (from the copies: a closure
+        # may return the same buffer twice); with a process group, the ranks'.
+        if step.antithetic or self.__dict__.get("_collective") is not None:
+            mean = losses.sum() / len(step.evaluations) if step.antithetic else losses[0]
+            return mean.to(returned.dtype).to(returned.device) if isinstance(returned, torch.Tensor) else mean.item()
+        return returned
+
+    def _evaluate(self, step: _Step, closure: Callable[[], Loss]) -> Tuple[Loss, torch.Tensor]:
+        """The second phase: the closure at every perturbation, in
+        plan_step's order. Returns the first loss as the closure returned it
+        and every loss as float64 (with a process group, shared by the
+        ranks). If an evaluation fails, every group is restored and the
+        error propagates (on every rank of a process group)."""
         collective = self.__dict__.get("_collective")
         if collective is not None:
-            check_parallel(collective.parallel, directions, collective.world_size)
+            check_parallel(collective.parallel, step.directions, collective.world_size)
         # With parallel="population" a rank evaluates some of the losses, and
         # moves through every perturbation all the same, so that every rank
         # rounds alike (docs/DESIGN.md, "Many processes").
         returned = None
-        values: List[Optional[torch.Tensor]] = [None] * len(evaluations)
+        values: List[Optional[torch.Tensor]] = [None] * len(step.evaluations)
         failure: Optional[Exception] = None
         try:
-            for i, (offset, direction, which) in enumerate(evaluations):
-                move(offset, direction)
-                if failure is not None or (collective is not None and not collective.evaluates(i, antithetic)):
+            for i, (offset, direction, which) in enumerate(step.evaluations):
+                step.move_to(offset, direction)
+                if failure is not None or (collective is not None and not collective.evaluates(i, step.antithetic)):
                     continue
                 try:
                     loss = closure()
@@ -467,15 +489,15 @@ class Dopamine(Optimizer):
                     continue
                 returned = loss if returned is None else returned
         except BaseException as error:
-            restore()
+            step.restore()
             if collective is None or not isinstance(error, Exception):
                 raise
             failure = error
         if failure is not None:
-            restore()
+            step.restore()
             # The other ranks are waiting in the all-reduce: join it, so
             # that every rank raises.
-            collective.fail(failure, len(evaluations))
+            collective.fail(failure, len(step.evaluations))
         # On the first loss's device; 0 for a loss another rank evaluates.
         device = next(value.device for value in values if value is not None)
         losses = torch.stack([
@@ -486,60 +508,67 @@ class Dopamine(Optimizer):
             try:
                 losses = collective.share_losses(losses)
             except BaseException:
-                restore()
+                step.restore()
                 raise
-        # The loss the step evaluated, as the closure returned it: L0, or with
-        # antithetic the mean of every evaluation (from the copies: a closure
-        # may return the same buffer twice); with a process group, the ranks'.
-        loss = returned
-        if antithetic or collective is not None:
-            mean = losses.sum() / len(evaluations) if antithetic else losses[0]
-            loss = mean.to(loss.dtype).to(loss.device) if isinstance(loss, torch.Tensor) else mean.item()
+        return returned, losses
 
+    def _finish(self, step: _Step, losses: torch.Tensor) -> None:
+        """The third phase: every group's plan, then one finish_step_ that
+        takes or skips the step for all. With non_finite_loss='raise' a
+        skipped step restores the states and raises."""
         # Without capturable the states are on the CPU, and moving the losses
         # there is the step's one host synchronisation.
-        losses = losses.to(steps[0].state.device)
+        on_state_device = losses.to(step.table.states[0].device)
         raises = self.defaults["non_finite_loss"] == "raise"
         try:
-            plans = [group_step.plan(losses) for group_step in steps]
-            saved = [group_step.state.clone() for group_step in steps] if raises else []
-            taken = finish(steps, plans)
-            if record is not None:
-                record["plans"] = torch.stack(plans).tolist()
+            plans = [torch.ops.dopamine.plan_step(state, on_state_device, options=options.packed)
+                     for state, options in zip(step.table.states, step.options)]
+            saved = [state.clone() for state in step.table.states] if raises else []
+            taken = step.table.finish(plans)
+            if step.record is not None:
+                step.record["plans"] = torch.stack(plans).tolist()
         except BaseException:
             # finish_step_ checks everything before it writes: the parameters
             # are still perturbed.
-            restore()
+            step.restore()
             raise
-        if raises and not taken.item():
-            for group_step, before in zip(steps, saved):
-                group_step.state.copy_(before)
-            numbers = losses.tolist()
-            bad = next((i for i, value in enumerate(numbers) if not math.isfinite(value)), None)
-            cause = (
-                f"the {evaluations[bad][2]} loss is {numbers[bad]}"
-                if bad is not None
-                else f"the step size is not finite (losses {', '.join(map(str, numbers[:-1]))} and {numbers[-1]})"
-            )
-            where = "" if collective is None else (
-                " (the mean over the process group's ranks)" if collective.parallel == "data"
-                else " (as the rank that evaluated it computed it)"
-            )
-            raise RuntimeError(
-                f"Dopamine: {cause}{where}; parameters restored, step not taken (non_finite_loss='raise')"
-            )
-        for group_step in steps:
-            for param in group_step.group_params:
-                self.state[param]["group_state"] = group_step.state
-            for param, master in zip([p for p in group_step.params if _is_half(p)], group_step.masters):
-                self.state[param]["master_weight"] = master
+        if not raises or taken.item():
+            return
+        for state, before in zip(step.table.states, saved):
+            state.copy_(before)
+        numbers = losses.tolist()
+        bad = next((i for i, value in enumerate(numbers) if not math.isfinite(value)), None)
+        cause = (
+            f"the {step.evaluations[bad][2]} loss is {numbers[bad]}"
+            if bad is not None
+            else f"the step size is not finite (losses {', '.join(map(str, numbers[:-1]))} and {numbers[-1]})"
+        )
+        collective = self.__dict__.get("_collective")
+        where = "" if collective is None else (
+            " (the mean over the process group's ranks)" if collective.parallel == "data"
+            else " (as the rank that evaluated it computed it)"
+        )
+        raise RuntimeError(
+            f"Dopamine: {cause}{where}; parameters restored, step not taken (non_finite_loss='raise')"
+        )
+
+    def _commit(self, step: _Step) -> None:
+        """The last phase: every parameter of a group holds the group's
+        state (and its master weight); a process group's ranks compare their
+        parameters every verify_every steps."""
+        masters = iter(step.table.masters)
+        for group, state, trainable in zip(step.groups, step.table.states, step.trainable):
+            for param in group["params"]:
+                self.state[param]["group_state"] = state
+            if self.defaults["master_weights"]:
+                for param in filter(_is_half, trainable):
+                    self.state[param]["master_weight"] = next(masters)
+        collective = self.__dict__.get("_collective")
         if collective is not None and collective.verify_every:
             collective.verify(
-                held_alike([p for group_step in steps for p in group_step.group_params if p.requires_grad])
-                + [m for group_step in steps for m in group_step.masters],
-                int(steps[0].state[0].item()),
+                held_alike([p for trainable in step.trainable for p in trainable]) + step.table.masters,
+                int(step.table.states[0][0].item()),
             )
-        return loss
 
     def trajectory(self) -> Dict[str, Any]:
         """The steps taken since construction as a few scalars each (see

@@ -10,11 +10,13 @@ perturbation round trip as the run did and rebuilds the parameters bit for
 bit, without a forward pass.
 """
 
+import inspect
 from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
-from ._engine import GroupTensors, finish
+from ._engine import StepTable
+from ._options import ENUM_NAMES, OPTION_NAMES, pack
 
 __all__ = ["Recorder", "replay"]
 
@@ -66,21 +68,34 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
     needed = 1 + max((i for layout in trajectory["layouts"] for group in layout for i in group[0]), default=-1)
     if needed > len(params):
         raise ValueError(f"replay: the trajectory moves parameter {needed - 1}, but {len(params)} parameters were given")
+    # move_ reads sigma, the seed and the noise of the options; the others
+    # are the optimizer's defaults.
+    from .optimizer import Dopamine
+
+    defaults = {
+        name: parameter.default for name, parameter in inspect.signature(Dopamine.__init__).parameters.items()
+        if name in OPTION_NAMES
+    }
     masters: Dict[int, torch.Tensor] = {}
-    for record in trajectory["steps"]:
+    for number, record in enumerate(trajectory["steps"]):
         layout = trajectory["layouts"][record["layout"]]
-        groups = []
+        table = StepTable()
         for (indices, seed, sigma, noise), step in zip(layout, record["steps"]):
             halves = [i for i in indices if trajectory["master_weights"] and params[i].dtype in (torch.bfloat16, torch.float16)]
             for i in halves:
                 masters.setdefault(i, params[i].detach().float().contiguous())
-            # perturb_ keys the noise by the state's step + 1.
+            # move_ keys the noise by the state's step + 1.
             state = torch.zeros(5, dtype=torch.float64)
             state[0] = step - 1
-            groups.append(GroupTensors([params[i] for i in indices], list(indices), [masters[i] for i in halves],
-                                       state, dict(seed=seed, sigma=sigma, noise=noise)))
+            packed = pack({**defaults, "seed": seed, "sigma": sigma, "noise": ENUM_NAMES["noise"][noise]})
+            table.add_group([params[i] for i in indices], list(indices), [masters[i] for i in halves], state, packed,
+                            [0] * len(indices))
         for offset, direction, moved in record["moves"]:
-            for group in groups[:moved]:
-                group.come_to(offset, direction)
+            if moved != len(layout):
+                raise ValueError(
+                    f"replay: step {number} of the trajectory moved {moved} of its {len(layout)} groups (a move that "
+                    "failed part-way); it cannot be replayed"
+                )
+            table.move_to(offset, direction)
         if record["plans"] is not None:
-            finish(groups, list(torch.tensor(record["plans"], dtype=torch.float64).unbind(0)))
+            table.finish(list(torch.tensor(record["plans"], dtype=torch.float64).unbind(0)))

@@ -212,7 +212,7 @@ TEST(Noise, GaussianTailBeyondFourSigma) {
   auto z = torch::zeros({per_parameter});
   for (int64_t index = 0; index < 10; ++index) {
     z.zero_();
-    ops::perturb_({z}, {}, state_at(1), {index}, 5, 1.0, Noise::Gaussian, 0, 1);
+    move({z}, state_at(1), {index}, 5, 1.0);
     beyond += (z.abs() > 4).sum().item<int64_t>();
   }
   const double mass = static_cast<double>(beyond) / (10 * per_parameter);
@@ -268,57 +268,87 @@ TEST(Noise, NonContiguousParametersGetTheNoiseOfTheirRowMajorOrder) {
   const auto contiguous = noise_of(torch::zeros({40, 30}), 4, 2, 1);
   auto transposed = torch::zeros({30, 40}).t();
   ASSERT_FALSE(transposed.is_contiguous());
-  ops::perturb_(
-      {transposed}, {}, state_at(2), {1}, 4, 1.0, Noise::Gaussian, 0, 1);
+  move({transposed}, state_at(2), {1}, 4, 1.0);
   EXPECT_TRUE(torch::equal(transposed, contiguous));
 }
 
 TEST(Noise, CounterWordsOutOfRangeAreRejected) {
   auto p = torch::zeros({4});
-  EXPECT_THROW(
-      {
-        try {
-          ops::perturb_({p},
-                        {},
-                        state_at(int64_t{1} << 32),
-                        {0},
-                        0,
-                        1.0,
-                        Noise::Gaussian,
-                        0,
-                        1);
-        } catch (const c10::Error& e) {
-          EXPECT_NE(std::string(e.what()).find("step must be in [0, 2^32)"),
-                    std::string::npos);
-          throw;
-        }
+  expect_error([&] { move({p}, state_at(int64_t{1} << 32), {0}, 0, 1.0); },
+               {"step must be in [0, 2^32)"});
+  expect_error([&] { move({p}, state_at(1), {-1}, 0, 1.0); },
+               {"a parameter's index must be in [0, 2^32)"});
+  expect_error(
+      [&] {
+        move({p}, state_at(1), {0}, 0, 1.0, Noise::Gaussian, {0, 0}, {1, -1});
       },
-      c10::Error);
-  EXPECT_THROW(
-      ops::perturb_({p}, {}, state_at(1), {-1}, 0, 1.0, Noise::Gaussian, 0, 1),
-      c10::Error);
-  EXPECT_THROW(
-      ops::perturb_(
-          {p}, {}, state_at(1), {0}, 0, 1.0, static_cast<Noise>(2), 0, 1),
-      c10::Error);
-  // previous and offset must differ and lie in {-1, 0, 1}.
-  for (const auto& [previous, offset] :
-       std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {0, 2}, {-2, 0}}) {
-    expect_error(
-        [&] {
-          ops::perturb_({p},
-                        {},
-                        state_at(1),
-                        {0},
-                        0,
-                        1.0,
-                        Noise::Gaussian,
-                        previous,
-                        offset);
-        },
-        {"previous and offset must differ"});
-  }
+      {"a direction must be in [0, 2^32)"});
+  expect_error(
+      [&] { move({p}, state_at(1), {0}, 0, 1.0, static_cast<Noise>(2)); },
+      {"invalid noise code 2"});
+  // Offsets lie in {-1, 0, 1}.
+  expect_error(
+      [&] {
+        move({p}, state_at(1), {0}, 0, 1.0, Noise::Gaussian, {0, 0}, {2, 0});
+      },
+      {"to must be [offset, direction] with offset -1, 0 or 1"});
+  expect_error(
+      [&] {
+        move({p}, state_at(1), {0}, 0, 1.0, Noise::Gaussian, {-2, 0}, {0, 0});
+      },
+      {"carried must be [offset, direction] with offset -1, 0 or 1"});
   EXPECT_TRUE(torch::equal(p, torch::zeros({4})));
+}
+
+// One move_ over several groups, each with its own options, equals each
+// group moved alone; from one direction to another it goes through theta,
+// as two moves would; and a group whose arguments fail a check leaves every
+// group as it was.
+TEST(Noise, OneMoveOverSeveralGroupsEqualsEachGroupMovedAlone) {
+  torch::manual_seed(5);
+  std::vector<torch::Tensor> params = {
+      torch::randn({300}), torch::randn({7, 9}), torch::randn({130})};
+  const auto initial = clones(params);
+  auto alone = clones(params);
+  const auto first = ops::pack_options(DopamineOptions().seed(3).sigma(0.1));
+  auto packed = ops::pack_options(
+      DopamineOptions().seed(8).sigma(0.2).noise(Noise::Rademacher));
+  packed.insert(packed.begin(), first.begin(), first.end());
+  const std::vector<torch::Tensor> states = {state_at(4), state_at(9)};
+  ops::move_(params, {}, states, packed, {0, 1, 2}, {2, 1}, {0, 0}, {1, 1});
+  ops::move_(params, {}, states, packed, {0, 1, 2}, {2, 1}, {1, 1}, {-1, 2});
+  for (const auto& [carried, to] :
+       std::vector<std::pair<ops::Perturbation, ops::Perturbation>>{
+           {{0, 0}, {1, 1}}, {{1, 1}, {0, 1}}, {{0, 2}, {-1, 2}}}) {
+    move({alone[0], alone[1]},
+         states[0],
+         {0, 1},
+         3,
+         0.1,
+         Noise::Gaussian,
+         carried,
+         to);
+    move({alone[2]}, states[1], {2}, 8, 0.2, Noise::Rademacher, carried, to);
+  }
+  EXPECT_TRUE(bitwise_equal(params, alone));
+  EXPECT_FALSE(bitwise_equal(params, initial));  // the moves moved them
+
+  const auto before = clones(params);
+  auto forged = packed;
+  forged.back() = 0;  // the second group's num_perturbations
+  expect_error(
+      [&] {
+        ops::move_(
+            params, {}, states, forged, {0, 1, 2}, {2, 1}, {-1, 2}, {0, 0});
+      },
+      {"invalid num_perturbations: 0"});
+  expect_error(
+      [&] {
+        ops::move_(
+            params, {}, states, packed, {0, 1, 2}, {1, 1}, {-1, 2}, {0, 0});
+      },
+      {"the group sizes add up to 2, but there are 3 parameters"});
+  EXPECT_TRUE(bitwise_equal(params, before));
 }
 
 }  // namespace

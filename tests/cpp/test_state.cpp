@@ -218,10 +218,15 @@ TEST(Threads, OpsAndTrajectoriesIndependentOfThreadCount) {
     // Large enough for ATen to split the elementwise work across threads.
     std::vector<torch::Tensor> params = {torch::randn({1 << 20}),
                                          torch::randn({1000, 300})};
-    ops::perturb_(
-        params, {}, state_at(2), {0, 1}, 1, 0.01, Noise::Gaussian, 0, 1);
-    ops::perturb_(
-        params, {}, state_at(3), {0, 1}, 1, 0.02, Noise::Rademacher, 1, 0);
+    move(params, state_at(2), {0, 1}, 1, 0.01);
+    move(params,
+         state_at(3),
+         {0, 1},
+         1,
+         0.02,
+         Noise::Rademacher,
+         {1, 0},
+         {0, 0});
     auto net = make_xor_net(4);
     Dopamine optimizer(net->parameters());
     auto trained = train_xor(net, optimizer, 10);

@@ -38,13 +38,34 @@ inline torch::Tensor state_at(int64_t step) {
 
 // z for tensor `index` at `step`: perturbing zeros by sigma = 1 yields z
 // exactly, so the test reads the noise without a second noise source.
+// dopamine::ops::move_ over one group of these noise options: its
+// parameters come from carrying `carried` to carrying `to`.
+inline void move(const std::vector<torch::Tensor>& params,
+                 const torch::Tensor& state,
+                 const std::vector<int64_t>& indices,
+                 int64_t seed,
+                 double sigma,
+                 Noise kind = Noise::Gaussian,
+                 ops::Perturbation carried = {0, 0},
+                 ops::Perturbation to = {1, 0}) {
+  ops::move_(
+      params,
+      {},
+      {state},
+      ops::pack_options(DopamineOptions().seed(seed).sigma(sigma).noise(kind)),
+      indices,
+      {static_cast<int64_t>(params.size())},
+      carried,
+      to);
+}
+
 inline torch::Tensor noise_of(const torch::Tensor& like,
                               int64_t seed,
                               int64_t step,
                               int64_t index,
                               Noise kind = Noise::Gaussian) {
   auto noise = torch::zeros_like(like);
-  ops::perturb_({noise}, {}, state_at(step), {index}, seed, 1.0, kind, 0, 1);
+  move({noise}, state_at(step), {index}, seed, 1.0, kind);
   return noise;
 }
 

@@ -30,15 +30,23 @@ def state_at(step, device="cpu"):
     return state
 
 
+def move(params, state, *, indices, seed=0, sigma=1.0, noise="gaussian", carried=(0, 0), to=(1, 0), masters=(),
+         element_offsets=()):
+    """dopamine::move_ over one group: its parameters come from carrying
+    carried = (offset, direction) to carrying `to`."""
+    torch.ops.dopamine.move_(
+        params, list(masters), [state], options=pack_options(dict(seed=seed, sigma=sigma, noise=noise)),
+        indices=indices, group_sizes=[len(params)], carried=list(carried), to=list(to),
+        element_offsets=list(element_offsets),
+    )
+
+
 def ops_noise(like, seed, step, index, kind="gaussian", direction=0):
     """z for parameter `index` at `step` (of direction `direction`) as the ops
     draw it (float32, on like's device): perturbing zeros by sigma = 1 yields
     z itself."""
     noise = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    torch.ops.dopamine.perturb_(
-        [noise], [], state_at(step, like.device), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[kind],
-        previous=0, offset=1, direction=direction,
-    )
+    move([noise], state_at(step, like.device), indices=[index], seed=seed, noise=kind, to=(1, direction))
     return noise
 
 

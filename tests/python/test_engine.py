@@ -11,11 +11,11 @@ import torch
 
 import torch_dopamine
 from reference import (
-    NOISE_CODES,
     XOR_INPUTS,
     XOR_TARGETS,
     ReferenceDopamine,
     isclose,
+    move,
     quadratic,
     same_bits,
     snapshot,
@@ -75,13 +75,9 @@ def test_ops_bucket_a_list_of_every_dtype_like_each_tensor_alone():
     alone = [p.clone() for p in params]
     state = state_at(4)
     for noise in ("gaussian", "rademacher"):
-        torch.ops.dopamine.perturb_(
-            params, [], state, indices=[3, 4, 5, 6], seed=2, sigma=0.1, noise=NOISE_CODES[noise], previous=0, offset=1
-        )
+        move(params, state, indices=[3, 4, 5, 6], seed=2, sigma=0.1, noise=noise)
         for i, param in enumerate(alone):
-            torch.ops.dopamine.perturb_(
-                [param], [], state, indices=[3 + i], seed=2, sigma=0.1, noise=NOISE_CODES[noise], previous=0, offset=1
-            )
+            move([param], state, indices=[3 + i], seed=2, sigma=0.1, noise=noise)
     assert same_bits(params, alone)
 
 

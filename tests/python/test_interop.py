@@ -12,7 +12,7 @@ import torch
 
 import torch_dopamine
 from parity import ParityModel, train_both
-from reference import XOR_INPUTS, XOR_TARGETS, same_bits, snapshot, state_at, xor_loss, xor_net
+from reference import XOR_INPUTS, XOR_TARGETS, move, same_bits, snapshot, state_at, xor_loss, xor_net
 
 
 def step_args(device):
@@ -49,10 +49,11 @@ def op_cases(device):
     params, masters, state, losses = step_args(device)
     plan = torch.ops.dopamine.plan_step(state, losses, **plan_options())
     return {
-        "perturb_": (
-            torch.ops.dopamine.perturb_.default,
-            (params, masters, state),
-            dict(indices=[0, 1, 2], seed=3, sigma=0.01, noise=1, previous=0, offset=1),
+        "move_": (
+            torch.ops.dopamine.move_.default,
+            (params, masters, [state]),
+            dict(options=plan_options(noise=1)["options"], indices=[0, 1, 2], group_sizes=[3], carried=[1, 0],
+                 to=[1, 1]),
         ),
         "plan_step": (torch.ops.dopamine.plan_step.default, (state, losses), plan_options(noise=1)),
         "finish_step_": (
@@ -64,7 +65,7 @@ def op_cases(device):
     }
 
 
-OPS = ["perturb_", "plan_step", "finish_step_", "check_state"]
+OPS = ["move_", "plan_step", "finish_step_", "check_state"]
 
 
 @pytest.mark.parametrize("op_name", OPS)
@@ -100,8 +101,9 @@ def test_pack_options_names_every_option_once_and_plan_step_checks_a_packed_list
 def test_op_arguments_after_the_tensors_are_keyword_only():
     params, masters, state, _ = step_args("cpu")
     # Every argument given, so that only the keyword-only rule can refuse it.
-    with pytest.raises(RuntimeError, match=r"takes 3 positional argument\(s\) but 9 was/were given"):
-        torch.ops.dopamine.perturb_(params, masters, state, [0, 1, 2], 3, 0.01, 1, 0, 1)
+    options = plan_options()["options"]
+    with pytest.raises(RuntimeError, match=r"takes 3 positional argument\(s\) but 8 was/were given"):
+        torch.ops.dopamine.move_(params, masters, [state], options, [0, 1, 2], [3], [0, 0], [1, 0])
 
 
 def test_fake_kernels_check_arguments_without_computing():
@@ -109,19 +111,15 @@ def test_fake_kernels_check_arguments_without_computing():
 
     with FakeTensorMode():
         params, masters, state, losses = step_args("cpu")
-        torch.ops.dopamine.perturb_(params, masters, state, indices=[0, 1, 2], seed=0, sigma=0.1, noise=0, previous=0, offset=1)
+        move(params, state, masters=masters, indices=[0, 1, 2])
         plan = torch.ops.dopamine.plan_step(state, losses, **plan_options())
         assert plan.shape == (12,) and plan.dtype == torch.float64
         taken = torch.ops.dopamine.finish_step_(params, masters, [state], [plan], indices=[0, 1, 2], group_sizes=[3])
         assert taken.shape == ()
         with pytest.raises(RuntimeError, match="must be a strided float32, float64, bfloat16 or float16"):
-            torch.ops.dopamine.perturb_(
-                [torch.empty(3, dtype=torch.int32)], [], state, indices=[0], seed=0, sigma=0.1, noise=0, previous=0, offset=1
-            )
+            move([torch.empty(3, dtype=torch.int32)], state, indices=[0])
     meta = [torch.empty(4, device="meta")]
-    torch.ops.dopamine.perturb_(
-        meta, [], state_at(1, "meta"), indices=[0], seed=0, sigma=0.1, noise=0, previous=0, offset=1
-    )
+    move(meta, state_at(1, "meta"), indices=[0])
 
 
 def test_plan_computes_the_spec_rule():

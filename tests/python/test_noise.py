@@ -8,7 +8,7 @@ import torch
 
 import noise_oracle
 import torch_dopamine  # noqa: F401
-from reference import NOISE_CODES, ops_noise, pack_options, state_at
+from reference import move, ops_noise, pack_options, state_at
 
 M = 0xFFFFFFFF
 
@@ -45,9 +45,7 @@ def test_cpu_and_cuda_draw_the_same_noise(noise, numel):
     drawn = {}
     for device in ("cpu", "cuda"):
         params = [torch.zeros(numel, device=device), torch.zeros(5, 3, device=device).t()]
-        torch.ops.dopamine.perturb_(
-            params, [], state_at(7, device), indices=[2, 3], seed=123, sigma=1.0, noise=NOISE_CODES[noise], previous=0, offset=1
-        )
+        move(params, state_at(7, device), indices=[2, 3], seed=123, noise=noise)
         drawn[device] = torch.cat([p.flatten() for p in params]).cpu()
     ulps = (drawn["cpu"].view(torch.int32).long() - drawn["cuda"].view(torch.int32).long()).abs()
     assert ulps.max().item() <= 2
@@ -58,14 +56,13 @@ def test_cpu_and_cuda_draw_the_same_noise(noise, numel):
 def test_pieces_at_element_offsets_draw_the_noise_of_their_places(device, noise, direction):
     """A tensor given an element offset draws the noise of those places of
     its parameter (a shard of a sharded parameter), for offsets off the tile
-    grid and pieces shorter than a tile, in perturb_ and in finish_step_."""
+    grid and pieces shorter than a tile, in move_ and in finish_step_."""
     whole = torch.zeros(1000, device=device)
     bounds = [0, 37, 40, 300, 663, 1000]
     pieces = [torch.zeros(b - a, device=device) for a, b in zip(bounds, bounds[1:])]
-    arguments = dict(seed=11, sigma=1.0, noise=NOISE_CODES[noise], previous=0, offset=1, direction=direction)
-    torch.ops.dopamine.perturb_([whole], [], state_at(3, device), indices=[5], **arguments)
-    torch.ops.dopamine.perturb_(pieces, [], state_at(3, device), indices=[5] * len(pieces), element_offsets=bounds[:-1],
-                                **arguments)
+    arguments = dict(seed=11, noise=noise, to=(1, direction))
+    move([whole], state_at(3, device), indices=[5], **arguments)
+    move(pieces, state_at(3, device), indices=[5] * len(pieces), element_offsets=bounds[:-1], **arguments)
     assert torch.equal(torch.cat(pieces), whole)
     expected = noise_oracle.noise(noise, 11, 3, 5, 1000, direction)[0]
     assert np.allclose(whole.cpu().double().numpy(), expected, rtol=0, atol=1e-5)
@@ -79,6 +76,6 @@ def test_pieces_at_element_offsets_draw_the_noise_of_their_places(device, noise,
                                     group_sizes=[len(parts)], element_offsets=bounds[:-1])
     assert torch.equal(torch.cat(parts), finished[0]) and finished[0].abs().sum() > 0
     with pytest.raises(RuntimeError, match="element_offsets must be empty or hold one offset per parameter"):
-        torch.ops.dopamine.perturb_(pieces, [], state_at(3, device), indices=[5] * len(pieces), element_offsets=[0], **arguments)
+        move(pieces, state_at(3, device), indices=[5] * len(pieces), element_offsets=[0], **arguments)
     with pytest.raises(RuntimeError, match=r"element_offsets\[0\] must be in \[0, 2\^62\]"):
-        torch.ops.dopamine.perturb_([whole], [], state_at(3, device), indices=[5], element_offsets=[-1], **arguments)
+        move([whole], state_at(3, device), indices=[5], element_offsets=[-1], **arguments)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import torch_dopamine  # noqa: E402
 from parity import train_both  # noqa: E402
-from reference import NOISE_CODES, UNIT_ROUNDOFF, ops_noise, state_at  # noqa: E402
+from reference import NOISE_CODES, UNIT_ROUNDOFF, move, ops_noise, state_at  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "transposed", "strided", "channels_last", "expanded"]
@@ -112,9 +112,7 @@ def test_noise_depends_on_the_logical_position_only(param, seed, step, index, no
     order: the float32 values of a contiguous tensor of its shape, element by
     element, rounded once to its dtype."""
     drawn = param.detach().zero_()
-    torch.ops.dopamine.perturb_(
-        [drawn], [], state_at(step), indices=[index], seed=seed, sigma=1.0, noise=NOISE_CODES[noise], previous=0, offset=1
-    )
+    move([drawn], state_at(step), indices=[index], seed=seed, noise=noise)
     assert torch.equal(drawn, ops_noise(torch.zeros(param.shape), seed, step, index, noise).to(param.dtype))
 
 

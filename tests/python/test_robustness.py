@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torch_dopamine
-from reference import quadratic, same_bits, snapshot, state_at
+from reference import move, quadratic, same_bits, snapshot, state_at
 
 
 def fresh(device, **options):
@@ -304,8 +304,7 @@ def test_non_leaf_and_duplicate_parameters_are_rejected():
 
 def test_the_ops_refuse_an_integer_parameter(device):
     with pytest.raises(RuntimeError, match="must be a strided float32, float64, bfloat16 or float16"):
-        torch.ops.dopamine.perturb_([torch.zeros(3, dtype=torch.int32, device=device)], [], state_at(1, device),
-                                    indices=[0], seed=0, sigma=0.1, noise=0, previous=0, offset=1)
+        move([torch.zeros(3, dtype=torch.int32, device=device)], state_at(1, device), indices=[0])
 
 
 def test_parameter_made_integer_after_construction_is_refused_at_the_next_step(device):

@@ -12,7 +12,6 @@ import torch
 
 import torch_dopamine
 from reference import (
-    NOISE_CODES,
     XOR_INPUTS,
     XOR_TARGETS,
     UNIT_ROUNDOFF,
@@ -236,7 +235,9 @@ PRINT_PATH = "import torch_dopamine; print(torch_dopamine.cpu_capability())"
 
 def run_with_capability(code, capability):
     """Runs `code` in a fresh interpreter with DOPAMINE_CPU_CAPABILITY set."""
-    env = dict(os.environ, DOPAMINE_CPU_CAPABILITY=capability)
+    # The code imports this suite's reference module.
+    path = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, DOPAMINE_CPU_CAPABILITY=capability, PYTHONPATH=path)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
 
 
@@ -249,9 +250,9 @@ def test_every_cpu_path_draws_the_same_bits(noise):
     code = (
         "import hashlib, torch, torch_dopamine\n"
         "ps = [torch.zeros(100003), torch.zeros(77, dtype=torch.float64), torch.zeros(300, dtype=torch.bfloat16)]\n"
-        "state = torch.zeros(5, dtype=torch.float64)\n"
-        f"torch.ops.dopamine.perturb_(ps, [], state, indices=[1, 2, 3], seed=3, sigma=0.5, noise={NOISE_CODES[noise]}, previous=0, offset=1)\n"
-        f"torch.ops.dopamine.perturb_(ps, [], state, indices=[4, 5, 6], seed=3, sigma=0.25, noise={NOISE_CODES[noise]}, previous=1, offset=0)\n"
+        "from reference import move, state_at\n"
+        f"move(ps, state_at(1), indices=[1, 2, 3], seed=3, sigma=0.5, noise='{noise}')\n"
+        f"move(ps, state_at(1), indices=[4, 5, 6], seed=3, sigma=0.25, noise='{noise}', carried=(1, 0), to=(0, 0))\n"
         "print(torch_dopamine.cpu_capability())\n"
         "print(hashlib.sha256(b''.join(bytes(p.view(torch.uint8).tolist()) for p in ps)).hexdigest())\n"
     )
