@@ -174,6 +174,29 @@ Evaluations evaluations_of(
   return evaluations;
 }
 
+// Where a group's state lives: on the CPU, or with capturable on the
+// device of its parameters, which must then share one.
+torch::Device state_device(c10::ArrayRef<torch::Tensor> params,
+                           bool capturable,
+                           size_t group_index) {
+  if (!capturable) {
+    return torch::kCPU;
+  }
+  for (const auto& param : params) {
+    TORCH_CHECK(param.device() == params.front().device(),
+                "Dopamine: with capturable every parameter of group ",
+                group_index,
+                " must be on one device; found ",
+                params.front().device(),
+                " and ",
+                param.device());
+  }
+  return params.front().device();
+}
+
+// The version of the layout of a checkpoint (save()).
+constexpr int64_t kCheckpointFormat = 1;
+
 std::string message_of(const std::exception& error) {
   const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
   return c10_error ? c10_error->what_without_backtrace() : error.what();
@@ -345,17 +368,10 @@ Dopamine::StepTable Dopamine::snapshot() {
       }
       continue;
     }
-    const auto device = defaults.capturable() ? table.params[first].device()
-                                              : torch::Device(torch::kCPU);
-    for (const auto i : c10::irange(first, table.params.size())) {
-      TORCH_CHECK(!defaults.capturable() || table.params[i].device() == device,
-                  "Dopamine: with capturable every parameter of group ",
-                  g,
-                  " must be on one device; found ",
-                  device,
-                  " and ",
-                  table.params[i].device());
-    }
+    const auto device =
+        state_device(c10::ArrayRef<torch::Tensor>(table.params).slice(first),
+                     defaults.capturable(),
+                     g);
     table.group_indices.push_back(g);
     table.options.push_back(options);
     table.packed.insert(table.packed.end(), packed.begin(), packed.end());
@@ -538,11 +554,21 @@ void Dopamine::warn_untrained(const std::vector<size_t>& untrained,
 
 void Dopamine::save(torch::serialize::OutputArchive& archive) const {
   serialize(*this, archive);
+  archive.write("dopamine_format", kCheckpointFormat);
   archive.write("param_names",
                 c10::IValue(c10::List<std::string>(param_names_)));
 }
 
 void Dopamine::load(torch::serialize::InputArchive& archive) {
+  // A checkpoint saved before formats were numbered has this layout too.
+  c10::IValue saved_format;
+  TORCH_CHECK(!archive.try_read("dopamine_format", saved_format) ||
+                  saved_format.toInt() == kCheckpointFormat,
+              "Dopamine::load: the checkpoint is of format ",
+              saved_format.isInt() ? saved_format.toInt() : -1,
+              "; this version reads format ",
+              kCheckpointFormat,
+              " (and checkpoints saved before formats were numbered)");
   c10::IValue names;
   if (archive.try_read("param_names", names) && !param_names_.empty()) {
     std::vector<std::string> saved_names;

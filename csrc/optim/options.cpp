@@ -14,7 +14,6 @@
 #include <string>
 #include <type_traits>
 #include <unordered_map>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -84,26 +83,16 @@ void for_each_option(Options& o, Visit&& visit) {
   visit("num_perturbations", o.num_perturbations());
 }
 
-// Whether every Dopamine checkpoint holds the option: those of the first
-// checkpoints do, and a checkpoint without one of them is another
-// optimizer's. Options added since may be missing.
+// Whether every Dopamine checkpoint holds the option: those listed before
+// antithetic, the first option added since checkpoints were first written,
+// are; a checkpoint without one of them is another optimizer's.
 bool in_every_checkpoint(const std::string& name) {
-  static const std::unordered_set<std::string> first = {"lr",
-                                                        "sigma",
-                                                        "lr_adaptation",
-                                                        "beta",
-                                                        "beta_s",
-                                                        "beta_eta",
-                                                        "eps",
-                                                        "lr_min",
-                                                        "lr_max",
-                                                        "weight_decay",
-                                                        "seed",
-                                                        "noise",
-                                                        "non_finite_loss",
-                                                        "capturable",
-                                                        "master_weights"};
-  return first.count(name) > 0;
+  for (const auto& [listed, value] : DopamineOptions().named_values()) {
+    if (listed == "antithetic" || listed == name) {
+      return listed == name && name != "antithetic";
+    }
+  }
+  return false;
 }
 
 // The value an option takes when a checkpoint predates it, where its

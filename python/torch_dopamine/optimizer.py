@@ -19,6 +19,9 @@ from .trajectory import Recorder
 
 __all__ = ["Dopamine", "STATE_FIELDS"]
 
+# The version of the layout of state_dict(); a state saved before it was
+# numbered has the same layout.
+STATE_FORMAT = 1
 # The fields of a group's state tensor (docs/DESIGN.md, "State").
 STATE_FIELDS = ("step", "skipped_steps", "rpe_trace", "rpe_magnitude", "current_lr")
 
@@ -616,6 +619,7 @@ class Dopamine(Optimizer):
             group_state = record["group_state"]
             record["group_state"] = copies.setdefault(id(group_state), group_state.clone())
             state_dict["state"][index] = record
+        state_dict["dopamine_format"] = STATE_FORMAT
         return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -625,6 +629,12 @@ class Dopamine(Optimizer):
         ValueError and leaves this optimizer as it was."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("Dopamine.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        saved_format = state_dict.get("dopamine_format", STATE_FORMAT)
+        if saved_format != STATE_FORMAT:
+            raise ValueError(
+                f"Dopamine.load_state_dict: the state is of format {saved_format!r}; this version of torch_dopamine "
+                f"reads format {STATE_FORMAT} (and states saved before formats were numbered)"
+            )
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(
@@ -688,7 +698,7 @@ class Dopamine(Optimizer):
                         f"Dopamine.load_state_dict: the parameters of group {g} hold different group states"
                     )
             shared_states.append(shared)
-        super().load_state_dict(state_dict)
+        super().load_state_dict({key: value for key, value in state_dict.items() if key != "dopamine_format"})
         # torch casts floating-point state to the parameter's dtype: the
         # group states (float64) and master weights (float32) are set anew.
         for saved, ours, shared in zip(groups, self.param_groups, shared_states):

@@ -62,12 +62,24 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
     weights from a checkpoint before recording started from those instead,
     which replay does not know."""
     if not isinstance(trajectory, dict) or trajectory.get("format") != FORMAT:
-        raise ValueError(f"replay: not a trajectory of format {FORMAT} (from Dopamine.trajectory())")
+        found = trajectory.get("format") if isinstance(trajectory, dict) else None
+        raise ValueError(
+            f"replay: not a trajectory of format {FORMAT} (from Dopamine.trajectory()); got "
+            f"{'format ' + repr(found) if found is not None else type(trajectory).__name__}"
+        )
     params = list(params)
     # Checked before anything is written.
     needed = 1 + max((i for layout in trajectory["layouts"] for group in layout for i in group[0]), default=-1)
     if needed > len(params):
         raise ValueError(f"replay: the trajectory moves parameter {needed - 1}, but {len(params)} parameters were given")
+    for number, record in enumerate(trajectory["steps"]):
+        groups = len(trajectory["layouts"][record["layout"]])
+        moved = next((moved for _, _, moved in record["moves"] if moved != groups), groups)
+        if moved != groups:
+            raise ValueError(
+                f"replay: step {number} of the trajectory moved {moved} of its {groups} groups (a move that "
+                "failed part-way); it cannot be replayed"
+            )
     # move_ reads sigma, the seed and the noise of the options; the others
     # are the optimizer's defaults.
     from .optimizer import Dopamine
@@ -77,7 +89,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
         if name in OPTION_NAMES
     }
     masters: Dict[int, torch.Tensor] = {}
-    for number, record in enumerate(trajectory["steps"]):
+    for record in trajectory["steps"]:
         layout = trajectory["layouts"][record["layout"]]
         table = StepTable()
         for (indices, seed, sigma, noise), step in zip(layout, record["steps"]):
@@ -90,12 +102,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
             packed = pack({**defaults, "seed": seed, "sigma": sigma, "noise": ENUM_NAMES["noise"][noise]})
             table.add_group([params[i] for i in indices], list(indices), [masters[i] for i in halves], state, packed,
                             [0] * len(indices))
-        for offset, direction, moved in record["moves"]:
-            if moved != len(layout):
-                raise ValueError(
-                    f"replay: step {number} of the trajectory moved {moved} of its {len(layout)} groups (a move that "
-                    "failed part-way); it cannot be replayed"
-                )
+        for offset, direction, _ in record["moves"]:
             table.move_to(offset, direction)
         if record["plans"] is not None:
             table.finish(list(torch.tensor(record["plans"], dtype=torch.float64).unbind(0)))

@@ -72,6 +72,34 @@ INSTANTIATE_TEST_SUITE_P(AllModes,
                            return to_string(info.param);
                          });
 
+// A checkpoint says its format; one of another format is refused and
+// changes nothing.
+TEST(Resume, TheCheckpointSaysItsFormatAndAnUnknownOneIsRefused) {
+  auto net = make_xor_net(2);
+  Dopamine optimizer(net->parameters());
+  train_xor(net, optimizer, 3);
+  torch::serialize::OutputArchive saved;
+  optimizer.save(saved);
+  c10::IValue format;
+  std::stringstream stream;
+  saved.save_to(stream);
+  torch::serialize::InputArchive archive;
+  archive.load_from(stream);
+  ASSERT_TRUE(archive.try_read("dopamine_format", format));
+  EXPECT_EQ(format.toInt(), 1);
+
+  torch::serialize::OutputArchive newer;
+  newer.write("dopamine_format", int64_t{2});
+  std::stringstream newer_stream;
+  newer.save_to(newer_stream);
+  torch::serialize::InputArchive newer_archive;
+  newer_archive.load_from(newer_stream);
+  const auto before = *optimizer.group_state(0);
+  expect_error([&] { optimizer.load(newer_archive); },
+               {"the checkpoint is of format 2; this version reads format 1"});
+  EXPECT_EQ(*optimizer.group_state(0), before);
+}
+
 // Options saved before antithetic and num_perturbations existed (no such
 // keys) load as not antithetic, with one direction.
 TEST(Resume, OptionsSavedBeforeAntitheticLoadAsNotAntithetic) {

@@ -122,6 +122,21 @@ def test_load_state_dict_of_another_optimizer_is_rejected():
     load_fails_and_changes_nothing(opt, params, foreign, "keys .*not a Dopamine optimizer's")
 
 
+def test_the_state_says_its_format_and_an_unknown_one_is_refused():
+    params, loss = quadratic([3], "cpu")
+    opt = torch_dopamine.Dopamine(params)
+    opt.step(lambda: loss(params))
+    saved = opt.state_dict()
+    assert saved["dopamine_format"] == torch_dopamine.optimizer.STATE_FORMAT == 1
+    load_fails_and_changes_nothing(opt, params, {**saved, "dopamine_format": 2},
+                                   "the state is of format 2; this version of torch_dopamine reads format 1")
+    # A state saved before formats were numbered loads.
+    unnumbered = {key: value for key, value in saved.items() if key != "dopamine_format"}
+    again = torch_dopamine.Dopamine(params)
+    again.load_state_dict(unnumbered)
+    assert again.group_state(0) == opt.group_state(0)
+
+
 def test_load_state_dict_without_state_or_groups_is_rejected():
     params, loss = quadratic([3], "cpu")
     opt = torch_dopamine.Dopamine(params)

@@ -2,6 +2,7 @@
 recorded run rebuilt from its initial parameters, bit for bit, without a
 forward pass."""
 
+import copy
 import json
 import pickle
 
@@ -153,4 +154,11 @@ def test_trajectory_and_replay_refuse_what_they_cannot_use():
     before = copies(params)
     with pytest.raises(ValueError, match="the trajectory moves parameter 3, but 2 parameters were given"):
         torch_dopamine.replay(params[:2], opt.trajectory())
+    with pytest.raises(ValueError, match="not a trajectory of format 2 .*; got format 1"):
+        torch_dopamine.replay(params, {**opt.trajectory(), "format": 1})
+    # A move that stopped part-way (per-group moves of earlier versions).
+    partial = copy.deepcopy(opt.trajectory())
+    partial["steps"][0]["moves"][0] = (1, 0, 0)
+    with pytest.raises(ValueError, match="step 0 of the trajectory moved 0 of its 1 groups"):
+        torch_dopamine.replay(params, partial)
     assert same_bits(params, before)
