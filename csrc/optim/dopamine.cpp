@@ -1,6 +1,8 @@
 #include <dopamine/ops.h>
 #include <dopamine/optimizer.h>
 
+#include "step_table.h"
+
 #include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 #include <torch/types.h>
@@ -17,6 +19,9 @@
 #include <vector>
 
 namespace dopamine {
+
+using detail::Evaluations;
+using detail::StepTable;
 
 namespace {
 
@@ -87,40 +92,6 @@ bool is_half(const torch::Tensor& param) {
   return param.scalar_type() == torch::kHalf ||
          param.scalar_type() == torch::kBFloat16;
 }
-
-// The evaluations of a step (docs/DESIGN.md, "The algorithm"): L0, then
-// L(theta + sigma z_j) for each direction j; or with antithetic L(theta +
-// sigma z_j) and L(theta - sigma z_j) for each j, in plan_step's order.
-struct Evaluations {
-  bool antithetic;
-  int64_t directions;
-
-  int64_t count() const {
-    return antithetic ? 2 * directions : directions + 1;
-  }
-  // Evaluation i is at offset(i) * sigma * z_direction(i).
-  int64_t offset(int64_t i) const {
-    return antithetic ? (i % 2 == 0 ? 1 : -1) : (i > 0);
-  }
-  int64_t direction(int64_t i) const {
-    return antithetic ? i / 2 : std::max<int64_t>(i - 1, 0);
-  }
-  ops::Perturbation at(int64_t i) const {
-    return {offset(i), direction(i)};
-  }
-  // The name of evaluation i, as errors give it.
-  std::string name(int64_t i) const {
-    const std::string z =
-        directions == 1 ? "z" : "z_" + std::to_string(direction(i));
-    if (offset(i) == 0) {
-      return "unperturbed";
-    }
-    if (!antithetic) {
-      return directions == 1 ? "perturbed" : "theta + sigma " + z;
-    }
-    return std::string("theta ") + (offset(i) > 0 ? "+" : "-") + " sigma " + z;
-  }
-};
 
 // Evaluation i's loss as a float64 scalar, after checking what the closure
 // returned (its name is built only for an error).
@@ -204,35 +175,6 @@ std::string message_of(const std::exception& error) {
 
 }  // namespace
 
-// A step's share of every group that has a trainable parameter, taken when
-// the step starts (the snapshot, docs/DESIGN.md "The step protocol"), as the
-// ops take it: the groups' options, packed one after the other; their
-// trainable parameters with their global indices (which key their noise),
-// master weights and states; and the perturbation the parameters carry.
-struct Dopamine::StepTable {
-  std::vector<size_t> group_indices;
-  std::vector<DopamineOptions> options;
-  std::vector<double> packed;
-  std::vector<torch::Tensor> params, masters, states;
-  std::vector<int64_t> indices, group_sizes;
-  ops::Perturbation carried;
-  Evaluations evaluations{false, 1};
-
-  // Every group comes to carry `to` (nothing to do if it does).
-  void move_to(ops::Perturbation to) {
-    if (to.offset == carried.offset &&
-        (to.offset == 0 || to.direction == carried.direction)) {
-      return;
-    }
-    ops::move_(
-        params, masters, states, packed, indices, group_sizes, carried, to);
-    carried = to;
-  }
-  void restore() {
-    move_to({0, 0});
-  }
-};
-
 Dopamine::Dopamine(
     const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
     DopamineOptions defaults)
@@ -315,7 +257,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
   return returned;
 }
 
-Dopamine::StepTable Dopamine::snapshot() {
+detail::StepTable Dopamine::snapshot() {
   const auto& defaults = static_cast<const DopamineOptions&>(this->defaults());
   defaults.validate();
   StepTable table;
@@ -334,7 +276,8 @@ Dopamine::StepTable Dopamine::snapshot() {
       check_params(all, g);
     }
     torch::Tensor state;
-    const size_t first = table.params.size();
+    std::vector<torch::Tensor> params, masters;
+    std::vector<int64_t> indices;
     for (const auto i : c10::irange(all.size())) {
       const auto found = state_.find(state_key(all[i]));
       const auto* held =
@@ -352,35 +295,35 @@ Dopamine::StepTable Dopamine::snapshot() {
       if (!all[i].requires_grad()) {
         continue;
       }
-      table.params.push_back(all[i]);
-      table.indices.push_back(index + static_cast<int64_t>(i));
+      params.push_back(all[i]);
+      indices.push_back(index + static_cast<int64_t>(i));
       if (defaults.master_weights() && is_half(all[i])) {
-        table.masters.push_back(
-            held != nullptr && held->master_weight().defined()
-                ? held->master_weight()
-                : all[i].detach().to(torch::kFloat).contiguous());
+        masters.push_back(held != nullptr && held->master_weight().defined()
+                              ? held->master_weight()
+                              : all[i].detach().to(torch::kFloat).contiguous());
       }
     }
     index += static_cast<int64_t>(all.size());
-    if (table.params.size() == first) {
+    if (params.empty()) {
       if (!all.empty()) {
         untrained.push_back(g);
       }
       continue;
     }
-    const auto device =
-        state_device(c10::ArrayRef<torch::Tensor>(table.params).slice(first),
-                     defaults.capturable(),
-                     g);
+    const auto device = state_device(params, defaults.capturable(), g);
     table.group_indices.push_back(g);
-    table.options.push_back(options);
-    table.packed.insert(table.packed.end(), packed.begin(), packed.end());
-    table.group_sizes.push_back(
-        static_cast<int64_t>(table.params.size() - first));
-    table.states.push_back(
+    table.add_group(
+        options,
+        packed,
+        std::move(params),
+        std::move(indices),
+        std::move(masters),
         state.defined()
             ? state.to(device)
             : torch::zeros({5}, torch::dtype(torch::kDouble).device(device)));
+  }
+  if (recorder_ && !table.states.empty()) {
+    recorder_->begin(table);
   }
   warn_untrained(untrained, table.states.empty());
   return table;
@@ -456,26 +399,16 @@ void Dopamine::finish(StepTable& table, const torch::Tensor& losses) {
   try {
     for (const auto g : c10::irange(table.states.size())) {
       plans.push_back(ops::plan_step(
-          table.states[g],
-          on_state_device,
-          c10::ArrayRef<double>(table.packed)
-              .slice(g * table.packed.size() / table.states.size(),
-                     table.packed.size() / table.states.size())));
+          table.states[g], on_state_device, table.packed_options(g)));
       saved.push_back(raises ? table.states[g].clone() : torch::Tensor());
     }
-    taken = ops::finish_step_(table.params,
-                              table.masters,
-                              table.states,
-                              plans,
-                              table.indices,
-                              table.group_sizes);
+    taken = table.finish(plans);
   } catch (...) {
     // finish_step_ checks everything before it writes: the parameters are
     // still perturbed.
     table.restore();
     throw;
   }
-  table.carried = {0, 0};
   if (!raises || taken.item<double>() != 0) {
     return;
   }

@@ -4,3 +4,4 @@
 #include <dopamine/ops.h>
 #include <dopamine/optimizer.h>
 #include <dopamine/options.h>
+#include <dopamine/trajectory.h>

@@ -2,6 +2,7 @@
 
 #include <dopamine/options.h>
 
+#include <ATen/core/Dict.h>
 #include <torch/optim/optimizer.h>
 #include <torch/optim/serialize.h>
 #include <torch/ordered_dict.h>
@@ -13,6 +14,11 @@
 #include <vector>
 
 namespace dopamine {
+
+namespace detail {
+struct StepTable;
+class TrajectoryRecorder;
+}  // namespace detail
 
 // The state of one parameter. Every parameter of a group holds the group's
 // state tensor (ops.h: step, skipped_steps, rpe_trace, rpe_magnitude,
@@ -111,6 +117,16 @@ class Dopamine : public torch::optim::Optimizer {
     return param_names_;
   }
 
+  // Records every later step as a few scalars, for trajectory() and
+  // dopamine::replay (dopamine/trajectory.h); called before the first step,
+  // so that a replay starts from the parameters the optimizer was given.
+  void record_trajectory();
+  // The steps recorded since record_trajectory(): the dict that
+  // torch_dopamine's Dopamine.trajectory() returns, with the same keys and
+  // values (docs/DESIGN.md, "Trajectory and replay"). torch::jit::pickle_save
+  // writes it for Python's torch.load.
+  c10::impl::GenericDict trajectory() const;
+
   // Every later step exchanges its losses through `collective` (nullptr:
   // none); dopamine::make_data_parallel (dopamine/distributed.h) sets it.
   void set_collective(std::shared_ptr<StepCollective> collective) {
@@ -120,6 +136,8 @@ class Dopamine : public torch::optim::Optimizer {
  private:
   std::vector<std::string> param_names_;
   std::shared_ptr<StepCollective> collective_;
+  // Set by record_trajectory().
+  std::shared_ptr<detail::TrajectoryRecorder> recorder_;
   // The groups already warned about having no trainable parameter.
   std::unordered_set<size_t> warned_untrained_;
 
@@ -129,7 +147,7 @@ class Dopamine : public torch::optim::Optimizer {
   // process group, the ranks' mean) and the first loss as the closure
   // returned it; the finish, which plans, updates or skips, and raises for a
   // skipped step under NonFiniteLoss::Raise; and the commit of the states.
-  struct StepTable;
+  using StepTable = detail::StepTable;
   StepTable snapshot();
   torch::Tensor evaluate(StepTable& table,
                          const LossClosure& closure,

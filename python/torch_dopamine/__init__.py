@@ -17,7 +17,7 @@ LIBRARY_PATH = _library.load()
 """Path of the loaded ops library."""
 
 from .optimizer import STATE_FIELDS, Dopamine  # noqa: E402
-from .trajectory import replay  # noqa: E402
+from .trajectory import load_trajectory, replay  # noqa: E402
 
 
 def cpu_capability() -> str:
@@ -29,4 +29,4 @@ def cpu_capability() -> str:
 
 
 __version__ = "0.1.0"
-__all__ = ["Dopamine", "LIBRARY_PATH", "STATE_FIELDS", "cpu_capability", "replay", "__version__"]
+__all__ = ["Dopamine", "LIBRARY_PATH", "STATE_FIELDS", "cpu_capability", "load_trajectory", "replay", "__version__"]

@@ -18,7 +18,7 @@ import torch
 from ._engine import StepTable
 from ._options import ENUM_NAMES, OPTION_NAMES, pack
 
-__all__ = ["Recorder", "replay"]
+__all__ = ["Recorder", "load_trajectory", "replay"]
 
 # 2: moves name their direction, and plans end with one step size per
 # direction (num_perturbations).
@@ -49,6 +49,22 @@ class Recorder:
         record = dict(layout=self._layout_of[key], steps=list(steps), moves=[], plans=None)
         self.trajectory["steps"].append(record)
         return record
+
+
+def load_trajectory(path: Any) -> Dict[str, Any]:
+    """A trajectory from a file that either front end wrote: Python's
+    ``torch.save(optimizer.trajectory(), path)``, or C++'s
+    ``torch::jit::pickle_save(optimizer.trajectory())``, whose typed lists
+    and dicts name the functions that rebuild them. Loads with
+    ``weights_only=True``, those functions allowed."""
+    import torch.jit._pickle as rebuild
+
+    allowed = [rebuild.restore_type_tag, rebuild.build_intlist, rebuild.build_doublelist, rebuild.build_boollist]
+    if not hasattr(torch.serialization, "safe_globals"):  # torch 2.4 has only the global list
+        torch.serialization.add_safe_globals(allowed)
+        return torch.load(path, weights_only=True)
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
 
 
 @torch.no_grad()

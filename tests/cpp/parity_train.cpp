@@ -2,8 +2,12 @@
 // by test_interop.py and test_properties.py):
 // trains a TorchScript module whose forward() takes no input and returns the
 // loss, with dopamine::Dopamine over the groups given, then saves the module
-// and prints each group's state.
-//   dopamine_parity_train MODULE STEPS OUT [--antithetic] GROUP...
+// and prints each group's state; with --record it also writes the
+// trajectory (torch::pickle_save, for Python's torch.load). --replay replays
+// a trajectory that Python's torch.save wrote on a module's parameters.
+//   dopamine_parity_train MODULE STEPS OUT [--antithetic]
+//       [--record TRAJECTORY] GROUP...
+//   dopamine_parity_train --replay MODULE TRAJECTORY OUT
 // A GROUP is comma-separated key=value pairs: `size` (how many of the
 // module's parameters, in order, the group takes) and any of lr, sigma,
 // lr_adaptation, beta, beta_s, beta_eta, eps, lr_min, lr_max, weight_decay,
@@ -11,12 +15,15 @@
 // --antithetic sets every
 // group's antithetic option.
 #include <dopamine/dopamine.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/script.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <iomanip>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -88,12 +95,39 @@ std::pair<size_t, dopamine::DopamineOptions> parse_group(
   return {size, o};
 }
 
+void write_file(const std::string& path, const std::vector<char>& bytes) {
+  std::ofstream(path, std::ios::binary).write(bytes.data(), bytes.size());
+}
+
+std::vector<char> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// --replay MODULE TRAJECTORY OUT: replays the trajectory (as Python's
+// torch.save wrote it) on the module's parameters and saves the module.
+int replay(char** argv) {
+  torch::jit::Module module = torch::jit::load(argv[2]);
+  std::vector<torch::Tensor> params;
+  for (const auto& param : module.parameters()) {
+    params.push_back(param);
+  }
+  dopamine::replay(params, torch::jit::pickle_load(read_file(argv[3])));
+  module.save(argv[4]);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 5 && std::string(argv[1]) == "--replay") {
+    return replay(argv);
+  }
   if (argc < 5) {
     std::cerr << "usage: dopamine_parity_train MODULE STEPS OUT "
-                 "[--antithetic] GROUP...\n";
+                 "[--antithetic] [--record TRAJECTORY] GROUP...\n"
+                 "       dopamine_parity_train --replay MODULE TRAJECTORY "
+                 "OUT\n";
     return 2;
   }
   torch::jit::Module module = torch::jit::load(argv[1]);
@@ -104,8 +138,15 @@ int main(int argc, char** argv) {
   }
   std::vector<torch::optim::OptimizerParamGroup> groups;
   size_t first = 0;
-  const bool antithetic = std::string(argv[4]) == "--antithetic";
-  for (int arg = antithetic ? 5 : 4; arg < argc; ++arg) {
+  int arg = 4;
+  const bool antithetic = std::string(argv[arg]) == "--antithetic";
+  arg += antithetic ? 1 : 0;
+  std::string record;
+  if (arg + 1 < argc && std::string(argv[arg]) == "--record") {
+    record = argv[arg + 1];
+    arg += 2;
+  }
+  for (; arg < argc; ++arg) {
     auto [size, options] = parse_group(argv[arg]);
     groups.emplace_back(
         std::vector<torch::Tensor>(params.begin() + first,
@@ -115,10 +156,16 @@ int main(int argc, char** argv) {
     first += size;
   }
   dopamine::Dopamine optimizer(groups);
+  if (!record.empty()) {
+    optimizer.record_trajectory();
+  }
   for (int step = 0; step < steps; ++step) {
     optimizer.step([&] { return module.forward({}).toTensor(); });
   }
   module.save(argv[3]);
+  if (!record.empty()) {
+    write_file(record, torch::jit::pickle_save(optimizer.trajectory()));
+  }
   std::cout << std::setprecision(17);
   for (size_t g = 0; g < groups.size(); ++g) {
     const auto* state = optimizer.group_state(g);

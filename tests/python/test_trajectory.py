@@ -5,11 +5,13 @@ forward pass."""
 import copy
 import json
 import pickle
+import subprocess
 
 import pytest
 import torch
 
 import torch_dopamine
+from parity import ParityModel, group_argument
 from reference import same_bits
 
 
@@ -162,3 +164,47 @@ def test_trajectory_and_replay_refuse_what_they_cannot_use():
     with pytest.raises(ValueError, match="step 0 of the trajectory moved 0 of its 1 groups"):
         torch_dopamine.replay(params, partial)
     assert same_bits(params, before)
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_a_trajectory_recorded_by_one_front_end_replays_in_the_other(build_dir, tmp_path, antithetic):
+    """The C++ optimizer (tests/cpp/parity_train.cpp) and this one record the
+    same trajectory for the same run; each front end's replay of the other's
+    rebuilds the other's parameters bit for bit."""
+    trainer = build_dir / "tests" / "cpp" / "dopamine_parity_train"
+    assert trainer.exists(), f"{trainer} not built; run `make build` (or set DOPAMINE_BUILD_DIR)"
+    module_path, trained_path = tmp_path / "parity.pt", tmp_path / "trained.pt"
+    torch.jit.save(torch.jit.script(ParityModel()), module_path)
+    groups = [(2, dict(lr=0.05, seed=3)), (2, dict(lr=0.02, sigma=0.02, noise="rademacher", seed=9))]
+    cpp_path = tmp_path / "cpp_trajectory.pt"
+    subprocess.run(
+        [str(trainer), str(module_path), "8", str(trained_path)] + (["--antithetic"] if antithetic else [])
+        + ["--record", str(cpp_path)] + [group_argument(size, options) for size, options in groups],
+        check=True, capture_output=True, text=True,
+    )
+    cpp_params = [p.detach() for p in torch.jit.load(trained_path).parameters()]
+    cpp_trajectory = torch_dopamine.load_trajectory(cpp_path)
+
+    module = torch.jit.load(module_path)
+    params = list(module.parameters())
+    opt = torch_dopamine.Dopamine(
+        [dict(options, params=params[:2]) if g == 0 else dict(options, params=params[2:])
+         for g, (_, options) in enumerate(groups)],
+        antithetic=antithetic, record_trajectory=True,
+    )
+    for _ in range(8):
+        opt.step(lambda: module())
+    assert same_bits(params, cpp_params)
+    assert cpp_trajectory == opt.trajectory()
+
+    # C++ to Python.
+    replayed = [p.detach().clone() for p in torch.jit.load(module_path).parameters()]
+    torch_dopamine.replay(replayed, cpp_trajectory)
+    assert same_bits(replayed, cpp_params)
+    # Python to C++.
+    python_path, replayed_path = tmp_path / "python_trajectory.pt", tmp_path / "replayed.pt"
+    torch.save(opt.trajectory(), python_path)
+    subprocess.run([str(trainer), "--replay", str(module_path), str(python_path), str(replayed_path)],
+                   check=True, capture_output=True, text=True)
+    assert torch_dopamine.load_trajectory(python_path) == opt.trajectory()
+    assert same_bits([p.detach() for p in torch.jit.load(replayed_path).parameters()], params)
