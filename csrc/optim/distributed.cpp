@@ -18,12 +18,13 @@ namespace {
 // What the ranks compare before the first step, mostly as digests: a
 // difference names its kind.
 constexpr const char* kConfigurationParts[] = {
+    "parallel mode",
     "verify_every",
     "number of parameter groups",
     "options",
     "parameter shapes, dtypes or requires_grad",
     "parameter values"};
-constexpr int64_t kConfigurationSize = 5;
+constexpr int64_t kConfigurationSize = 6;
 // The longest error message one rank sends the others.
 constexpr int64_t kMessageBytes = 1024;
 
@@ -34,30 +35,16 @@ int64_t bits_of(double value) {
 }
 
 std::vector<int64_t> configuration(const Dopamine& optimizer,
-                                   int64_t verify_every) {
+                                   const ParallelOptions& parallel) {
   std::vector<int64_t> options, layout;
   std::vector<torch::Tensor> params;
   const auto& defaults =
       static_cast<const DopamineOptions&>(optimizer.defaults());
   for (const auto& group : optimizer.param_groups()) {
-    const auto& o = static_cast<const DopamineOptions&>(group.options());
-    options.insert(options.end(),
-                   {bits_of(o.lr()),
-                    bits_of(o.sigma()),
-                    static_cast<int64_t>(o.lr_adaptation()),
-                    bits_of(o.beta()),
-                    bits_of(o.beta_s()),
-                    bits_of(o.beta_eta()),
-                    bits_of(o.eps()),
-                    o.lr_min().has_value(),
-                    bits_of(o.lr_min().value_or(0)),
-                    o.lr_max().has_value(),
-                    bits_of(o.lr_max().value_or(0)),
-                    bits_of(o.weight_decay()),
-                    o.seed(),
-                    static_cast<int64_t>(o.noise()),
-                    o.antithetic(),
-                    o.num_perturbations()});
+    for (const double value : ops::pack_options(
+             static_cast<const DopamineOptions&>(group.options()))) {
+      options.push_back(bits_of(value));
+    }
     layout.push_back(static_cast<int64_t>(group.params().size()));
     for (const auto& param : group.params()) {
       layout.push_back(static_cast<int64_t>(param.scalar_type()));
@@ -67,25 +54,44 @@ std::vector<int64_t> configuration(const Dopamine& optimizer,
       params.push_back(param);
     }
   }
-  options.insert(options.end(),
-                 {static_cast<int64_t>(defaults.non_finite_loss()),
-                  defaults.master_weights()});
+  // Read from the defaults, since a step spans all groups.
+  for (const double value : ops::pack_options(defaults)) {
+    options.push_back(bits_of(value));
+  }
   const auto digest_of = [](const std::vector<int64_t>& words) {
     return ops::digest({torch::tensor(words, torch::kInt64)});
   };
-  return {verify_every,
+  return {static_cast<int64_t>(parallel.parallel()),
+          parallel.verify_every(),
           static_cast<int64_t>(optimizer.param_groups().size()),
           digest_of(options),
           digest_of(layout),
           ops::digest(params)};
 }
 
+// Why the ranks cannot share a step of `num_perturbations` directions, or
+// an empty string.
+std::string refusal(Parallel parallel,
+                    int64_t num_perturbations,
+                    int64_t world_size) {
+  if (parallel != Parallel::Population || num_perturbations % world_size == 0) {
+    return "";
+  }
+  return "Dopamine: invalid num_perturbations: " +
+         std::to_string(num_perturbations) +
+         " with Parallel::Population (expected a multiple of the process "
+         "group's " +
+         std::to_string(world_size) +
+         " ranks, each evaluating as many directions; the default is 4)";
+}
+
 class ProcessGroupCollective : public StepCollective {
  public:
   ProcessGroupCollective(c10::intrusive_ptr<c10d::ProcessGroup> group,
-                         int64_t verify_every)
+                         ParallelOptions options)
       : group_(std::move(group)),
-        verify_every_(verify_every),
+        parallel_(options.parallel()),
+        verify_every_(options.verify_every()),
         // NCCL reduces only CUDA tensors; gloo (and others) take CPU ones.
         device_(group_->getBackendName() == "nccl"
                     ? torch::Device(torch::kCUDA)
@@ -155,13 +161,41 @@ class ProcessGroupCollective : public StepCollective {
                 "; parameters restored on every rank, step not taken");
   }
 
-  torch::Tensor mean_losses(const torch::Tensor& losses) override {
+  void check(int64_t num_perturbations) const override {
+    const auto refused =
+        refusal(parallel_, num_perturbations, group_->getSize());
+    TORCH_CHECK(refused.empty(), refused);
+  }
+
+  bool evaluates(int64_t loss, bool antithetic) const override {
+    if (parallel_ == Parallel::Data) {
+      return true;
+    }
+    if (!antithetic && loss == 0) {
+      return group_->getRank() == 0;
+    }
+    const int64_t direction = antithetic ? loss / 2 : loss - 1;
+    return direction % group_->getSize() == group_->getRank();
+  }
+
+  // With Parallel::Data the mean over the ranks; with Parallel::Population
+  // each loss as the one rank that evaluated it computed it (the others
+  // add 0, exactly).
+  torch::Tensor share_losses(const torch::Tensor& losses) override {
     const int64_t count = losses.size(0);
     const auto total = sum(losses, count);
     if (total[count].item<double>() != 0) {
       throw_failures("");
     }
-    return (total.slice(0, 0, count) / group_->getSize()).to(losses.device());
+    const auto shared = total.slice(0, 0, count);
+    return (parallel_ == Parallel::Data ? shared / group_->getSize() : shared)
+        .to(losses.device());
+  }
+
+  std::string describe_losses() const override {
+    return parallel_ == Parallel::Data
+               ? "the mean over the process group's ranks"
+               : "as the rank that evaluated it computed it";
   }
 
   [[noreturn]] void fail(const std::string& error,
@@ -200,16 +234,27 @@ class ProcessGroupCollective : public StepCollective {
 
  private:
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  Parallel parallel_;
   int64_t verify_every_;
   torch::Device device_;
 };
 
 }  // namespace
 
-void make_data_parallel(Dopamine& optimizer,
-                        c10::intrusive_ptr<c10d::ProcessGroup> group,
-                        DataParallelOptions options) {
-  TORCH_CHECK(group, "Dopamine: make_data_parallel needs a process group");
+std::string to_string(Parallel parallel) {
+  switch (parallel) {
+    case Parallel::Data:
+      return "data";
+    case Parallel::Population:
+      return "population";
+  }
+  return "Parallel(" + std::to_string(static_cast<int64_t>(parallel)) + ")";
+}
+
+void make_parallel(Dopamine& optimizer,
+                   c10::intrusive_ptr<c10d::ProcessGroup> group,
+                   ParallelOptions options) {
+  TORCH_CHECK(group, "Dopamine: make_parallel needs a process group");
   const auto& defaults =
       static_cast<const DopamineOptions&>(optimizer.defaults());
   // A rank that refuses its arguments still takes part in the check, so
@@ -224,8 +269,17 @@ void make_data_parallel(Dopamine& optimizer,
         "distributed step reads on the host whether the closure failed on "
         "any rank";
   }
-  auto collective = std::make_shared<ProcessGroupCollective>(
-      std::move(group), options.verify_every());
+  for (const auto& param_group : optimizer.param_groups()) {
+    if (refused.empty()) {
+      refused =
+          refusal(options.parallel(),
+                  static_cast<const DopamineOptions&>(param_group.options())
+                      .num_perturbations(),
+                  group->getSize());
+    }
+  }
+  auto collective =
+      std::make_shared<ProcessGroupCollective>(std::move(group), options);
   std::ostringstream refusals;
   const auto messages = collective->all_gather(refused);
   for (const auto rank : c10::irange(messages.size())) {
@@ -237,7 +291,7 @@ void make_data_parallel(Dopamine& optimizer,
   TORCH_CHECK(refused.empty(), refused);
   TORCH_CHECK(refusals.tellp() == 0, "Dopamine: ", refusals.str());
   const auto gathered =
-      collective->all_gather(configuration(optimizer, options.verify_every()));
+      collective->all_gather(configuration(optimizer, options));
   for (const auto rank : c10::irange(1, gathered.size(0))) {
     for (const auto part : c10::irange(kConfigurationSize)) {
       TORCH_CHECK(gathered[rank][part].item<int64_t>() ==

@@ -334,19 +334,26 @@ torch::Tensor Dopamine::evaluate(StepTable& table,
                                  torch::Tensor& returned) {
   const auto& evaluations = table.evaluations;
   const int64_t count = evaluations.count();
-  std::vector<torch::Tensor> values;
+  if (collective_) {
+    collective_->check(evaluations.directions);
+  }
+  // With Parallel::Population a rank evaluates some of the losses, and moves
+  // through every perturbation all the same, so that every rank rounds alike
+  // (docs/DESIGN.md, "Many processes"); the others stay undefined.
+  std::vector<torch::Tensor> values(count);
   // The message of this rank's failure, with a process group.
   std::optional<std::string> failure;
   try {
     for (int64_t i = 0; i < count; ++i) {
       table.move_to(evaluations.at(i));
-      if (failure) {
+      if (failure ||
+          (collective_ && !collective_->evaluates(i, evaluations.antithetic))) {
         continue;
       }
       try {
         auto loss = closure();
-        values.push_back(loss_tensor(loss, evaluations, i));
-        returned = i == 0 ? loss : returned;
+        values[i] = loss_tensor(loss, evaluations, i);
+        returned = returned.defined() ? returned : loss;
       } catch (const std::exception& error) {
         if (!collective_) {
           throw;
@@ -374,14 +381,22 @@ torch::Tensor Dopamine::evaluate(StepTable& table,
     collective_->fail(*failure, count);
   }
   // Without capturable the states are on the CPU, and moving the losses there
-  // is the step's one host synchronisation.
+  // is the step's one host synchronisation. 0 for a loss another rank
+  // evaluates.
+  const auto device =
+      std::find_if(values.begin(),
+                   values.end(),
+                   [](const torch::Tensor& value) { return value.defined(); })
+          ->device();
   for (auto& value : values) {
-    value = value.to(values.front().device());
+    value = value.defined()
+                ? value.to(device)
+                : torch::zeros({}, torch::dtype(torch::kDouble).device(device));
   }
   auto losses = torch::stack(values);
   if (collective_) {
     try {
-      losses = collective_->mean_losses(losses);
+      losses = collective_->share_losses(losses);
     } catch (...) {
       table.restore();
       throw;
@@ -415,8 +430,8 @@ void Dopamine::finish(StepTable& table, const torch::Tensor& losses) {
   for (const auto g : c10::irange(table.states.size())) {
     table.states[g].copy_(saved[g]);
   }
-  const char* where =
-      collective_ ? " (the mean over the process group's ranks)" : "";
+  const std::string where =
+      collective_ ? " (" + collective_->describe_losses() + ")" : "";
   const auto values = losses.cpu();
   std::ostringstream all;
   for (int64_t i = 0; i < values.size(0); ++i) {

@@ -42,7 +42,7 @@ int main() {
           environment("MASTER_ADDR", "127.0.0.1"), store_options));
   auto group = make_gloo_group(store, rank, size, std::chrono::seconds(60));
 
-  // The same net on every rank (make_data_parallel checks it), and this
+  // The same net on every rank (make_parallel checks it), and this
   // rank's share of the four points.
   auto net = make_xor_net(0);
   const auto rows = torch::arange(rank, 4, size);
@@ -51,8 +51,8 @@ int main() {
 
   dopamine::Dopamine optimizer(net->parameters(),
                                dopamine::DopamineOptions(0.1).sigma(0.01));
-  dopamine::make_data_parallel(
-      optimizer, group, dopamine::DataParallelOptions().verify_every(500));
+  dopamine::make_parallel(
+      optimizer, group, dopamine::ParallelOptions().verify_every(500));
   auto closure = [&] { return torch::mse_loss(net->forward(inputs), targets); };
   for (int step = 1; step <= 2000; ++step) {
     // The mean over the ranks: the same on every rank.

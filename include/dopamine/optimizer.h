@@ -53,10 +53,18 @@ struct DopamineParamState
 class StepCollective {
  public:
   virtual ~StepCollective() = default;
-  // The mean over the ranks of this rank's losses (float64, one per
-  // evaluation); throws on every rank if any rank's evaluation failed (that
-  // rank called fail).
-  virtual torch::Tensor mean_losses(const torch::Tensor& losses) = 0;
+  // Throws unless a step of `num_perturbations` directions can be shared
+  // among the ranks.
+  virtual void check(int64_t num_perturbations) const = 0;
+  // Whether this rank evaluates loss number `loss` of a step (in plan_step's
+  // order).
+  virtual bool evaluates(int64_t loss, bool antithetic) const = 0;
+  // Every rank's losses from this rank's (float64, one per evaluation, 0
+  // where this rank evaluates none); throws on every rank if any rank's
+  // evaluation failed (that rank called fail).
+  virtual torch::Tensor share_losses(const torch::Tensor& losses) = 0;
+  // What the shared losses are, as errors name them.
+  virtual std::string describe_losses() const = 0;
   // This rank's evaluation failed with `error` (its parameters restored):
   // joins the step's collective, as a step of `loss_count` losses, then
   // throws naming every failing rank.
@@ -128,7 +136,7 @@ class Dopamine : public torch::optim::Optimizer {
   c10::impl::GenericDict trajectory() const;
 
   // Every later step exchanges its losses through `collective` (nullptr:
-  // none); dopamine::make_data_parallel (dopamine/distributed.h) sets it.
+  // none); dopamine::make_parallel (dopamine/distributed.h) sets it.
   void set_collective(std::shared_ptr<StepCollective> collective) {
     collective_ = std::move(collective);
   }

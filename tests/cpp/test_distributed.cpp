@@ -147,7 +147,7 @@ TEST_F(DataParallel, RanksAgreeAndMatchOneProcessOnTheBatch) {
         dopamine::DopamineOptions(0.05).sigma(1e-3).antithetic(antithetic);
     auto params = task.params();
     dopamine::Dopamine optimizer(params, options);
-    dopamine::make_data_parallel(optimizer, group);
+    dopamine::make_parallel(optimizer, group);
     auto whole = task.params();
     dopamine::Dopamine single(whole, options);
     for (int step = 0; step < 12; ++step) {
@@ -167,6 +167,61 @@ TEST_F(DataParallel, RanksAgreeAndMatchOneProcessOnTheBatch) {
   }
 }
 
+// Population parallel: every rank evaluates the whole batch, rank 0 the
+// unperturbed loss and rank r the directions r, r + W, ...; each loss is
+// the one rank's, so the run is one process's, bit for bit, and every rank
+// evaluates only its share.
+TEST_F(DataParallel, PopulationRanksMatchOneProcessBitForBit) {
+  for (const bool antithetic : {false, true}) {
+    const auto options = dopamine::DopamineOptions(0.05)
+                             .sigma(1e-3)
+                             .antithetic(antithetic)
+                             .num_perturbations(4);
+    auto params = task.params();
+    dopamine::Dopamine optimizer(params, options);
+    dopamine::make_parallel(
+        optimizer,
+        group,
+        dopamine::ParallelOptions().parallel(dopamine::Parallel::Population));
+    auto whole = task.params();
+    dopamine::Dopamine single(whole, options);
+    int calls = 0;
+    for (int step = 0; step < 6; ++step) {
+      const auto shared = optimizer.step([&] {
+        ++calls;
+        return task.loss(params, 0, kRows);
+      });
+      const auto expected =
+          single.step([&] { return task.loss(whole, 0, kRows); });
+      EXPECT_TRUE(shared.equal(expected));
+    }
+    EXPECT_TRUE(ranks_agree(params));
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_TRUE(params[i].equal(whole[i]));
+    }
+    // Four directions on two ranks: 2 (antithetic: 4) evaluations a step,
+    // and rank 0 the unperturbed one too.
+    EXPECT_EQ(calls, 6 * (antithetic ? 4 : 2 + (rank == 0)));
+  }
+  auto params = task.params();
+  dopamine::Dopamine odd(params,
+                         dopamine::DopamineOptions().num_perturbations(3));
+  try {
+    dopamine::make_parallel(
+        odd,
+        group,
+        dopamine::ParallelOptions().parallel(dopamine::Parallel::Population));
+    ADD_FAILURE() << "3 directions cannot be shared by 2 ranks";
+  } catch (const c10::Error& error) {
+    EXPECT_NE(std::string(error.what_without_backtrace())
+                  .find("invalid num_perturbations: 3 with "
+                        "Parallel::Population (expected a multiple of the "
+                        "process group's 2 ranks"),
+              std::string::npos)
+        << error.what_without_backtrace();
+  }
+}
+
 TEST_F(DataParallel, AClosureFailingOnOneRankThrowsOnEveryRankAndRestores) {
   for (const bool antithetic : {false, true}) {
     for (const int failing_call : {1, 2}) {
@@ -178,7 +233,7 @@ TEST_F(DataParallel, AClosureFailingOnOneRankThrowsOnEveryRankAndRestores) {
                                        .sigma(0.3)
                                        .antithetic(antithetic)
                                        .num_perturbations(2));
-      dopamine::make_data_parallel(optimizer, group);
+      dopamine::make_parallel(optimizer, group);
       optimizer.step([&] { return shard_loss(params); });
       const auto before = copies(params);
       int calls = 0;
@@ -212,7 +267,7 @@ TEST_F(DataParallel, AClosureFailingOnOneRankThrowsOnEveryRankAndRestores) {
 TEST_F(DataParallel, ANonFiniteLossOnOneRankSkipsTheStepOnEveryRank) {
   auto params = task.params();
   dopamine::Dopamine optimizer(params, dopamine::DopamineOptions().sigma(1e-3));
-  dopamine::make_data_parallel(optimizer, group);
+  dopamine::make_parallel(optimizer, group);
   int calls = 0;
   optimizer.step([&] {
     return rank == 1 && ++calls == 2
@@ -229,7 +284,7 @@ TEST_F(DataParallel, WithNothingToTrainAFailingClosureMakesNoCollective) {
     p.requires_grad_(false);
   }
   dopamine::Dopamine idle(frozen);
-  dopamine::make_data_parallel(idle, group);
+  dopamine::make_parallel(idle, group);
   if (rank == 1) {
     EXPECT_THROW(idle.step([]() -> torch::Tensor {
       throw std::runtime_error("the data loader failed");
@@ -241,16 +296,16 @@ TEST_F(DataParallel, WithNothingToTrainAFailingClosureMakesNoCollective) {
   // The ranks' next collectives still pair up.
   auto params = task.params();
   dopamine::Dopamine optimizer(params);
-  dopamine::make_data_parallel(optimizer, group);
+  dopamine::make_parallel(optimizer, group);
   optimizer.step([&] { return shard_loss(params); });
   EXPECT_TRUE(ranks_agree(params));
 }
 
 TEST_F(DataParallel, RanksBuiltApartAreRefusedOnEveryRank) {
   const auto refused_with = [&](dopamine::Dopamine& optimizer,
-                                dopamine::DataParallelOptions options) {
+                                dopamine::ParallelOptions options) {
     try {
-      dopamine::make_data_parallel(optimizer, group, options);
+      dopamine::make_parallel(optimizer, group, options);
     } catch (const c10::Error& error) {
       return std::string(error.what_without_backtrace());
     }
@@ -272,7 +327,7 @@ TEST_F(DataParallel, RanksBuiltApartAreRefusedOnEveryRank) {
             std::string::npos);
   dopamine::Dopamine checked(params);
   EXPECT_NE(
-      refused_with(checked, dopamine::DataParallelOptions().verify_every(rank))
+      refused_with(checked, dopamine::ParallelOptions().verify_every(rank))
           .find("(its verify_every differ)"),
       std::string::npos);
   // One rank refuses its arguments; the others are told, not left waiting.
@@ -289,8 +344,8 @@ TEST_F(DataParallel, RanksBuiltApartAreRefusedOnEveryRank) {
 TEST_F(DataParallel, VerifyEveryFindsRanksThatDriftedApart) {
   auto params = task.params();
   dopamine::Dopamine optimizer(params, dopamine::DopamineOptions().sigma(1e-3));
-  dopamine::make_data_parallel(
-      optimizer, group, dopamine::DataParallelOptions().verify_every(2));
+  dopamine::make_parallel(
+      optimizer, group, dopamine::ParallelOptions().verify_every(2));
   optimizer.step([&] { return shard_loss(params); });
   optimizer.step([&] { return shard_loss(params); });
   params[0].detach().add_(rank * 1e-12);
