@@ -11,10 +11,10 @@
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 namespace dopamine::ops {
@@ -58,15 +58,17 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 std::vector<double> pack_options(const DopamineOptions& o) {
   // Called by argument name, as Python calls it: the schema's order is not
   // repeated here, so no two options can be swapped.
-  const auto values = o.named_values();
-  const std::unordered_map<std::string, c10::IValue> by_name(values.begin(),
-                                                             values.end());
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
       "dopamine::pack_options", "");
+  const auto values = o.named_values();
   torch::jit::Stack stack;
+  stack.reserve(values.size());
   for (const auto& argument : op.schema().arguments()) {
-    const auto found = by_name.find(argument.name());
-    TORCH_INTERNAL_ASSERT(found != by_name.end(),
+    const auto found =
+        std::find_if(values.begin(), values.end(), [&](const auto& value) {
+          return argument.name() == value.first;
+        });
+    TORCH_INTERNAL_ASSERT(found != values.end(),
                           "dopamine::pack_options: no value for option ",
                           argument.name());
     stack.push_back(found->second);

@@ -259,7 +259,7 @@ torch::Tensor Dopamine::step(LossClosure closure) {
 
 detail::StepTable Dopamine::snapshot() {
   const auto& defaults = static_cast<const DopamineOptions&>(this->defaults());
-  defaults.validate();
+  packed(0, defaults);
   StepTable table;
   table.evaluations = evaluations_of(param_groups_, defaults);
   std::vector<size_t> untrained;
@@ -267,7 +267,7 @@ detail::StepTable Dopamine::snapshot() {
   for (const auto g : c10::irange(param_groups_.size())) {
     const auto& all = param_groups_[g].params();
     const auto& options = options_of(param_groups_[g], g);
-    const auto packed = ops::pack_options(options);
+    const auto& group_packed = packed(g + 1, options);
     // Parameters that have taken a step were checked then; a group changed
     // since (through param_groups()) is checked again.
     if (std::any_of(all.begin(), all.end(), [&](const torch::Tensor& param) {
@@ -314,7 +314,7 @@ detail::StepTable Dopamine::snapshot() {
     table.group_indices.push_back(g);
     table.add_group(
         options,
-        packed,
+        group_packed,
         std::move(params),
         std::move(indices),
         std::move(masters),
@@ -474,6 +474,19 @@ void Dopamine::commit(const StepTable& table) {
   if (collective_) {
     collective_->after_step(table.params, table.masters, table.states.front());
   }
+}
+
+const std::vector<double>& Dopamine::packed(size_t slot,
+                                            const DopamineOptions& options) {
+  if (packed_.size() <= slot) {
+    packed_.resize(slot + 1);
+  }
+  auto& [cached, packed_options] = packed_[slot];
+  if (packed_options.empty() || !(cached == options)) {
+    packed_options = ops::pack_options(options);
+    cached = options;
+  }
+  return packed_options;
 }
 
 void Dopamine::warn_untrained(const std::vector<size_t>& untrained,

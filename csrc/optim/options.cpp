@@ -128,9 +128,10 @@ void from_ivalue(const c10::IValue& stored, T& value) {
 
 }  // namespace
 
-std::vector<std::pair<std::string, c10::IValue>> DopamineOptions::named_values()
+std::vector<std::pair<const char*, c10::IValue>> DopamineOptions::named_values()
     const {
-  std::vector<std::pair<std::string, c10::IValue>> values;
+  std::vector<std::pair<const char*, c10::IValue>> values;
+  values.reserve(20);
   for_each_option(*this, [&](const char* name, const auto& value) {
     values.emplace_back(name, to_ivalue(value));
   });

@@ -146,6 +146,14 @@ class Dopamine : public torch::optim::Optimizer {
   std::shared_ptr<StepCollective> collective_;
   // Set by record_trajectory().
   std::shared_ptr<detail::TrajectoryRecorder> recorder_;
+  // The defaults' and each group's options as last packed, with their
+  // packed form: a step packs (and checks) only options that changed.
+  std::vector<std::pair<DopamineOptions, std::vector<double>>> packed_;
+
+  // Options `options` packed, from slot `slot` of packed_ while they stay
+  // the same.
+  const std::vector<double>& packed(size_t slot,
+                                    const DopamineOptions& options);
   // The groups already warned about having no trainable parameter.
   std::unordered_set<size_t> warned_untrained_;
 

@@ -93,7 +93,7 @@ struct DopamineOptions
   // Every option as (name, value), named as the pack_options op names it,
   // enums as their integer codes: how the options are compared, saved and
   // packed.
-  std::vector<std::pair<std::string, c10::IValue>> named_values() const;
+  std::vector<std::pair<const char*, c10::IValue>> named_values() const;
 
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
