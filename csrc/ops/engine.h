@@ -78,6 +78,7 @@ enum Field : int64_t {
   kMasterWeights,
   kAntithetic,
   kNumPerturbations,
+  kRestoreRng,
   kSize
 };
 }  // namespace packed

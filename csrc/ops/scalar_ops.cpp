@@ -78,8 +78,12 @@ void check_packed(const double* p) {
               "Dopamine: invalid non_finite_loss code ",
               p[kNonFiniteLoss],
               " (0 skip, 1 raise)");
-  for (const auto field :
-       {kHasLrMin, kHasLrMax, kCapturable, kMasterWeights, kAntithetic}) {
+  for (const auto field : {kHasLrMin,
+                           kHasLrMax,
+                           kCapturable,
+                           kMasterWeights,
+                           kAntithetic,
+                           kRestoreRng}) {
     TORCH_CHECK(is_code(p[field], 1),
                 "Dopamine: packed options field ",
                 static_cast<int64_t>(field),
@@ -116,7 +120,8 @@ std::vector<double> pack_options_kernel(double lr,
                                         bool capturable,
                                         bool master_weights,
                                         bool antithetic,
-                                        int64_t num_perturbations) {
+                                        int64_t num_perturbations,
+                                        bool restore_rng) {
   using namespace engine::packed;
   const noise::Key key = noise::key_of(seed);
   std::vector<double> p(kSize);
@@ -140,6 +145,7 @@ std::vector<double> pack_options_kernel(double lr,
   p[kMasterWeights] = master_weights;
   p[kAntithetic] = antithetic;
   p[kNumPerturbations] = static_cast<double>(num_perturbations);
+  p[kRestoreRng] = restore_rng;
   check_packed(p.data());
   return p;
 }

@@ -7,10 +7,14 @@
 #include <torch/serialize/archive.h>
 #include <torch/types.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+
 #include <c10/util/irange.h>
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -164,6 +168,43 @@ torch::Device state_device(c10::ArrayRef<torch::Tensor> params,
   }
   return params.front().device();
 }
+
+// torch's random generators (the CPU's, and those of the CUDA devices of
+// `params`) as they were when made; restore() sets them so again, so that
+// every evaluation of a step draws the same numbers (restore_rng).
+class Generators {
+ public:
+  explicit Generators(const std::vector<torch::Tensor>& params) {
+    save(at::detail::getDefaultCPUGenerator());
+    for (const auto& param : params) {
+      if (param.is_cuda() &&
+          std::none_of(
+              devices_.begin(), devices_.end(), [&](const c10::Device& d) {
+                return d == param.device();
+              })) {
+        devices_.push_back(param.device());
+        save(at::globalContext().defaultGenerator(param.device()));
+      }
+    }
+  }
+
+  void restore() {
+    for (auto& [generator, state] : saved_) {
+      const std::lock_guard<std::mutex> lock(generator.mutex());
+      generator.set_state(state);
+    }
+  }
+
+ private:
+  void save(at::Generator generator) {
+    const std::lock_guard<std::mutex> lock(generator.mutex());
+    auto state = generator.get_state();
+    saved_.emplace_back(std::move(generator), std::move(state));
+  }
+
+  std::vector<c10::Device> devices_;
+  std::vector<std::pair<at::Generator, torch::Tensor>> saved_;
+};
 
 // The version of the layout of a checkpoint (save()).
 constexpr int64_t kCheckpointFormat = 1;
@@ -343,12 +384,20 @@ torch::Tensor Dopamine::evaluate(StepTable& table,
   std::vector<torch::Tensor> values(count);
   // The message of this rank's failure, with a process group.
   std::optional<std::string> failure;
+  const auto& defaults = static_cast<const DopamineOptions&>(this->defaults());
+  std::optional<Generators> generators;
+  if (defaults.restore_rng()) {
+    generators.emplace(table.params);
+  }
   try {
     for (int64_t i = 0; i < count; ++i) {
       table.move_to(evaluations.at(i));
       if (failure ||
           (collective_ && !collective_->evaluates(i, evaluations.antithetic))) {
         continue;
+      }
+      if (generators && returned.defined()) {
+        generators->restore();
       }
       try {
         auto loss = closure();

@@ -81,6 +81,7 @@ void for_each_option(Options& o, Visit&& visit) {
   visit("master_weights", o.master_weights());
   visit("antithetic", o.antithetic());
   visit("num_perturbations", o.num_perturbations());
+  visit("restore_rng", o.restore_rng());
 }
 
 // Whether every Dopamine checkpoint holds the option: those listed before
@@ -101,6 +102,10 @@ bool in_every_checkpoint(const std::string& name) {
 std::optional<c10::IValue> older_checkpoint_value(const std::string& name) {
   if (name == "num_perturbations") {
     return c10::IValue(int64_t{1});
+  }
+  // Nor did it restore the random generators between evaluations.
+  if (name == "restore_rng") {
+    return c10::IValue(false);
   }
   return std::nullopt;
 }

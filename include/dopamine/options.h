@@ -85,6 +85,13 @@ struct DopamineOptions
   // every group (docs/DESIGN.md, "Several directions"). Four by default: the
   // benchmark's choice (docs/DESIGN.md, "Defaults"); 1 is the paper's rule.
   TORCH_ARG(int64_t, num_perturbations) = 4;
+  // Restore torch's random generators (the CPU's, and those of the CUDA
+  // devices the parameters are on) before every evaluation of a step after
+  // the first, so that dropout, or anything else the closure samples, draws
+  // the same numbers in every evaluation and the losses differ by the
+  // perturbation alone. The generators advance across steps as with one
+  // evaluation per step. Read from the optimizer's defaults.
+  TORCH_ARG(bool, restore_rng) = true;
 
  public:
   // Throws c10::Error naming the first invalid option and its value.

@@ -7,7 +7,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["OPTION_NAMES", "IN_EVERY_STATE", "OLDER_STATE_VALUES", "ENUM_NAMES", "PackedOptions", "code", "pack"]
+__all__ = [
+    "OPTION_NAMES", "IN_EVERY_STATE", "OLDER_STATE_VALUES", "ENUM_NAMES", "PackedOptions", "code", "op_arguments", "pack",
+]
 
 OPTION_NAMES = (
     "lr",
@@ -27,15 +29,16 @@ OPTION_NAMES = (
     "master_weights",
     "antithetic",
     "num_perturbations",
+    "restore_rng",
 )
 # The options of the first saved states: every Dopamine state has them, and a
 # state without one is another optimizer's. Options added since may be
 # missing from a state.
 IN_EVERY_STATE = OPTION_NAMES[: OPTION_NAMES.index("non_finite_loss") + 1]
 # The values such a state takes where this optimizer's defaults would change
-# its behaviour (the others take the defaults): it was not antithetic and took
-# one direction.
-OLDER_STATE_VALUES = {"antithetic": False, "num_perturbations": 1}
+# its behaviour (the others take the defaults): it was not antithetic, took
+# one direction and did not restore the random generators.
+OLDER_STATE_VALUES = {"antithetic": False, "num_perturbations": 1, "restore_rng": False}
 # The names of the C++ enums' values, in the order of their codes
 # (include/dopamine/options.h): the ops take the codes.
 ENUM_NAMES = {
@@ -45,7 +48,7 @@ ENUM_NAMES = {
 }
 _FLOATS = ("lr", "sigma", "beta", "beta_s", "beta_eta", "eps", "weight_decay")
 _OPTIONAL_FLOATS = ("lr_min", "lr_max")
-_BOOLS = ("capturable", "master_weights", "antithetic")
+_BOOLS = ("capturable", "master_weights", "antithetic", "restore_rng")
 
 
 def code(name: str, value: Any) -> int:
@@ -69,9 +72,10 @@ def _as_int(name: str, value: Any, low: int, high: int, expected: str) -> int:
     return value
 
 
-def pack(group: Dict[str, Any]) -> List[float]:
-    """The group's options checked and packed by ``dopamine::pack_options``:
-    a ValueError names the first invalid one and its value."""
+def op_arguments(group: Dict[str, Any]) -> Dict[str, Any]:
+    """The group's options as ``dopamine::pack_options`` takes them (floats,
+    ints, bools and enum codes); a ValueError names an option of the wrong
+    type."""
     arguments: Dict[str, Any] = {name: _as_float(name, group[name]) for name in _FLOATS}
     for name in _OPTIONAL_FLOATS:
         arguments[name] = None if group[name] is None else _as_float(name, group[name])
@@ -83,6 +87,13 @@ def pack(group: Dict[str, Any]) -> List[float]:
         arguments[name] = code(name, group[name])
     arguments["seed"] = _as_int("seed", group["seed"], -(2**63), 2**63, "an int in [-2**63, 2**63)")
     arguments["num_perturbations"] = _as_int("num_perturbations", group["num_perturbations"], 1, 2**63, "an int >= 1")
+    return arguments
+
+
+def pack(group: Dict[str, Any]) -> List[float]:
+    """The group's options checked and packed by ``dopamine::pack_options``:
+    a ValueError names the first invalid one and its value."""
+    arguments = op_arguments(group)
     try:
         return torch.ops.dopamine.pack_options(**arguments)
     except RuntimeError as error:

@@ -82,6 +82,23 @@ def _is_half(param: torch.Tensor) -> bool:
     return param.dtype in (torch.bfloat16, torch.float16)
 
 
+class _Generators:
+    """torch's random generators (the CPU's, and those of the CUDA devices
+    of ``params``) as they were when made; :meth:`restore` sets them so
+    again, so that every evaluation of a step draws the same numbers."""
+
+    def __init__(self, params: List[torch.Tensor]):
+        self.cpu = torch.get_rng_state()
+        self.cuda = {p.device: None for p in params if p.is_cuda}
+        for device in self.cuda:
+            self.cuda[device] = torch.cuda.get_rng_state(device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
 class _Step:
     """A step's share of the optimizer, taken when it starts (the snapshot):
     the table the ops take (StepTable), and per group in it the group, its
@@ -183,6 +200,13 @@ class Dopamine(Optimizer):
             the mean over j of ``eta_t (delta_j / sigma) z_j``. k + 1
             evaluations per step (2k with ``antithetic``); the same in every
             group. k = 1 is the rule above, to the bit. Default 4.
+        restore_rng: restore torch's random generators (the CPU's, and
+            those of the CUDA devices the parameters are on) before every
+            evaluation of a step after the first, so that dropout, or
+            anything else the closure samples, draws the same numbers in
+            every evaluation and the losses differ by the perturbation
+            alone; the generators advance across steps as with one
+            evaluation per step. Read from the defaults. Default True.
         process_group: a ``torch.distributed`` process group: a step
             all-reduces the losses (8 bytes per evaluation, plus 8) and every
             rank applies the same update; the parameters never travel. Every
@@ -229,6 +253,7 @@ class Dopamine(Optimizer):
         master_weights: bool = False,
         antithetic: bool = False,
         num_perturbations: int = 4,
+        restore_rng: bool = True,
         process_group: Optional[Any] = None,
         parallel: str = "data",
         verify_every: int = 0,
@@ -474,11 +499,14 @@ class Dopamine(Optimizer):
         returned = None
         values: List[Optional[torch.Tensor]] = [None] * len(step.evaluations)
         failure: Optional[Exception] = None
+        generators = _Generators(step.table.params) if self.defaults["restore_rng"] else None
         try:
             for i, (offset, direction, which) in enumerate(step.evaluations):
                 step.move_to(offset, direction)
                 if failure is not None or (collective is not None and not collective.evaluates(i, step.antithetic)):
                     continue
+                if generators is not None and returned is not None:
+                    generators.restore()
                 try:
                     loss = closure()
                     values[i] = _loss_tensor(loss, which)

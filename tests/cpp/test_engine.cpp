@@ -1,6 +1,8 @@
 // The step engine from C++: capturable, master weights, mixed dtypes, frozen
 // and named parameters, and a state that survives reordering and is checked
 // when loaded.
+#include <ATen/CPUGeneratorImpl.h>
+
 #include "test_utils.h"
 #include "xor/xor_task.h"
 
@@ -126,6 +128,36 @@ TEST(Engine, AGroupWithNoTrainableParameterIsWarnedAboutOnce) {
   EXPECT_NE(idle_collector.messages[0].find("so step() trains nothing"),
             std::string::npos)
       << idle_collector.messages[0];
+}
+
+// restore_rng (the default): every evaluation of a step draws the same
+// random numbers, and the generator advances as with one evaluation;
+// without it every evaluation draws anew.
+TEST(Engine, EveryEvaluationOfAStepDrawsTheSameRandomNumbers) {
+  auto param = torch::zeros({4}).requires_grad_();
+  for (const bool restore : {true, false}) {
+    Dopamine optimizer(
+        {param}, DopamineOptions().num_perturbations(2).restore_rng(restore));
+    torch::manual_seed(0);
+    for (int t = 0; t < 3; ++t) {
+      std::vector<torch::Tensor> draws;
+      const auto before = at::detail::getDefaultCPUGenerator().get_state();
+      optimizer.step([&] {
+        draws.push_back(torch::rand({3}));
+        return (param - 1).square().sum();
+      });
+      ASSERT_EQ(draws.size(), 3u);
+      EXPECT_EQ(draws[1].equal(draws[0]) && draws[2].equal(draws[0]), restore);
+      if (restore) {
+        const auto after = at::detail::getDefaultCPUGenerator().get_state();
+        auto generator = at::detail::getDefaultCPUGenerator();
+        generator.set_state(before);
+        torch::rand({3});
+        EXPECT_TRUE(
+            after.equal(at::detail::getDefaultCPUGenerator().get_state()));
+      }
+    }
+  }
 }
 
 TEST(Engine, StateSurvivesReorderingAndAMovedParameterIsAnError) {

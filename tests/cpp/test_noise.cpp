@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <iostream>
 
+#include "ops/engine.h"
 #include "ops/noise.h"
 #include "test_utils.h"
 
@@ -335,7 +336,8 @@ TEST(Noise, OneMoveOverSeveralGroupsEqualsEachGroupMovedAlone) {
 
   const auto before = clones(params);
   auto forged = packed;
-  forged.back() = 0;  // the second group's num_perturbations
+  // The second group's num_perturbations.
+  forged[engine::packed::kSize + engine::packed::kNumPerturbations] = 0;
   expect_error(
       [&] {
         ops::move_(

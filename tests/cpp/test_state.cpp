@@ -100,10 +100,12 @@ TEST(Resume, TheCheckpointSaysItsFormatAndAnUnknownOneIsRefused) {
   EXPECT_EQ(*optimizer.group_state(0), before);
 }
 
-// Options saved before antithetic and num_perturbations existed (no such
-// keys) load as not antithetic, with one direction.
+// Options saved before antithetic, num_perturbations and restore_rng
+// existed (no such keys) load as not antithetic, with one direction, not
+// restoring the random generators.
 TEST(Resume, OptionsSavedBeforeAntitheticLoadAsNotAntithetic) {
-  const auto saved = DopamineOptions(0.3).seed(4).num_perturbations(1);
+  const auto saved =
+      DopamineOptions(0.3).seed(4).num_perturbations(1).restore_rng(false);
   torch::serialize::OutputArchive old;
   old.write("lr", saved.lr());
   old.write("sigma", saved.sigma());
@@ -129,6 +131,7 @@ TEST(Resume, OptionsSavedBeforeAntitheticLoadAsNotAntithetic) {
   EXPECT_EQ(loaded, saved);
   EXPECT_FALSE(loaded.antithetic());
   EXPECT_EQ(loaded.num_perturbations(), 1);
+  EXPECT_FALSE(loaded.restore_rng());
 }
 
 TEST(Scheduler, StepLRDrivesTheLearningRate) {

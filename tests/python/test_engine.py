@@ -405,3 +405,77 @@ def test_a_group_across_cpu_and_cuda_matches_one_device(dtype):
     with pytest.raises(RuntimeError, match="must be on one device"):
         capturable = torch_dopamine.Dopamine(mixed, capturable=True)
         capturable.step(lambda: loss(mixed))
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_every_evaluation_of_a_step_draws_the_same_random_numbers(antithetic):
+    """restore_rng (the default): dropout, or anything the closure samples,
+    is the same in every evaluation of a step, so a loss difference measures
+    the perturbation alone; the generator advances across steps as with one
+    evaluation per step. Without it every evaluation draws anew."""
+    param = torch.zeros(4, requires_grad=True)
+    for restore in (True, False):
+        opt = torch_dopamine.Dopamine([param], antithetic=antithetic, num_perturbations=2, restore_rng=restore)
+        torch.manual_seed(0)
+        for _ in range(3):
+            draws = []
+            before = torch.get_rng_state()
+
+            def closure():
+                draws.append(torch.rand(3))
+                return (param - 1).square().sum()
+
+            opt.step(closure)
+            assert len(draws) == (4 if antithetic else 3)
+            assert all(torch.equal(d, draws[0]) for d in draws) == restore
+            if restore:
+                # As one evaluation would have left it.
+                after = torch.get_rng_state()
+                torch.set_rng_state(before)
+                torch.rand(3)
+                assert torch.equal(after, torch.get_rng_state())
+
+
+def test_with_dropout_the_deltas_are_those_of_one_fixed_mask():
+    """With dropout 0.5 in train mode, the losses of a step equal those of the
+    same network with the step's mask fixed: the mask no longer adds noise
+    to delta."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1))
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+    opt = torch_dopamine.Dopamine(net.parameters(), num_perturbations=3)
+    losses, masks = [], []
+    hook = net[2].register_forward_hook(lambda module, inputs, output: masks.append(output != 0))
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        losses.append(loss.item())
+        return loss
+
+    opt.step(closure)
+    hook.remove()
+    assert len(masks) == 4 and all(torch.equal(m, masks[0]) for m in masks)
+    assert len(set(losses)) == 4  # the perturbations still move the loss
+
+
+def test_a_network_with_dropout_trains():
+    """Dropout 0.2 in train mode: with the same mask in every evaluation of a
+    step the network trains; drawing anew in each evaluation buries the
+    perturbation's loss difference under the masks' (the run of
+    restore_rng=False, kept as the comparison)."""
+    finals = {}
+    for restore in (True, False):
+        torch.manual_seed(2)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 1))
+        x = torch.randn(64, 3)
+        y = torch.sin(x.sum(1, keepdim=True))
+        opt = torch_dopamine.Dopamine(net.parameters(), lr=0.02, restore_rng=restore)
+        with torch.no_grad():
+            initial = torch.nn.functional.mse_loss(net.eval()(x), y).item()
+        net.train()
+        for _ in range(400):
+            opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
+        with torch.no_grad():
+            finals[restore] = torch.nn.functional.mse_loss(net.eval()(x), y).item()
+    assert finals[True] < initial / 3
+    assert finals[True] < finals[False] / 2

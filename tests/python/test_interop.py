@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torch_dopamine
+from torch_dopamine._options import op_arguments
 from parity import ParityModel, train_both
 from reference import XOR_INPUTS, XOR_TARGETS, move, same_bits, snapshot, state_at, xor_loss, xor_net
 
@@ -30,12 +31,11 @@ def step_args(device):
 
 
 def option_arguments(**overrides):
-    """Every argument of pack_options, by name."""
-    options = dict(
-        lr_adaptation=1, lr=0.1, sigma=0.01, beta=0.9, beta_s=0.9998, beta_eta=2e-4, eps=1e-8,
-        lr_min=None, lr_max=None, weight_decay=0.01, seed=3, noise=0, non_finite_loss=0, capturable=False,
-        master_weights=False, antithetic=False, num_perturbations=1,
-    )
+    """Every argument of pack_options, by name: the optimizer's defaults as
+    the op takes them (one direction, weight decay 0.01, seed 3), with
+    `overrides` in the op's terms (enum codes)."""
+    defaults = torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults
+    options = op_arguments({**defaults, "num_perturbations": 1, "weight_decay": 0.01, "seed": 3})
     options.update(overrides)
     return options
 
@@ -88,7 +88,7 @@ def test_pack_options_names_every_option_once_and_plan_step_checks_a_packed_list
     assert set(names) == set(torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults)
     state, losses = state_at(1), torch.tensor([1.0, 1.5], dtype=torch.float64)
     packed = plan_options()["options"]
-    with pytest.raises(RuntimeError, match="options must be the 20 numbers pack_options returns, got 19"):
+    with pytest.raises(RuntimeError, match="options must be the 21 numbers pack_options returns, got 20"):
         torch.ops.dopamine.plan_step(state, losses, options=packed[:-1])
     for field, bad, message in ((2, 3.0, "invalid lr_adaptation code 3"), (1, -1.0, "invalid sigma: -1"),
                                 (19, 2.5, "invalid num_perturbations: 2.5")):

@@ -50,7 +50,9 @@ def test_resume_is_bit_identical(device, mode, through_disk, tmp_path):
     assert resumed_opt.group_state(1) == opt.group_state(1)
 
 
-@pytest.mark.parametrize("name,value,before_it_existed", [("antithetic", True, False), ("num_perturbations", 3, 1)])
+@pytest.mark.parametrize(
+    "name,value,before_it_existed", [("antithetic", True, False), ("num_perturbations", 3, 1), ("restore_rng", True, False)]
+)
 def test_added_options_resume_bit_identical_and_old_states_load(device, name, value, before_it_existed):
     """antithetic and num_perturbations are saved with the groups, so a
     resumed optimizer built without them continues the run; a state saved
