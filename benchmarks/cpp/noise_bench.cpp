@@ -87,7 +87,7 @@ double noise_ms(noise::Kind kind) {
 }
 
 // move_ (one pass) over kElements float32 elements in 4 tensors.
-double perturb_ms(dopamine::Noise kind) {
+double move_ms(dopamine::Noise kind) {
   std::vector<at::Tensor> params;
   for (int i = 0; i < 4; ++i) {
     params.push_back(at::zeros({kElements / 4}));
@@ -172,8 +172,8 @@ int main(int argc, char** argv) {
   const double philox = philox_ms();
   const double gaussian = noise_ms(noise::Kind::Gaussian);
   const double rademacher = noise_ms(noise::Kind::Rademacher);
-  const double perturb_gaussian = perturb_ms(dopamine::Noise::Gaussian);
-  const double perturb_rademacher = perturb_ms(dopamine::Noise::Rademacher);
+  const double move_gaussian = move_ms(dopamine::Noise::Gaussian);
+  const double move_rademacher = move_ms(dopamine::Noise::Rademacher);
   const struct {
     const char* name;
     double ms;
@@ -181,10 +181,10 @@ int main(int argc, char** argv) {
       {"philox", philox},
       {"box_muller", gaussian - philox},
       {"gaussian_noise", gaussian},
-      {"perturb_gaussian", perturb_gaussian},
-      {"memory_and_update_gaussian", perturb_gaussian - gaussian},
+      {"move_gaussian", move_gaussian},
+      {"memory_and_update_gaussian", move_gaussian - gaussian},
       {"rademacher_noise", rademacher},
-      {"perturb_rademacher", perturb_rademacher},
+      {"move_rademacher", move_rademacher},
   };
   const char* path = cpu::to_string(cpu::cpu_path());
   std::printf("ms per 1e7 float32 elements, one thread, %s path\n", path);

@@ -275,9 +275,9 @@ def _cpu_breakdown(breakdown: Optional[dict]) -> List[str]:
     ms = breakdown["ms"]
     return [
         f"Where a CPU pass goes (C++ noise benchmark, {breakdown['elements']:.0e} elements, {breakdown['threads']} thread, "
-        f"{breakdown['path']} path): `perturb_` with Gaussian noise takes {ms['perturb_gaussian']:.2f} ms, of which Philox "
+        f"{breakdown['path']} path): a `move_` pass with Gaussian noise takes {ms['move_gaussian']:.2f} ms, of which Philox "
         f"{ms['philox']:.2f} ms, Box-Muller {ms['box_muller']:.2f} ms, and reading and writing the parameters "
-        f"{ms['memory_and_update_gaussian']:.2f} ms; with Rademacher noise {ms['perturb_rademacher']:.2f} ms, of which the signs "
+        f"{ms['memory_and_update_gaussian']:.2f} ms; with Rademacher noise {ms['move_rademacher']:.2f} ms, of which the signs "
         f"{ms['rademacher_noise']:.2f} ms.",
         "",
         *_cpp_layouts(breakdown.get("layouts"), breakdown.get("layout_threads")),
@@ -434,8 +434,8 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         lines += [
             "",
             f"Medians of {ops.get('repeats', '?')} rounds that run every op once each, so that the ratios compare runs that saw the same machine. "
-            f"A one-direction Dopamine step's ops (perturb_, plan_step and finish_step_; a step of k directions makes 2k - 1 "
-            f"perturb_ passes and a finish that draws k noise streams) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
+            f"A one-direction Dopamine step's ops (move_, plan_step and finish_step_; a step of k directions makes k move_ "
+            f"calls, 2k - 1 memory passes, and a finish that draws k noise streams) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
             f"Gaussian noise, {ops['step_vs_adam']['rademacher']:.2f}x with Rademacher noise. Noise throughput against `normal_` on the "
             f"same tensors: {ops['noise_throughput_vs_normal_']:.2f}x. `copy_` reaches {ops['copy_gb_per_s']:.1f} GB/s; a step takes "
             f"{ops['step_vs_two_copies']['gaussian']:.2f}x (Gaussian) and {ops['step_vs_two_copies']['rademacher']:.2f}x (Rademacher) the "

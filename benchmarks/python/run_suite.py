@@ -96,7 +96,8 @@ def ops_record(device, progress):
         "python",
         "ops",
         # The ops of a one-direction step: the unit a step of k directions
-        # repeats (2k - 1 perturb_ passes and a finish drawing k streams).
+        # repeats (k move_ calls of 2k - 1 passes, and a finish drawing k
+        # streams).
         CONTENDERS["dopamine[k=1]"],
         dict(numel=result["numel"], tensors=result["tensors"], dtype="float32"),
         device=device,
