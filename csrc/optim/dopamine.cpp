@@ -174,36 +174,50 @@ torch::Device state_device(c10::ArrayRef<torch::Tensor> params,
 // every evaluation of a step draws the same numbers (restore_rng).
 class Generators {
  public:
-  explicit Generators(const std::vector<torch::Tensor>& params) {
-    save(at::detail::getDefaultCPUGenerator());
+  explicit Generators(const std::vector<torch::Tensor>& params)
+      : cpu_(at::detail::getDefaultCPUGenerator()) {
+    // The CPU generator's engine and cached normals, copied: a few
+    // kilobytes, cheaper than get_state's tensor for a small model's step.
+    {
+      const std::lock_guard<std::mutex> lock(cpu_.mutex());
+      auto* impl = cpu_.get<at::CPUGeneratorImpl>();
+      engine_ = impl->engine();
+      next_float_ = impl->next_float_normal_sample();
+      next_double_ = impl->next_double_normal_sample();
+    }
     for (const auto& param : params) {
       if (param.is_cuda() &&
-          std::none_of(
-              devices_.begin(), devices_.end(), [&](const c10::Device& d) {
-                return d == param.device();
-              })) {
-        devices_.push_back(param.device());
-        save(at::globalContext().defaultGenerator(param.device()));
+          std::none_of(cuda_.begin(), cuda_.end(), [&](const auto& saved) {
+            return saved.first.device() == param.device();
+          })) {
+        auto generator = at::globalContext().defaultGenerator(param.device());
+        const std::lock_guard<std::mutex> lock(generator.mutex());
+        auto state = generator.get_state();
+        cuda_.emplace_back(std::move(generator), std::move(state));
       }
     }
   }
 
   void restore() {
-    for (auto& [generator, state] : saved_) {
+    {
+      const std::lock_guard<std::mutex> lock(cpu_.mutex());
+      auto* impl = cpu_.get<at::CPUGeneratorImpl>();
+      impl->set_engine(engine_);
+      impl->set_next_float_normal_sample(next_float_);
+      impl->set_next_double_normal_sample(next_double_);
+    }
+    for (auto& [generator, state] : cuda_) {
       const std::lock_guard<std::mutex> lock(generator.mutex());
       generator.set_state(state);
     }
   }
 
  private:
-  void save(at::Generator generator) {
-    const std::lock_guard<std::mutex> lock(generator.mutex());
-    auto state = generator.get_state();
-    saved_.emplace_back(std::move(generator), std::move(state));
-  }
-
-  std::vector<c10::Device> devices_;
-  std::vector<std::pair<at::Generator, torch::Tensor>> saved_;
+  at::Generator cpu_;
+  at::mt19937 engine_;
+  std::optional<float> next_float_;
+  std::optional<double> next_double_;
+  std::vector<std::pair<at::Generator, torch::Tensor>> cuda_;
 };
 
 // The version of the layout of a checkpoint (save()).
