@@ -223,6 +223,24 @@ class Generators {
 // The version of the layout of a checkpoint (save()).
 constexpr int64_t kCheckpointFormat = 1;
 
+// The losses of a step as one float64 tensor, on the first loss's device;
+// 0 for a loss another rank evaluates (undefined in `values`). Without
+// capturable the states are on the CPU, and moving the losses there is the
+// step's one host synchronisation.
+torch::Tensor stack_losses(std::vector<torch::Tensor>& values) {
+  const auto device =
+      std::find_if(values.begin(),
+                   values.end(),
+                   [](const torch::Tensor& value) { return value.defined(); })
+          ->device();
+  for (auto& value : values) {
+    value = value.defined()
+                ? value.to(device)
+                : torch::zeros({}, torch::dtype(torch::kDouble).device(device));
+  }
+  return torch::stack(values);
+}
+
 std::string message_of(const std::exception& error) {
   const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
   return c10_error ? c10_error->what_without_backtrace() : error.what();
@@ -323,8 +341,7 @@ detail::StepTable Dopamine::snapshot() {
     const auto& all = param_groups_[g].params();
     const auto& options = options_of(param_groups_[g], g);
     const auto& group_packed = packed(g + 1, options);
-    // Parameters that have taken a step were checked then; a group changed
-    // since (through param_groups()) is checked again.
+    // A group changed since its last step (param_groups()) is checked again.
     if (std::any_of(all.begin(), all.end(), [&](const torch::Tensor& param) {
           return state_.find(state_key(param)) == state_.end();
         })) {
@@ -443,20 +460,7 @@ torch::Tensor Dopamine::evaluate(StepTable& table,
     // every rank throws.
     collective_->fail(*failure, count);
   }
-  // Without capturable the states are on the CPU, and moving the losses there
-  // is the step's one host synchronisation. 0 for a loss another rank
-  // evaluates.
-  const auto device =
-      std::find_if(values.begin(),
-                   values.end(),
-                   [](const torch::Tensor& value) { return value.defined(); })
-          ->device();
-  for (auto& value : values) {
-    value = value.defined()
-                ? value.to(device)
-                : torch::zeros({}, torch::dtype(torch::kDouble).device(device));
-  }
-  auto losses = torch::stack(values);
+  auto losses = stack_losses(values);
   if (collective_) {
     try {
       losses = collective_->share_losses(losses);
