@@ -215,5 +215,8 @@ def same_bits(a, b):
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 def isclose(a, b, rtol, atol=0.0):
-    return all(torch.allclose(x.double().cpu(), y.double().cpu(), rtol=rtol, atol=atol) for x, y in zip(a, b))
+    a, b = list(a), list(b)
+    return len(a) == len(b) and all(
+        torch.allclose(x.double().cpu(), y.double().cpu(), rtol=rtol, atol=atol) for x, y in zip(a, b)
+    )
 

@@ -152,7 +152,7 @@ def test_load_state_dict_for_other_parameters_is_rejected():
     opt = torch_dopamine.Dopamine(params[:2])
     opt.step(lambda: loss(params))
     three = torch_dopamine.Dopamine(params)
-    load_fails_and_changes_nothing(opt, params, three.state_dict(), "2 parameter\\(s\\) in the state|3 parameter")
+    load_fails_and_changes_nothing(opt, params, three.state_dict(), r"parameter group 0 has 3 parameter\(s\) in the state, 2 in this optimizer")
     grouped = two_group_optimizer(params[:2], "none")
     load_fails_and_changes_nothing(opt, params, grouped.state_dict(), "2 parameter group")
     invalid = opt.state_dict()
