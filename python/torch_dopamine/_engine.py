@@ -21,6 +21,8 @@ class StepTable:
         self.masters: List[torch.Tensor] = []
         self.states: List[torch.Tensor] = []
         self.packed: List[List[float]] = []
+        # The same, one group after another, as move_ takes them.
+        self.options: List[float] = []
         self.indices: List[int] = []
         self.element_offsets: List[int] = []
         self.group_sizes: List[int] = []
@@ -35,6 +37,7 @@ class StepTable:
         self.group_sizes.append(len(params))
         self.states.append(state)
         self.packed.append(packed)
+        self.options += packed
 
     def carries(self, offset: int, direction: int = 0) -> bool:
         """Whether the parameters carry offset * sigma * z_direction (any
@@ -50,7 +53,7 @@ class StepTable:
             self.params,
             self.masters,
             self.states,
-            options=[value for packed in self.packed for value in packed],
+            options=self.options,
             indices=self.indices,
             group_sizes=self.group_sizes,
             carried=list(self.carried),

@@ -101,14 +101,13 @@ class _Generators:
 
 class _Step:
     """A step's share of the optimizer, taken when it starts (the snapshot):
-    the table the ops take (StepTable), and per group in it the group, its
-    packed options and its trainable parameters; the evaluations; and the
+    the table the ops take (StepTable), and per group in it the group and
+    its trainable parameters; the evaluations; and the
     trajectory's record of it, if one is kept."""
 
     def __init__(self, antithetic: bool, directions: int):
         self.table = StepTable()
         self.groups: List[Dict[str, Any]] = []
-        self.options: List[PackedOptions] = []
         self.trainable: List[List[torch.Tensor]] = []
         self.antithetic = antithetic
         self.directions = directions
@@ -400,7 +399,6 @@ class Dopamine(Optimizer):
                     masters.append(master if master is not None else param.detach().float().contiguous())
             step.table.add_group(params, indices, masters, state.to(device), options.packed, offsets)
             step.groups.append(group)
-            step.options.append(options)
             step.trainable.append(trainable)
         self._warn_untrained(untrained, not step.groups)
         return step
@@ -552,8 +550,8 @@ class Dopamine(Optimizer):
         on_state_device = losses.to(step.table.states[0].device)
         raises = self.defaults["non_finite_loss"] == "raise"
         try:
-            plans = [torch.ops.dopamine.plan_step(state, on_state_device, options=options.packed)
-                     for state, options in zip(step.table.states, step.options)]
+            plans = [torch.ops.dopamine.plan_step(state, on_state_device, options=packed)
+                     for state, packed in zip(step.table.states, step.table.packed)]
             saved = [state.clone() for state in step.table.states] if raises else []
             taken = step.table.finish(plans)
             if step.record is not None:
