@@ -11,6 +11,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "engine.h"
 #include "noise.h"
@@ -97,31 +98,100 @@ C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
                              source.has_master);
 }
 
-// One tensor of an op: its contiguous data (the parameter, or a contiguous
-// copy written back afterwards), its float32 master weight or nullptr, its
-// global index (which keys its noise), the element of the parameter its first
-// element is (a shard of a sharded parameter draws the noise of its elements'
-// places in the whole; docs/DESIGN.md, "Many processes"), and its step.
-struct UpdateEntry {
-  void* data;
-  float* master;
-  int64_t numel;
-  at::ScalarType dtype;
-  uint32_t index;
-  int64_t offset;
-  // Read on the host when `resolved`, else by the kernel from `source`.
+// A kernel group: the tensors of one parameter group that share a
+// TensorStep in one op (with or without a master weight, which changes the
+// coefficients). Read on the host when `resolved`, else by the kernel from
+// `source` (a capturable step's state on its device).
+struct GroupEntry {
   bool resolved;
   TensorStep step;
   DeviceStepSource source;
 };
 
-// The noise tiles an entry's elements lie in: [first, first + count).
-C10_HOST_DEVICE inline int64_t first_tile_of(const UpdateEntry& entry) {
-  return entry.offset / noise::kTile;
+C10_HOST_DEVICE inline TensorStep step_of(const GroupEntry& group) {
+  return group.resolved ? group.step : resolve(group.source);
 }
-C10_HOST_DEVICE inline int64_t tile_count(const UpdateEntry& entry) {
-  return (entry.offset + entry.numel + noise::kTile - 1) / noise::kTile -
-         first_tile_of(entry);
+
+// The kernel group entries of move_ and finish_step_: resolved here when the
+// host can read the state, plan and `taken` (`on_host`), else read by the
+// kernel where they live.
+inline GroupEntry group_entry(const DeviceStepSource& source, bool on_host) {
+  GroupEntry entry{};
+  entry.resolved = on_host;
+  if (on_host) {
+    entry.step = resolve(source);
+  } else {
+    entry.source = source;
+  }
+  return entry;
+}
+
+// move_: parameters carrying previous * sigma * z_direction' come to carry
+// offset * sigma * z_direction.
+inline GroupEntry move_group(const engine::GroupOptions& options,
+                             const double* state,
+                             int64_t previous,
+                             int64_t offset,
+                             uint32_t direction,
+                             bool has_master,
+                             bool on_host) {
+  DeviceStepSource source;
+  source.state = state;
+  source.kind = options.noise;
+  source.key = options.key;
+  source.sigma = options.sigma;
+  source.previous = previous;
+  source.offset = offset;
+  source.direction = direction;
+  source.has_master = has_master;
+  return group_entry(source, on_host);
+}
+
+// finish_step_ of a plan of `directions` directions.
+inline GroupEntry finish_group(const double* plan,
+                               int64_t directions,
+                               const double* taken,
+                               bool has_master,
+                               bool on_host) {
+  DeviceStepSource source;
+  source.plan = plan;
+  source.directions = directions;
+  source.taken = taken;
+  source.has_master = has_master;
+  return group_entry(source, on_host);
+}
+
+// One tensor of an op: its contiguous data (the parameter, or a contiguous
+// copy written back afterwards), its float32 master weight or nullptr, the
+// element of the parameter its first element is (a shard of a sharded
+// parameter draws the noise of its elements' places in the whole;
+// docs/DESIGN.md, "Many processes"), its global index (which keys its
+// noise) and its kernel group.
+struct TensorEntry {
+  void* data;
+  float* master;
+  int64_t numel;
+  int64_t offset;
+  uint32_t index;
+  uint32_t group;
+  at::ScalarType dtype;
+};
+
+// What a backend runs: one entry per tensor and, beside them, one per kernel
+// group (docs/DESIGN.md, "Kernels").
+struct KernelTable {
+  std::vector<TensorEntry> tensors;
+  std::vector<GroupEntry> groups;
+};
+
+// The noise tiles of a tensor whose first element is element `offset` of its
+// parameter: [first, first + count).
+C10_HOST_DEVICE inline int64_t first_tile_of(int64_t offset) {
+  return offset / noise::kTile;
+}
+C10_HOST_DEVICE inline int64_t tile_count(int64_t offset, int64_t numel) {
+  return (offset + numel + noise::kTile - 1) / noise::kTile -
+         first_tile_of(offset);
 }
 
 // x' = keep * (x - shift * z) - move * z in the arithmetic type T.
@@ -133,10 +203,10 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T apply(const engine::Coefficients& c,
          static_cast<T>(c.move) * z;
 }
 
-// A backend's kernels. `update` runs the entries of one device; `plan` and
+// A backend's kernels. `update` runs the table of one device; `plan` and
 // `settle` run the state arithmetic (engine.h) where the state lives.
 struct Backend {
-  void (*update)(c10::ArrayRef<UpdateEntry> entries);
+  void (*update)(const KernelTable& table);
   // plan = engine::plan_group(state, losses, options).
   void (*plan)(const at::Tensor& state,
                const at::Tensor& losses,

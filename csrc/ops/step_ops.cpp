@@ -85,9 +85,14 @@ void check_state_tensor(const at::Tensor& tensor,
               "]");
 }
 
-// Entries grouped by device, in order of first appearance.
-using DeviceBuckets =
-    std::vector<std::pair<c10::Device, std::vector<UpdateEntry>>>;
+// The kernel table of one device: kernel group `k` is the tensors of
+// parameter group `group_keys[k].first` with (second = true) or without a
+// master weight.
+struct DeviceTable {
+  c10::Device device;
+  KernelTable table;
+  std::vector<std::pair<size_t, bool>> group_keys;
+};
 
 // The checked parameters of a tensor op, their contiguous working copies and
 // master weights, ready to become UpdateEntries.
@@ -187,35 +192,46 @@ struct ParamTable {
     }
   }
 
-  // The tensors' entries, bucketed by device; `step_of(i)` gives tensor i's
-  // source and, when the host can read it, its step.
-  template <typename StepOf>
-  DeviceBuckets entries(c10::IntArrayRef indices, const StepOf& step_of) const {
-    DeviceBuckets buckets;
+  // The tensors' kernel tables, one per device in order of first appearance;
+  // `group_of[i]` is tensor i's parameter group and `group_entry(g,
+  // has_master, device)` the entry of a kernel group.
+  template <typename GroupEntryOf>
+  std::vector<DeviceTable> tables(c10::IntArrayRef indices,
+                                  const std::vector<size_t>& group_of,
+                                  const GroupEntryOf& group_entry) const {
+    std::vector<DeviceTable> tables;
     for (const auto i : c10::irange(work.size())) {
-      UpdateEntry entry{};
-      entry.data = work[i].data_ptr();
-      entry.master =
-          masters[i].defined() ? masters[i].data_ptr<float>() : nullptr;
-      entry.numel = work[i].numel();
-      entry.dtype = work[i].scalar_type();
-      entry.index = static_cast<uint32_t>(indices[i]);
-      entry.offset = offsets[i];
-      step_of(i, entry);
-      if (entry.numel == 0) {
+      if (work[i].numel() == 0) {
         continue;
       }
-      auto bucket =
-          std::find_if(buckets.begin(), buckets.end(), [&](const auto& b) {
-            return b.first == work[i].device();
+      const c10::Device device = work[i].device();
+      auto table =
+          std::find_if(tables.begin(), tables.end(), [&](const auto& t) {
+            return t.device == device;
           });
-      if (bucket == buckets.end()) {
-        buckets.emplace_back(work[i].device(), std::vector<UpdateEntry>{});
-        bucket = std::prev(buckets.end());
+      if (table == tables.end()) {
+        tables.push_back({device, {}, {}});
+        table = std::prev(tables.end());
       }
-      bucket->second.push_back(entry);
+      const std::pair<size_t, bool> key{group_of[i], masters[i].defined()};
+      auto group =
+          std::find(table->group_keys.begin(), table->group_keys.end(), key);
+      if (group == table->group_keys.end()) {
+        table->group_keys.push_back(key);
+        table->table.groups.push_back(
+            group_entry(key.first, key.second, device));
+        group = std::prev(table->group_keys.end());
+      }
+      table->table.tensors.push_back(
+          {work[i].data_ptr(),
+           masters[i].defined() ? masters[i].data_ptr<float>() : nullptr,
+           work[i].numel(),
+           offsets[i],
+           static_cast<uint32_t>(indices[i]),
+           static_cast<uint32_t>(group - table->group_keys.begin()),
+           work[i].scalar_type()});
     }
-    return buckets;
+    return tables;
   }
 
   void write_back(at::TensorList params) const {
@@ -227,10 +243,10 @@ struct ParamTable {
   }
 };
 
-void run(const DeviceBuckets& buckets) {
-  for (const auto& [device, entries] : buckets) {
-    const c10::OptionalDeviceGuard guard(device);
-    backend_for(device.type()).update(entries);
+void run(const std::vector<DeviceTable>& tables) {
+  for (const auto& table : tables) {
+    const c10::OptionalDeviceGuard guard(table.device);
+    backend_for(table.device.type()).update(table.table);
   }
 }
 
@@ -359,31 +375,16 @@ void move(at::TensorList params,
     passes = {{{from.offset, direction}, {target.offset, direction}}};
   }
   for (const auto& [previous, next] : passes) {
-    const auto buckets = table.entries(indices, [&](size_t i, UpdateEntry& e) {
-      const auto& o = group_options[group_of[i]];
-      const double* state = states[group_of[i]].data_ptr<double>();
-      e.resolved = on_host;
-      if (on_host) {
-        e.step = perturb_tensor_step(o.noise,
-                                     o.key,
-                                     next.direction,
-                                     state,
-                                     o.sigma,
-                                     previous.offset,
-                                     next.offset,
-                                     e.master != nullptr);
-      } else {
-        e.source.state = state;
-        e.source.kind = o.noise;
-        e.source.key = o.key;
-        e.source.sigma = o.sigma;
-        e.source.previous = previous.offset;
-        e.source.offset = next.offset;
-        e.source.direction = next.direction;
-        e.source.has_master = e.master != nullptr;
-      }
-    });
-    run(buckets);
+    run(table.tables(
+        indices, group_of, [&](size_t g, bool has_master, c10::Device) {
+          return move_group(group_options[g],
+                            states[g].data_ptr<double>(),
+                            previous.offset,
+                            next.offset,
+                            next.direction,
+                            has_master,
+                            on_host);
+        }));
   }
   table.write_back(params);
 }
@@ -491,28 +492,19 @@ at::Tensor finish_step(at::TensorList params,
   const c10::OptionalDeviceGuard guard(states[0].device());
   const at::Tensor taken =
       backend_for(states[0].device().type()).settle(states, plans);
-  const auto buckets = table.entries(indices, [&](size_t i, UpdateEntry& e) {
-    const auto& plan_tensor = plans[group_of[i]];
-    const double* plan = plan_tensor.data_ptr<double>();
-    const int64_t directions = plan_tensor.size(0) - engine::kPlanHeader;
-    e.resolved = on_host;
-    if (on_host) {
-      e.step = finish_tensor_step(plan,
-                                  directions,
-                                  taken.data_ptr<double>()[0] != 0,
-                                  e.master != nullptr);
-      const auto copy = copy_of(group_of[i], table.work[i].device());
-      if (copy != copies.end()) {
-        e.step.other_step_sizes = copy->second.data_ptr<double>();
-      }
-    } else {
-      e.source.plan = plan;
-      e.source.directions = directions;
-      e.source.taken = taken.data_ptr<double>();
-      e.source.has_master = e.master != nullptr;
-    }
-  });
-  run(buckets);
+  run(table.tables(
+      indices, group_of, [&](size_t g, bool has_master, c10::Device device) {
+        auto entry = finish_group(plans[g].data_ptr<double>(),
+                                  plans[g].size(0) - engine::kPlanHeader,
+                                  taken.data_ptr<double>(),
+                                  has_master,
+                                  on_host);
+        const auto copy = copy_of(g, device);
+        if (on_host && copy != copies.end()) {
+          entry.step.other_step_sizes = copy->second.data_ptr<double>();
+        }
+        return entry;
+      }));
   table.write_back(params);
   return taken;
 }

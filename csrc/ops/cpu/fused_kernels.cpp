@@ -38,11 +38,11 @@ constexpr int64_t kGrainTiles = 512;
 // one (the parameter then becomes x' rounded), less the moves along the
 // step's other directions (kernel_common.h).
 template <auto philox, typename scalar_t>
-C10_ALWAYS_INLINE void update_tiles(const UpdateEntry& entry,
+C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
+                                    const TensorStep& step,
                                     int64_t begin,
                                     int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const TensorStep& step = entry.step;
   const NoiseStream stream{step.kind,
                            noise::direction_key(step.key, step.direction),
                            entry.index,
@@ -50,9 +50,8 @@ C10_ALWAYS_INLINE void update_tiles(const UpdateEntry& entry,
   const engine::Coefficients& c = step.coefficients;
   alignas(64) float z[kTile];
   alignas(64) opmath_t x[kTile];
-  for (int64_t tile = first_tile_of(entry) + begin;
-       tile < first_tile_of(entry) + end;
-       ++tile) {
+  const int64_t first_tile = first_tile_of(entry.offset);
+  for (int64_t tile = first_tile + begin; tile < first_tile + end; ++tile) {
     cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
     // The tile's elements [from, to) that are this tensor's, as offsets in
     // the tile; element `from` is the tensor's element `first`.
@@ -98,32 +97,41 @@ C10_ALWAYS_INLINE void update_tiles(const UpdateEntry& entry,
 }
 
 template <auto philox>
-C10_ALWAYS_INLINE void update_entry_tiles(const UpdateEntry& entry,
+C10_ALWAYS_INLINE void update_entry_tiles(const TensorEntry& entry,
+                                          const TensorStep& step,
                                           int64_t begin,
                                           int64_t end) {
   switch (entry.dtype) {
     case at::kFloat:
-      update_tiles<philox, float>(entry, begin, end);
+      update_tiles<philox, float>(entry, step, begin, end);
       break;
     case at::kDouble:
-      update_tiles<philox, double>(entry, begin, end);
+      update_tiles<philox, double>(entry, step, begin, end);
       break;
     case at::kBFloat16:
-      update_tiles<philox, c10::BFloat16>(entry, begin, end);
+      update_tiles<philox, c10::BFloat16>(entry, step, begin, end);
       break;
     case at::kHalf:
-      update_tiles<philox, c10::Half>(entry, begin, end);
+      update_tiles<philox, c10::Half>(entry, step, begin, end);
       break;
     default:
       break;  // step_ops.cpp admits these four dtypes only
   }
 }
 
-void update(c10::ArrayRef<UpdateEntry> entries) {
+void update(const KernelTable& table) {
+  const auto& entries = table.tensors;
   // first_tile[i]: the number of tiles of the entries before entry i.
   std::vector<int64_t> first_tile(entries.size() + 1, 0);
   for (size_t i = 0; i < entries.size(); ++i) {
-    first_tile[i + 1] = first_tile[i] + tile_count(entries[i]);
+    first_tile[i + 1] =
+        first_tile[i] + tile_count(entries[i].offset, entries[i].numel);
+  }
+  // Each kernel group's step, resolved once (from host memory when the
+  // host did not).
+  std::vector<TensorStep> steps;
+  for (const auto& group : table.groups) {
+    steps.push_back(step_of(group));
   }
   // Decided here, on the calling thread, where a warning reaches the caller.
   const cpu::CpuPath path = cpu::cpu_path();
@@ -137,8 +145,10 @@ void update(c10::ArrayRef<UpdateEntry> entries) {
           for (; i < entries.size() && first_tile[i] < end; ++i) {
             const int64_t from = std::max(begin, first_tile[i]);
             const int64_t to = std::min(end, first_tile[i + 1]);
-            update_entry_tiles<decltype(lanes)::philox>(
-                entries[i], from - first_tile[i], to - first_tile[i]);
+            update_entry_tiles<decltype(lanes)::philox>(entries[i],
+                                                        steps[entries[i].group],
+                                                        from - first_tile[i],
+                                                        to - first_tile[i]);
           }
         });
       });
