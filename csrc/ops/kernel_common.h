@@ -1,10 +1,11 @@
 #pragma once
 
 // What the step ops (step_ops.cpp) hand to the kernels of each backend: a
-// table of parameter tensors, each with the noise and the element update it
-// takes (docs/DESIGN.md, "Kernels"). The ops check the arguments, bucket the
-// tensors by device and call that device's Backend; a backend runs the whole
-// table in one pass (CPU) or one launch per dtype (CUDA).
+// table of parameter tensors and, beside them, the noise and element update
+// of each kernel group (docs/DESIGN.md, "Kernels"). The ops check the
+// arguments, bucket the tensors by device and call that device's Backend; a
+// backend runs the whole table in one pass (CPU) or in launches of up to 100
+// tensors per dtype (CUDA, cuda/launch.h).
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 #include <c10/macros/Macros.h>

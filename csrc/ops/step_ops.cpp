@@ -95,7 +95,7 @@ struct DeviceTable {
 };
 
 // The checked parameters of a tensor op, their contiguous working copies and
-// master weights, ready to become UpdateEntries.
+// master weights, ready to become kernel tables.
 struct ParamTable {
   std::vector<at::Tensor> work;
   std::vector<at::Tensor> masters;  // undefined where a parameter has none

@@ -47,8 +47,9 @@ struct Tensors {
 };
 
 // A table over `tensors` as the ops make it: parameter i has index 3 + i,
-// element offset offsets[i] (0 if absent) and kernel group
-// group_of[i] + (1 if it has a master weight, as the ops split them).
+// element offset offsets[i] (0 if absent) and kernel group group_of[i] (the
+// ops give tensors with and without a master weight separate groups; the
+// cases do too).
 struct Case {
   Tensors tensors;
   std::vector<int64_t> offsets;
