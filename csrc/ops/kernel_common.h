@@ -14,27 +14,39 @@
 #include <cstdint>
 #include <vector>
 
+#include <dopamine/perturbation.h>
+
 #include "engine.h"
 #include "noise.h"
 
 namespace dopamine::ops {
 
 // The noise and element update of one tensor in one op: x' = apply(
-// coefficients, x, z_direction), then x' -= other_step_sizes[j] * z_j for
-// each j < other_directions (the finish of a step of several directions,
-// docs/DESIGN.md, "Several directions"). z_j is drawn with
-// noise::direction_key(key, j).
+// coefficients, x, z_direction), then x' -= other_step_size(step, j) *
+// z_{other_first + j} for each j < other_directions. The finish of a step of
+// several directions moves along the others (docs/DESIGN.md, "Several
+// directions"); move_ from one direction to another leaves the first in the
+// same pass. z_j is drawn with noise::direction_key(key, j).
 struct TensorStep {
   noise::Kind kind;
   noise::Key key;
   uint32_t step;
   uint32_t direction;
   engine::Coefficients coefficients;
+  uint32_t other_first;
   int64_t other_directions;
   // On the device of the kernel that reads it: the plan's own memory, or a
-  // copy of the host plan's step sizes for a kernel off the CPU.
+  // copy of the host plan's step sizes for a kernel off the CPU; null when
+  // every other direction moves by `other_step`.
   const double* other_step_sizes;
+  double other_step;
 };
+
+C10_HOST_DEVICE inline double other_step_size(const TensorStep& step,
+                                              int64_t j) {
+  return step.other_step_sizes != nullptr ? step.other_step_sizes[j]
+                                          : step.other_step;
+}
 
 // Where a TensorStep comes from when the host cannot read it (a capturable
 // step's state on a GPU): the kernel reads the step from `state` (move_)
@@ -47,28 +59,36 @@ struct DeviceStepSource {
   noise::Kind kind = noise::Kind::Gaussian;
   noise::Key key = {0, 0};
   double sigma = 0;
-  int64_t previous = 0, offset = 1;
-  uint32_t direction = 0;
+  Perturbation carried = {0, 0}, to = {1, 0};
   // finish_step_'s number of directions, from the plan's size.
   int64_t directions = 1;
   bool has_master = false;
 };
 
+// move_ in one pass: theta + carried -> theta + to. A master weight is never
+// perturbed, so a parameter with one becomes the rounding of master + to.
 C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
                                                       noise::Key key,
-                                                      uint32_t direction,
                                                       const double* state,
                                                       double sigma,
-                                                      int64_t previous,
-                                                      int64_t offset,
+                                                      Perturbation carried,
+                                                      Perturbation to,
                                                       bool has_master) {
+  const bool leaves = !has_master && carried.offset != 0 && to.offset != 0 &&
+                      carried.direction != to.direction;
+  // Directions are counter words (checked by move_).
+  const auto direction =
+      static_cast<uint32_t>(to.offset != 0 ? to.direction : carried.direction);
   return {kind,
           key,
           static_cast<uint32_t>(state[engine::kStep] + 1),
           direction,
-          engine::perturb_coefficients(sigma, previous, offset, has_master),
-          0,
-          nullptr};
+          engine::perturb_coefficients(
+              sigma, leaves ? 0 : carried.offset, to.offset, has_master),
+          static_cast<uint32_t>(carried.direction),
+          leaves ? 1 : 0,
+          nullptr,
+          static_cast<double>(carried.offset) * sigma};
 }
 
 C10_HOST_DEVICE inline TensorStep finish_tensor_step(const double* plan,
@@ -80,8 +100,10 @@ C10_HOST_DEVICE inline TensorStep finish_tensor_step(const double* plan,
           static_cast<uint32_t>(plan[engine::kNextState + engine::kStep]),
           static_cast<uint32_t>(directions - 1),
           engine::finish_coefficients(plan, directions, taken, has_master),
+          0,
           taken ? directions - 1 : 0,
-          plan + engine::kStepSizes};
+          plan + engine::kStepSizes,
+          0};
 }
 
 C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
@@ -91,11 +113,10 @@ C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
   }
   return perturb_tensor_step(source.kind,
                              source.key,
-                             source.direction,
                              source.state,
                              source.sigma,
-                             source.previous,
-                             source.offset,
+                             source.carried,
+                             source.to,
                              source.has_master);
 }
 
@@ -127,13 +148,11 @@ inline GroupEntry group_entry(const DeviceStepSource& source, bool on_host) {
   return entry;
 }
 
-// move_: parameters carrying previous * sigma * z_direction' come to carry
-// offset * sigma * z_direction.
+// move_: parameters carrying `carried` come to carry `to`, in one pass.
 inline GroupEntry move_group(const engine::GroupOptions& options,
                              const double* state,
-                             int64_t previous,
-                             int64_t offset,
-                             uint32_t direction,
+                             Perturbation carried,
+                             Perturbation to,
                              bool has_master,
                              bool on_host) {
   DeviceStepSource source;
@@ -141,9 +160,8 @@ inline GroupEntry move_group(const engine::GroupOptions& options,
   source.kind = options.noise;
   source.key = options.key;
   source.sigma = options.sigma;
-  source.previous = previous;
-  source.offset = offset;
-  source.direction = direction;
+  source.carried = carried;
+  source.to = to;
   source.has_master = has_master;
   return group_entry(source, on_host);
 }

@@ -309,13 +309,7 @@ std::vector<size_t> group_of_tensors(at::TensorList states,
   return group_of;
 }
 
-// A perturbation a step's parameters carry: offset * sigma * z_direction.
-struct Carried {
-  int64_t offset;
-  uint32_t direction;
-};
-
-Carried carried_of(c10::IntArrayRef perturbation, const char* name) {
+Perturbation perturbation_of(c10::IntArrayRef perturbation, const char* name) {
   TORCH_CHECK(perturbation.size() == 2 && std::abs(perturbation[0]) <= 1,
               "dopamine::move_: ",
               name,
@@ -352,8 +346,8 @@ void move(at::TensorList params,
         options.slice(g * engine::packed::kSize, engine::packed::kSize),
         "move_"));
   }
-  const Carried from = carried_of(carried_now, "carried");
-  const Carried target = carried_of(to, "to");
+  const Perturbation from = perturbation_of(carried_now, "carried");
+  const Perturbation target = perturbation_of(to, "to");
   const bool on_host = host_readable(states[0], params, "move_");
   if (states[0].is_meta()) {
     return;
@@ -363,29 +357,21 @@ void move(at::TensorList params,
       counter_word(state.data_ptr<double>()[engine::kStep] + 1, "step");
     }
   }
-  // Nothing is written before this point. Another direction is reached
-  // through theta, one pass each way (docs/DESIGN.md, "The step protocol").
-  std::vector<std::pair<Carried, Carried>> passes;
-  if (from.offset != 0 && target.offset != 0 &&
-      from.direction != target.direction) {
-    passes = {{from, {0, from.direction}}, {{0, target.direction}, target}};
-  } else if (from.offset != target.offset) {
-    const uint32_t direction =
-        target.offset != 0 ? target.direction : from.direction;
-    passes = {{{from.offset, direction}, {target.offset, direction}}};
+  // Nothing is written before this point. One pass from any perturbation to
+  // any other (docs/DESIGN.md, "The step protocol").
+  if (from.offset == target.offset &&
+      (from.offset == 0 || from.direction == target.direction)) {
+    return;
   }
-  for (const auto& [previous, next] : passes) {
-    run(table.tables(
-        indices, group_of, [&](size_t g, bool has_master, c10::Device) {
-          return move_group(group_options[g],
-                            states[g].data_ptr<double>(),
-                            previous.offset,
-                            next.offset,
-                            next.direction,
-                            has_master,
-                            on_host);
-        }));
-  }
+  run(table.tables(
+      indices, group_of, [&](size_t g, bool has_master, c10::Device) {
+        return move_group(group_options[g],
+                          states[g].data_ptr<double>(),
+                          from,
+                          target,
+                          has_master,
+                          on_host);
+      }));
   table.write_back(params);
 }
 

@@ -19,6 +19,7 @@
 // float32 tensor per bfloat16/float16 parameter, in order.
 
 #include <dopamine/options.h>
+#include <dopamine/perturbation.h>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
@@ -38,25 +39,17 @@ std::vector<double> pack_options(const DopamineOptions& options);
 // float64, finite, counts in range (a loaded checkpoint is checked with it).
 void check_state(const at::Tensor& state);
 
-// The perturbation parameters carry: offset * sigma * z_direction, offset
-// -1, 0 or 1 (0: none, whatever the direction).
-struct Perturbation {
-  int64_t offset = 0;
-  int64_t direction = 0;
-};
-
 // Every group's parameters (group g's are the next group_sizes[g] of
 // `params`, with its state states[g] and its options, as pack_options
 // returned them, at options[g * size, (g + 1) * size)) come from carrying
 // `carried` to carrying `to`: params[i] += (to - carried) sigma z_i, in one
-// pass along one direction, or in two through theta when the directions
-// differ. A parameter with a master weight becomes the rounding of master +
-// to.offset * sigma * z_i; the master weight itself is not changed. z_i is
-// drawn for the step after its state's. `element_offsets` (empty, or one
-// per tensor) says which element of its parameter a tensor's first element
-// is: a shard of a sharded parameter draws the noise of its elements' places
-// in the whole (finish_step_ takes them too). All checks run before anything
-// is written.
+// pass, along two directions when they differ. A parameter with a master weight
+// becomes the rounding of master + to.offset * sigma * z_i; the master weight
+// itself is not changed. z_i is drawn for the step after its state's.
+// `element_offsets` (empty, or one per tensor) says which element of its
+// parameter a tensor's first element is: a shard of a sharded parameter draws
+// the noise of its elements' places in the whole (finish_step_ takes them too).
+// All checks run before anything is written.
 void move_(at::TensorList params,
            at::TensorList master_weights,
            at::TensorList states,

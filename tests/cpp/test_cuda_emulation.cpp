@@ -167,13 +167,11 @@ struct Plan {
 
 GroupEntry move(const engine::GroupOptions& o,
                 const std::vector<double>& state,
-                int64_t previous,
-                int64_t offset,
-                uint32_t direction,
+                ops::Perturbation carried,
+                ops::Perturbation to,
                 bool has_master,
                 bool on_host = true) {
-  return ops::move_group(
-      o, state.data(), previous, offset, direction, has_master, on_host);
+  return ops::move_group(o, state.data(), carried, to, has_master, on_host);
 }
 
 const std::vector<double> kState = {6, 0, 0.2, 0, 0.1};
@@ -182,7 +180,7 @@ TEST(CudaEmulation, LaunchesHoldAHundredTensorsAndThreeGroups) {
   KernelTable table;
   const auto o = options_of(1, false);
   for (uint32_t g = 0; g < 7; ++g) {
-    table.groups.push_back(move(o, kState, 0, 1, g, false));
+    table.groups.push_back(move(o, kState, {0, 0}, {1, g}, false));
   }
   // 300 tensors of group 0, then 2 of each of groups 1..6.
   for (uint32_t i = 0; i < 312; ++i) {
@@ -206,7 +204,8 @@ TEST(CudaEmulation, LaunchesHoldAHundredTensorsAndThreeGroups) {
 
 TEST(CudaEmulation, TensorsBeyondThirtyTwoBitCountsAreSplitIntoPieces) {
   KernelTable table;
-  table.groups.push_back(move(options_of(1, false), kState, 0, 1, 0, true));
+  table.groups.push_back(
+      move(options_of(1, false), kState, {0, 0}, {1, 0}, true));
   auto* data = reinterpret_cast<void*>(uintptr_t{1} << 20);
   auto* master = reinterpret_cast<float*>(uintptr_t{1} << 40);
   const int64_t numel = 5 * (int64_t{1} << 29) + 3;  // 2.5 pieces
@@ -232,7 +231,8 @@ TEST(CudaEmulation, TablesOfOneToThreeHundredTensors) {
   for (const int count : {1, 2, 99, 100, 101, 300}) {
     torch::manual_seed(count);
     Case c;
-    c.groups.push_back(move(options_of(1, false), kState, 0, 1, 0, false));
+    c.groups.push_back(
+        move(options_of(1, false), kState, {0, 0}, {1, 0}, false));
     for (int i = 0; i < count; ++i) {
       c.add(1 + static_cast<int64_t>(sizes() % 700), torch::kFloat);
     }
@@ -244,7 +244,8 @@ TEST(CudaEmulation, TablesOfOneToThreeHundredTensors) {
 TEST(CudaEmulation, TensorsOfEdgeSizes) {
   torch::manual_seed(6);
   Case c;
-  c.groups.push_back(move(options_of(1, false), kState, 1, -1, 2, false));
+  c.groups.push_back(
+      move(options_of(1, false), kState, {1, 2}, {-1, 2}, false));
   for (const int64_t numel : {0, 1, 127, 128, 129, 1000000, 1, 0, 129}) {
     c.add(numel, torch::kFloat);
   }
@@ -270,13 +271,13 @@ TEST(CudaEmulation, MasterWeightsPerturbedFinishedAndSkipped) {
   Plan taken(o);
   Plan skipped(o);
   skipped.taken = 0;
-  for (const auto& entry : {move(o, kState, 0, 1, 1, true),
+  for (const auto& entry : {move(o, kState, {0, 0}, {1, 1}, true),
                             taken.finish(true),
                             skipped.finish(true)}) {
     torch::manual_seed(8);
     Case c;
     // Group 0 (no master) and group 1 (master), as the ops split them.
-    c.groups = {move(o, kState, 0, 1, 1, false), entry};
+    c.groups = {move(o, kState, {1, 0}, {1, 1}, false), entry};
     for (int i = 0; i < 9; ++i) {
       c.add(300 + 41 * i, i % 2 ? torch::kHalf : torch::kBFloat16, 1, true);
       c.add(70, torch::kFloat, 0, false);
@@ -294,9 +295,10 @@ TEST(CudaEmulation, OneAndThreeDirectionsBothNoisesAntithetic) {
         const Plan plan(o);
         Case c;
         c.groups = {plan.finish(false),
-                    move(o, kState, antithetic ? -1 : 1, 0, 0, false)};
+                    move(o, kState, {antithetic ? -1 : 1, 0}, {0, 0}, false),
+                    move(o, kState, {antithetic ? -1 : 1, 0}, {1, 1}, false)};
         for (int i = 0; i < 20; ++i) {
-          c.add(1 + 333 * i, torch::kFloat, i % 2);
+          c.add(1 + 333 * i, torch::kFloat, static_cast<uint32_t>(i % 3));
         }
         SCOPED_TRACE(::testing::Message()
                      << "k " << k << " antithetic " << antithetic << " noise "
@@ -379,12 +381,12 @@ TEST(CudaEmulation, CapturableStepsReadTheirStepOnTheDevice) {
   c.groups = {plan.finish(false),
               plan.finish(true),
               skipped.finish(false),
-              move(o, kState, -1, 1, 2, false)};
+              move(o, kState, {-1, 1}, {1, 2}, false)};
   const std::vector<GroupEntry> on_device = {
       plan.finish(false, false),
       plan.finish(true, false),
       skipped.finish(false, false),
-      move(o, kState, -1, 1, 2, false, false)};
+      move(o, kState, {-1, 1}, {1, 2}, false, false)};
   for (int i = 0; i < 16; ++i) {
     c.add(100 + 37 * i,
           i % 4 == 1 ? torch::kHalf : torch::kFloat,

@@ -36,8 +36,6 @@ inline torch::Tensor state_at(int64_t step) {
   return state;
 }
 
-// z for tensor `index` at `step`: perturbing zeros by sigma = 1 yields z
-// exactly, so the test reads the noise without a second noise source.
 // dopamine::ops::move_ over one group of these noise options: its
 // parameters come from carrying `carried` to carrying `to`.
 inline void move(const std::vector<torch::Tensor>& params,
@@ -59,13 +57,24 @@ inline void move(const std::vector<torch::Tensor>& params,
       to);
 }
 
+// z_direction for tensor `index` at `step`: perturbing zeros by sigma = 1
+// yields z exactly, so the test reads the noise without a second noise
+// source.
 inline torch::Tensor noise_of(const torch::Tensor& like,
                               int64_t seed,
                               int64_t step,
                               int64_t index,
-                              Noise kind = Noise::Gaussian) {
+                              Noise kind = Noise::Gaussian,
+                              int64_t direction = 0) {
   auto noise = torch::zeros_like(like);
-  move({noise}, state_at(step), {index}, seed, 1.0, kind);
+  move({noise},
+       state_at(step),
+       {index},
+       seed,
+       1.0,
+       kind,
+       {0, 0},
+       {1, direction});
   return noise;
 }
 

@@ -52,6 +52,29 @@ def test_cpu_and_cuda_draw_the_same_noise(noise, numel):
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("carried,to", [((1, 0), (1, 1)), ((-1, 2), (1, 3)), ((1, 3), (-1, 1))])
+def test_a_move_between_directions_is_one_pass(device, noise, dtype, carried, to):
+    """x' = x + to sigma z_to - carried sigma z_carried, computed in float32
+    in that order and rounded once to the parameter's dtype (two moves
+    through theta would round twice); with a master weight, the rounding of
+    master + to sigma z_to."""
+    sigma = 0.05
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    z_to, z_carried = (ops_noise(x, 6, 2, 1, noise, p[1]) for p in (to, carried))
+    sigma_f = torch.tensor(sigma, dtype=torch.float32).item()
+    expected = (x.float() + z_to * (to[0] * sigma_f) - z_carried * (carried[0] * sigma_f)).to(dtype)
+    moved = x.clone()
+    move([moved], state_at(2, device), indices=[1], seed=6, sigma=sigma, noise=noise, carried=carried, to=to)
+    assert torch.equal(moved, expected)
+    if dtype != torch.float32:
+        master, param = x.float(), x.clone()
+        move([param], state_at(2, device), indices=[1], seed=6, sigma=sigma, noise=noise, carried=carried, to=to,
+             masters=[master])
+        assert torch.equal(param, (master + z_to * (to[0] * sigma_f)).to(dtype))
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("direction", [0, 3])
 def test_pieces_at_element_offsets_draw_the_noise_of_their_places(device, noise, direction):
     """A tensor given an element offset draws the noise of those places of

@@ -76,11 +76,12 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
     for (int64_t j = 0; j < step.other_directions; ++j) {
       const NoiseStream other{
           step.kind,
-          noise::direction_key(step.key, static_cast<uint32_t>(j)),
+          noise::direction_key(step.key,
+                               step.other_first + static_cast<uint32_t>(j)),
           entry.index,
           step.step};
       cpu::fill_tile<philox>(other, static_cast<uint64_t>(tile), z);
-      const auto move = static_cast<opmath_t>(step.other_step_sizes[j]);
+      const auto move = static_cast<opmath_t>(other_step_size(step, j));
       for (int64_t e = 0; e < count; ++e) {
         x[e] = x[e] - move * static_cast<opmath_t>(zt[e]);
       }

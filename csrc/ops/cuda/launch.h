@@ -211,13 +211,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_counter(const LaunchTable& table,
   }
   for (int64_t j = 0; j < step.other_directions; ++j) {
     counter_noise(step.kind,
-                  noise::direction_key(step.key, static_cast<uint32_t>(j)),
+                  noise::direction_key(
+                      step.key, step.other_first + static_cast<uint32_t>(j)),
                   table.index[t],
                   step.step,
                   tile,
                   lane,
                   z);
-    const auto move = static_cast<opmath_t>(step.other_step_sizes[j]);
+    const auto move = static_cast<opmath_t>(other_step_size(step, j));
     for (int l = 0; l < 4; ++l) {
       x[l] = x[l] - move * static_cast<opmath_t>(z[l]);
     }
