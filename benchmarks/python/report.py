@@ -409,12 +409,16 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
             "process, evaluating the same loss (process peak RSS on CPU, max_memory_allocated on CUDA; each peak counted from "
             "the start of its phase), after loading each optimizer's code on a tiny model.",
             "",
-            "| parameters | optimizer | device | ms/step | optimizer-only ms | peak memory above inference | / parameter bytes |",
-            "|---|---|---|---|---|---|---|",
+            "The step is also given against the forward passes it makes (a backward counted as two), each forward measured "
+            "alone under no_grad, interleaved with the steps.",
+            "",
+            "| parameters | optimizer | device | ms/step | / its forward passes | optimizer-only ms | peak memory above inference | / parameter bytes |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(scaling, key=lambda r: (r["config"]["params"], r["optimizer"])):
             lines.append(
-                f"| {r['config']['params']:.3g} | {r['optimizer']} | {r['device']} | {_fmt(r['ms_per_step'])} | {_fmt(r['optimizer_ms_per_step'])} "
+                f"| {r['config']['params']:.3g} | {r['optimizer']} | {r['device']} | {_fmt(r['ms_per_step'])} "
+                f"| {_fmt(r.get('step_vs_forward_passes'))} | {_fmt(r['optimizer_ms_per_step'])} "
                 f"| {r['peak_memory_bytes'] / 2**20:.2f} MiB | {r['peak_memory_bytes'] / r['config']['param_bytes']:.1%} |"
             )
         plot = _plot_scaling(records, out)
@@ -434,12 +438,13 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         lines += [
             "",
             f"Medians of {ops.get('repeats', '?')} rounds that run every op once each, so that the ratios compare runs that saw the same machine. "
-            f"A one-direction Dopamine step's ops (move_, plan_step and finish_step_; a step of k directions makes k move_ "
-            f"calls, 2k - 1 memory passes, and a finish that draws k noise streams) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
+            f"A default Dopamine step's ops ({ops['default_directions']} directions: {ops['default_directions']} move_ passes, each "
+            "after the first drawing two directions, plan_step, and a finish that draws every direction; GB/s counts each of its "
+            f"{ops['default_directions'] + 1} passes) against the fastest Adam step: {ops['step_vs_adam']['gaussian']:.2f}x with "
             f"Gaussian noise, {ops['step_vs_adam']['rademacher']:.2f}x with Rademacher noise. Noise throughput against `normal_` on the "
-            f"same tensors: {ops['noise_throughput_vs_normal_']:.2f}x. `copy_` reaches {ops['copy_gb_per_s']:.1f} GB/s; a step takes "
-            f"{ops['step_vs_two_copies']['gaussian']:.2f}x (Gaussian) and {ops['step_vs_two_copies']['rademacher']:.2f}x (Rademacher) the "
-            "time of two copies, the bandwidth bound of reading and writing the parameters twice.",
+            f"same tensors: {ops['noise_throughput_vs_normal_']:.2f}x. `copy_` reaches {ops['copy_gb_per_s']:.1f} GB/s; a default step takes "
+            f"{ops['step_vs_copies']['gaussian']:.2f}x (Gaussian) and {ops['step_vs_copies']['rademacher']:.2f}x (Rademacher) the "
+            f"time of {ops['default_directions'] + 1} copies, the bandwidth bound of its passes.",
             "",
         ]
         lines += _layouts(ops.get("layouts"))

@@ -135,7 +135,15 @@ def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dic
     reset_peak(device)
 
     opt = contender.make(weights, 1e-4, 1e-3, 0)
-    step_ms = timed(lambda: take_step(opt, contender, loss_fn), device, repeats)
+
+    def forward():
+        with torch.no_grad():
+            loss_fn()
+
+    # A step against the forward passes it makes, each measured alone under
+    # no_grad, interleaved.
+    ms = interleaved({"step": lambda: take_step(opt, contender, loss_fn), "forward": forward}, device, repeats)
+    step_ms = ms["step"]
     peak = peak_bytes(device)
     if contender.gradient:
         optimizer_ms = timed(opt.step, device, repeats)
@@ -149,6 +157,8 @@ def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dic
         "params": sum(w.numel() for w in weights),
         "param_bytes": sum(w.numel() * w.element_size() for w in weights),
         "ms_per_step": step_ms,
+        "forward_ms": ms["forward"],
+        "step_vs_forward_passes": step_ms / (contender.forward_equivalents_per_step * ms["forward"]),
         "optimizer_ms_per_step": optimizer_ms,
         "peak_memory_bytes": max(0, peak - inference_peak),
         "device": str(device),
@@ -203,11 +213,15 @@ def finish(params, noise, state, directions=1):
 
 def engine_step(params, noise, state, directions=1):
     """The optimizer's own work in a step, evaluations left out: the move_
-    calls of `directions` directions (theta + sigma z_0, then through theta
-    to theta + sigma z_1, ...), plan_step and finish_step_."""
+    calls of `directions` directions (theta + sigma z_0, then straight to
+    theta + sigma z_1, ...: one pass each), plan_step and finish_step_."""
     for j in range(directions):
         move(params, noise, state, carried=(1, j - 1) if j else (0, 0), to=(1, j), directions=directions)
     finish(params, noise, state, directions)
+
+
+def default_directions() -> int:
+    return torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults["num_perturbations"]
 
 
 # The same 1e7 elements as few large and as many small tensors.
@@ -231,17 +245,30 @@ def layout_benchmark(device: str, repeats: int = 15) -> dict:
 
 def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeats: int = 30) -> dict:
     """The fused ops at `numel` float32 elements in `tensors` tensors, against
-    torch's normal_, copy_ and the fastest Adam steps, in one process."""
+    torch's normal_, copy_ and the fastest Adam steps, in one process. A step
+    of k directions (one, and the default) makes k + 1 memory passes: k
+    move_ passes and the finish."""
     device = torch.device(device)
     size = numel // tensors
     params = [torch.zeros(size, device=device) for _ in range(tensors)]
     others = [torch.zeros(size, device=device) for _ in range(tensors)]
     state = torch.zeros(5, dtype=torch.float64)
+    k = default_directions()
     fns = {}
+    # The memory passes of each op's own, for its bandwidth.
+    passes = {}
     for noise in ("gaussian", "rademacher"):
         fns[f"move_[{noise}]"] = functools.partial(move, params, noise, state)
+        # From one direction to the next: one pass drawing both.
+        fns[f"move_[{noise}, to the next direction]"] = functools.partial(
+            move, params, noise, state, carried=(1, 0), to=(1, 1), directions=2
+        )
         fns[f"finish_step_[{noise}]"] = functools.partial(finish, params, noise, state)
-        fns[f"step[{noise}]"] = functools.partial(engine_step, params, noise, state)
+        fns[f"finish_step_[{noise}, k={k}]"] = functools.partial(finish, params, noise, state, k)
+        fns[f"step[{noise}, k=1]"] = functools.partial(engine_step, params, noise, state)
+        fns[f"step[{noise}, k={k}]"] = functools.partial(engine_step, params, noise, state, k)
+        passes.update({name: 1 for name in fns if name.startswith(("move_", "finish_step_"))})
+        passes.update({f"step[{noise}, k=1]": 2, f"step[{noise}, k={k}]": k + 1})
     fns["normal_"] = lambda: [p.normal_() for p in params]
     fns["copy_"] = lambda: [o.copy_(p) for o, p in zip(others, params)]
     adam_params = [torch.nn.Parameter(torch.zeros(size, device=device)) for _ in range(tensors)]
@@ -261,21 +288,23 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
         times.setdefault(f"adam[{variant}]", None)
     adam_best = min(v for k, v in times.items() if k.startswith("adam[") and v is not None)
     copy_gbs = 8 * numel / (times["copy_"] * 1e-3) / 1e9
+    noises = ("gaussian", "rademacher")
     return {
         "numel": numel,
         "tensors": tensors,
         "repeats": repeats,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "default_directions": k,
         "ms": times,
         "adam_fastest_ms": adam_best,
-        "step_vs_adam": {k: times[f"step[{k}]"] / adam_best for k in ("gaussian", "rademacher")},
+        "step_vs_adam": {n: times[f"step[{n}, k={k}]"] / adam_best for n in noises},
         "noise_throughput_vs_normal_": times["normal_"] / times["move_[gaussian]"],
-        # Each op reads and writes every element once: 8 bytes per float.
-        "gb_per_s": {k: 8 * numel / (v * 1e-3) / 1e9 for k, v in times.items() if k.startswith(("move_", "finish_step_"))},
+        # Each pass reads and writes every element once: 8 bytes per float.
+        "gb_per_s": {name: 8 * numel * count / (times[name] * 1e-3) / 1e9 for name, count in passes.items()},
         "copy_gb_per_s": copy_gbs,
-        # A step reads and writes the parameters twice; copy_ does it once.
-        "step_vs_two_copies": {k: times[f"step[{k}]"] / (2 * times["copy_"]) for k in ("gaussian", "rademacher")},
+        # The bandwidth bound of a default step: k + 1 copies.
+        "step_vs_copies": {n: times[f"step[{n}, k={k}]"] / ((k + 1) * times["copy_"]) for n in noises},
         "layouts": layout_benchmark(str(device)),
     }
 
