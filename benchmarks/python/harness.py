@@ -56,20 +56,21 @@ def _forward_only(name, family, **options):
 CONTENDERS = {
     c.name: c
     for c in [
-        # The defaults (num_perturbations=4, docs/DESIGN.md "Defaults"), then
-        # what each part of them buys: one direction (the paper's rule), two,
-        # and one direction measured centrally at the cost of two forwards.
+        # The defaults (num_perturbations=4, Rademacher noise; docs/DESIGN.md
+        # "Defaults"), then what each part of them buys: one direction (the
+        # paper's rule), two, one direction measured centrally at the cost of
+        # two forwards, and the paper's Gaussian noise.
         _forward_only("dopamine", "dopamine"),
         _forward_only("dopamine[k=1]", "dopamine", num_perturbations=1),
         _forward_only("dopamine[k=2]", "dopamine", num_perturbations=2),
         _forward_only("dopamine[k=1,antithetic]", "dopamine", num_perturbations=1, antithetic=True),
         _forward_only("dopamine[rpe_tracking]", "rpe_tracking", lr_adaptation="rpe_tracking"),
-        _forward_only("dopamine[rademacher]", "dopamine", noise="rademacher"),
-        # Standard WP, one direction, no adaptation.
-        _forward_only("wp", "wp", lr_adaptation="none", num_perturbations=1),
+        _forward_only("dopamine[gaussian]", "dopamine", noise="gaussian"),
+        # Standard WP: Gaussian noise, one direction, no adaptation.
+        _forward_only("wp", "wp", lr_adaptation="none", noise="gaussian", num_perturbations=1),
         # MeZO's estimator: the central difference of Gaussian noise along one
         # direction, no adaptation; SPSA's: the same with Rademacher noise.
-        _forward_only("zo-sgd[central]", "wp", lr_adaptation="none", antithetic=True, num_perturbations=1),
+        _forward_only("zo-sgd[central]", "wp", lr_adaptation="none", antithetic=True, noise="gaussian", num_perturbations=1),
         _forward_only("spsa", "wp", lr_adaptation="none", antithetic=True, noise="rademacher", num_perturbations=1),
         Contender("sgd", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr)),
         Contender("sgd[foreach]", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr, foreach=True)),
@@ -85,6 +86,7 @@ TASK_CONTENDERS = [
     "dopamine[k=1]",
     "dopamine[k=2]",
     "dopamine[k=1,antithetic]",
+    "dopamine[gaussian]",
     "wp",
     "zo-sgd[central]",
     "spsa",

@@ -25,7 +25,7 @@ import tasks
 from harness import CONTENDERS, TASK_CONTENDERS, Progress, machine, record
 
 TUNED = Path(__file__).resolve().parents[1] / "tuned.json"
-SCALING_CONTENDERS = ["dopamine", "dopamine[k=1]", "dopamine[rademacher]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
+SCALING_CONTENDERS = ["dopamine", "dopamine[k=1]", "dopamine[gaussian]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
 
 
 def scaling_records(sizes, device, progress):
@@ -41,6 +41,8 @@ def scaling_records(sizes, device, progress):
                     dict(params=point["params"], param_bytes=point["param_bytes"], model="64-h-h-10 MLP, ReLU", batch=scaling.BATCH),
                     device=device,
                     ms_per_step=point["ms_per_step"],
+                    forward_ms=point["forward_ms"],
+                    step_vs_forward_passes=point["step_vs_forward_passes"],
                     optimizer_ms_per_step=point["optimizer_ms_per_step"],
                     peak_memory_bytes=point["peak_memory_bytes"],
                     threads=point["threads"],
@@ -48,7 +50,7 @@ def scaling_records(sizes, device, progress):
             )
             progress(
                 f"scaling: {name} at {point['params']:.2g} params on {device}: {point['ms_per_step']:.2f} ms/step, "
-                f"optimizer {point['optimizer_ms_per_step']:.2f} ms, +{point['peak_memory_bytes'] / 2**20:.1f} MiB"
+                f"{point['step_vs_forward_passes']:.2f}x its forward passes, optimizer {point['optimizer_ms_per_step']:.2f} ms, +{point['peak_memory_bytes'] / 2**20:.1f} MiB"
             )
     return records
 
@@ -89,20 +91,20 @@ def scaleout_records(sizes, ranks, progress):
 def ops_record(device, progress):
     result = scaling.ops_benchmark(device)
     progress(
-        f"ops on {device}: step/Adam {result['step_vs_adam']['gaussian']:.2f}x gaussian, "
+        f"ops on {device}: default step/Adam {result['step_vs_adam']['gaussian']:.2f}x gaussian, "
         f"{result['step_vs_adam']['rademacher']:.2f}x rademacher; noise vs normal_ {result['noise_throughput_vs_normal_']:.2f}x"
     )
+    step = f"step[gaussian, k={result['default_directions']}]"
     return record(
         "python",
         "ops",
-        # The ops of a one-direction step: the unit a step of k directions
-        # repeats (k move_ calls of 2k - 1 passes, and a finish drawing k
-        # streams).
-        CONTENDERS["dopamine[k=1]"],
+        # The ops of a default step (k directions: k move_ passes and a
+        # finish drawing k streams).
+        CONTENDERS["dopamine"],
         dict(numel=result["numel"], tensors=result["tensors"], dtype="float32"),
         device=device,
-        ms_per_step=result["ms"]["step[gaussian]"],
-        optimizer_ms_per_step=result["ms"]["step[gaussian]"],
+        ms_per_step=result["ms"][step],
+        optimizer_ms_per_step=result["ms"][step],
         ops=result,
     )
 

@@ -1,9 +1,10 @@
 """torch_dopamine: Dopamine, a forward-only, derivative-free optimizer.
 
-Each step perturbs every weight with seeded Gaussian noise, compares the loss
-of the perturbed and the unperturbed model (the reward prediction error), moves
-the weights along the noise and lets that error adapt the learning rate. No
-backward pass, no gradients, no per-element state.
+Each step perturbs every weight with seeded noise (+-1 by default, or
+Gaussian, the paper's), compares the loss of the perturbed and the unperturbed
+model (the reward prediction error), moves the weights along the noise and lets
+that error adapt the learning rate. No backward pass, no gradients, no
+per-element state.
 
 The numerics are the compiled ops ``torch.ops.dopamine.*``, the same ones the
 C++ optimizer ``dopamine::Dopamine`` calls; they are loaded on import.

@@ -173,8 +173,9 @@ class Dopamine(Optimizer):
         lr_min, lr_max: optional clamp of ``eta_t`` in every mode.
         weight_decay: decoupled weight decay, applied as ``lr * weight_decay``.
         seed: key of the group's noise (an int in [-2**63, 2**63)).
-        noise: ``"gaussian"`` (default; ``z`` standard normal) or ``"rademacher"``
-            (each element +1 or -1, as in SPSA; ``E[z z^T] = I`` still holds).
+        noise: ``"rademacher"`` (default; each element +1 or -1, as in SPSA:
+            ``E[z z^T] = I`` still holds, from one random bit per element) or
+            ``"gaussian"`` (``z`` standard normal: the paper's noise).
         non_finite_loss: ``"skip"`` (restore, count the step in
             ``skipped_steps``, return the loss) or ``"raise"`` (restore, raise
             RuntimeError). A step size that is not finite is treated alike.
@@ -245,7 +246,7 @@ class Dopamine(Optimizer):
         lr_max: Optional[float] = None,
         weight_decay: float = 0.0,
         seed: int = 0,
-        noise: str = "gaussian",
+        noise: str = "rademacher",
         non_finite_loss: str = "skip",
         *,
         capturable: bool = False,

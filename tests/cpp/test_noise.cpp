@@ -361,7 +361,8 @@ TEST(Noise, OneMoveOverSeveralGroupsEqualsEachGroupMovedAlone) {
       torch::randn({300}), torch::randn({7, 9}), torch::randn({130})};
   const auto initial = clones(params);
   auto alone = clones(params);
-  const auto first = ops::pack_options(DopamineOptions().seed(3).sigma(0.1));
+  const auto first = ops::pack_options(
+      DopamineOptions().seed(3).sigma(0.1).noise(Noise::Gaussian));
   auto packed = ops::pack_options(
       DopamineOptions().seed(8).sigma(0.2).noise(Noise::Rademacher));
   packed.insert(packed.begin(), first.begin(), first.end());

@@ -136,7 +136,7 @@ def test_sharded_parameters_draw_the_noise_of_the_unsharded_model(ranks):
 
     for name, options in (("plain", {}), ("antithetic, k=2", dict(antithetic=True, num_perturbations=2))):
         params = [t.clone().requires_grad_() for t in initial]
-        opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3, **options)
+        opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=1e-3, noise="gaussian", **options)
         for _ in range(8):
             opt.step(lambda: loss_of(params))
         for rank in seen:

@@ -81,6 +81,27 @@ def test_added_options_resume_bit_identical_and_old_states_load(device, name, va
     assert plain.param_groups[0][name] == before_it_existed
 
 
+def test_a_checkpoint_with_gaussian_noise_keeps_it_under_the_rademacher_default(device):
+    """The noise is saved with each group, so a run saved with the Gaussian
+    noise (the default before Rademacher) continues bit-identically in an
+    optimizer built with today's defaults."""
+    params, loss = quadratic([5, 4], device, dtype=torch.float32)
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.05, noise="gaussian")
+    for _ in range(5):
+        opt.step(lambda: loss(params))
+    saved_params, saved_state = snapshot(params), opt.state_dict()
+    for _ in range(6):
+        opt.step(lambda: loss(params))
+    resumed = [p.detach().clone().requires_grad_() for p in saved_params]
+    resumed_opt = torch_dopamine.Dopamine(resumed, lr=0.05, sigma=0.05)
+    assert resumed_opt.param_groups[0]["noise"] == "rademacher"
+    resumed_opt.load_state_dict(saved_state)
+    assert resumed_opt.param_groups[0]["noise"] == "gaussian"
+    for _ in range(6):
+        resumed_opt.step(lambda: loss(resumed))
+    assert same_bits(params, resumed)
+
+
 def test_state_is_one_shared_tensor_per_group():
     params, loss = quadratic([5, 4, 3], "cpu")
     opt = two_group_optimizer(params, "rpe_normalized")

@@ -37,7 +37,7 @@ DEFAULTS = dict(
     lr_max=None,
     weight_decay=0.0,
     seed=0,
-    noise="gaussian",
+    noise="rademacher",
     non_finite_loss="skip",
     capturable=False,
     master_weights=False,
@@ -200,7 +200,7 @@ def test_each_step_in_reduced_precision_follows_the_reference(device, dtype, mas
         assert opt.group_state(0)["current_lr"] == pytest.approx(group["eta"], rel=1e-12)
         new = [opt.state[p]["master_weight"] if master else p for p in params]
         for i, (x0, x1, expected) in enumerate(zip(start, new, group["theta"])):
-            z = noise_of(expected, 3, group["t"], i).abs()
+            z = noise_of(expected, 3, group["t"], i, options["noise"]).abs()
             x0 = x0.double().abs()
             movement = group["eta"] * abs(reference.delta) / options["sigma"] * z + options["lr"] * options["weight_decay"] * x0
             perturbed = x0 + options["sigma"] * z
