@@ -233,10 +233,11 @@ def _scaleout(records) -> List[str]:
         f"Data parallel on the {first['model']}, a global batch of {first['global_batch']} split evenly. Step times are "
         "medians of interleaved rounds; bytes sent are each rank's share of the loopback interface's transmit counter over "
         "a run of that contender alone (TCP/IP headers and gloo's framing included), beside the payload of the step's "
-        "collectives.",
+        "collectives. A step is also given against the forward passes it makes (a backward counted as two), each "
+        "forward of a rank's shard measured alone under no_grad in the same rounds.",
         "",
-        "| parameters | optimizer | ms/step | / DDP+Adam | bytes sent per rank per step | payload per step |",
-        "|---|---|---|---|---|---|",
+        "| parameters | optimizer | ms/step | / DDP+Adam | / its forward passes | bytes sent per rank per step | payload per step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for params in sorted({r["config"]["params"] for r in rows}):
         at = {r["optimizer"]: r for r in rows if r["config"]["params"] == params}
@@ -244,7 +245,8 @@ def _scaleout(records) -> List[str]:
         for name, r in at.items():
             ratio = f"{r['ms_per_step'] / adam['ms_per_step']:.2f}x" if adam else "-"
             lines.append(
-                f"| {params:.3g} | {name} | {_fmt(r['ms_per_step'])} | {ratio} | {r['bytes_sent_per_rank_per_step']:,.0f} "
+                f"| {params:.3g} | {name} | {_fmt(r['ms_per_step'])} | {ratio} | {_fmt(r.get('step_vs_forward_passes'))} "
+                f"| {r['bytes_sent_per_rank_per_step']:,.0f} "
                 f"| {r['payload_bytes_per_step']:,} |"
             )
     return lines + [""]

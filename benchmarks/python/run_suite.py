@@ -76,6 +76,7 @@ def scaleout_records(sizes, ranks, progress):
                          backend="gloo over loopback TCP", threads_per_rank=1),
                     optimizer=name,
                     ms_per_step=point["ms"][name],
+                    step_vs_forward_passes=point["ms"][name] / (CONTENDERS[base].forward_equivalents_per_step * point["ms"]["forward"]),
                     bytes_sent_per_rank_per_step=point["bytes_sent"][name],
                     payload_bytes_per_step=scaleout.payload_bytes(name, point["params"]),
                     threads=1,
@@ -83,7 +84,7 @@ def scaleout_records(sizes, ranks, progress):
             )
         progress(
             f"scale-out at {point['params']:.2g} params on {ranks} ranks: "
-            + ", ".join(f"{name} {point['ms'][name]:.1f} ms and {point['bytes_sent'][name]:.3g} B sent" for name in point["ms"])
+            + ", ".join(f"{name} {point['ms'][name]:.1f} ms and {point['bytes_sent'][name]:.3g} B sent" for name in scaleout.SCALEOUT_CONTENDERS)
         )
     return records
 

@@ -63,6 +63,14 @@ def make_steps(params: int, rank: int, world_size: int):
     dopamine = torch_dopamine.Dopamine(model.parameters(), lr=1e-3, sigma=1e-3, process_group=dist.group.WORLD)
     steps["dopamine[data]"] = lambda: dopamine.step(lambda: F.cross_entropy(model(x), y))
 
+    def forward():
+        # One forward pass of this rank's shard, alone under no_grad: the
+        # unit a step's time is compared with.
+        with torch.no_grad():
+            F.cross_entropy(model(x), y)
+
+    steps["forward"] = forward
+
     for name, make in (
         ("ddp+adam[fused]", lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)),
         ("ddp+sgd", lambda p: torch.optim.SGD(p, lr=1e-2)),
