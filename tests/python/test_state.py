@@ -50,15 +50,14 @@ def test_resume_is_bit_identical(device, mode, through_disk, tmp_path):
     assert resumed_opt.group_state(1) == opt.group_state(1)
 
 
-@pytest.mark.parametrize(
-    "name,value,before_it_existed", [("antithetic", True, False), ("num_perturbations", 3, 1), ("restore_rng", True, False)]
-)
-def test_added_options_resume_bit_identical_and_old_states_load(device, name, value, before_it_existed):
-    """antithetic and num_perturbations are saved with the groups, so a
-    resumed optimizer built without them continues the run; a state saved
-    before the option existed loads with the value every run had then."""
+def resumed_in_a_default_optimizer(device, **options):
+    """A run of an optimizer built with `options`, saved after 5 steps and
+    continued for 6; and an optimizer built with the defaults (lr and sigma
+    aside) over the saved parameters, the saved state loaded, continued for
+    the same 6 steps. Returns (run's params, its optimizer, resumed params,
+    resumed optimizer)."""
     params, loss = quadratic([5, 4], device, dtype=torch.float32)
-    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.05, **{name: value})
+    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.05, **options)
     for _ in range(5):
         opt.step(lambda: loss(params))
     saved_params, saved_state = snapshot(params), opt.state_dict()
@@ -67,9 +66,20 @@ def test_added_options_resume_bit_identical_and_old_states_load(device, name, va
     resumed = [p.detach().clone().requires_grad_() for p in saved_params]
     resumed_opt = torch_dopamine.Dopamine(resumed, lr=0.05, sigma=0.05)
     resumed_opt.load_state_dict(saved_state)
-    assert resumed_opt.param_groups[0][name] == value
     for _ in range(6):
         resumed_opt.step(lambda: loss(resumed))
+    return params, opt, resumed, resumed_opt
+
+
+@pytest.mark.parametrize(
+    "name,value,before_it_existed", [("antithetic", True, False), ("num_perturbations", 3, 1), ("restore_rng", True, False)]
+)
+def test_added_options_resume_bit_identical_and_old_states_load(device, name, value, before_it_existed):
+    """antithetic and num_perturbations are saved with the groups, so a
+    resumed optimizer built without them continues the run; a state saved
+    before the option existed loads with the value every run had then."""
+    params, opt, resumed, resumed_opt = resumed_in_a_default_optimizer(device, **{name: value})
+    assert resumed_opt.param_groups[0][name] == value
     assert same_bits(params, resumed)
     assert resumed_opt.group_state(0) == opt.group_state(0)
 
@@ -85,21 +95,11 @@ def test_a_checkpoint_with_gaussian_noise_keeps_it_under_the_rademacher_default(
     """The noise is saved with each group, so a run saved with the Gaussian
     noise (the default before Rademacher) continues bit-identically in an
     optimizer built with today's defaults."""
-    params, loss = quadratic([5, 4], device, dtype=torch.float32)
-    opt = torch_dopamine.Dopamine(params, lr=0.05, sigma=0.05, noise="gaussian")
-    for _ in range(5):
-        opt.step(lambda: loss(params))
-    saved_params, saved_state = snapshot(params), opt.state_dict()
-    for _ in range(6):
-        opt.step(lambda: loss(params))
-    resumed = [p.detach().clone().requires_grad_() for p in saved_params]
-    resumed_opt = torch_dopamine.Dopamine(resumed, lr=0.05, sigma=0.05)
-    assert resumed_opt.param_groups[0]["noise"] == "rademacher"
-    resumed_opt.load_state_dict(saved_state)
+    params, opt, resumed, resumed_opt = resumed_in_a_default_optimizer(device, noise="gaussian")
+    assert resumed_opt.defaults["noise"] == "rademacher"
     assert resumed_opt.param_groups[0]["noise"] == "gaussian"
-    for _ in range(6):
-        resumed_opt.step(lambda: loss(resumed))
     assert same_bits(params, resumed)
+    assert resumed_opt.group_state(0) == opt.group_state(0)
 
 
 def test_state_is_one_shared_tensor_per_group():
