@@ -44,12 +44,12 @@ def _dopamine(**options):
 
 
 # The optimizer's own defaults, which a contender's options override.
-_DEFAULTS = {name: p.default for name, p in inspect.signature(torch_dopamine.Dopamine).parameters.items()}
+DOPAMINE_DEFAULTS = {name: p.default for name, p in inspect.signature(torch_dopamine.Dopamine).parameters.items()}
 
 
 def _forward_only(name, family, **options):
-    directions = options.get("num_perturbations", _DEFAULTS["num_perturbations"])
-    forwards = 2 * directions if options.get("antithetic", _DEFAULTS["antithetic"]) else directions + 1
+    directions = options.get("num_perturbations", DOPAMINE_DEFAULTS["num_perturbations"])
+    forwards = 2 * directions if options.get("antithetic", DOPAMINE_DEFAULTS["antithetic"]) else directions + 1
     return Contender(name, family, False, _dopamine(**options), forwards)
 
 

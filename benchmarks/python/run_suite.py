@@ -22,7 +22,7 @@ import report
 import scaleout
 import scaling
 import tasks
-from harness import CONTENDERS, TASK_CONTENDERS, Progress, machine, record
+from harness import CONTENDERS, DOPAMINE_DEFAULTS, TASK_CONTENDERS, Progress, machine, record
 
 TUNED = Path(__file__).resolve().parents[1] / "tuned.json"
 SCALING_CONTENDERS = ["dopamine", "dopamine[k=1]", "dopamine[gaussian]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
@@ -95,7 +95,7 @@ def ops_record(device, progress):
         f"ops on {device}: default step/Adam {result['step_vs_adam']['gaussian']:.2f}x gaussian, "
         f"{result['step_vs_adam']['rademacher']:.2f}x rademacher; noise vs normal_ {result['noise_throughput_vs_normal_']:.2f}x"
     )
-    step = f"step[gaussian, k={result['default_directions']}]"
+    step = f"step[{DOPAMINE_DEFAULTS['noise']}, k={result['default_directions']}]"
     return record(
         "python",
         "ops",

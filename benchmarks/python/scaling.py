@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import torch_dopamine
 from torch_dopamine._options import pack
-from harness import CONTENDERS, take_step
+from harness import CONTENDERS, DOPAMINE_DEFAULTS, take_step
 
 INPUTS, CLASSES, BATCH = 64, 10, 64
 
@@ -220,10 +220,6 @@ def engine_step(params, noise, state, directions=1):
     finish(params, noise, state, directions)
 
 
-def default_directions() -> int:
-    return torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults["num_perturbations"]
-
-
 # The same 1e7 elements as few large and as many small tensors.
 LAYOUTS = ((5, 2_000_000), (200, 50_000), (2000, 5_000))
 
@@ -253,10 +249,8 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
     params = [torch.zeros(size, device=device) for _ in range(tensors)]
     others = [torch.zeros(size, device=device) for _ in range(tensors)]
     state = torch.zeros(5, dtype=torch.float64)
-    k = default_directions()
+    k = DOPAMINE_DEFAULTS["num_perturbations"]
     fns = {}
-    # The memory passes of each op's own, for its bandwidth.
-    passes = {}
     for noise in ("gaussian", "rademacher"):
         fns[f"move_[{noise}]"] = functools.partial(move, params, noise, state)
         # From one direction to the next: one pass drawing both.
@@ -267,8 +261,9 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
         fns[f"finish_step_[{noise}, k={k}]"] = functools.partial(finish, params, noise, state, k)
         fns[f"step[{noise}, k=1]"] = functools.partial(engine_step, params, noise, state)
         fns[f"step[{noise}, k={k}]"] = functools.partial(engine_step, params, noise, state, k)
-        passes.update({name: 1 for name in fns if name.startswith(("move_", "finish_step_"))})
-        passes.update({f"step[{noise}, k=1]": 2, f"step[{noise}, k={k}]": k + 1})
+    # The memory passes each op makes, for its bandwidth.
+    passes = {name: 1 for name in fns if name.startswith(("move_", "finish_step_"))}
+    passes.update({name: 2 if name.endswith("k=1]") else k + 1 for name in fns if name.startswith("step[")})
     fns["normal_"] = lambda: [p.normal_() for p in params]
     fns["copy_"] = lambda: [o.copy_(p) for o, p in zip(others, params)]
     adam_params = [torch.nn.Parameter(torch.zeros(size, device=device)) for _ in range(tensors)]
