@@ -5,9 +5,12 @@
 # It prints the GPU and versions, builds against that torch with the CUDA
 # kernels (GoogleTest from $GTEST_SOURCE_DIR, default .device/googletest,
 # when none is installed), runs the C++ and Python suites (CUDA cases
-# included), checks that CPU and CUDA draw the same noise, and runs the op
+# included), runs the CUDA cases under compute-sanitizer (memcheck and
+# racecheck), checks that CPU and CUDA draw the same noise, and runs the op
 # and scaling benchmarks on CUDA; with two GPUs, Dopamine over NCCL
-# (tests/python/ranks_check.py). Logs and results go under $OUT (default
+# (tests/python/ranks_check.py). The sanitizers run last, each bounded by
+# SANITIZER_TIMEOUT (120 s); give the whole check about 16 minutes, or set
+# SANITIZER=off for about 8. Logs and results go under $OUT (default
 # build/gpu_check); summary.txt says what passed. On a machine without a
 # CUDA device it prints the versions, says so and skips the rest.
 set -uo pipefail
@@ -26,10 +29,13 @@ run() { # run NAME COMMAND...: its output goes to $OUT/NAME.log
   local name=$1
   shift
   log "start $name"
-  if "$@" >"$OUT/$name.log" 2>&1; then
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  if [ $rc = 0 ]; then
     log "pass  $name"
   else
-    log "FAIL  $name (exit $?; last lines of $OUT/$name.log:)"
+    # timeout(1) exits 124: the step ran out of time, it found no error.
+    log "FAIL  $name (exit $rc$([ $rc = 124 ] && echo ", out of time")); last lines of $OUT/$name.log:)"
     tail -n 25 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
     failed=1
   fi
@@ -47,7 +53,7 @@ run() { # run NAME COMMAND...: its output goes to $OUT/NAME.log
 } 2>&1 | tee "$OUT/versions.txt"
 
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  log "no CUDA device: skipped the CUDA build, the suites on CUDA, the noise check and the CUDA benchmarks"
+  log "no CUDA device: skipped the CUDA build, the suites on CUDA, the noise check, the CUDA benchmarks and the sanitizers"
   exit 0
 fi
 
@@ -102,9 +108,36 @@ else
   log "one GPU: the 2-rank NCCL check (tests/python/ranks_check.py) needs two; skipped"
 fi
 # Scaling from 1e6: each point is a fresh process, and the smaller ones say
-# little on a GPU; this keeps the whole check within 8 minutes.
+# little on a GPU; this keeps the check before the sanitizers within 8 minutes.
 run bench-cuda "$PYTHON" benchmarks/python/run_suite.py --device cuda --skip xor lorenz rossler digits \
   --scaling-sizes 1000000 10000000 100000000 --out "$OUT/bench"
+# NVIDIA's compute-sanitizer over the CUDA cases: memcheck (out-of-bounds and
+# misaligned accesses, with torch's caching allocator off so that a read past
+# a tensor is not hidden inside a pooled block) and racecheck (the launch's
+# shared-memory phases, docs/DESIGN.md "CUDA emulation"). Each run is bounded
+# by SANITIZER_TIMEOUT seconds; the tools slow kernels about 100x.
+# SANITIZER=off skips them.
+SANITIZER=${SANITIZER:-$CUDA_ROOT/bin/compute-sanitizer}
+[ "$SANITIZER" = off ] || [ -x "$SANITIZER" ] || SANITIZER=$(command -v compute-sanitizer || true)
+SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-120}
+if [ "$SANITIZER" = off ]; then
+  log "SANITIZER=off: memcheck and racecheck skipped"
+elif [ -n "$SANITIZER" ]; then
+  "$SANITIZER" --version 2>&1 | tail -n 1 >>"$OUT/versions.txt"
+  for tool in memcheck racecheck; do
+    sanitize=(timeout "$SANITIZER_TIMEOUT" "$SANITIZER" --tool "$tool" --error-exitcode 1
+      --print-limit 20)
+    if [ -x "$BUILD/tests/cpp/dopamine_tests" ]; then
+      run "sanitize-$tool-cpp" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "${sanitize[@]}" "$BUILD/tests/cpp/dopamine_tests" --gtest_filter='Cuda.*'
+    fi
+    run "sanitize-$tool-python" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 DOPAMINE_BUILD_DIR="$BUILD" \
+      "${sanitize[@]}" "$PYTHON" -m pytest -q -x -k cuda tests/python/test_noise.py tests/python/test_engine.py \
+        tests/python/test_update_rule.py
+  done
+else
+  log "no compute-sanitizer in $CUDA_ROOT/bin or on PATH: memcheck and racecheck skipped"
+fi
 cat "$OUT/noise-equality.log" >>"$OUT/summary.txt" 2>/dev/null
 grep -A 14 "^## Ops" "$OUT/bench/REPORT.md" >>"$OUT/summary.txt" 2>/dev/null
 log "done: $([ $failed = 0 ] && echo all passed || echo some steps FAILED)"
