@@ -9,6 +9,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,6 +36,11 @@ TORCH_LIBRARY(dopamine, m) {
       "move_(Tensor(a!)[] params, Tensor[] master_weights, Tensor[] states, "
       "*, float[] options, int[] indices, int[] group_sizes, int[] carried, "
       "int[] to, int[] element_offsets=[]) -> ()");
+  // A step's evaluations in plan_step's order: the perturbation of each,
+  // offset * sigma * z_direction, and its name as errors give it.
+  m.def(
+      "evaluations(*, bool antithetic, int directions) -> (int[] offsets, "
+      "int[] directions, str[] names)");
   m.def("plan_step(Tensor state, Tensor losses, *, float[] options) -> Tensor");
   m.def(
       "finish_step_(Tensor(a!)[] params, Tensor(b!)[] master_weights, "
@@ -111,6 +117,20 @@ void move_(at::TensorList params,
           from,
           target,
           element_offsets);
+}
+
+std::vector<Evaluation> evaluations(bool antithetic, int64_t directions) {
+  static auto op = find_op<std::tuple<std::vector<int64_t>,
+                                      std::vector<int64_t>,
+                                      std::vector<std::string>>(bool, int64_t)>(
+      "dopamine::evaluations");
+  const auto [offsets, indices, names] = op.call(antithetic, directions);
+  std::vector<Evaluation> list;
+  list.reserve(names.size());
+  for (const auto i : c10::irange(names.size())) {
+    list.push_back({{offsets[i], indices[i]}, names[i]});
+  }
+  return list;
 }
 
 at::Tensor plan_step(const at::Tensor& state,

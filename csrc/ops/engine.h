@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include <dopamine/perturbation.h>
+
 #include "noise.h"
 
 namespace dopamine::engine {
@@ -124,11 +126,32 @@ C10_HOST_DEVICE inline int64_t loss_count(bool antithetic, int64_t directions) {
   return antithetic ? 2 * directions : directions + 1;
 }
 
+// The order of a step's losses, the one place it is written (docs/DESIGN.md,
+// "The algorithm"): L0, then L(theta + sigma z_j) for each direction j; or
+// with antithetic L(theta + sigma z_j) and L(theta - sigma z_j) for each j in
+// turn. Evaluation i is at evaluation_at(i); the loss at a perturbation is at
+// loss_index of it. The front ends walk the list that the evaluations op
+// makes from evaluation_at.
+C10_HOST_DEVICE inline ops::Perturbation evaluation_at(bool antithetic,
+                                                       int64_t i) {
+  if (antithetic) {
+    return {i % 2 == 0 ? 1 : -1, i / 2};
+  }
+  return {i > 0 ? 1 : 0, i > 0 ? i - 1 : 0};
+}
+C10_HOST_DEVICE inline int64_t loss_index(bool antithetic,
+                                          ops::Perturbation at) {
+  if (antithetic) {
+    return 2 * at.direction + (at.offset < 0 ? 1 : 0);
+  }
+  return at.offset == 0 ? 0 : at.direction + 1;
+}
+
 // The rule of docs/DESIGN.md, "The algorithm", for one group: the plan of a
-// step whose losses are L0 (unperturbed), then L(theta + sigma z_j) for each
-// direction j; or with antithetic L(theta + sigma z_j) and L(theta - sigma
-// z_j) for each j in turn. One direction divides by k = 1, which is exact,
-// so its plan is the one-direction rule's to the bit.
+// step from its losses, in loss_index's order. Direction j's RPE compares
+// L(theta + sigma z_j) with L0, or with antithetic with L(theta - sigma z_j),
+// halved. One direction divides by k = 1, which is exact, so its plan is the
+// one-direction rule's to the bit.
 C10_HOST_DEVICE inline void plan_group(const double* state,
                                        const double* losses,
                                        const GroupOptions& o,
@@ -137,8 +160,10 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
   bool finite = true;
   double magnitude_sum = 0;  // sum over j of |delta_j|
   for (int64_t j = 0; j < o.directions; ++j) {
-    const double delta = o.antithetic ? (losses[2 * j] - losses[2 * j + 1]) / 2
-                                      : losses[j + 1] - losses[0];
+    const double plus = losses[loss_index(o.antithetic, {1, j})];
+    const double delta =
+        o.antithetic ? (plus - losses[loss_index(o.antithetic, {-1, j})]) / 2
+                     : plus - losses[loss_index(o.antithetic, {0, 0})];
     // The step sizes are scaled by lr below, once it is known.
     plan[kStepSizes + j] = delta;
     magnitude_sum += std::fabs(delta);

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "engine.h"
@@ -150,6 +152,32 @@ std::vector<double> pack_options_kernel(double lr,
   return p;
 }
 
+std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::vector<std::string>>
+evaluations_kernel(bool antithetic, int64_t directions) {
+  TORCH_CHECK(directions >= 1,
+              "dopamine::evaluations: directions must be at least 1, got ",
+              directions);
+  const int64_t count = engine::loss_count(antithetic, directions);
+  std::vector<int64_t> offsets(count), indices(count);
+  std::vector<std::string> names(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const auto at = engine::evaluation_at(antithetic, i);
+    offsets[i] = at.offset;
+    indices[i] = at.direction;
+    const std::string z =
+        directions == 1 ? "z" : "z_" + std::to_string(at.direction);
+    if (at.offset == 0) {
+      names[i] = "unperturbed";
+    } else if (!antithetic && directions == 1) {
+      names[i] = "perturbed";
+    } else {
+      names[i] =
+          std::string("theta ") + (at.offset > 0 ? "+" : "-") + " sigma " + z;
+    }
+  }
+  return {offsets, indices, names};
+}
+
 }  // namespace
 
 engine::GroupOptions unpack_options(c10::ArrayRef<double> options,
@@ -240,6 +268,7 @@ int64_t digest_kernel(at::TensorList tensors) {
 TORCH_LIBRARY_IMPL(dopamine, CompositeExplicitAutograd, m) {
   m.impl("check_state", &check_state_kernel);
   m.impl("pack_options", &pack_options_kernel);
+  m.impl("evaluations", &evaluations_kernel);
   m.impl("digest", &digest_kernel);
 }
 

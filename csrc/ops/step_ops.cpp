@@ -387,12 +387,7 @@ at::Tensor plan_step(const at::Tensor& state,
       losses.defined() && losses.dim() == 1 && losses.sym_size(0) == count,
       "dopamine::plan_step: losses must be a tensor of shape [",
       count,
-      "] (",
-      options.antithetic ? "L(theta + sigma z_j) and L(theta - sigma z_j) for "
-                           "each direction j"
-                         : "the unperturbed loss, then L(theta + sigma z_j) "
-                           "for each direction j",
-      "), got shape ",
+      "] (one per evaluation, in dopamine::evaluations' order), got shape ",
       losses.sym_sizes());
   auto plan =
       at::empty({engine::kPlanHeader + options.directions}, state.options());

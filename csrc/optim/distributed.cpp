@@ -167,15 +167,14 @@ class ProcessGroupCollective : public StepCollective {
     TORCH_CHECK(refused.empty(), refused);
   }
 
-  bool evaluates(int64_t loss, bool antithetic) const override {
+  bool evaluates(const ops::Perturbation& at) const override {
     if (parallel_ == Parallel::Data) {
       return true;
     }
-    if (!antithetic && loss == 0) {
+    if (at.offset == 0) {
       return group_->getRank() == 0;
     }
-    const int64_t direction = antithetic ? loss / 2 : loss - 1;
-    return direction % group_->getSize() == group_->getRank();
+    return at.direction % group_->getSize() == group_->getRank();
   }
 
   // With Parallel::Data the mean over the ranks; with Parallel::Population

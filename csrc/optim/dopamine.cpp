@@ -126,27 +126,28 @@ Evaluations evaluations_of(
     const std::vector<torch::optim::OptimizerParamGroup>& groups,
     const DopamineOptions& defaults) {
   const auto& first = groups.empty() ? defaults : options_of(groups[0], 0);
-  const Evaluations evaluations{first.antithetic(), first.num_perturbations()};
+  const bool antithetic = first.antithetic();
+  const int64_t directions = first.num_perturbations();
   for (const auto g : c10::irange(groups.size())) {
     const auto& options = options_of(groups[g], g);
-    TORCH_CHECK(options.antithetic() == evaluations.antithetic,
+    TORCH_CHECK(options.antithetic() == antithetic,
                 "Dopamine: invalid antithetic: ",
                 options.antithetic() ? "true" : "false",
                 " in parameter group ",
                 g,
                 ", ",
-                evaluations.antithetic ? "true" : "false",
+                antithetic ? "true" : "false",
                 " in group 0; it must be the same in every group");
-    TORCH_CHECK(options.num_perturbations() == evaluations.directions,
+    TORCH_CHECK(options.num_perturbations() == directions,
                 "Dopamine: invalid num_perturbations: ",
                 options.num_perturbations(),
                 " in parameter group ",
                 g,
                 ", ",
-                evaluations.directions,
+                directions,
                 " in group 0; it must be the same in every group");
   }
-  return evaluations;
+  return {antithetic, directions, ops::evaluations(antithetic, directions)};
 }
 
 // Where a group's state lives: on the CPU, or with capturable on the
@@ -424,7 +425,7 @@ torch::Tensor Dopamine::evaluate(StepTable& table,
     for (int64_t i = 0; i < count; ++i) {
       table.move_to(evaluations.at(i));
       if (failure ||
-          (collective_ && !collective_->evaluates(i, evaluations.antithetic))) {
+          (collective_ && !collective_->evaluates(evaluations.at(i)))) {
         continue;
       }
       if (generators && returned.defined()) {

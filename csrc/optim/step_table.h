@@ -19,37 +19,21 @@
 
 namespace dopamine::detail {
 
-// The evaluations of a step (docs/DESIGN.md, "The algorithm"): L0, then
-// L(theta + sigma z_j) for each direction j; or with antithetic L(theta +
-// sigma z_j) and L(theta - sigma z_j) for each j, in plan_step's order.
+// The evaluations of a step, in plan_step's order (ops::evaluations).
 struct Evaluations {
-  bool antithetic;
-  int64_t directions;
+  bool antithetic = false;
+  int64_t directions = 1;
+  std::vector<ops::Evaluation> list;
 
   int64_t count() const {
-    return antithetic ? 2 * directions : directions + 1;
+    return static_cast<int64_t>(list.size());
   }
-  // Evaluation i is at offset(i) * sigma * z_direction(i).
-  int64_t offset(int64_t i) const {
-    return antithetic ? (i % 2 == 0 ? 1 : -1) : (i > 0);
-  }
-  int64_t direction(int64_t i) const {
-    return antithetic ? i / 2 : std::max<int64_t>(i - 1, 0);
-  }
-  ops::Perturbation at(int64_t i) const {
-    return {offset(i), direction(i)};
+  const ops::Perturbation& at(int64_t i) const {
+    return list[i].at;
   }
   // The name of evaluation i, as errors give it.
-  std::string name(int64_t i) const {
-    const std::string z =
-        directions == 1 ? "z" : "z_" + std::to_string(direction(i));
-    if (offset(i) == 0) {
-      return "unperturbed";
-    }
-    if (!antithetic) {
-      return directions == 1 ? "perturbed" : "theta + sigma " + z;
-    }
-    return std::string("theta ") + (offset(i) > 0 ? "+" : "-") + " sigma " + z;
+  const std::string& name(int64_t i) const {
+    return list[i].name;
   }
 };
 
@@ -66,7 +50,7 @@ struct StepTable {
   std::vector<at::Tensor> params, masters, states;
   std::vector<int64_t> indices, group_sizes;
   ops::Perturbation carried;
-  Evaluations evaluations{false, 1};
+  Evaluations evaluations;
   std::optional<c10::impl::GenericDict> record;
 
   // Adds a group of these options (`packed` as pack_options returns them)

@@ -60,6 +60,17 @@ void move_(at::TensorList params,
            Perturbation to,
            c10::IntArrayRef element_offsets = {});
 
+// A step's evaluations in the order plan_step takes their losses
+// (docs/DESIGN.md, "The algorithm"): L0, then L(theta + sigma z_j) for each
+// direction j; or with antithetic L(theta + sigma z_j) and L(theta - sigma
+// z_j) for each j. Each with the perturbation the parameters carry for it
+// and its name as errors give it ("unperturbed", "theta + sigma z_1", ...).
+struct Evaluation {
+  Perturbation at;
+  std::string name;
+};
+std::vector<Evaluation> evaluations(bool antithetic, int64_t directions);
+
 // One group's plan for a step: its next state and the update's coefficients
 // (docs/DESIGN.md, "The algorithm"), from `losses` = [L0, L(theta + sigma
 // z_0), ..., L(theta + sigma z_k-1)], or with antithetic [L(theta + sigma

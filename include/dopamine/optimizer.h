@@ -1,6 +1,7 @@
 #pragma once
 
 #include <dopamine/options.h>
+#include <dopamine/perturbation.h>
 
 #include <ATen/core/Dict.h>
 #include <torch/optim/optimizer.h>
@@ -56,9 +57,9 @@ class StepCollective {
   // Throws unless a step of `num_perturbations` directions can be shared
   // among the ranks.
   virtual void check(int64_t num_perturbations) const = 0;
-  // Whether this rank evaluates loss number `loss` of a step (in plan_step's
-  // order).
-  virtual bool evaluates(int64_t loss, bool antithetic) const = 0;
+  // Whether this rank evaluates the loss at perturbation `at` (one of
+  // ops::evaluations).
+  virtual bool evaluates(const ops::Perturbation& at) const = 0;
   // Every rank's losses from this rank's (float64, one per evaluation, 0
   // where this rank evaluates none); throws on every rank if any rank's
   // evaluation failed (that rank called fail).

@@ -157,16 +157,14 @@ class Collective:
         backend = str(dist.get_backend(process_group))
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
-    def evaluates(self, loss: int, antithetic: bool) -> bool:
-        """Whether this rank evaluates loss number ``loss`` of a step (in
-        ``plan_step``'s order): every one with ``"data"``; with
-        ``"population"``, rank 0 the unperturbed loss and rank r the
-        directions r, r + W, ..."""
+    def evaluates(self, offset: int, direction: int) -> bool:
+        """Whether this rank evaluates the loss at ``offset * sigma *
+        z_direction``: every one with ``"data"``; with ``"population"``,
+        rank 0 the unperturbed loss and rank r the directions r, r + W, ..."""
         if self.parallel == "data":
             return True
-        if not antithetic and loss == 0:
+        if offset == 0:
             return self.rank == 0
-        direction = loss // 2 if antithetic else loss - 1
         return direction % self.world_size == self.rank
 
     def check_configuration(self, configuration: Any, refused: Optional[BaseException]) -> None:

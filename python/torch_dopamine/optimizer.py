@@ -69,13 +69,7 @@ def _evaluations(antithetic: bool, directions: int) -> Tuple[Tuple[int, int, str
     """The evaluations of a step in plan_step's order, as (offset,
     direction, name): the parameters carry offset * sigma * z_direction.
     Cached: every step of an optimizer asks for the same ones."""
-    def z(j: int) -> str:
-        return "z" if directions == 1 else f"z_{j}"
-
-    if antithetic:
-        return tuple((offset, j, f"theta {sign} sigma {z(j)}") for j in range(directions) for offset, sign in ((1, "+"), (-1, "-")))
-    perturbed = ["perturbed"] if directions == 1 else [f"theta + sigma {z(j)}" for j in range(directions)]
-    return ((0, 0, "unperturbed"),) + tuple((1, j, name) for j, name in enumerate(perturbed))
+    return tuple(zip(*torch.ops.dopamine.evaluations(antithetic=antithetic, directions=directions)))
 
 
 def _is_half(param: torch.Tensor) -> bool:
@@ -502,7 +496,7 @@ class Dopamine(Optimizer):
         try:
             for i, (offset, direction, which) in enumerate(step.evaluations):
                 step.move_to(offset, direction)
-                if failure is not None or (collective is not None and not collective.evaluates(i, step.antithetic)):
+                if failure is not None or (collective is not None and not collective.evaluates(offset, direction)):
                     continue
                 if generators is not None and returned is not None:
                     generators.restore()

@@ -142,6 +142,30 @@ def test_plan_computes_the_spec_rule():
         assert plan[6].item() == 0
 
 
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_evaluations_list_the_losses_in_the_order_plan_step_reads_them(antithetic):
+    offsets, directions, names = torch.ops.dopamine.evaluations(antithetic=antithetic, directions=3)
+    if antithetic:
+        assert list(zip(offsets, directions)) == [(1, 0), (-1, 0), (1, 1), (-1, 1), (1, 2), (-1, 2)]
+        assert names[:2] == ["theta + sigma z_0", "theta - sigma z_0"]
+    else:
+        assert list(zip(offsets, directions)) == [(0, 0), (1, 0), (1, 1), (1, 2)]
+        assert names == ["unperturbed", "theta + sigma z_0", "theta + sigma z_1", "theta + sigma z_2"]
+    # Each loss a function of where it was evaluated: direction j's RPE is
+    # 0.125 (j + 1) whichever way it is formed, so its step size is j + 1
+    # times direction 0's only if plan_step reads the losses in this order.
+    losses = torch.tensor([1 + 0.125 * offset * (j + 1) for offset, j in zip(offsets, directions)], dtype=torch.float64)
+    plan = torch.ops.dopamine.plan_step(
+        state_at(1), losses, **plan_options(antithetic=antithetic, num_perturbations=3, lr_adaptation=0)
+    ).tolist()
+    step_sizes = plan[-3:]
+    assert step_sizes[0] != 0
+    assert [size / step_sizes[0] for size in step_sizes] == pytest.approx([1.0, 2.0, 3.0], rel=1e-12)
+    assert torch.ops.dopamine.evaluations(antithetic=False, directions=1)[2] == ["unperturbed", "perturbed"]
+    with pytest.raises(RuntimeError, match="directions must be at least 1, got 0"):
+        torch.ops.dopamine.evaluations(antithetic=antithetic, directions=0)
+
+
 def test_finish_checks_everything_before_it_writes():
     params, masters, state, losses = step_args("cpu")
     plan = torch.ops.dopamine.plan_step(state, losses, **plan_options())
