@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make` needs and is missing: a C++ toolchain, CMake,
 # GoogleTest and gloo's headers (Debian packages), torch (pinned) and the Python packages the
-# build, the tests and the benchmarks use (requirements.txt).
+# build, the tests and the benchmarks use (requirements.txt), and the frameworks
+# the integrations serve (requirements-integrations.txt).
 # Safe to run again: it installs nothing that is already there.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -33,5 +34,13 @@ if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
 elif ! "$PYTHON" -c 'import scikit_build_core, pytest, hypothesis, numpy, matplotlib, sklearn' 2>/dev/null; then
   echo "setup: installing Python packages from requirements.txt, torch excepted"
   grep -v '^torch' requirements.txt | "$PYTHON" -m pip install -q -r /dev/stdin
+fi
+# The frameworks of torch_dopamine.integrations, held to the torch already
+# here; their tests skip, saying why, where these are missing.
+if ! "$PYTHON" -c 'import transformers, accelerate, lightning' 2>/dev/null; then
+  echo "setup: installing requirements-integrations.txt"
+  torch_pin="torch==$("$PYTHON" -c 'import torch; print(torch.__version__)')"
+  echo "$torch_pin" | "$PYTHON" -m pip install -q -r requirements-integrations.txt -c /dev/stdin ||
+    echo "setup: WARNING: requirements-integrations.txt did not install; the integration tests will skip"
 fi
 "$PYTHON" -c 'import torch; print("setup: torch", torch.__version__)'
