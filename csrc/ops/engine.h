@@ -50,7 +50,8 @@ constexpr int64_t kMaxDirections = 65536;
 enum class Adaptation : int64_t {
   None = 0,
   RpeNormalized = 1,
-  RpeTracking = 2
+  RpeTracking = 2,
+  LossSpread = 3
 };
 
 // A group's options as pack_options returns them: one float64 list, the
@@ -147,6 +148,29 @@ C10_HOST_DEVICE inline int64_t loss_index(bool antithetic,
   return at.offset == 0 ? 0 : at.direction + 1;
 }
 
+// The sample standard deviation of a step's perturbed losses (every loss but
+// L0), the scale loss_spread divides lr by (docs/DESIGN.md, "The
+// algorithm"); pack_options ensures there are at least two.
+C10_HOST_DEVICE inline double perturbed_loss_spread(const double* losses,
+                                                    const GroupOptions& o) {
+  const int64_t count = loss_count(o.antithetic, o.directions);
+  double sum = 0, perturbed = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (evaluation_at(o.antithetic, i).offset != 0) {
+      sum += losses[i];
+      perturbed += 1;
+    }
+  }
+  const double mean = sum / perturbed;
+  double squares = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (evaluation_at(o.antithetic, i).offset != 0) {
+      squares += (losses[i] - mean) * (losses[i] - mean);
+    }
+  }
+  return std::sqrt(squares / (perturbed - 1));
+}
+
 // The rule of docs/DESIGN.md, "The algorithm", for one group: the plan of a
 // step from its losses, in loss_index's order. Direction j's RPE compares
 // L(theta + sigma z_j) with L0, or with antithetic with L(theta - sigma z_j),
@@ -185,6 +209,8 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
     magnitude = o.beta_s * magnitude + (1 - o.beta_s) * mean_magnitude;
     const double previous = updates == 1 ? o.lr : state[kCurrentLr];
     lr = (1 - o.beta_eta) * previous + o.beta_eta * magnitude;
+  } else if (o.mode == Adaptation::LossSpread) {
+    lr = o.lr / (perturbed_loss_spread(losses, o) + o.eps);
   }
   if (o.has_lr_min) {
     lr = lr < o.lr_min ? o.lr_min : lr;

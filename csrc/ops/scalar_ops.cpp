@@ -68,10 +68,17 @@ void check_packed(const double* p) {
   const auto is_code = [](double value, int last) {
     return value >= 0 && value <= last && value == std::floor(value);
   };
-  TORCH_CHECK(is_code(p[kLrAdaptation], 2),
+  TORCH_CHECK(is_code(p[kLrAdaptation], 3),
               "Dopamine: invalid lr_adaptation code ",
               p[kLrAdaptation],
-              " (0 none, 1 rpe_normalized, 2 rpe_tracking)");
+              " (0 none, 1 rpe_normalized, 2 rpe_tracking, 3 loss_spread)");
+  // The spread of the perturbed losses needs two of them.
+  TORCH_CHECK_VALUE(
+      !(p[kLrAdaptation] == 3 && p[kAntithetic] == 0 && directions < 2),
+      "Dopamine: invalid num_perturbations: ",
+      directions,
+      " with lr_adaptation=loss_spread (expected >= 2, or antithetic=True: "
+      "the rule divides by the spread of the perturbed losses)");
   TORCH_CHECK(is_code(p[kNoise], 1),
               "Dopamine: invalid noise code ",
               p[kNoise],

@@ -27,6 +27,8 @@ std::string to_string(LrAdaptation mode) {
       return "rpe_normalized";
     case LrAdaptation::RpeTracking:
       return "rpe_tracking";
+    case LrAdaptation::LossSpread:
+      return "loss_spread";
   }
   return "LrAdaptation(" + std::to_string(static_cast<int64_t>(mode)) + ")";
 }

@@ -20,6 +20,10 @@ enum class LrAdaptation : int64_t {
   RpeNormalized = 1,
   // eta_t = (1 - beta_eta) eta_{t-1} + beta_eta s_t, s the EMA of |delta|.
   RpeTracking = 2,
+  // eta_t = lr / (s_t + eps), s_t the standard deviation of this step's
+  // perturbed losses: FZOO's normalisation (arXiv 2506.09034). Needs two
+  // perturbed losses: num_perturbations >= 2, or antithetic.
+  LossSpread = 3,
 };
 
 // What a step does when a loss is NaN or infinite.

@@ -42,7 +42,7 @@ OLDER_STATE_VALUES = {"antithetic": False, "num_perturbations": 1, "restore_rng"
 # The names of the C++ enums' values, in the order of their codes
 # (include/dopamine/options.h): the ops take the codes.
 ENUM_NAMES = {
-    "lr_adaptation": ("none", "rpe_normalized", "rpe_tracking"),
+    "lr_adaptation": ("none", "rpe_normalized", "rpe_tracking", "loss_spread"),
     "noise": ("gaussian", "rademacher"),
     "non_finite_loss": ("skip", "raise"),
 }

@@ -159,7 +159,10 @@ class Dopamine(Optimizer):
         lr_adaptation: ``"rpe_normalized"`` (default; ``eta_t = lr / (m_hat + eps)``,
             ``m_hat`` the bias-corrected EMA of ``|delta| / sigma``), ``"rpe_tracking"``
             (``eta_t = (1 - beta_eta) eta_{t-1} + beta_eta s_t``, ``s`` the EMA of
-            ``|delta|``) or ``"none"`` (standard weight perturbation).
+            ``|delta|``), ``"loss_spread"`` (``eta_t = lr / (s_t + eps)``, ``s_t`` the
+            sample standard deviation of the step's perturbed losses, FZOO's rule; needs
+            ``num_perturbations >= 2`` or ``antithetic``) or ``"none"`` (standard weight
+            perturbation).
         beta: EMA constant of ``rpe_normalized``, in [0, 1).
         beta_s: EMA constant of ``rpe_tracking``'s RPE magnitude, in [0, 1).
         beta_eta: ``rpe_tracking``'s learning-rate tracking rate, in [0, 1].

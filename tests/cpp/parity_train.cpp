@@ -76,7 +76,8 @@ std::pair<size_t, dopamine::DopamineOptions> parse_group(
       o.lr_adaptation(parse_enum(value,
                                  {LrAdaptation::None,
                                   LrAdaptation::RpeNormalized,
-                                  LrAdaptation::RpeTracking}));
+                                  LrAdaptation::RpeTracking,
+                                  LrAdaptation::LossSpread}));
     } else if (key == "noise") {
       o.noise(parse_enum(value, {Noise::Gaussian, Noise::Rademacher}));
     } else if (key == "seed") {

@@ -288,6 +288,10 @@ TEST(InvalidOptions, RejectedAtConstruction) {
       {DopamineOptions().num_perturbations(0), {"num_perturbations", "0"}},
       {DopamineOptions().num_perturbations(65537),
        {"num_perturbations", "65537", "[1, 65536]"}},
+      {DopamineOptions()
+           .lr_adaptation(LrAdaptation::LossSpread)
+           .num_perturbations(1),
+       {"num_perturbations: 1 with lr_adaptation=loss_spread"}},
   };
   for (const auto& c : cases) {
     auto param = torch::zeros({2});

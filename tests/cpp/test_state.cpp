@@ -25,15 +25,17 @@ std::vector<torch::Tensor> train_xor(XorNet& net,
 
 class Resume : public ::testing::TestWithParam<LrAdaptation> {};
 
-// The rpe_tracking case is antithetic and the none case takes three
-// directions: the options are saved with the group.
+// The rpe_tracking case is antithetic, the none case takes three directions
+// and the loss_spread case two: the options are saved with the group.
 TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
   const auto options =
       DopamineOptions(0.1)
           .lr_adaptation(GetParam())
           .seed(3)
           .antithetic(GetParam() == LrAdaptation::RpeTracking)
-          .num_perturbations(GetParam() == LrAdaptation::None ? 3 : 1);
+          .num_perturbations(GetParam() == LrAdaptation::None         ? 3
+                             : GetParam() == LrAdaptation::LossSpread ? 2
+                                                                      : 1);
   auto straight = make_xor_net(1);
   Dopamine straight_optimizer(straight->parameters(), options);
   const auto expected = train_xor(straight, straight_optimizer, 40);
@@ -67,7 +69,8 @@ INSTANTIATE_TEST_SUITE_P(AllModes,
                          Resume,
                          ::testing::Values(LrAdaptation::None,
                                            LrAdaptation::RpeNormalized,
-                                           LrAdaptation::RpeTracking),
+                                           LrAdaptation::RpeTracking,
+                                           LrAdaptation::LossSpread),
                          [](const auto& info) {
                            return to_string(info.param);
                          });

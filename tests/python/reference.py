@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import noise_oracle
 import torch_dopamine
-from torch_dopamine._options import pack
+from torch_dopamine._options import ENUM_NAMES, pack
 
 
 def pack_options(overrides):
@@ -19,6 +19,8 @@ def pack_options(overrides):
 
 
 NOISE_CODES = {"gaussian": 0, "rademacher": 1}
+# Every lr_adaptation rule, so that a new one is tested wherever the others are.
+LR_ADAPTATIONS = list(ENUM_NAMES["lr_adaptation"])
 # Unit roundoff (half an ulp at 1) of each parameter dtype.
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
@@ -134,6 +136,11 @@ class ReferenceDopamine:
                 s = o["beta_s"] * g["s"] + (1 - o["beta_s"]) * magnitude
                 previous = o["lr"] if n == 1 else g["eta"]
                 eta = (1 - o["beta_eta"]) * previous + o["beta_eta"] * s
+            elif o["lr_adaptation"] == "loss_spread":
+                perturbed = losses if antithetic else losses[1:]
+                mean = sum(perturbed) / len(perturbed)
+                spread = math.sqrt(sum((loss - mean) ** 2 for loss in perturbed) / (len(perturbed) - 1))
+                eta = o["lr"] / (spread + o["eps"])
             if o.get("lr_min") is not None:
                 eta = max(eta, o["lr_min"])
             if o.get("lr_max") is not None:

@@ -11,6 +11,7 @@ import torch
 
 import torch_dopamine
 from reference import (
+    LR_ADAPTATIONS,
     XOR_INPUTS,
     XOR_TARGETS,
     ReferenceDopamine,
@@ -44,7 +45,7 @@ def host_syncs_forbidden():
             setattr(torch.Tensor, name, method)
 
 
-@pytest.mark.parametrize("mode", ["none", "rpe_normalized", "rpe_tracking"])
+@pytest.mark.parametrize("mode", LR_ADAPTATIONS)
 def test_capturable_step_makes_no_host_sync_and_matches_the_default(device, mode):
     params, loss = quadratic([5, 3], device, dtype=torch.float32)
     twin = snapshot(params)

@@ -2,6 +2,7 @@
 check of the torch version at import."""
 
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 import torch_dopamine
 from torch_dopamine._options import op_arguments
 from parity import ParityModel, train_both
-from reference import XOR_INPUTS, XOR_TARGETS, move, same_bits, snapshot, state_at, xor_loss, xor_net
+from reference import LR_ADAPTATIONS, XOR_INPUTS, XOR_TARGETS, move, same_bits, snapshot, state_at, xor_loss, xor_net
 
 
 def step_args(device):
@@ -90,7 +91,7 @@ def test_pack_options_names_every_option_once_and_plan_step_checks_a_packed_list
     packed = plan_options()["options"]
     with pytest.raises(RuntimeError, match="options must be the 21 numbers pack_options returns, got 20"):
         torch.ops.dopamine.plan_step(state, losses, options=packed[:-1])
-    for field, bad, message in ((2, 3.0, "invalid lr_adaptation code 3"), (1, -1.0, "invalid sigma: -1"),
+    for field, bad, message in ((2, 4.0, "invalid lr_adaptation code 4"), (1, -1.0, "invalid sigma: -1"),
                                 (19, 2.5, "invalid num_perturbations: 2.5")):
         forged = list(packed)
         forged[field] = bad
@@ -122,6 +123,26 @@ def test_fake_kernels_check_arguments_without_computing():
     move(meta, state_at(1, "meta"), indices=[0])
 
 
+def test_loss_spread_divides_lr_by_the_sample_deviation_of_the_perturbed_losses():
+    """FZOO's normalisation: L0 is left out of the spread; with antithetic
+    every loss is perturbed."""
+    losses = torch.tensor([1.0, 1.5, 0.5], dtype=torch.float64)
+    plan = torch.ops.dopamine.plan_step(state_at(1), losses, **plan_options(lr_adaptation=3, num_perturbations=2)).tolist()
+    lr = 0.1 / (math.sqrt(0.5) + 1e-8)  # the deviation of {1.5, 0.5}
+    assert plan[4] == pytest.approx(lr, rel=1e-15)
+    assert plan[11:13] == pytest.approx([lr * 0.5 / 0.01 / 2, -lr * 0.5 / 0.01 / 2], rel=1e-15)
+    losses = torch.tensor([1.0, 2.0, 4.0, 1.0], dtype=torch.float64)
+    plan = torch.ops.dopamine.plan_step(
+        state_at(1), losses, **plan_options(lr_adaptation=3, num_perturbations=2, antithetic=True)
+    ).tolist()
+    assert plan[4] == pytest.approx(0.1 / (statistics.stdev([1.0, 2.0, 4.0, 1.0]) + 1e-8), rel=1e-15)
+    with pytest.raises(ValueError, match="invalid num_perturbations: 1 with lr_adaptation=loss_spread"):
+        torch.ops.dopamine.pack_options(**option_arguments(lr_adaptation=3))
+    with pytest.raises(ValueError, match="invalid num_perturbations: 1 with lr_adaptation=loss_spread"):
+        torch_dopamine.Dopamine([torch.zeros(2, requires_grad=True)], lr_adaptation="loss_spread", num_perturbations=1)
+    torch_dopamine.Dopamine([torch.zeros(2, requires_grad=True)], lr_adaptation="loss_spread", num_perturbations=1, antithetic=True)
+
+
 def test_plan_computes_the_spec_rule():
     state = state_at(1)
     losses = torch.tensor([1.0, 1.5], dtype=torch.float64)
@@ -135,8 +156,8 @@ def test_plan_computes_the_spec_rule():
     plan = torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=2, beta_s=0.5, beta_eta=0.25, lr_max=0.06))
     # s = 0.5 * 1 + 0.5 * 0.5 = 0.75; eta = 0.75 * 0.2 + 0.25 * 0.75 = 0.3375, clamped.
     assert plan[3].item() == pytest.approx(0.75) and plan[4].item() == 0.06
-    with pytest.raises(RuntimeError, match="invalid lr_adaptation code 3"):
-        torch.ops.dopamine.pack_options(**option_arguments(lr_adaptation=3))
+    with pytest.raises(RuntimeError, match="invalid lr_adaptation code 4"):
+        torch.ops.dopamine.pack_options(**option_arguments(lr_adaptation=4))
     for bad in ([1.0, math.nan], [math.inf, 1.0]):
         plan = torch.ops.dopamine.plan_step(state, torch.tensor(bad, dtype=torch.float64), **plan_options())
         assert plan[6].item() == 0
@@ -198,7 +219,7 @@ def test_cpp_optimizer_trains_a_python_saved_module_bit_identically(build_dir, t
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("mode", ["none", "rpe_normalized", "rpe_tracking"])
+@pytest.mark.parametrize("mode", LR_ADAPTATIONS)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("antithetic", [False, True])
 def test_cpp_and_python_optimizers_compute_the_same_bits(build_dir, tmp_path, mode, noise, weight_decay, antithetic):

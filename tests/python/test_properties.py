@@ -15,7 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import torch_dopamine  # noqa: E402
 from parity import train_both  # noqa: E402
-from reference import NOISE_CODES, UNIT_ROUNDOFF, move, ops_noise, state_at  # noqa: E402
+from reference import LR_ADAPTATIONS, NOISE_CODES, UNIT_ROUNDOFF, move, ops_noise, state_at  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "transposed", "strided", "channels_last", "expanded"]
@@ -47,7 +47,7 @@ def parameters(draw, layouts=LAYOUTS, dtypes=DTYPES):
 OPTIONS = dict(
     lr=st.floats(1e-4, 1.0),
     sigma=st.floats(1e-3, 1.0),
-    lr_adaptation=st.sampled_from(["none", "rpe_normalized", "rpe_tracking"]),
+    lr_adaptation=st.sampled_from(LR_ADAPTATIONS),
     weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
     noise=st.sampled_from(list(NOISE_CODES)),
     seed=st.integers(-(2**63), 2**63 - 1),

@@ -9,10 +9,8 @@ import torch
 from torch.optim import lr_scheduler
 
 import torch_dopamine
-from reference import ReferenceDopamine, isclose, quadratic, same_bits, snapshot
+from reference import LR_ADAPTATIONS, ReferenceDopamine, isclose, quadratic, same_bits, snapshot
 from test_update_rule import DEFAULTS
-
-MODES = ["none", "rpe_normalized", "rpe_tracking"]
 
 
 def two_group_optimizer(params, mode):
@@ -25,7 +23,7 @@ def two_group_optimizer(params, mode):
 
 
 @pytest.mark.parametrize("through_disk", [False, True], ids=["in_memory", "disk"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", LR_ADAPTATIONS)
 def test_resume_is_bit_identical(device, mode, through_disk, tmp_path):
     params, loss = quadratic([5, 4], device, dtype=torch.float32)
     opt = two_group_optimizer(params, mode)

@@ -12,7 +12,7 @@ import torch
 
 import torch_dopamine
 from parity import ParityModel, group_argument
-from reference import same_bits
+from reference import LR_ADAPTATIONS, same_bits
 
 
 def network(dtype=torch.float32, seed=0):
@@ -52,7 +52,7 @@ def run_and_replay(params, loss, steps, **options):
 
 @pytest.mark.parametrize("antithetic", [False, True])
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("lr_adaptation", ["none", "rpe_normalized", "rpe_tracking"])
+@pytest.mark.parametrize("lr_adaptation", LR_ADAPTATIONS)
 def test_replay_rebuilds_the_parameters_bit_for_bit(lr_adaptation, noise, antithetic):
     params, loss = network()
     replayed, trajectory = run_and_replay(
