@@ -68,10 +68,17 @@ CONTENDERS = {
         _forward_only("dopamine[gaussian]", "dopamine", noise="gaussian"),
         # Standard WP: Gaussian noise, one direction, no adaptation.
         _forward_only("wp", "wp", lr_adaptation="none", noise="gaussian", num_perturbations=1),
+        # The defaults without the RPE rule: WP with their four Rademacher
+        # directions, the ablation that tells the rule from the averaging.
+        _forward_only("wp[k=4]", "wp", lr_adaptation="none"),
         # MeZO's estimator: the central difference of Gaussian noise along one
         # direction, no adaptation; SPSA's: the same with Rademacher noise.
         _forward_only("zo-sgd[central]", "wp", lr_adaptation="none", antithetic=True, noise="gaussian", num_perturbations=1),
         _forward_only("spsa", "wp", lr_adaptation="none", antithetic=True, noise="rademacher", num_perturbations=1),
+        # FZOO's estimator (arXiv 2506.09034): one-sided Rademacher
+        # directions against one base loss, the step divided by the spread of
+        # their losses; as many directions as the defaults.
+        _forward_only("fzoo", "fzoo", lr_adaptation="loss_spread", noise="rademacher"),
         Contender("sgd", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr)),
         Contender("sgd[foreach]", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr, foreach=True)),
         Contender("adam", "adam", True, lambda p, lr, sigma, seed: torch.optim.Adam(p, lr=lr)),
@@ -88,8 +95,10 @@ TASK_CONTENDERS = [
     "dopamine[k=1,antithetic]",
     "dopamine[gaussian]",
     "wp",
+    "wp[k=4]",
     "zo-sgd[central]",
     "spsa",
+    "fzoo",
     "sgd",
     "adam",
 ]
@@ -132,11 +141,20 @@ class Run:
     seconds: float = 0.0
     steps: int = 0
     curve: List[tuple] = dataclasses.field(default_factory=list)
+    # Where set (fine-tuning), the held-out metric a run must end at or below:
+    # the pretrained model's.
+    metric_limit: Optional[float] = None
 
     @property
     def diverged(self) -> bool:
-        """A non-finite loss, or a last loss above the first."""
-        return not math.isfinite(self.final_loss) or self.final_loss > self.initial_loss
+        """A non-finite loss; else, with a metric limit, a last metric above
+        it (a fine-tuning that made the model worse), without one a last
+        training loss above the first."""
+        if not math.isfinite(self.final_loss):
+            return True
+        if self.metric_limit is not None:
+            return self.final_metric is None or not self.final_metric <= self.metric_limit
+        return self.final_loss > self.initial_loss
 
 
 def train(
@@ -154,14 +172,15 @@ def train(
     before_step: Optional[Callable[[], None]] = None,
     after_step: Optional[Callable[[], None]] = None,
     schedule: str = "constant",
+    metric_limit: Optional[float] = None,
 ) -> Run:
     """Trains for `steps` steps with the base learning rate `lr` under
     `schedule`. The clock runs during optimizer steps only, not during
     evaluations or the task's own hooks (drawing a minibatch before a step,
     a projection after it). `reached(loss, metric)` says when the target is
-    met."""
+    met; `metric_limit` is Run's."""
     optimizer = contender.make(params, lr, sigma, seed)
-    run = Run()
+    run = Run(metric_limit=metric_limit)
     elapsed = 0.0
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
@@ -188,6 +207,47 @@ def train(
                     break
     run.seconds, run.steps = elapsed, step
     return run
+
+
+def peak_step_bytes(
+    contender: Contender,
+    params: List[torch.Tensor],
+    loss_fn: Callable[[], torch.Tensor],
+    lr: float,
+    sigma: float,
+    before_step: Optional[Callable[[], None]] = None,
+) -> Dict[str, int]:
+    """What a training step allocates at its peak, above what was allocated
+    before it (the optimizer's construction and state, activations kept for
+    a backward, gradients, noise), counted by the profiler's allocation
+    events over two steps; and the same for inference (one forward of the
+    same loss under no_grad). CPU and CUDA allocations both count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def peak(work: Callable[[], None]) -> int:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities, profile_memory=True) as prof:
+            work()
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+        held = highest = 0
+        for event in events:
+            held += event.nbytes()
+            highest = max(highest, held)
+        return highest
+
+    def inference() -> None:
+        with torch.no_grad():
+            loss_fn()
+
+    def training() -> None:
+        optimizer = contender.make(params, lr, sigma, 0)
+        for _ in range(2):
+            take_step(optimizer, contender, loss_fn)
+        del optimizer
+
+    if before_step:
+        before_step()
+    return dict(inference=peak(inference), step=peak(training))
 
 
 def median(values):

@@ -16,7 +16,10 @@ tuning is separate from scoring.
 - Figures: medians over the scoring seeds with a 95% bootstrap interval,
   success rates, divergences, and steps, forward passes and seconds to
   target; every contender has the same horizon, and the metric at an equal
-  budget of forward passes is read off each run's curve.
+  budget of forward passes is read off each run's curve. On tasks that run
+  their whole horizon, so is the metric at an equal time: the median
+  training time of the contender that finishes first. Fine-tuning also
+  measures each contender's peak memory against inference.
 
 Runs go to a pool of worker processes with one intra-op thread each (the
 models are small), so a run's seconds are measured beside the other
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 import tasks
-from harness import CONTENDERS, SCHEDULES, median, record, train
+from harness import CONTENDERS, SCHEDULES, TASK_CONTENDERS, median, peak_step_bytes, record, train
 
 TUNING_SEEDS = (1000, 1001, 1002)
 GRID_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
@@ -69,7 +72,8 @@ def description(task_list: Sequence[tasks.Task]) -> dict:
         scoring_seeds={task.name: task.seeds for task in task_list},
         grid=f"lr = centre x {{{', '.join(f'{f:.3g}' for f in GRID_FACTORS)}}} per task and optimizer family",
         schedules=list(SCHEDULES),
-        divergence="a non-finite loss, or a last training loss above the first",
+        divergence="a non-finite loss, or a last training loss above the first (fine-tuning: a last held-out loss "
+        "above the pretrained model's)",
         bootstrap_resamples=BOOTSTRAP_RESAMPLES,
     )
 
@@ -83,6 +87,12 @@ class Job:
     schedule: str
     seed: int
     split: str  # the held-out set that judges the run: "validation" or "test"
+
+
+def contenders_of(task: tasks.Task, chosen: Optional[Sequence[str]] = None) -> List[str]:
+    """The task's contenders, or those of `chosen` that are among them."""
+    own = list(task.contenders or TASK_CONTENDERS)
+    return [name for name in chosen if name in own] if chosen else own
 
 
 def _one_thread() -> None:
@@ -109,6 +119,7 @@ def _run(job: Job) -> dict:
         setup.get("before_step"),
         setup.get("after_step"),
         schedule=job.schedule,
+        metric_limit=setup.get("metric_limit"),
     )
     return dict(
         steps_to_target=run.steps_to_target,
@@ -119,17 +130,29 @@ def _run(job: Job) -> dict:
         seconds=run.seconds,
         steps=run.steps,
         curve=run.curve,
+        metric_limit=run.metric_limit,
     )
 
 
-def run_jobs(jobs: Sequence[Job], workers: int, progress, label: str) -> List[dict]:
-    """Every job's result, in order, from `workers` processes; a progress
-    line about every tenth of the way."""
+def _memory(job: Job) -> Dict[str, int]:
+    """The peak memory of the job's contender against inference, in a worker
+    process (harness.peak_step_bytes), with the bytes of the model's
+    weights, which both hold."""
+    task = tasks.task_named(job.task, job.full)
+    setup = task.setup(job.seed, job.split)
+    peaks = peak_step_bytes(CONTENDERS[job.contender], setup["params"], setup["loss_fn"], job.lr, task.sigma, setup.get("before_step"))
+    weights = sum(t.numel() * t.element_size() for t in setup["model"].state_dict().values())
+    return dict(peaks, weights=weights)
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, progress, label: str, work=_run) -> List[dict]:
+    """Every job's `work` (a training run by default), in order, from
+    `workers` processes; a progress line about every tenth of the way."""
     results = []
     started = time.perf_counter()
     every = max(1, len(jobs) // 10)
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
-        for done, result in enumerate(pool.imap(_run, jobs), start=1):
+        for done, result in enumerate(pool.imap(work, jobs), start=1):
             results.append(result)
             if done % every == 0 or done == len(jobs):
                 elapsed = time.perf_counter() - started
@@ -159,6 +182,16 @@ def value_at_forwards(task: tasks.Task, run: dict, contender_name: str) -> float
     if run["diverged"] and run["steps"] <= last_step:
         return worst(task)
     points = [metric if metric is not None else loss for step, _, loss, metric in run["curve"] if step <= last_step]
+    return points[-1] if points and math.isfinite(points[-1]) else worst(task)
+
+
+def value_at_seconds(task: tasks.Task, run: dict, seconds: float) -> float:
+    """The metric when the run had trained for `seconds` (optimizer steps
+    only): the last evaluation by then; the worst if it diverged before, or
+    had no evaluation by then."""
+    if run["diverged"] and run["seconds"] <= seconds:
+        return worst(task)
+    points = [metric if metric is not None else loss for _, elapsed, loss, metric in run["curve"] if elapsed <= seconds]
     return points[-1] if points and math.isfinite(points[-1]) else worst(task)
 
 
@@ -200,6 +233,8 @@ def trial_score(task: tasks.Task, runs: List[dict]) -> tuple:
 def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: int, progress) -> Dict[str, dict]:
     """Every contender's trials on the tuning seeds and the configuration
     the task's rule selects, for benchmarks/tuned.json."""
+    if task.prepare:
+        task.prepare(progress)
     trials = [(name, lr, schedule) for name in contender_names for lr in grid(task, name) for schedule in SCHEDULES]
     jobs = [Job(task.name, full, name, lr, schedule, seed, "validation") for name, lr, schedule in trials for seed in TUNING_SEEDS]
     results = run_jobs(jobs, workers, progress, f"tuning {task.name}")
@@ -232,12 +267,27 @@ def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: 
 def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, progress) -> List[dict]:
     """One record per contender: its tuned configuration on the scoring
     seeds."""
+    if task.prepare:
+        task.prepare(progress)
     names = list(tuned)
     jobs = [Job(task.name, full, name, tuned[name]["lr"], tuned[name]["schedule"], seed, "test") for name in names for seed in task.seeds]
     results = run_jobs(jobs, workers, progress, f"scoring {task.name}")
+    runs_of = {name: results[i * len(task.seeds) : (i + 1) * len(task.seeds)] for i, name in enumerate(names)}
+    # Equal time: the median time the fastest contender takes for the
+    # horizon (a run stopped early counted at its pace); every contender is
+    # read at that time.
+    equal_seconds = (
+        None
+        if task.stop_at_target
+        else min(statistics.median(r["seconds"] / r["steps"] * task.steps for r in runs) for runs in runs_of.values())
+    )
+    memory = {}
+    if task.measure_memory:
+        memory_jobs = [Job(task.name, full, name, tuned[name]["lr"], tuned[name]["schedule"], task.seeds[0], "test") for name in names]
+        memory = dict(zip(names, run_jobs(memory_jobs, workers, progress, f"peak memory on {task.name}", _memory)))
     records = []
-    for i, name in enumerate(names):
-        runs = results[i * len(task.seeds) : (i + 1) * len(task.seeds)]
+    for name in names:
+        runs = runs_of[name]
         contender = CONTENDERS[name]
         entry = tuned[name]
         solved = [r for r in runs if r["steps_to_target"] is not None]
@@ -276,6 +326,20 @@ def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, pr
                 curve=runs[0]["curve"],
             )
         )
+        if runs[0]["metric_limit"] is not None:
+            records[-1]["metric_limit"] = runs[0]["metric_limit"]
+        if equal_seconds is not None:
+            at_seconds = [value_at_seconds(task, r, equal_seconds) for r in runs]
+            records[-1].update(
+                equal_seconds_budget=equal_seconds, metric_at_equal_seconds=statistics.median(at_seconds), ci95_at_equal_seconds=bootstrap_ci(at_seconds)
+            )
+        if name in memory:
+            peaks = memory[name]
+            records[-1].update(
+                peak_memory_bytes=peaks["weights"] + peaks["step"],
+                inference_memory_bytes=peaks["weights"] + peaks["inference"],
+                memory_vs_inference=(peaks["weights"] + peaks["step"]) / (peaks["weights"] + peaks["inference"]),
+            )
         row = records[-1]
         progress(
             f"scoring {task.name}: {name} (lr {entry['lr']:g} {entry['schedule']}): solved {len(solved)}/{len(runs)}, "

@@ -16,9 +16,15 @@ import math
 import protocol
 
 TASKS = ["xor", "lorenz", "rossler", "digits"]
+FINETUNE_TASKS = ["finetune-full", "finetune-lora"]
 GRADIENT = ("sgd", "sgd[foreach]", "adam", "adam[foreach]", "adam[fused]")
-# The forward-only peers the default must beat (issue 12's target).
-PEERS = ("wp", "zo-sgd[central]")
+# The forward-only peers the default must beat, as the report names them.
+PEERS = {
+    "wp": "standard WP",
+    "wp[k=4]": "WP with the defaults' four directions",
+    "zo-sgd[central]": "MeZO's central difference",
+    "fzoo": "FZOO",
+}
 
 
 def _fmt(value, digits=3):
@@ -77,6 +83,11 @@ def _versus(task: str, row: dict, other: dict) -> str:
     return f"{a / b:.2f}x the {what}" if math.isfinite(a) and math.isfinite(b) and b > 0 else f"{_fmt(a)} vs {_fmt(b)} {what}"
 
 
+def _configuration(record) -> str:
+    """A record's configuration as `key: value` pairs, its text as written."""
+    return "Configuration: " + ", ".join(f"**{key}**: {value}" for key, value in (record["config"] or {}).items())
+
+
 def _claims(records) -> List[str]:
     rows_by_task = {task: _selected(records, task) for task in TASKS if _selected(records, task)}
     lines = [
@@ -119,14 +130,51 @@ def _claims(records) -> List[str]:
     verdict = all(wins[peer] == n for peer in PEERS)
     lines += [
         "",
-        f"- **Dopamine beats standard WP**: on {wins['wp']} of {n} tasks. "
-        f"**Beats MeZO's central difference (zo-sgd[central])**: on {wins['zo-sgd[central]']} of {n} tasks. The target (all "
-        f"four against both) is {'met' if verdict else '**not met**'} by this run.",
+        "- Dopamine beats "
+        + "; ".join(f"**{title}** ({peer}) on {wins[peer]} of {n} tasks" for peer, title in PEERS.items())
+        + f". The target (every task against every peer) is {'met' if verdict else '**not met**'} by this run.",
         "- Ratios at equal forwards compare each run's metric when it had spent the same number of forward passes "
         f"({protocol.BUDGET_FORWARDS_PER_STEP} per step of the horizon; a backward counts as two), read off its curve: a "
         "cosine schedule tuned for the whole horizon is then read mid-decay, which favours constant schedules.",
     ]
     return lines
+
+
+# Three step-size rules over the defaults' four Rademacher directions: the
+# ablation that tells what the RPE rule adds to the averaging of directions.
+RULES = {"dopamine": "RPE (the default)", "wp[k=4]": "none (WP)", "fzoo": "loss spread (FZOO)"}
+
+
+def _rule_ablation(records) -> List[str]:
+    rows_by_task = {task: _selected(records, task) for task in TASKS}
+    rows_by_task = {task: rows for task, rows in rows_by_task.items() if all(name in rows for name in RULES)}
+    if not rows_by_task:
+        return []
+    lines = [
+        "## The RPE rule against the same directions without it",
+        "",
+        "The same four Rademacher directions a step (5 forward passes), each rule tuned with the same budget, so equal "
+        "steps are equal forward passes. XOR: seeds solved and median steps to target; the others: median final metric "
+        "[95% CI]; then divergences.",
+        "",
+        "| task | " + " | ".join(f"{title} (`{name}`)" for name, title in RULES.items()) + " | RPE against none | RPE against loss spread |",
+        "|---|" + "---|" * (len(RULES) + 2),
+    ]
+    for task, rows in rows_by_task.items():
+        cells = []
+        for name in RULES:
+            r = rows[name]
+            figure = (
+                f"{r['success_rate']:.0%}, {_fmt(r['median_steps_to_target'])} steps"
+                if task == "xor"
+                else f"{_fmt(r['final_metric'], 4)} {_ci(r.get('ci95'))}"
+            )
+            cells.append(f"{figure}; {r['divergences']}/{r['config'].get('seeds', '?')} diverged")
+        d = rows["dopamine"]
+        for other in ("wp[k=4]", "fzoo"):
+            cells.append(f"{'**beats**' if protocol.beats(d, rows[other]) else 'loses'} ({_versus(task, d, rows[other])})")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _plot_task(task: str, rows: Dict[str, dict], out: Path) -> Optional[str]:
@@ -157,6 +205,71 @@ def _plot_task(task: str, rows: Dict[str, dict], out: Path) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def _finetuning(records, out: Path) -> List[str]:
+    """The fine-tuning tasks: test loss and perplexity at the horizon, at
+    equal forward passes and at equal time, and peak memory against
+    inference."""
+    rows_by_task = {task: _selected(records, task) for task in FINETUNE_TASKS if _selected(records, task)}
+    if not rows_by_task:
+        return []
+    lines = [
+        "## Fine-tuning a pretrained language model",
+        "",
+        "Test loss in nats per byte (perplexity per byte = e^loss), medians over the scoring seeds with 95% intervals. Equal "
+        "forwards: each run's loss after the budget of forward passes (a backward counting as two); equal time: after the "
+        "median training time of the contender that finishes the horizon first. Memory: the model's weights plus the peak a "
+        "step allocates (optimizer state, activations kept for the backward, gradients), against the weights plus the peak "
+        "of one no-grad forward of the same batch (profiler allocation events, one run per optimizer).",
+        "",
+    ]
+    for task, rows in rows_by_task.items():
+        first = next(iter(rows.values()))
+        lines += [
+            f"### {task}",
+            "",
+            _configuration(first),
+            "",
+            f"Selection: {first.get('chosen_by')}. Scoring seeds {first.get('scoring_seeds')}; equal forwards: "
+            f"{first.get('equal_forwards_budget')}; equal time: {_fmt(first.get('equal_seconds_budget'))} s.",
+            "",
+            "| optimizer | lr, schedule | diverged | test loss [95% CI] | perplexity | at equal forwards [95% CI] "
+            "| at equal time [95% CI] | peak memory | / inference | ms/step | fwd/bwd per step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            edge = " (grid edge)" if r.get("at_grid_edge") else ""
+            memory = r.get("peak_memory_bytes")
+            lines.append(
+                f"| {name} | {_fmt(r['config']['lr'])} {r.get('schedule')}{edge} | {r.get('divergences')}/{r['config'].get('seeds')} "
+                f"| {_fmt(r['final_metric'], 4)} {_ci(r.get('ci95'), 4)} | {_fmt(math.exp(r['final_metric']), 4)} "
+                f"| {_fmt(r.get('metric_at_equal_forwards'), 4)} {_ci(r.get('ci95_at_equal_forwards'), 4)} "
+                f"| {_fmt(r.get('metric_at_equal_seconds'), 4)} {_ci(r.get('ci95_at_equal_seconds'), 4)} "
+                f"| {_fmt(memory / 2**20 if memory else None)} MiB | {_fmt(r.get('memory_vs_inference'))}x "
+                f"| {_fmt(r['ms_per_step'])} | {r['forward_passes_per_step']}/{r['backward_passes_per_step']} |"
+            )
+        d = rows.get("dopamine")
+        if d:
+            start = d.get("metric_limit")
+            lines += [
+                "",
+                "Dopamine (default) minus each contender, test loss (negative: Dopamine lower): "
+                + "; ".join(
+                    f"{name}: {d['final_metric'] - r['final_metric']:+.4f} at the horizon, "
+                    f"{d['metric_at_equal_forwards'] - r['metric_at_equal_forwards']:+.4f} at equal forwards, "
+                    f"{d['metric_at_equal_seconds'] - r['metric_at_equal_seconds']:+.4f} at equal time"
+                    for name, r in rows.items()
+                    if name != "dopamine"
+                )
+                + "."
+                + (f" The pretrained model's test loss: {start:.4f}." if start is not None else ""),
+            ]
+        plot = _plot_task(task, rows, out)
+        if plot:
+            lines += ["", f"![{task}]({plot})"]
+        lines.append("")
+    return lines
 
 
 def _plot_scaling(records, out: Path) -> Optional[str]:
@@ -368,6 +481,7 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         "",
         *_cost_claims(records),
         "",
+        *_rule_ablation(records),
     ]
     rows_by_task = {task: _selected(records, task) for task in TASKS if _selected(records, task)}
     profile = _plot_profile(rows_by_task, out)
@@ -387,7 +501,7 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         lines += [
             f"## {task}",
             "",
-            f"Configuration: {first['config'] | {}}".replace("'", ""),
+            _configuration(first),
             "",
             f"Selection: {first.get('chosen_by')}. Metric: {first.get('metric')}; scoring seeds {first.get('scoring_seeds')}. "
             f"Equal forwards: each run's metric after {first.get('equal_forwards_budget')} forward passes (a backward counting as "
@@ -402,6 +516,7 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         if plot:
             lines += ["", f"![{task}]({plot})"]
         lines.append("")
+    lines += _finetuning(records, out)
     scaling = [r for r in records if r["task"] == "scaling"]
     if scaling:
         lines += [

@@ -1,8 +1,9 @@
 """The benchmark suite: Dopamine against the forward-only methods a user
 would pick instead (standard WP, MeZO's central difference, SPSA), SGD and
-Adam on XOR, Lorenz and Rössler forecasting and scikit-learn's digits, under
-the tuning/scoring protocol of protocol.py; then MLP scaling, the scale-out
-section and the op benchmark. Writes results/bench.json, results/REPORT.md
+Adam on XOR, Lorenz and Rössler forecasting, scikit-learn's digits and
+fine-tuning a pretrained language model (all parameters, and adapters),
+under the tuning/scoring protocol of protocol.py; then MLP scaling, the
+scale-out section and the op benchmark. Writes results/bench.json, results/REPORT.md
 and the plots.
 
     python benchmarks/python/run_suite.py            # score from tuned.json (make bench)
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import protocol
 import report
@@ -110,14 +112,14 @@ def ops_record(device, progress):
     )
 
 
-def load_tuned(path: Path, mode: str, task_names, contenders) -> dict:
-    """The tuned configurations of `mode` for the tasks and contenders, or
+def load_tuned(path: Path, mode: str, contenders_by_task: Dict[str, List[str]]) -> dict:
+    """The tuned configurations of `mode` for each task's contenders, or
     SystemExit saying which are missing or were tuned for other options
     (on the validation split), and how to make them."""
     tuned = json.loads(path.read_text()) if path.exists() else {}
     entries = tuned.get(mode, {}).get("tasks", {})
     stale = []
-    for task in task_names:
+    for task, contenders in contenders_by_task.items():
         for name in contenders:
             entry = entries.get(task, {}).get(name)
             if entry is None or entry.get("identity") != protocol.identity(name) or entry.get("split") != "validation":
@@ -133,13 +135,13 @@ def load_tuned(path: Path, mode: str, task_names, contenders) -> dict:
 def tune(args, task_list, progress) -> None:
     """Reruns the tuning of the tasks (of --contenders only, when given) and
     rewrites their entries of tuned.json."""
-    contenders = args.contenders or TASK_CONTENDERS
     mode = "full" if args.full else "quick"
     tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
     started = time.time()
     entry = tuned.setdefault(mode, {})
     entry.setdefault("tasks", {})
     for task in task_list:
+        contenders = protocol.contenders_of(task, args.contenders)
         progress(
             f"tuning {task.name}: {len(contenders)} optimizers x {len(protocol.GRID_FACTORS)} learning rates x "
             f"{len(protocol.SCHEDULES)} schedules x {len(protocol.TUNING_SEEDS)} seeds, {task.steps} steps, {args.workers} workers"
@@ -151,7 +153,7 @@ def tune(args, task_list, progress) -> None:
             # Some contenders retuned: the other current ones keep their
             # trials, and the task's time adds up the tunings that made its
             # entry.
-            kept = {name: e for name, e in entry["tasks"].get(task.name, {}).items() if name in TASK_CONTENDERS}
+            kept = {name: e for name, e in entry["tasks"].get(task.name, {}).items() if name in protocol.contenders_of(task)}
             entry["tasks"][task.name] = dict(kept, **tuned_now)
             seconds[task.name] = seconds.get(task.name, 0.0) + time.time() - task_started
         else:
@@ -177,7 +179,7 @@ def main(argv=None):
     parser.add_argument("--cpp-json", help="records written by the C++ benchmark, merged into bench.json")
     parser.add_argument("--noise-json", help="the C++ noise benchmark's breakdown of a CPU op, added to the ops record")
     parser.add_argument("--device", default="cpu", help="device of the scaling and op benchmarks (cpu or cuda)")
-    parser.add_argument("--skip", nargs="*", default=[], help="tasks to leave out (xor lorenz rossler digits scaling scaleout ops)")
+    parser.add_argument("--skip", nargs="*", default=[], help=f"tasks to leave out ({' '.join(tasks.TASK_NAMES)} scaling scaleout ops)")
     parser.add_argument(
         "--contenders", nargs="+", choices=TASK_CONTENDERS, help="score, or with --tune retune, only these of the task contenders"
     )
@@ -211,10 +213,11 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mode = "full" if args.full else "quick"
-    contenders = args.contenders or TASK_CONTENDERS
-    tuned = load_tuned(TUNED, mode, [task.name for task in task_list], contenders)
+    contenders_by_task = {task.name: protocol.contenders_of(task, args.contenders) for task in task_list}
+    tuned = load_tuned(TUNED, mode, contenders_by_task)
     records = []
     for task in task_list:
+        contenders = contenders_by_task[task.name]
         progress(
             f"{task.name}: {len(contenders)} optimizers at their tuned configurations x {len(task.seeds)} scoring seeds, "
             f"{task.steps} steps, {args.workers} workers"

@@ -1,12 +1,17 @@
-"""The paper's tasks and a real-data task: how to build each model and its
-losses for a seed, and the rule by which a run is judged. The protocol
-(protocol.py) tunes and scores every contender on them."""
+"""The paper's tasks, a real-data task and fine-tuning a pretrained language
+model: how to build each model and its losses for a seed, and the rule by
+which a run is judged. The protocol (protocol.py) tunes and scores every
+contender on them."""
 
 import dataclasses
-from typing import Callable, Dict, List, Optional
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+import lm
 
 
 @dataclasses.dataclass
@@ -18,10 +23,14 @@ class Task:
     seeds: List[int]  # scoring seeds; tuning uses protocol.TUNING_SEEDS
     steps: int  # the horizon, the same for every contender
     sigma: float
-    centres: Dict[str, float]  # per contender family, the centre of its lr grid
-    # (seed, split) -> params, loss_fn, evaluate, reached, after_step; split
-    # is "validation" (tuning) or "test" (scoring): the held-out set that
-    # evaluate and reached judge.
+    # Per contender family, the centre of its lr grid. fzoo's is Dopamine's
+    # times sigma: its step, lr / (sigma |g|) (g.z) z, is Dopamine's,
+    # lr / |g| (g.z) z, with lr divided by sigma (docs/DESIGN.md, "The algorithm").
+    centres: Dict[str, float]
+    # (seed, split) -> params, loss_fn, evaluate, reached, before_step,
+    # after_step, metric_limit (harness.Run's); split is "validation"
+    # (tuning) or "test" (scoring): the held-out set that evaluate and
+    # reached judge.
     setup: Callable[[int, str], dict]
     eval_every: int
     metric: str  # what final_metric is
@@ -29,6 +38,13 @@ class Task:
     chosen_by: str
     config: dict
     stop_at_target: bool = True
+    # The contenders it is tuned and scored on; None: harness.TASK_CONTENDERS.
+    contenders: Optional[Sequence[str]] = None
+    # Work done once before any run, in the main process (progress) -> None:
+    # pretraining, say, so that the workers do not each repeat it.
+    prepare: Optional[Callable[[Callable[[str], None]], None]] = None
+    # Whether scoring measures each contender's peak memory against inference.
+    measure_memory: bool = False
 
 
 # --- XOR (paper) -------------------------------------------------------------
@@ -54,7 +70,7 @@ def xor_task(full: bool) -> Task:
         seeds=list(range(20)),
         steps=5000 if full else 2000,
         sigma=0.01,
-        centres=dict(dopamine=0.1, rpe_tracking=1.0, wp=1.0, sgd=3.0, adam=0.1),
+        centres=dict(dopamine=0.1, rpe_tracking=1.0, wp=1.0, fzoo=0.1 * 0.01, sgd=3.0, adam=0.1),
         setup=_xor_setup,
         eval_every=1,
         metric="train MSE",
@@ -185,7 +201,7 @@ def chaotic_task(system: str, full: bool) -> Task:
         seeds=list(range(5)),
         steps=steps,
         sigma=sigma,
-        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.01, sgd=0.3, adam=0.01),
+        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.01, fzoo=0.003 * sigma, sgd=0.3, adam=0.01),
         setup=_chaotic_setup(system, hidden, batch, window, reset_radius=full),
         eval_every=10 if full else 50,
         metric="test MSE",
@@ -248,7 +264,7 @@ def digits_task(full: bool) -> Task:
         seeds=list(range(5)),
         steps=steps,
         sigma=0.01,
-        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.03, sgd=1.0, adam=0.003),
+        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.03, fzoo=0.003 * 0.01, sgd=1.0, adam=0.003),
         setup=_digits_setup,
         eval_every=25,
         metric="test accuracy",
@@ -265,7 +281,103 @@ def digits_task(full: bool) -> Task:
     )
 
 
-TASK_NAMES = ("xor", "lorenz", "rossler", "digits")
+# --- Fine-tuning a pretrained language model ---------------------------------
+
+# Where make bench caches the pretrained model (keyed by its configuration).
+LM_CACHE = Path(os.environ.get("DOPAMINE_LM_CACHE", Path(__file__).resolve().parents[2] / "results" / "lm_cache"))
+LM_CONFIG = lm.LMConfig()
+LM_BATCH = 16  # windows of lm.LMConfig.context bytes per step
+LM_RANK = 4
+LM_EVALUATION_WINDOWS = 64
+LM_TARGET_GAIN = 0.05  # nats/byte below the pretrained model's held-out loss
+# The contenders: Dopamine's defaults, MeZO's estimator, and the gradient
+# references (docs/BENCHMARKS.md "Fine-tuning").
+FINETUNE_CONTENDERS = ("dopamine", "zo-sgd[central]", "fzoo", "sgd", "adam")
+_LM: Dict[str, object] = {}
+
+
+def _pretrained_lm(progress: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
+    """The pretrained model's weights and the fine-tuning text, once per
+    process."""
+    if not _LM:
+        config = LM_CONFIG
+        if progress and not lm.checkpoint_path(config, LM_CACHE).exists():
+            progress(f"pretraining the language model ({config.pretrain_steps} AdamW steps; cached in {LM_CACHE})")
+        _LM.update(config=config, weights=lm.pretrained(config, LM_CACHE).state_dict(), splits=lm.finetuning_splits())
+    return _LM
+
+
+def _finetune_setup(adapters: bool):
+    def setup(seed, split):
+        pretrained = _pretrained_lm()
+        config, splits = pretrained["config"], pretrained["splits"]
+        model = lm.TinyLM(config)
+        model.load_state_dict(pretrained["weights"])
+        torch.manual_seed(seed)  # the adapters' initialisation
+        params = lm.add_adapters(model, LM_RANK) if adapters else list(model.parameters())
+        held_out = lm.evaluation_windows(splits[split], config.context, LM_EVALUATION_WINDOWS)
+        generator = torch.Generator().manual_seed(seed)
+        batch = [None]
+
+        def before_step():
+            batch[0] = lm.batch_of(splits["train"], config.context, LM_BATCH, generator)
+
+        def evaluate():
+            with torch.no_grad():
+                return lm.lm_loss(model, held_out).item()
+
+        start = evaluate()
+        return dict(
+            model=model,
+            params=params,
+            loss_fn=lambda: lm.lm_loss(model, batch[0]),
+            evaluate=evaluate,
+            reached=lambda loss, metric: metric is not None and metric <= start - LM_TARGET_GAIN,
+            before_step=before_step,
+            metric_limit=start,
+        )
+
+    return setup
+
+
+def finetune_task(adapters: bool, full: bool) -> Task:
+    steps = 3000 if full else 300
+    config = LM_CONFIG
+    return Task(
+        name="finetune-lora" if adapters else "finetune-full",
+        seeds=list(range(5)),
+        steps=steps,
+        sigma=0.01,
+        # From a probe of centre x {1/9, 1, 9} on one tuning seed per
+        # family; adapters take larger steps than the whole model.
+        centres=dict(dopamine=0.01, wp=0.1, fzoo=0.01 * 0.01, sgd=3.0, adam=0.01)
+        if adapters
+        else dict(dopamine=0.001, wp=0.0001, fzoo=0.001 * 0.01, sgd=0.1, adam=0.001),
+        setup=_finetune_setup(adapters),
+        eval_every=25,
+        metric="test loss (nats/byte)",
+        higher_is_better=False,
+        chosen_by="fewest divergences, then lowest median final validation loss, on the tuning seeds (a diverged run "
+        "counts as the worst)",
+        config=dict(
+            model=f"byte-level transformer, {config.layers} layers, width {config.width}, {config.heads} heads, context "
+            f"{config.context}, pretrained by AdamW for {config.pretrain_steps} steps on the Python standard library's sources",
+            data="Debian's licence texts (/usr/share/common-licenses), 80% train / 10% validation / 10% test by position",
+            trained=f"rank-{LM_RANK} adapters on every linear layer of the blocks, the base frozen" if adapters else "every parameter",
+            dtype="float32",
+            batch=f"{LM_BATCH} random windows a step; held out: {LM_EVALUATION_WINDOWS} fixed windows",
+            steps=steps,
+            target=f"held-out loss {LM_TARGET_GAIN} nats/byte below the pretrained model's",
+            divergence="a non-finite loss, or a last held-out loss above the pretrained model's",
+        ),
+        stop_at_target=False,
+        contenders=FINETUNE_CONTENDERS,
+        prepare=_pretrained_lm,
+        measure_memory=True,
+    )
+
+
+TASK_NAMES = ("xor", "lorenz", "rossler", "digits", "finetune-full", "finetune-lora")
 
 
 def task_named(name: str, full: bool) -> Task:
@@ -273,6 +385,8 @@ def task_named(name: str, full: bool) -> Task:
         return xor_task(full)
     if name == "digits":
         return digits_task(full)
+    if name.startswith("finetune-"):
+        return finetune_task(name == "finetune-lora", full)
     return chaotic_task(name, full)
 
 

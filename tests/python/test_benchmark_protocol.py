@@ -47,6 +47,16 @@ def test_the_grid_has_five_log_spaced_points_around_the_family_centre():
     assert all(b / a == pytest.approx(3, rel=1e-2) for a, b in zip(points, points[1:]))
 
 
+def test_every_task_centres_the_grid_of_each_of_its_contenders():
+    """A contender without a centre could not be tuned; fzoo's is Dopamine's
+    times sigma (tasks.Task.centres)."""
+    for task in tasks.all_tasks(False):
+        for name in protocol.contenders_of(task):
+            assert CONTENDERS[name].family in task.centres, (task.name, name)
+        assert task.centres["fzoo"] == pytest.approx(task.centres["dopamine"] * task.sigma)
+    assert CONTENDERS["fzoo"].forwards_per_step == 5
+
+
 def test_a_diverged_run_counts_as_the_worst_value():
     mse, accuracy = tasks.chaotic_task("lorenz", False), tasks.digits_task(False)
     assert protocol.final_value(mse, run(0.1, diverged=True)) == math.inf
@@ -205,7 +215,7 @@ def test_a_tuning_records_what_it_tuned_and_scoring_refuses_another():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        good = run_suite.load_tuned(tuned_file(tmp, protocol.identity("dopamine")), "quick", ["xor"], ["dopamine"])
+        good = run_suite.load_tuned(tuned_file(tmp, protocol.identity("dopamine")), "quick", {"xor": ["dopamine"]})
         assert good["tasks"]["xor"]["dopamine"]["lr"] == 0.1
         # A tuning of the one-direction rule, of the test split, or of
         # nothing at all is not scored as today's default.
@@ -215,6 +225,78 @@ def test_a_tuning_records_what_it_tuned_and_scoring_refuses_another():
             tuned_file(tmp, None),
         ):
             with pytest.raises(SystemExit, match="xor/dopamine"):
-                run_suite.load_tuned(path, "quick", ["xor"], ["dopamine"])
+                run_suite.load_tuned(path, "quick", {"xor": ["dopamine"]})
         with pytest.raises(SystemExit, match="xor/wp"):
-            run_suite.load_tuned(tuned_file(tmp, protocol.identity("dopamine")), "quick", ["xor"], ["dopamine", "wp"])
+            run_suite.load_tuned(tuned_file(tmp, protocol.identity("dopamine")), "quick", {"xor": ["dopamine", "wp"]})
+
+
+def test_a_run_with_a_metric_limit_diverges_when_it_ends_above_it():
+    """Fine-tuning: a run that ends worse than the pretrained model failed,
+    whatever its training losses."""
+    assert not Run(initial_loss=1.0, final_loss=2.0, final_metric=0.9, metric_limit=1.0).diverged
+    assert Run(initial_loss=2.0, final_loss=1.0, final_metric=1.1, metric_limit=1.0).diverged
+    assert Run(initial_loss=2.0, final_loss=math.nan, final_metric=0.5, metric_limit=1.0).diverged
+    assert Run(initial_loss=2.0, final_loss=1.0, final_metric=math.nan, metric_limit=1.0).diverged
+
+
+def test_the_metric_at_equal_time_is_the_last_evaluation_by_then():
+    task = tasks.chaotic_task("lorenz", False)
+    curve = [(100, 1.0, 0.5, 0.4), (200, 2.0, 0.3, 0.2), (300, 3.0, 0.2, 0.1)]
+    assert protocol.value_at_seconds(task, run(None, curve=curve) | dict(seconds=3.0), 2.5) == 0.2
+    assert protocol.value_at_seconds(task, run(None, curve=curve) | dict(seconds=3.0), 0.5) == math.inf
+    stopped = run(None, diverged=True, curve=curve[:1]) | dict(seconds=1.5)
+    assert protocol.value_at_seconds(task, stopped, 2.5) == math.inf
+
+
+@pytest.fixture
+def tiny_pretrained_lm(tmp_path, monkeypatch):
+    """The fine-tuning tasks over a language model pretrained for 2 steps,
+    cached in a temporary folder."""
+    import dataclasses
+
+    monkeypatch.setattr(tasks, "LM_CONFIG", dataclasses.replace(tasks.LM_CONFIG, pretrain_steps=2))
+    monkeypatch.setattr(tasks, "LM_CACHE", tmp_path)
+    monkeypatch.setattr(tasks, "_LM", {})
+    messages = []
+    tasks.finetune_task(True, False).prepare(messages.append)
+    assert "pretraining the language model" in messages[0]
+    assert len(list(tmp_path.glob("tinylm-*.pt"))) == 1
+    return tasks
+
+
+@pytest.mark.parametrize("name", ["finetune-full", "finetune-lora"])
+def test_fine_tuning_trains_the_pretrained_model_and_judges_it_against_it(tiny_pretrained_lm, name):
+    task = tasks.task_named(name, False)
+    assert list(task.contenders) == ["dopamine", "zo-sgd[central]", "fzoo", "sgd", "adam"]
+    validation, test = task.setup(0, "validation"), task.setup(0, "test")
+    model = validation["model"]
+    trainable = {id(p) for p in validation["params"]}
+    frozen = [p for p in model.parameters() if id(p) not in trainable]
+    if name == "finetune-lora":
+        assert frozen and all(not p.requires_grad for p in frozen)
+        assert sum(p.numel() for p in validation["params"]) < sum(p.numel() for p in frozen) // 10
+    else:
+        assert not frozen
+    # The same pretrained start and minibatches; another held-out set, and
+    # the start's held-out loss is the limit a run must end within.
+    assert validation["metric_limit"] == validation["evaluate"]() != test["evaluate"]() == test["metric_limit"]
+    validation["before_step"]()
+    test["before_step"]()
+    assert validation["loss_fn"]().item() == test["loss_fn"]().item()
+    assert validation["reached"](None, validation["metric_limit"] - tasks.LM_TARGET_GAIN)
+    assert not validation["reached"](None, validation["metric_limit"] - tasks.LM_TARGET_GAIN / 2)
+
+
+def test_a_step_s_peak_memory_counts_state_and_activations_and_forward_only_needs_none(tiny_pretrained_lm):
+    """Adam's step holds gradients and two moments beside the activations a
+    backward needs; Dopamine's step allocates about what inference does."""
+    from harness import peak_step_bytes
+
+    task = tasks.task_named("finetune-full", False)
+    setup = task.setup(0, "test")
+    weights = sum(p.numel() * p.element_size() for p in setup["params"])
+    adam = peak_step_bytes(CONTENDERS["adam"], setup["params"], setup["loss_fn"], 1e-4, task.sigma, setup["before_step"])
+    dopamine = peak_step_bytes(CONTENDERS["dopamine"], setup["params"], setup["loss_fn"], 1e-4, task.sigma, setup["before_step"])
+    assert adam["inference"] > 0
+    assert adam["step"] >= 3 * weights + adam["inference"]
+    assert dopamine["step"] < adam["inference"] + weights
