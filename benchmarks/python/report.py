@@ -15,7 +15,7 @@ import math
 
 import protocol
 
-TASKS = ["xor", "lorenz", "rossler", "digits"]
+TASKS = ["xor", "lorenz", "rossler", "digits", "spirals"]
 FINETUNE_TASKS = ["finetune-full", "finetune-lora"]
 GRADIENT = ("sgd", "sgd[foreach]", "adam", "adam[foreach]", "adam[fused]")
 # The forward-only peers the default must beat, as the report names them.
@@ -83,9 +83,11 @@ def _versus(task: str, row: dict, other: dict) -> str:
     return f"{a / b:.2f}x the {what}" if math.isfinite(a) and math.isfinite(b) and b > 0 else f"{_fmt(a)} vs {_fmt(b)} {what}"
 
 
-def _configuration(record) -> str:
-    """A record's configuration as `key: value` pairs, its text as written."""
-    return "Configuration: " + ", ".join(f"**{key}**: {value}" for key, value in (record["config"] or {}).items())
+def _task_heading(level: str, task: str, first: dict, scoring: str) -> List[str]:
+    """A task's heading, its configuration as `key: value` pairs, how its
+    configurations were selected, and `scoring`."""
+    configuration = ", ".join(f"**{key}**: {value}" for key, value in (first["config"] or {}).items())
+    return [f"{level} {task}", "", f"Configuration: {configuration}", "", f"Selection: {first.get('chosen_by')}. {scoring}", ""]
 
 
 def _claims(records) -> List[str]:
@@ -226,14 +228,14 @@ def _finetuning(records, out: Path) -> List[str]:
     ]
     for task, rows in rows_by_task.items():
         first = next(iter(rows.values()))
+        lines += _task_heading(
+            "###",
+            task,
+            first,
+            f"Scoring seeds {first.get('scoring_seeds')}; equal forwards: {first.get('equal_forwards_budget')}; equal time: "
+            f"{_fmt(first.get('equal_seconds_budget'))} s.",
+        )
         lines += [
-            f"### {task}",
-            "",
-            _configuration(first),
-            "",
-            f"Selection: {first.get('chosen_by')}. Scoring seeds {first.get('scoring_seeds')}; equal forwards: "
-            f"{first.get('equal_forwards_budget')}; equal time: {_fmt(first.get('equal_seconds_budget'))} s.",
-            "",
             "| optimizer | lr, schedule | diverged | test loss [95% CI] | perplexity | at equal forwards [95% CI] "
             "| at equal time [95% CI] | peak memory | / inference | ms/step | fwd/bwd per step |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -498,16 +500,13 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         ]
     for task, rows in rows_by_task.items():
         first = next(iter(rows.values()))
-        lines += [
-            f"## {task}",
-            "",
-            _configuration(first),
-            "",
-            f"Selection: {first.get('chosen_by')}. Metric: {first.get('metric')}; scoring seeds {first.get('scoring_seeds')}. "
-            f"Equal forwards: each run's metric after {first.get('equal_forwards_budget')} forward passes (a backward counting as "
-            "two).",
-            "",
-        ]
+        lines += _task_heading(
+            "##",
+            task,
+            first,
+            f"Metric: {first.get('metric')}; scoring seeds {first.get('scoring_seeds')}. Equal forwards: each run's metric after "
+            f"{first.get('equal_forwards_budget')} forward passes (a backward counting as two).",
+        )
         lines += _task_table(rows)
         d = rows.get("dopamine")
         if d:

@@ -1,4 +1,4 @@
-"""The paper's tasks, a real-data task and fine-tuning a pretrained language
+"""The paper's tasks, a real-data task, two spirals and fine-tuning a pretrained language
 model: how to build each model and its losses for a seed, and the rule by
 which a run is judged. The protocol (protocol.py) tunes and scores every
 contender on them."""
@@ -281,6 +281,75 @@ def digits_task(full: bool) -> Task:
     )
 
 
+# --- Two spirals (a harder decision boundary) ---------------------------------
+
+_SPIRALS = {}
+SPIRAL_POINTS = 1000  # half on each arm
+SPIRAL_TURNS = 2
+
+
+def _spirals_data():
+    """Two interleaved spirals of SPIRAL_TURNS turns each, with Gaussian
+    jitter (the classic benchmark of Lang and Witbrock, 1988); 60% train, 20%
+    validation, 20% test, drawn once from seed 0."""
+    if not _SPIRALS:
+        generator = torch.Generator().manual_seed(0)
+        half = SPIRAL_POINTS // 2
+        end = 2 * torch.pi * SPIRAL_TURNS
+        turn = end * torch.rand(half, generator=generator).sqrt()
+        arm = torch.stack([turn * torch.cos(turn), turn * torch.sin(turn)], 1) / end
+        x = torch.cat([arm, -arm]) + 0.02 * torch.randn(2 * half, 2, generator=generator)
+        y = torch.cat([torch.zeros(half), torch.ones(half)]).unsqueeze(1)
+        order = torch.randperm(2 * half, generator=generator)
+        validation_start, test_start = int(0.6 * len(x)), int(0.8 * len(x))
+        for split, part in (("train", order[:validation_start]), ("validation", order[validation_start:test_start]), ("test", order[test_start:])):
+            _SPIRALS[split] = (x[part], y[part])
+    return _SPIRALS
+
+
+def _spirals_setup(seed, split):
+    (train_x, train_y), (test_x, test_y) = _spirals_data()["train"], _spirals_data()[split]
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+    )
+
+    def evaluate():
+        with torch.no_grad():
+            return ((model(test_x) > 0).float() == test_y).float().mean().item()
+
+    return dict(
+        params=list(model.parameters()),
+        loss_fn=lambda: F.binary_cross_entropy_with_logits(model(train_x), train_y),
+        evaluate=evaluate,
+        reached=lambda loss, metric: metric is not None and metric >= 0.95,
+    )
+
+
+def spirals_task(full: bool) -> Task:
+    steps = 10000 if full else 3000
+    return Task(
+        name="spirals",
+        seeds=list(range(10)),
+        steps=steps,
+        sigma=0.01,
+        centres=dict(dopamine=0.03, rpe_tracking=0.1, wp=0.1, fzoo=0.03 * 0.01, sgd=1.0, adam=0.01),
+        setup=_spirals_setup,
+        eval_every=25,
+        metric="test accuracy",
+        higher_is_better=True,
+        chosen_by="fewest divergences, then highest median final validation accuracy, on the tuning seeds (a diverged run counts as the worst)",
+        config=dict(
+            model="2-32-32-1 MLP, tanh",
+            data=f"two spirals of {SPIRAL_TURNS} turns, {SPIRAL_POINTS} points with jitter 0.02, 600 train / 200 validation / 200 test",
+            loss="binary cross-entropy, full batch",
+            steps=steps,
+            target="test accuracy >= 0.95",
+        ),
+        stop_at_target=False,
+    )
+
+
 # --- Fine-tuning a pretrained language model ---------------------------------
 
 # Where make bench caches the pretrained model (keyed by its configuration).
@@ -377,7 +446,7 @@ def finetune_task(adapters: bool, full: bool) -> Task:
     )
 
 
-TASK_NAMES = ("xor", "lorenz", "rossler", "digits", "finetune-full", "finetune-lora")
+TASK_NAMES = ("xor", "lorenz", "rossler", "digits", "spirals", "finetune-full", "finetune-lora")
 
 
 def task_named(name: str, full: bool) -> Task:
@@ -385,6 +454,8 @@ def task_named(name: str, full: bool) -> Task:
         return xor_task(full)
     if name == "digits":
         return digits_task(full)
+    if name == "spirals":
+        return spirals_task(full)
     if name.startswith("finetune-"):
         return finetune_task(name == "finetune-lora", full)
     return chaotic_task(name, full)

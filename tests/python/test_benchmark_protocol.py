@@ -104,7 +104,19 @@ def test_the_digits_splits_are_disjoint_and_cover_the_data():
     assert sorted(rows) == sorted(tuple((torch.tensor(row, dtype=torch.float32) / 16.0).tolist()) for row in load_digits().data)
 
 
-@pytest.mark.parametrize("name", ["lorenz", "digits"])
+def test_the_spirals_are_balanced_and_split_without_overlap():
+    data = tasks._spirals_data()
+    assert [len(data[split][0]) for split in ("train", "validation", "test")] == [600, 200, 200]
+    points = torch.cat([data[split][0] for split in ("train", "validation", "test")])
+    labels = torch.cat([data[split][1] for split in ("train", "validation", "test")])
+    assert len(torch.unique(points, dim=0)) == tasks.SPIRAL_POINTS
+    assert labels.sum().item() == tasks.SPIRAL_POINTS // 2
+    # The arms are point reflections of each other, up to the jitter.
+    first, second = points[labels[:, 0] == 0], points[labels[:, 0] == 1]
+    assert torch.allclose(first.norm(dim=1).sort().values, second.norm(dim=1).sort().values, atol=0.1)
+
+
+@pytest.mark.parametrize("name", ["lorenz", "digits", "spirals"])
 def test_tuning_judges_on_validation_and_scoring_on_test(name):
     task = tasks.task_named(name, False)
     validation, test = task.setup(0, "validation"), task.setup(0, "test")
