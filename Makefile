@@ -70,14 +70,16 @@ define run_bench
 	  --cpp-json results/bench_cpp.json --noise-json results/noise_cpp.json
 endef
 
-# Quick: under 15 minutes on 2 cores. Scores every optimizer at the
-# configuration benchmarks/tuned.json holds for it.
+# Quick: under 15 minutes on 2 cores (11 for the suite on 2026-12-06, and
+# 1.5 more the first time, to pretrain the fine-tuning tasks' model). Scores
+# every optimizer at the configuration benchmarks/tuned.json holds for it.
 bench: build python
 	$(call run_bench,2000,)
 
 # Reruns the tuning of the quick tasks (every optimizer: 5 learning rates x
 # 2 schedules x 3 tuning seeds) and rewrites benchmarks/tuned.json: about
-# 40 minutes on 2 cores (42 in the run of 2026-11-29, beside other work).
+# 100 minutes on 2 cores, in parts (2026-11-29 to 12-06): XOR, Lorenz,
+# Rössler and digits 45, spirals 6, the two fine-tuning tasks 50.
 bench-tune: build python
 	$(PYTHON) benchmarks/python/run_suite.py --tune
 
