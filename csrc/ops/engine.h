@@ -210,7 +210,11 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
     const double previous = updates == 1 ? o.lr : state[kCurrentLr];
     lr = (1 - o.beta_eta) * previous + o.beta_eta * magnitude;
   } else if (o.mode == Adaptation::LossSpread) {
-    lr = o.lr / (perturbed_loss_spread(losses, o) + o.eps);
+    // Equal perturbed losses give the step no scale, and their common
+    // difference from L0 would be divided by eps: such a step does not move
+    // (docs/DESIGN.md, "The algorithm").
+    const double spread = perturbed_loss_spread(losses, o);
+    lr = spread == 0 ? 0 : o.lr / (spread + o.eps);
   }
   if (o.has_lr_min) {
     lr = lr < o.lr_min ? o.lr_min : lr;

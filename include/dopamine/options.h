@@ -20,8 +20,9 @@ enum class LrAdaptation : int64_t {
   RpeNormalized = 1,
   // eta_t = (1 - beta_eta) eta_{t-1} + beta_eta s_t, s the EMA of |delta|.
   RpeTracking = 2,
-  // eta_t = lr / (s_t + eps), s_t the standard deviation of this step's
-  // perturbed losses: FZOO's normalisation (arXiv 2506.09034). Needs two
+  // eta_t = lr / (d_t + eps), d_t the standard deviation of this step's
+  // perturbed losses (0 when they are equal): FZOO's normalisation (arXiv
+  // 2506.09034); lr about sigma times smaller than the others'. Needs two
   // perturbed losses: num_perturbations >= 2, or antithetic.
   LossSpread = 3,
 };

@@ -159,8 +159,9 @@ class Dopamine(Optimizer):
         lr_adaptation: ``"rpe_normalized"`` (default; ``eta_t = lr / (m_hat + eps)``,
             ``m_hat`` the bias-corrected EMA of ``|delta| / sigma``), ``"rpe_tracking"``
             (``eta_t = (1 - beta_eta) eta_{t-1} + beta_eta s_t``, ``s`` the EMA of
-            ``|delta|``), ``"loss_spread"`` (``eta_t = lr / (s_t + eps)``, ``s_t`` the
-            sample standard deviation of the step's perturbed losses, FZOO's rule; needs
+            ``|delta|``), ``"loss_spread"`` (``eta_t = lr / (d_t + eps)``, ``d_t`` the
+            sample standard deviation of the step's perturbed losses, FZOO's rule; its
+            ``lr`` is about ``sigma`` times smaller than the others'; needs
             ``num_perturbations >= 2`` or ``antithetic``) or ``"none"`` (standard weight
             perturbation).
         beta: EMA constant of ``rpe_normalized``, in [0, 1).

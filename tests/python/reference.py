@@ -140,7 +140,7 @@ class ReferenceDopamine:
                 perturbed = losses if antithetic else losses[1:]
                 mean = sum(perturbed) / len(perturbed)
                 spread = math.sqrt(sum((loss - mean) ** 2 for loss in perturbed) / (len(perturbed) - 1))
-                eta = o["lr"] / (spread + o["eps"])
+                eta = 0.0 if spread == 0 else o["lr"] / (spread + o["eps"])
             if o.get("lr_min") is not None:
                 eta = max(eta, o["lr_min"])
             if o.get("lr_max") is not None:

@@ -56,7 +56,7 @@ def run_and_replay(params, loss, steps, **options):
 def test_replay_rebuilds_the_parameters_bit_for_bit(lr_adaptation, noise, antithetic):
     params, loss = network()
     replayed, trajectory = run_and_replay(
-        params, loss, 30, lr=0.05, sigma=1e-2, lr_adaptation=lr_adaptation, noise=noise,
+        params, loss, 30, lr=0.05 * (1e-2 if lr_adaptation == "loss_spread" else 1.0), sigma=1e-2, lr_adaptation=lr_adaptation, noise=noise,
         antithetic=antithetic, weight_decay=0.01, seed=11,
     )
     assert len(trajectory["steps"]) == 30
