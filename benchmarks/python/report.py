@@ -51,6 +51,13 @@ def _selected(records, task, front_end="python"):
     }
 
 
+def _rows_by_task(records, task_names, needed=()) -> Dict[str, Dict[str, dict]]:
+    """Each task's selected rows by optimizer, for the tasks that have rows
+    (and every optimizer of `needed`)."""
+    rows_by_task = {task: _selected(records, task) for task in task_names}
+    return {task: rows for task, rows in rows_by_task.items() if rows and all(name in rows for name in needed)}
+
+
 def _task_table(rows: Dict[str, dict]) -> List[str]:
     lines = [
         "| optimizer | lr, schedule | solved | diverged | median final metric [95% CI] | at equal forwards [95% CI] "
@@ -91,7 +98,7 @@ def _task_heading(level: str, task: str, first: dict, scoring: str) -> List[str]
 
 
 def _claims(records) -> List[str]:
-    rows_by_task = {task: _selected(records, task) for task in TASKS if _selected(records, task)}
+    rows_by_task = _rows_by_task(records, TASKS)
     lines = [
         "Dopamine with its default options against the forward-only peers on each task's rule (XOR: success rate, then "
         "median steps to target; the others: median final metric over the scoring seeds), and no more divergences:",
@@ -148,8 +155,7 @@ RULES = {"dopamine": "RPE (the default)", "wp[k=4]": "none (WP)", "fzoo": "loss 
 
 
 def _rule_ablation(records) -> List[str]:
-    rows_by_task = {task: _selected(records, task) for task in TASKS}
-    rows_by_task = {task: rows for task, rows in rows_by_task.items() if all(name in rows for name in RULES)}
+    rows_by_task = _rows_by_task(records, TASKS, RULES)
     if not rows_by_task:
         return []
     lines = [
@@ -159,8 +165,12 @@ def _rule_ablation(records) -> List[str]:
         "steps are equal forward passes. XOR: seeds solved and median steps to target; the others: median final metric "
         "[95% CI]; then divergences.",
         "",
-        "| task | " + " | ".join(f"{title} (`{name}`)" for name, title in RULES.items()) + " | RPE against none | RPE against loss spread |",
-        "|---|" + "---|" * (len(RULES) + 2),
+        "| task | "
+        + " | ".join(f"{title} (`{name}`)" for name, title in RULES.items())
+        + " | "
+        + " | ".join(f"RPE against {title}" for name, title in RULES.items() if name != "dopamine")
+        + " |",
+        "|---|" + "---|" * (2 * len(RULES) - 1),
     ]
     for task, rows in rows_by_task.items():
         cells = []
@@ -173,7 +183,7 @@ def _rule_ablation(records) -> List[str]:
             )
             cells.append(f"{figure}; {r['divergences']}/{r['config'].get('seeds', '?')} diverged")
         d = rows["dopamine"]
-        for other in ("wp[k=4]", "fzoo"):
+        for other in (name for name in RULES if name != "dopamine"):
             cells.append(f"{'**beats**' if protocol.beats(d, rows[other]) else 'loses'} ({_versus(task, d, rows[other])})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -213,7 +223,7 @@ def _finetuning(records, out: Path) -> List[str]:
     """The fine-tuning tasks: test loss and perplexity at the horizon, at
     equal forward passes and at equal time, and peak memory against
     inference."""
-    rows_by_task = {task: _selected(records, task) for task in FINETUNE_TASKS if _selected(records, task)}
+    rows_by_task = _rows_by_task(records, FINETUNE_TASKS)
     if not rows_by_task:
         return []
     lines = [
@@ -485,7 +495,7 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         "",
         *_rule_ablation(records),
     ]
-    rows_by_task = {task: _selected(records, task) for task in TASKS if _selected(records, task)}
+    rows_by_task = _rows_by_task(records, TASKS)
     profile = _plot_profile(rows_by_task, out)
     if profile:
         lines += [

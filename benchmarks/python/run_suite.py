@@ -1,7 +1,8 @@
 """The benchmark suite: Dopamine against the forward-only methods a user
-would pick instead (standard WP, MeZO's central difference, SPSA), SGD and
-Adam on XOR, Lorenz and Rössler forecasting, scikit-learn's digits and
-fine-tuning a pretrained language model (all parameters, and adapters),
+would pick instead (standard WP, WP with the defaults' four directions,
+MeZO's central difference, SPSA, FZOO), SGD and Adam on XOR, Lorenz and
+Rössler forecasting, scikit-learn's digits, two spirals and fine-tuning a
+pretrained language model (all parameters, and adapters),
 under the tuning/scoring protocol of protocol.py; then MLP scaling, the
 scale-out section and the op benchmark. Writes results/bench.json, results/REPORT.md
 and the plots.

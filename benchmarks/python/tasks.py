@@ -23,9 +23,8 @@ class Task:
     seeds: List[int]  # scoring seeds; tuning uses protocol.TUNING_SEEDS
     steps: int  # the horizon, the same for every contender
     sigma: float
-    # Per contender family, the centre of its lr grid. fzoo's is Dopamine's
-    # times sigma: its step, lr / (sigma |g|) (g.z) z, is Dopamine's,
-    # lr / |g| (g.z) z, with lr divided by sigma (docs/DESIGN.md, "The algorithm").
+    # Per contender family, the centre of its lr grid; fzoo's, when not
+    # given, is Dopamine's times sigma (__post_init__).
     centres: Dict[str, float]
     # (seed, split) -> params, loss_fn, evaluate, reached, before_step,
     # after_step, metric_limit (harness.Run's); split is "validation"
@@ -45,6 +44,11 @@ class Task:
     prepare: Optional[Callable[[Callable[[str], None]], None]] = None
     # Whether scoring measures each contender's peak memory against inference.
     measure_memory: bool = False
+
+    def __post_init__(self):
+        # loss_spread's lr is about sigma times rpe_normalized's
+        # (docs/DESIGN.md, "The algorithm").
+        self.centres.setdefault("fzoo", self.centres["dopamine"] * self.sigma)
 
 
 # --- XOR (paper) -------------------------------------------------------------
@@ -70,7 +74,7 @@ def xor_task(full: bool) -> Task:
         seeds=list(range(20)),
         steps=5000 if full else 2000,
         sigma=0.01,
-        centres=dict(dopamine=0.1, rpe_tracking=1.0, wp=1.0, fzoo=0.1 * 0.01, sgd=3.0, adam=0.1),
+        centres=dict(dopamine=0.1, rpe_tracking=1.0, wp=1.0, sgd=3.0, adam=0.1),
         setup=_xor_setup,
         eval_every=1,
         metric="train MSE",
@@ -201,7 +205,7 @@ def chaotic_task(system: str, full: bool) -> Task:
         seeds=list(range(5)),
         steps=steps,
         sigma=sigma,
-        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.01, fzoo=0.003 * sigma, sgd=0.3, adam=0.01),
+        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.01, sgd=0.3, adam=0.01),
         setup=_chaotic_setup(system, hidden, batch, window, reset_radius=full),
         eval_every=10 if full else 50,
         metric="test MSE",
@@ -264,7 +268,7 @@ def digits_task(full: bool) -> Task:
         seeds=list(range(5)),
         steps=steps,
         sigma=0.01,
-        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.03, fzoo=0.003 * 0.01, sgd=1.0, adam=0.003),
+        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.03, sgd=1.0, adam=0.003),
         setup=_digits_setup,
         eval_every=25,
         metric="test accuracy",
@@ -333,7 +337,7 @@ def spirals_task(full: bool) -> Task:
         seeds=list(range(10)),
         steps=steps,
         sigma=0.01,
-        centres=dict(dopamine=0.03, rpe_tracking=0.1, wp=0.1, fzoo=0.03 * 0.01, sgd=1.0, adam=0.01),
+        centres=dict(dopamine=0.03, rpe_tracking=0.1, wp=0.1, sgd=1.0, adam=0.01),
         setup=_spirals_setup,
         eval_every=25,
         metric="test accuracy",
@@ -359,8 +363,8 @@ LM_BATCH = 16  # windows of lm.LMConfig.context bytes per step
 LM_RANK = 4
 LM_EVALUATION_WINDOWS = 64
 LM_TARGET_GAIN = 0.05  # nats/byte below the pretrained model's held-out loss
-# The contenders: Dopamine's defaults, MeZO's estimator, and the gradient
-# references (docs/BENCHMARKS.md "Fine-tuning").
+# The contenders: Dopamine's defaults, MeZO's and FZOO's estimators, and the
+# gradient references (docs/BENCHMARKS.md, "Fine-tuning").
 FINETUNE_CONTENDERS = ("dopamine", "zo-sgd[central]", "fzoo", "sgd", "adam")
 _LM: Dict[str, object] = {}
 
@@ -419,9 +423,9 @@ def finetune_task(adapters: bool, full: bool) -> Task:
         sigma=0.01,
         # From a probe of centre x {1/9, 1, 9} on one tuning seed per
         # family; adapters take larger steps than the whole model.
-        centres=dict(dopamine=0.01, wp=0.1, fzoo=0.01 * 0.01, sgd=3.0, adam=0.01)
+        centres=dict(dopamine=0.01, wp=0.1, sgd=3.0, adam=0.01)
         if adapters
-        else dict(dopamine=0.001, wp=0.0001, fzoo=0.001 * 0.01, sgd=0.1, adam=0.001),
+        else dict(dopamine=0.001, wp=0.0001, sgd=0.1, adam=0.001),
         setup=_finetune_setup(adapters),
         eval_every=25,
         metric="test loss (nats/byte)",
