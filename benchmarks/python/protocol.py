@@ -87,6 +87,7 @@ class Job:
     schedule: str
     seed: int
     split: str  # the held-out set that judges the run: "validation" or "test"
+    steps: Optional[int] = None  # the horizon, when not the task's
 
 
 def contenders_of(task: tasks.Task, chosen: Optional[Sequence[str]] = None) -> List[str]:
@@ -111,7 +112,7 @@ def _run(job: Job) -> dict:
         job.lr,
         task.sigma,
         job.seed,
-        task.steps,
+        job.steps or task.steps,
         setup["reached"],
         setup.get("evaluate"),
         task.eval_every,
