@@ -70,7 +70,7 @@ define run_bench
 	  --cpp-json results/bench_cpp.json --noise-json results/noise_cpp.json
 endef
 
-# Quick: under 15 minutes on 2 cores (11 for the suite on 2026-12-06, and
+# Quick: under 15 minutes on 2 cores (12.6 for the suite on 2026-12-06, and
 # 1.5 more the first time, to pretrain the fine-tuning tasks' model). Scores
 # every optimizer at the configuration benchmarks/tuned.json holds for it.
 bench: build python
@@ -78,8 +78,9 @@ bench: build python
 
 # Reruns the tuning of the quick tasks (every optimizer: 5 learning rates x
 # 2 schedules x 3 tuning seeds) and rewrites benchmarks/tuned.json: about
-# 100 minutes on 2 cores, in parts (2026-11-29 to 12-06): XOR, Lorenz,
-# Rössler and digits 45, spirals 6, the two fine-tuning tasks 50.
+# 100 minutes on 2 cores uninterrupted (42 for XOR, Lorenz, Rössler and
+# digits on 2026-11-29, 6 for spirals, 50 for the two fine-tuning tasks);
+# tuned.json's 150 add up parts run beside other work.
 bench-tune: build python
 	$(PYTHON) benchmarks/python/run_suite.py --tune
 
