@@ -7,7 +7,7 @@ CONSUMER_DIR := $(BUILD_DIR)/consumer
 TORCH_PREFIX = $(shell $(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')
 LAUNCHER = $(if $(shell command -v ccache),-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 
-.PHONY: all setup configure build python test test-cpp test-install test-python test-sanitize bench bench-tune bench-full check-cuda-build format clean
+.PHONY: all setup configure build python test test-cpp test-install test-python test-sanitize bench bench-tune bench-finetune-budget bench-full check-cuda-build format clean
 
 all: build
 
@@ -83,6 +83,12 @@ bench: build python
 # tuned.json's 150 add up parts run beside other work.
 bench-tune: build python
 	$(PYTHON) benchmarks/python/run_suite.py --tune
+
+# Fine-tuning with adapters, the forward-only contenders at ten times the
+# gradient references' forward passes (benchmarks/python/finetune_budget.py):
+# about 16 minutes on 2 cores.
+bench-finetune-budget: build python
+	$(PYTHON) benchmarks/python/finetune_budget.py --out results
 
 # The paper-size configurations (512-unit RNNs, 2000 epochs): hours on a CPU.
 bench-full: build python

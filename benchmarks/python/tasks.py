@@ -244,21 +244,37 @@ def _digits_data():
     return _DIGITS
 
 
-def _digits_setup(seed, split):
-    (train_x, train_y), (test_x, test_y) = _digits_data()["train"], _digits_data()[split]
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+def _classifier_setup(data, make_model, loss, predict, target):
+    """A full-batch classification task's setup: `make_model()` seeded, the
+    `loss` on the training split, accuracy (`predict(logits)` against the
+    labels) on the held-out split, reached at `target`."""
 
-    def evaluate():
-        with torch.no_grad():
-            return (model(test_x).argmax(1) == test_y).float().mean().item()
+    def setup(seed, split):
+        (train_x, train_y), (test_x, test_y) = data()["train"], data()[split]
+        torch.manual_seed(seed)
+        model = make_model()
 
-    return dict(
-        params=list(model.parameters()),
-        loss_fn=lambda: F.cross_entropy(model(train_x), train_y),
-        evaluate=evaluate,
-        reached=lambda loss, metric: metric is not None and metric >= 0.9,
-    )
+        def evaluate():
+            with torch.no_grad():
+                return (predict(model(test_x)) == test_y).float().mean().item()
+
+        return dict(
+            params=list(model.parameters()),
+            loss_fn=lambda: loss(model(train_x), train_y),
+            evaluate=evaluate,
+            reached=lambda _, metric: metric is not None and metric >= target,
+        )
+
+    return setup
+
+
+_digits_setup = _classifier_setup(
+    _digits_data,
+    lambda: torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)),
+    F.cross_entropy,
+    lambda logits: logits.argmax(1),
+    0.9,
+)
 
 
 def digits_task(full: bool) -> Task:
@@ -311,23 +327,15 @@ def _spirals_data():
     return _SPIRALS
 
 
-def _spirals_setup(seed, split):
-    (train_x, train_y), (test_x, test_y) = _spirals_data()["train"], _spirals_data()[split]
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
+_spirals_setup = _classifier_setup(
+    _spirals_data,
+    lambda: torch.nn.Sequential(
         torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
-    )
-
-    def evaluate():
-        with torch.no_grad():
-            return ((model(test_x) > 0).float() == test_y).float().mean().item()
-
-    return dict(
-        params=list(model.parameters()),
-        loss_fn=lambda: F.binary_cross_entropy_with_logits(model(train_x), train_y),
-        evaluate=evaluate,
-        reached=lambda loss, metric: metric is not None and metric >= 0.95,
-    )
+    ),
+    F.binary_cross_entropy_with_logits,
+    lambda logits: (logits > 0).float(),
+    0.95,
+)
 
 
 def spirals_task(full: bool) -> Task:
