@@ -277,27 +277,36 @@ _digits_setup = _classifier_setup(
 )
 
 
-def digits_task(full: bool) -> Task:
+def _classification_task(name: str, full: bool, seeds: int, centres: Dict[str, float], setup, **config) -> Task:
+    """A full-batch classification task, judged by test accuracy."""
     steps = 10000 if full else 3000
     return Task(
-        name="digits",
-        seeds=list(range(5)),
+        name=name,
+        seeds=list(range(seeds)),
         steps=steps,
         sigma=0.01,
-        centres=dict(dopamine=0.003, rpe_tracking=0.01, wp=0.03, sgd=1.0, adam=0.003),
-        setup=_digits_setup,
+        centres=centres,
+        setup=setup,
         eval_every=25,
         metric="test accuracy",
         higher_is_better=True,
         chosen_by="fewest divergences, then highest median final validation accuracy, on the tuning seeds (a diverged run counts as the worst)",
-        config=dict(
-            model="64-32-10 MLP, ReLU",
-            data="scikit-learn digits (8x8), 1150 train / 287 validation / 360 test, split by seed 0",
-            loss="cross-entropy, full batch",
-            steps=steps,
-            target="test accuracy >= 0.9",
-        ),
+        config=dict(config, steps=steps),
         stop_at_target=False,
+    )
+
+
+def digits_task(full: bool) -> Task:
+    return _classification_task(
+        "digits",
+        full,
+        5,
+        dict(dopamine=0.003, rpe_tracking=0.01, wp=0.03, sgd=1.0, adam=0.003),
+        _digits_setup,
+        model="64-32-10 MLP, ReLU",
+        data="scikit-learn digits (8x8), 1150 train / 287 validation / 360 test, split by seed 0",
+        loss="cross-entropy, full batch",
+        target="test accuracy >= 0.9",
     )
 
 
@@ -339,26 +348,16 @@ _spirals_setup = _classifier_setup(
 
 
 def spirals_task(full: bool) -> Task:
-    steps = 10000 if full else 3000
-    return Task(
-        name="spirals",
-        seeds=list(range(10)),
-        steps=steps,
-        sigma=0.01,
-        centres=dict(dopamine=0.03, rpe_tracking=0.1, wp=0.1, sgd=1.0, adam=0.01),
-        setup=_spirals_setup,
-        eval_every=25,
-        metric="test accuracy",
-        higher_is_better=True,
-        chosen_by="fewest divergences, then highest median final validation accuracy, on the tuning seeds (a diverged run counts as the worst)",
-        config=dict(
-            model="2-32-32-1 MLP, tanh",
-            data=f"two spirals of {SPIRAL_TURNS} turns, {SPIRAL_POINTS} points with jitter 0.02, 600 train / 200 validation / 200 test",
-            loss="binary cross-entropy, full batch",
-            steps=steps,
-            target="test accuracy >= 0.95",
-        ),
-        stop_at_target=False,
+    return _classification_task(
+        "spirals",
+        full,
+        10,
+        dict(dopamine=0.03, rpe_tracking=0.1, wp=0.1, sgd=1.0, adam=0.01),
+        _spirals_setup,
+        model="2-32-32-1 MLP, tanh",
+        data=f"two spirals of {SPIRAL_TURNS} turns, {SPIRAL_POINTS} points with jitter 0.02, 600 train / 200 validation / 200 test",
+        loss="binary cross-entropy, full batch",
+        target="test accuracy >= 0.95",
     )
 
 
