@@ -76,6 +76,7 @@ def study(task: tasks.Task, tuned: dict, multiple: int, workers: int, progress) 
             reached_adam=sum(math.isfinite(f) for f in reached),
             median_forwards_to_adam=median(reached),
             median_seconds=median([r["seconds"] for r in runs]),
+            runs=[dict(final_metric=r["final_metric"], diverged=r["diverged"], steps=r["steps"]) for r in runs],
         )
     return dict(task=task.name, multiple=multiple, seeds=task.seeds, adam_final_test_loss=adam_final, rows=rows)
 
