@@ -58,7 +58,7 @@ def study(task: tasks.Task, tuned: dict, multiple: int, workers: int, progress) 
         for seed in task.seeds
     ]
     results = protocol.run_jobs(jobs, workers, progress, f"{task.name} at {multiple}x the forward passes")
-    runs_of = {name: results[i * len(task.seeds) : (i + 1) * len(task.seeds)] for i, name in enumerate(steps)}
+    runs_of = protocol.runs_by_contender(list(steps), len(task.seeds), results)
     adam_final = median([protocol.final_value(task, r) for r in runs_of["adam"]])
     rows = {}
     for name, runs in runs_of.items():

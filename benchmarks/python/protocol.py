@@ -180,19 +180,28 @@ def value_at_forwards(task: tasks.Task, run: dict, contender_name: str) -> float
     the last evaluation at or before that step; the worst if it diverged
     before, or had no evaluation by then."""
     last_step = BUDGET_FORWARDS_PER_STEP * task.steps // CONTENDERS[contender_name].forward_equivalents_per_step
-    if run["diverged"] and run["steps"] <= last_step:
-        return worst(task)
-    points = [metric if metric is not None else loss for step, _, loss, metric in run["curve"] if step <= last_step]
-    return points[-1] if points and math.isfinite(points[-1]) else worst(task)
+    return _value_by(task, run, "steps", last_step)
 
 
 def value_at_seconds(task: tasks.Task, run: dict, seconds: float) -> float:
     """The metric when the run had trained for `seconds` (optimizer steps
     only): the last evaluation by then; the worst if it diverged before, or
     had no evaluation by then."""
-    if run["diverged"] and run["seconds"] <= seconds:
+    return _value_by(task, run, "seconds", seconds)
+
+
+# Where a run's curve points (step, seconds, loss, metric) hold what it spent.
+_CURVE_AXIS = {"steps": 0, "seconds": 1}
+
+
+def _value_by(task: tasks.Task, run: dict, spent: str, budget: float) -> float:
+    """The run's last metric (or loss) by the time it had spent `budget`
+    (`spent`: "steps" or "seconds"); the worst if it diverged by then, or
+    had no evaluation by then."""
+    if run["diverged"] and run[spent] <= budget:
         return worst(task)
-    points = [metric if metric is not None else loss for _, elapsed, loss, metric in run["curve"] if elapsed <= seconds]
+    axis = _CURVE_AXIS[spent]
+    points = [point[3] if point[3] is not None else point[2] for point in run["curve"] if point[axis] <= budget]
     return points[-1] if points and math.isfinite(points[-1]) else worst(task)
 
 
@@ -265,6 +274,12 @@ def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: 
 # --- Scoring ---------------------------------------------------------------------
 
 
+def runs_by_contender(names: Sequence[str], seeds: int, results: List[dict]) -> Dict[str, List[dict]]:
+    """The results of jobs made contender by contender, `seeds` runs each,
+    split by contender."""
+    return {name: results[i * seeds : (i + 1) * seeds] for i, name in enumerate(names)}
+
+
 def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, progress) -> List[dict]:
     """One record per contender: its tuned configuration on the scoring
     seeds."""
@@ -273,7 +288,7 @@ def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, pr
     names = list(tuned)
     jobs = [Job(task.name, full, name, tuned[name]["lr"], tuned[name]["schedule"], seed, "test") for name in names for seed in task.seeds]
     results = run_jobs(jobs, workers, progress, f"scoring {task.name}")
-    runs_of = {name: results[i * len(task.seeds) : (i + 1) * len(task.seeds)] for i, name in enumerate(names)}
+    runs_of = runs_by_contender(names, len(task.seeds), results)
     # Equal time: the median time the fastest contender takes for the
     # horizon (a run stopped early counted at its pace); every contender is
     # read at that time.
