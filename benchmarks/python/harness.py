@@ -66,6 +66,11 @@ CONTENDERS = {
         _forward_only("dopamine[k=1,antithetic]", "dopamine", num_perturbations=1, antithetic=True),
         _forward_only("dopamine[rpe_tracking]", "rpe_tracking", lr_adaptation="rpe_tracking"),
         _forward_only("dopamine[gaussian]", "dopamine", noise="gaussian"),
+        # Rank-1 perturbations (perturbation="lowrank"): r (rows + cols)
+        # draws per weight instead of rows x cols, of each noise. Rank 1 is
+        # the rank every task's weights admit (an output layer of one row).
+        _forward_only("dopamine[lowrank]", "dopamine", perturbation="lowrank", rank=1),
+        _forward_only("dopamine[lowrank,gaussian]", "dopamine", perturbation="lowrank", rank=1, noise="gaussian"),
         # Standard WP: Gaussian noise, one direction, no adaptation.
         _forward_only("wp", "wp", lr_adaptation="none", noise="gaussian", num_perturbations=1),
         # The defaults without the RPE rule: WP with their four Rademacher
@@ -94,6 +99,8 @@ TASK_CONTENDERS = [
     "dopamine[k=2]",
     "dopamine[k=1,antithetic]",
     "dopamine[gaussian]",
+    "dopamine[lowrank]",
+    "dopamine[lowrank,gaussian]",
     "wp",
     "wp[k=4]",
     "zo-sgd[central]",

@@ -377,6 +377,15 @@ def _scaleout(records) -> List[str]:
     return lines + [""]
 
 
+def _lowrank_sentence(ratios) -> str:
+    """The low-rank steps against the fastest Adam step, when measured."""
+    if not ratios:
+        return ""
+    return " With low-rank perturbations (`perturbation=\"lowrank\"`, matrices of 1000 rows), the same step takes " + ", ".join(
+        f"{ratio:.2f}x ({name})" for name, ratio in ratios.items()
+    ) + " the fastest Adam step."
+
+
 def _layouts(layouts) -> list:
     """The optimizer-only step on 1e7 elements as few or many tensors."""
     if not layouts:
@@ -570,7 +579,8 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
             f"Gaussian noise, {ops['step_vs_adam']['rademacher']:.2f}x with Rademacher noise. Noise throughput against `normal_` on the "
             f"same tensors: {ops['noise_throughput_vs_normal_']:.2f}x. `copy_` reaches {ops['copy_gb_per_s']:.1f} GB/s; a default step takes "
             f"{ops['step_vs_copies']['gaussian']:.2f}x (Gaussian) and {ops['step_vs_copies']['rademacher']:.2f}x (Rademacher) the "
-            f"time of {ops['default_directions'] + 1} copies, the bandwidth bound of its passes.",
+            f"time of {ops['default_directions'] + 1} copies, the bandwidth bound of its passes."
+            + _lowrank_sentence(ops.get("lowrank_step_vs_adam")),
             "",
         ]
         lines += _layouts(ops.get("layouts"))

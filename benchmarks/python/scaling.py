@@ -189,36 +189,40 @@ LOSSES = torch.tensor([1.0, 1.0 + 1e-6], dtype=torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
-def packed_options(noise, directions):
+def packed_options(noise, directions, rank=0):
     """The options of the ops' steps, packed once (as the optimizer keeps
-    them while they stay the same)."""
+    them while they stay the same); rank > 0: a low-rank perturbation."""
     defaults = torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults
-    return pack({**defaults, "lr": 1e-4, "sigma": 1e-3, "noise": noise, "num_perturbations": directions})
+    perturbation = dict(perturbation="lowrank", rank=rank) if rank else {}
+    return pack({**defaults, "lr": 1e-4, "sigma": 1e-3, "noise": noise, "num_perturbations": directions, **perturbation})
 
 
-def move(params, noise, state, carried=(0, 0), to=(1, 0), directions=1):
+def move(params, noise, state, carried=(0, 0), to=(1, 0), directions=1, rank=0):
     torch.ops.dopamine.move_(
-        params, [], [state], options=packed_options(noise, directions), indices=list(range(len(params))),
+        params, [], [state], options=packed_options(noise, directions, rank), indices=list(range(len(params))),
         group_sizes=[len(params)], carried=list(carried), to=list(to),
     )
 
 
-def finish(params, noise, state, directions=1):
+def finish(params, noise, state, directions=1, rank=0):
     losses = torch.cat([LOSSES[:1], LOSSES[1:].repeat(directions)])
-    plan = torch.ops.dopamine.plan_step(state, losses, options=packed_options(noise, directions))
+    plan = torch.ops.dopamine.plan_step(state, losses, options=packed_options(noise, directions, rank))
     torch.ops.dopamine.finish_step_(
         params, [], [state], [plan], indices=list(range(len(params))), group_sizes=[len(params)]
     )
 
 
-def engine_step(params, noise, state, directions=1):
+def engine_step(params, noise, state, directions=1, rank=0):
     """The optimizer's own work in a step, evaluations left out: the move_
     calls of `directions` directions (theta + sigma z_0, then straight to
     theta + sigma z_1, ...: one pass each), plan_step and finish_step_."""
     for j in range(directions):
-        move(params, noise, state, carried=(1, j - 1) if j else (0, 0), to=(1, j), directions=directions)
-    finish(params, noise, state, directions)
+        move(params, noise, state, carried=(1, j - 1) if j else (0, 0), to=(1, j), directions=directions, rank=rank)
+    finish(params, noise, state, directions, rank)
 
+
+# The ranks of the low-rank perturbations the ops benchmark times.
+LOWRANK_RANKS = (1, 4)
 
 # The same 1e7 elements as few large and as many small tensors.
 LAYOUTS = ((5, 2_000_000), (200, 50_000), (2000, 5_000))
@@ -243,11 +247,12 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
     """The fused ops at `numel` float32 elements in `tensors` tensors, against
     torch's normal_, copy_ and the fastest Adam steps, in one process. A step
     of k directions (one, and the default) makes k + 1 memory passes: k
-    move_ passes and the finish."""
+    move_ passes and the finish. The tensors are matrices of 1000 rows (for
+    the low-rank perturbations; the others draw the same either way)."""
     device = torch.device(device)
     size = numel // tensors
-    params = [torch.zeros(size, device=device) for _ in range(tensors)]
-    others = [torch.zeros(size, device=device) for _ in range(tensors)]
+    params = [torch.zeros(1000, size // 1000, device=device) for _ in range(tensors)]
+    others = [torch.zeros_like(p) for p in params]
     state = torch.zeros(5, dtype=torch.float64)
     k = DOPAMINE_DEFAULTS["num_perturbations"]
     fns = {}
@@ -261,9 +266,15 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
         fns[f"finish_step_[{noise}, k={k}]"] = functools.partial(finish, params, noise, state, k)
         fns[f"step[{noise}, k=1]"] = functools.partial(engine_step, params, noise, state)
         fns[f"step[{noise}, k={k}]"] = functools.partial(engine_step, params, noise, state, k)
+        if device.type == "cpu":  # perturbation="lowrank" runs on the CPU only
+            for rank in LOWRANK_RANKS:
+                fns[f"move_[{noise}, lowrank r={rank}]"] = functools.partial(move, params, noise, state, rank=rank)
+                fns[f"step[{noise}, lowrank r={rank}, k={k}]"] = functools.partial(
+                    engine_step, params, noise, state, k, rank
+                )
     # The memory passes each op makes, for its bandwidth.
     passes = {name: 1 for name in fns if name.startswith(("move_", "finish_step_"))}
-    passes.update({name: 2 if name.endswith("k=1]") else k + 1 for name in fns if name.startswith("step[")})
+    passes.update({name: 2 if name.endswith(" k=1]") else k + 1 for name in fns if name.startswith("step[")})
     fns["normal_"] = lambda: [p.normal_() for p in params]
     fns["copy_"] = lambda: [o.copy_(p) for o, p in zip(others, params)]
     adam_params = [torch.nn.Parameter(torch.zeros(size, device=device)) for _ in range(tensors)]
@@ -294,6 +305,10 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
         "ms": times,
         "adam_fastest_ms": adam_best,
         "step_vs_adam": {n: times[f"step[{n}, k={k}]"] / adam_best for n in noises},
+        "lowrank_step_vs_adam": {
+            f"{n}, r={rank}": times[f"step[{n}, lowrank r={rank}, k={k}]"] / adam_best
+            for n in noises for rank in LOWRANK_RANKS if f"step[{n}, lowrank r={rank}, k={k}]" in times
+        },
         "noise_throughput_vs_normal_": times["normal_"] / times["move_[gaussian]"],
         # Each pass reads and writes every element once: 8 bytes per float.
         "gb_per_s": {name: 8 * numel * count / (times[name] * 1e-3) / 1e9 for name, count in passes.items()},

@@ -28,7 +28,8 @@ TORCH_LIBRARY(dopamine, m) {
       "float beta_s, float beta_eta, float eps, float? lr_min, float? lr_max, "
       "float weight_decay, int seed, int noise, int non_finite_loss, "
       "bool capturable, bool master_weights, bool antithetic, "
-      "int num_perturbations, bool restore_rng) -> float[]");
+      "int num_perturbations, bool restore_rng, int perturbation, int rank) "
+      "-> float[]");
   m.def("check_state(Tensor state) -> ()");
   // Every group's parameters come from carrying the perturbation `carried`
   // to carrying `to`, each [offset, direction]: offset * sigma * z_direction.

@@ -35,17 +35,24 @@ constexpr int64_t kFinite = kStateSize + 1;
 // The perturbation the parameters carry when the step finishes, in units of
 // the last direction's z: sigma, or -sigma with antithetic.
 constexpr int64_t kSigma = kStateSize + 2;
-// The noise key's two words (exact in float64) and its noise::Kind.
+// The noise key's two words (exact in float64), its noise::Kind, and the
+// rank of its low-rank perturbation (0: full; docs/DESIGN.md, "The noise").
 constexpr int64_t kKeyLo = kStateSize + 3;
 constexpr int64_t kKeyHi = kStateSize + 4;
 constexpr int64_t kNoise = kStateSize + 5;
-constexpr int64_t kPlanHeader = kStateSize + 6;
+constexpr int64_t kRank = kStateSize + 6;
+constexpr int64_t kPlanHeader = kStateSize + 7;
 constexpr int64_t kStepSizes = kPlanHeader;  // one per direction
 // The most directions a step may take (num_perturbations): far beyond any
 // useful count, and few enough that a plan is a few pages.
 constexpr int64_t kMaxDirections = 65536;
 
-// Codes of the op arguments `lr_adaptation`, `noise` and `non_finite_loss`:
+// The largest rank of a low-rank perturbation (perturbation="lowrank"): far
+// above any useful one.
+constexpr int64_t kMaxRank = 65536;
+
+// Codes of the op arguments `lr_adaptation`, `noise`, `perturbation` and
+// `non_finite_loss`:
 // the values of the C++ enums (include/dopamine/options.h).
 enum class Adaptation : int64_t {
   None = 0,
@@ -82,6 +89,8 @@ enum Field : int64_t {
   kAntithetic,
   kNumPerturbations,
   kRestoreRng,
+  kPerturbation,
+  kRank,
   kSize
 };
 }  // namespace packed
@@ -98,6 +107,9 @@ struct GroupOptions {
   // parameters carry -sigma z when the step finishes.
   bool antithetic;
   int64_t directions;  // num_perturbations, >= 1
+  // The rank of the perturbation of a parameter of two or more dimensions;
+  // 0: every element drawn (perturbation="full").
+  int64_t rank;
 };
 
 // The plan's options from their packed form (checked by the caller).
@@ -119,7 +131,9 @@ C10_HOST_DEVICE inline GroupOptions unpack(const double* p) {
        static_cast<uint32_t>(p[packed::kKeyHi])},
       static_cast<noise::Kind>(static_cast<int64_t>(p[packed::kNoise])),
       p[packed::kAntithetic] != 0,
-      static_cast<int64_t>(p[packed::kNumPerturbations])};
+      static_cast<int64_t>(p[packed::kNumPerturbations]),
+      p[packed::kPerturbation] != 0 ? static_cast<int64_t>(p[packed::kRank])
+                                    : 0};
 }
 
 // The number of losses a step of these options evaluates.
@@ -241,6 +255,7 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
   plan[kKeyLo] = o.key.lo;
   plan[kKeyHi] = o.key.hi;
   plan[kNoise] = static_cast<double>(o.noise);
+  plan[kRank] = static_cast<double>(o.rank);
 }
 
 // The noise key and kind a plan carries.
@@ -250,6 +265,9 @@ C10_HOST_DEVICE inline noise::Key plan_key(const double* plan) {
 }
 C10_HOST_DEVICE inline noise::Kind plan_noise(const double* plan) {
   return static_cast<noise::Kind>(static_cast<int64_t>(plan[kNoise]));
+}
+C10_HOST_DEVICE inline uint32_t plan_rank(const double* plan) {
+  return static_cast<uint32_t>(plan[kRank]);
 }
 
 // Whether every group's plan is finite: a step is taken by all groups or by

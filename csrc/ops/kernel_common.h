@@ -26,10 +26,13 @@ namespace dopamine::ops {
 // z_{other_first + j} for each j < other_directions. The finish of a step of
 // several directions moves along the others (docs/DESIGN.md, "Several
 // directions"); move_ from one direction to another leaves the first in the
-// same pass. z_j is drawn with noise::direction_key(key, j).
+// same pass. z_j is drawn with noise::direction_key(key, j); with `rank` >
+// 0, a tensor with columns (TensorEntry::cols) takes the low-rank z of that
+// stream (noise.h).
 struct TensorStep {
   noise::Kind kind;
   noise::Key key;
+  uint32_t rank;
   uint32_t step;
   uint32_t direction;
   engine::Coefficients coefficients;
@@ -58,6 +61,7 @@ struct DeviceStepSource {
   // move_'s options, known on the host.
   noise::Kind kind = noise::Kind::Gaussian;
   noise::Key key = {0, 0};
+  uint32_t rank = 0;
   double sigma = 0;
   Perturbation carried = {0, 0}, to = {1, 0};
   // finish_step_'s number of directions, from the plan's size.
@@ -69,6 +73,7 @@ struct DeviceStepSource {
 // perturbed, so a parameter with one becomes the rounding of master + to.
 C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
                                                       noise::Key key,
+                                                      uint32_t rank,
                                                       const double* state,
                                                       double sigma,
                                                       Perturbation carried,
@@ -81,6 +86,7 @@ C10_HOST_DEVICE inline TensorStep perturb_tensor_step(noise::Kind kind,
       static_cast<uint32_t>(to.offset != 0 ? to.direction : carried.direction);
   return {kind,
           key,
+          rank,
           static_cast<uint32_t>(state[engine::kStep] + 1),
           direction,
           engine::perturb_coefficients(
@@ -97,6 +103,7 @@ C10_HOST_DEVICE inline TensorStep finish_tensor_step(const double* plan,
                                                      bool has_master) {
   return {engine::plan_noise(plan),
           engine::plan_key(plan),
+          engine::plan_rank(plan),
           static_cast<uint32_t>(plan[engine::kNextState + engine::kStep]),
           static_cast<uint32_t>(directions - 1),
           engine::finish_coefficients(plan, directions, taken, has_master),
@@ -113,6 +120,7 @@ C10_HOST_DEVICE inline TensorStep resolve(const DeviceStepSource& source) {
   }
   return perturb_tensor_step(source.kind,
                              source.key,
+                             source.rank,
                              source.state,
                              source.sigma,
                              source.carried,
@@ -159,6 +167,7 @@ inline GroupEntry move_group(const engine::GroupOptions& options,
   source.state = state;
   source.kind = options.noise;
   source.key = options.key;
+  source.rank = static_cast<uint32_t>(options.rank);
   source.sigma = options.sigma;
   source.carried = carried;
   source.to = to;
@@ -185,7 +194,11 @@ inline GroupEntry finish_group(const double* plan,
 // element of the parameter its first element is (a shard of a sharded
 // parameter draws the noise of its elements' places in the whole;
 // docs/DESIGN.md, "Many processes"), its global index (which keys its
-// noise) and its kernel group.
+// noise) and its kernel group. Then what a low-rank perturbation needs: the
+// parameter's columns (the product of its sizes after the first; 0 for one
+// dimension, which is perturbed in full) and, when its group's step has a
+// rank, its rows and its factors (noise.h) on its device: for each direction
+// the step draws (its own, then the others), rank (rows + cols) floats.
 struct TensorEntry {
   void* data;
   float* master;
@@ -194,7 +207,20 @@ struct TensorEntry {
   uint32_t index;
   uint32_t group;
   at::ScalarType dtype;
+  int64_t cols = 0;
+  int64_t rows = 0;
+  const float* factors = nullptr;
 };
+
+// The factors of a low-rank perturbation along a step's own direction (slot
+// 0) or its other direction slot - 1, in a TensorEntry's `factors`.
+C10_HOST_DEVICE C10_ALWAYS_INLINE const float* factors_of(const float* factors,
+                                                          int64_t rows,
+                                                          int64_t cols,
+                                                          uint32_t rank,
+                                                          int64_t slot) {
+  return factors + slot * static_cast<int64_t>(rank) * (rows + cols);
+}
 
 // What a backend runs: one entry per tensor and, beside them, one per kernel
 // group (docs/DESIGN.md, "Kernels").

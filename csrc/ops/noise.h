@@ -2,7 +2,7 @@
 
 // Dopamine's noise z: a pure function of (seed, step, parameter index,
 // element index), shared by the CPU and the CUDA kernels so that both devices
-// draw the same numbers.
+// draw the same numbers; and the low-rank perturbation built from it.
 //
 // Philox-4x32-10 (Salmon et al., SC'11), keyed by the seed, turns the counter
 // (block, parameter index, step) into four 32-bit words. Elements are taken in
@@ -256,6 +256,55 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float noise_at(
                 z[2],
                 z[3]);
   return z[in_tile / kLanes];
+}
+
+// A low-rank perturbation (docs/DESIGN.md, "The noise"): a parameter of
+// `rows` x `cols` (its first dimension by the rest) takes
+// z = (u_0 v_0^T + ... + u_{r-1} v_{r-1}^T) / sqrt(r), whose factors are the
+// first r (rows + cols) elements of its noise stream: u_l is elements
+// l (rows + cols) + [0, rows), v_l the next cols. The sum is a chain of
+// fmaf in order of l, then one multiply by lowrank_scale(r), so that every
+// device computes the same bits.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float lowrank_scale(uint32_t rank) {
+  return static_cast<float>(1.0 / sqrt(static_cast<double>(rank)));
+}
+
+// z of element (row, col) from the factors of its stream (`factors`: u_0,
+// v_0, u_1, ... as above).
+C10_HOST_DEVICE C10_ALWAYS_INLINE float lowrank_element(const float* factors,
+                                                        int64_t rows,
+                                                        int64_t cols,
+                                                        uint32_t rank,
+                                                        int64_t row,
+                                                        int64_t col) {
+  float sum = factors[row] * factors[rows + col];
+  for (uint32_t l = 1; l < rank; ++l) {
+    const float* u = factors + l * (rows + cols);
+    sum = fmaf(u[row], u[rows + col], sum);
+  }
+  return sum * lowrank_scale(rank);
+}
+
+// z of one element of a low-rank perturbation, computed on its own (drawing
+// the 2r factor elements it needs): what the tests compare the kernels
+// against.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float lowrank_noise_at(Kind kind,
+                                                         Key key,
+                                                         uint32_t index,
+                                                         uint32_t step,
+                                                         int64_t rows,
+                                                         int64_t cols,
+                                                         uint32_t rank,
+                                                         int64_t element) {
+  const int64_t row = element / cols, col = element % cols;
+  float sum = 0;
+  for (uint32_t l = 0; l < rank; ++l) {
+    const auto first = static_cast<uint64_t>(l * (rows + cols));
+    const float u = noise_at(kind, key, index, step, first + row);
+    const float v = noise_at(kind, key, index, step, first + rows + col);
+    sum = l == 0 ? u * v : fmaf(u, v, sum);
+  }
+  return sum * lowrank_scale(rank);
 }
 
 }  // namespace dopamine::noise

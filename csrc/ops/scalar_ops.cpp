@@ -83,6 +83,18 @@ void check_packed(const double* p) {
               "Dopamine: invalid noise code ",
               p[kNoise],
               " (0 gaussian, 1 rademacher)");
+  TORCH_CHECK(is_code(p[kPerturbation], 1),
+              "Dopamine: invalid perturbation code ",
+              p[kPerturbation],
+              " (0 full, 1 lowrank)");
+  TORCH_CHECK_VALUE(p[kRank] >= 1 &&
+                        p[kRank] <= static_cast<double>(engine::kMaxRank) &&
+                        p[kRank] == std::floor(p[kRank]),
+                    "Dopamine: invalid rank: ",
+                    p[kRank],
+                    " (expected an int in [1, ",
+                    engine::kMaxRank,
+                    "])");
   TORCH_CHECK(is_code(p[kNonFiniteLoss], 1),
               "Dopamine: invalid non_finite_loss code ",
               p[kNonFiniteLoss],
@@ -107,6 +119,10 @@ void check_packed(const double* p) {
                 " must be a 32-bit word of a noise key, got ",
                 p[field]);
   }
+  TORCH_CHECK_VALUE(!(p[kCapturable] != 0 && p[kPerturbation] != 0),
+                    "Dopamine: invalid perturbation: lowrank with "
+                    "capturable=True (its factors are sized on the host "
+                    "each step)");
   TORCH_CHECK(!(p[kCapturable] != 0 && p[kNonFiniteLoss] == 1),
               "Dopamine: invalid non_finite_loss: raise with capturable=True "
               "(a capturable step never reads a loss on the host; a "
@@ -130,7 +146,9 @@ std::vector<double> pack_options_kernel(double lr,
                                         bool master_weights,
                                         bool antithetic,
                                         int64_t num_perturbations,
-                                        bool restore_rng) {
+                                        bool restore_rng,
+                                        int64_t perturbation,
+                                        int64_t rank) {
   using namespace engine::packed;
   const noise::Key key = noise::key_of(seed);
   std::vector<double> p(kSize);
@@ -155,6 +173,8 @@ std::vector<double> pack_options_kernel(double lr,
   p[kAntithetic] = antithetic;
   p[kNumPerturbations] = static_cast<double>(num_perturbations);
   p[kRestoreRng] = restore_rng;
+  p[kPerturbation] = static_cast<double>(perturbation);
+  p[kRank] = static_cast<double>(rank);
   check_packed(p.data());
   return p;
 }

@@ -6,6 +6,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
@@ -229,7 +230,8 @@ struct ParamTable {
            offsets[i],
            static_cast<uint32_t>(indices[i]),
            static_cast<uint32_t>(group - table->group_keys.begin()),
-           work[i].scalar_type()});
+           work[i].scalar_type(),
+           work[i].dim() >= 2 ? work[i].numel() / work[i].size(0) : 0});
     }
     return tables;
   }
@@ -243,10 +245,68 @@ struct ParamTable {
   }
 };
 
-void run(const std::vector<DeviceTable>& tables) {
-  for (const auto& table : tables) {
+// The low-rank factors of a table's tensors (noise.h), on their device: for
+// each tensor of a group whose step has a rank, and each direction the step
+// draws, the first rank (rows + cols) elements of that direction's noise,
+// drawn by the backend's own pass into zeros (x' = x + z, exact). Returns
+// the buffers, which must live until the table's pass is queued.
+std::vector<at::Tensor> draw_factors(KernelTable& table,
+                                     c10::Device device,
+                                     const Backend& backend) {
+  std::vector<at::Tensor> buffers;
+  KernelTable draws;
+  // draws.groups[k] draws slot draw_keys[k].second of kernel group first.
+  std::vector<std::pair<uint32_t, int64_t>> draw_keys;
+  for (auto& entry : table.tensors) {
+    const GroupEntry& group = table.groups[entry.group];
+    if (!group.resolved || group.step.rank == 0 || entry.cols == 0) {
+      continue;
+    }
+    const TensorStep& step = group.step;
+    entry.rows = entry.numel / entry.cols;  // whole: check_lowrank
+    const int64_t count = step.rank * (entry.rows + entry.cols);
+    buffers.push_back(at::zeros({(1 + step.other_directions) * count},
+                                at::TensorOptions(device).dtype(at::kFloat)));
+    entry.factors = buffers.back().data_ptr<float>();
+    for (int64_t slot = 0; slot <= step.other_directions; ++slot) {
+      const std::pair<uint32_t, int64_t> key{entry.group, slot};
+      auto found = std::find(draw_keys.begin(), draw_keys.end(), key);
+      if (found == draw_keys.end()) {
+        GroupEntry draw{};
+        draw.resolved = true;
+        draw.step = step;
+        draw.step.rank = 0;
+        draw.step.direction =
+            slot == 0 ? step.direction
+                      : step.other_first + static_cast<uint32_t>(slot - 1);
+        draw.step.coefficients = engine::Coefficients{1, -1, 0, false};
+        draw.step.other_directions = 0;
+        draw.step.other_step_sizes = nullptr;
+        draws.groups.push_back(draw);
+        draw_keys.push_back(key);
+        found = std::prev(draw_keys.end());
+      }
+      draws.tensors.push_back({buffers.back().data_ptr<float>() + slot * count,
+                               nullptr,
+                               count,
+                               0,
+                               entry.index,
+                               static_cast<uint32_t>(found - draw_keys.begin()),
+                               at::kFloat});
+    }
+  }
+  if (!draws.tensors.empty()) {
+    backend.update(draws);
+  }
+  return buffers;
+}
+
+void run(std::vector<DeviceTable> tables) {
+  for (auto& table : tables) {
     const c10::OptionalDeviceGuard guard(table.device);
-    backend_for(table.device.type()).update(table.table);
+    const Backend& backend = backend_for(table.device.type());
+    const auto factors = draw_factors(table.table, table.device, backend);
+    backend.update(table.table);
   }
 }
 
@@ -309,6 +369,50 @@ std::vector<size_t> group_of_tensors(at::TensorList states,
   return group_of;
 }
 
+// The rules of a low-rank perturbation (docs/DESIGN.md, "The noise"), for
+// the groups whose `ranks` are not 0: every parameter of two or more
+// dimensions has both sides at least the rank and is whole (a shard would
+// draw its own rows' factors, not the whole parameter's), and the host reads
+// the state (the factors are sized there).
+void check_lowrank(at::TensorList params,
+                   const std::vector<size_t>& group_of,
+                   const std::vector<int64_t>& ranks,
+                   c10::IntArrayRef element_offsets,
+                   bool on_host) {
+  for (const auto i : c10::irange(params.size())) {
+    const int64_t rank = ranks[group_of[i]];
+    const auto& param = params[i];
+    if (rank == 0 || param.dim() < 2 || param.numel() == 0) {
+      continue;
+    }
+    const int64_t rows = param.size(0), cols = param.numel() / rows;
+    TORCH_CHECK_VALUE(rank <= std::min(rows, cols),
+                      "Dopamine: invalid rank: ",
+                      rank,
+                      " is above the smaller side of params[",
+                      i,
+                      "] of shape ",
+                      param.sizes(),
+                      " (",
+                      rows,
+                      " x ",
+                      cols,
+                      " as rows by the rest); perturbation='lowrank' needs a "
+                      "rank of at most ",
+                      std::min(rows, cols));
+    TORCH_CHECK_VALUE(on_host,
+                      "Dopamine: perturbation='lowrank' needs the state on "
+                      "the CPU (not capturable)");
+    TORCH_CHECK_VALUE(element_offsets.empty() || element_offsets[i] == 0,
+                      "Dopamine: perturbation='lowrank' over shards of a "
+                      "parameter is not supported (params[",
+                      i,
+                      "] starts at element ",
+                      element_offsets.empty() ? 0 : element_offsets[i],
+                      "; use perturbation='full')");
+  }
+}
+
 Perturbation perturbation_of(c10::IntArrayRef perturbation, const char* name) {
   TORCH_CHECK(perturbation.size() == 2 && std::abs(perturbation[0]) <= 1,
               "dopamine::move_: ",
@@ -348,7 +452,12 @@ void move(at::TensorList params,
   }
   const Perturbation from = perturbation_of(carried_now, "carried");
   const Perturbation target = perturbation_of(to, "to");
+  std::vector<int64_t> ranks;
+  for (const auto& o : group_options) {
+    ranks.push_back(o.rank);
+  }
   const bool on_host = host_readable(states[0], params, "move_");
+  check_lowrank(params, group_of, ranks, element_offsets, on_host);
   if (states[0].is_meta()) {
     return;
   }
@@ -439,10 +548,21 @@ at::Tensor finish_step(at::TensorList params,
     return at::empty({}, states[0].options());
   }
   if (on_host) {
+    std::vector<int64_t> ranks;
     for (const auto& plan : plans) {
       counter_word(plan.data_ptr<double>()[engine::kNextState + engine::kStep],
                    "step");
+      const double rank = plan.data_ptr<double>()[engine::kRank];
+      TORCH_CHECK(
+          rank >= 0 && rank <= engine::kMaxRank && rank == std::floor(rank),
+          "dopamine::finish_step_: a plan's rank must be an int in "
+          "[0, ",
+          engine::kMaxRank,
+          "], got ",
+          rank);
+      ranks.push_back(static_cast<int64_t>(rank));
     }
+    check_lowrank(params, group_of, ranks, element_offsets, on_host);
   }
   // A kernel reads the other directions' step sizes where it runs: a
   // parameter off the states' device gets a copy of them on its own, one per

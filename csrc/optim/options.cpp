@@ -43,6 +43,17 @@ std::string to_string(Noise noise) {
   return "Noise(" + std::to_string(static_cast<int64_t>(noise)) + ")";
 }
 
+std::string to_string(Perturbation perturbation) {
+  switch (perturbation) {
+    case Perturbation::Full:
+      return "full";
+    case Perturbation::LowRank:
+      return "lowrank";
+  }
+  return "Perturbation(" + std::to_string(static_cast<int64_t>(perturbation)) +
+         ")";
+}
+
 std::string to_string(NonFiniteLoss policy) {
   switch (policy) {
     case NonFiniteLoss::Skip:
@@ -84,6 +95,8 @@ void for_each_option(Options& o, Visit&& visit) {
   visit("antithetic", o.antithetic());
   visit("num_perturbations", o.num_perturbations());
   visit("restore_rng", o.restore_rng());
+  visit("perturbation", o.perturbation());
+  visit("rank", o.rank());
 }
 
 // Whether every Dopamine checkpoint holds the option: those listed before

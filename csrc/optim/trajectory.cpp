@@ -21,9 +21,10 @@
 namespace dopamine {
 namespace {
 
-// 2: moves name their direction, and plans end with one step size per
-// direction (num_perturbations); the same number as torch_dopamine's.
-constexpr int64_t kTrajectoryFormat = 2;
+// 3: layouts give each group's perturbation and rank, and plans their rank
+// (2: moves name their direction, and plans end with one step size per
+// direction); the same number as torch_dopamine's.
+constexpr int64_t kTrajectoryFormat = 3;
 
 c10::impl::GenericList any_list() {
   return c10::impl::GenericList(c10::AnyType::get());
@@ -117,8 +118,9 @@ TrajectoryRecorder::TrajectoryRecorder(bool master_weights)
 }
 
 void TrajectoryRecorder::begin(StepTable& table) {
-  // A group's layout: its parameters' global indices, seed, sigma and noise
-  // code; a layout is stored once, and steps refer to it.
+  // A group's layout: its parameters' global indices, seed, sigma, noise
+  // code, perturbation code and rank; a layout is stored once, and steps
+  // refer to it.
   auto layout = any_list();
   std::ostringstream key;
   key << std::hexfloat;
@@ -129,7 +131,8 @@ void TrajectoryRecorder::begin(StepTable& table) {
         table.indices.begin() + first,
         table.indices.begin() + first + table.group_sizes[t]);
     first += table.group_sizes[t];
-    // As Python records it: [indices as a tuple, seed, sigma, noise code].
+    // As Python records it: [indices as a tuple, seed, sigma, noise code,
+    // perturbation code, rank].
     std::vector<c10::IValue> index_values(group_indices.begin(),
                                           group_indices.end());
     auto group = any_list();
@@ -137,13 +140,16 @@ void TrajectoryRecorder::begin(StepTable& table) {
     group.push_back(o.seed());
     group.push_back(o.sigma());
     group.push_back(static_cast<int64_t>(o.noise()));
+    group.push_back(static_cast<int64_t>(o.perturbation()));
+    group.push_back(o.rank());
     layout.push_back(group);
     key << '[';
     for (const auto index : group_indices) {
       key << index << ',';
     }
     key << ']' << o.seed() << ',' << o.sigma() << ','
-        << static_cast<int64_t>(o.noise()) << ';';
+        << static_cast<int64_t>(o.noise()) << ','
+        << static_cast<int64_t>(o.perturbation()) << ',' << o.rank() << ';';
   }
   auto found = std::find(layout_keys_.begin(), layout_keys_.end(), key.str());
   if (found == layout_keys_.end()) {
@@ -186,14 +192,20 @@ c10::impl::GenericDict Dopamine::trajectory() const {
 void replay(const std::vector<at::Tensor>& params,
             const c10::IValue& trajectory) {
   const c10::NoGradGuard no_grad;
-  TORCH_CHECK(
-      trajectory.isGenericDict() &&
-          trajectory.toGenericDict().contains("format") &&
-          trajectory.toGenericDict().at("format").isInt() &&
-          trajectory.toGenericDict().at("format").toInt() == kTrajectoryFormat,
-      "dopamine::replay: not a trajectory of format ",
-      kTrajectoryFormat,
-      " (from Dopamine::trajectory())");
+  const bool has_format = trajectory.isGenericDict() &&
+                          trajectory.toGenericDict().contains("format") &&
+                          trajectory.toGenericDict().at("format").isInt();
+  TORCH_CHECK(has_format && trajectory.toGenericDict().at("format").toInt() ==
+                                kTrajectoryFormat,
+              "dopamine::replay: not a trajectory of format ",
+              kTrajectoryFormat,
+              " (from Dopamine::trajectory()); got ",
+              has_format
+                  ? "format " +
+                        std::to_string(
+                            trajectory.toGenericDict().at("format").toInt()) +
+                        " (an earlier version's: replay it with that version)"
+                  : std::string("no format"));
   const auto dict = trajectory.toGenericDict();
   const bool master_weights = dict.at("master_weights").toBool();
   const auto layouts = items(dict.at("layouts"), "layouts");
@@ -237,10 +249,13 @@ void replay(const std::vector<at::Tensor>& params,
     detail::StepTable table;
     for (const auto t : c10::irange(layout.size())) {
       const auto group = items(layout[t], "a group");
-      const auto options = DopamineOptions()
-                               .seed(group[1].toInt())
-                               .sigma(number(group[2]))
-                               .noise(static_cast<Noise>(group[3].toInt()));
+      const auto options =
+          DopamineOptions()
+              .seed(group[1].toInt())
+              .sigma(number(group[2]))
+              .noise(static_cast<Noise>(group[3].toInt()))
+              .perturbation(static_cast<Perturbation>(group[4].toInt()))
+              .rank(group[5].toInt());
       std::vector<at::Tensor> group_params, group_masters;
       std::vector<int64_t> group_indices;
       for (const auto& index_value : items(group[0], "indices")) {

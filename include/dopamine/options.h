@@ -44,8 +44,21 @@ enum class Noise : int64_t {
   Rademacher = 1,
 };
 
+// Which elements of a parameter the noise draws (docs/DESIGN.md, "The
+// noise").
+enum class Perturbation : int64_t {
+  // Every element: z is the noise itself.
+  Full = 0,
+  // A parameter of two or more dimensions, as rows by the rest, takes the
+  // rank-`rank` z = U V^T / sqrt(rank), its factors drawn from the noise:
+  // rank (rows + cols) draws instead of rows x cols. One-dimensional
+  // parameters are perturbed in full. CPU only.
+  LowRank = 1,
+};
+
 std::string to_string(LrAdaptation mode);
 std::string to_string(Noise noise);
+std::string to_string(Perturbation perturbation);
 std::string to_string(NonFiniteLoss policy);
 
 // Hyperparameters of one parameter group. `seed` is per group (a group's
@@ -100,6 +113,11 @@ struct DopamineOptions
   // perturbation alone. The generators advance across steps as with one
   // evaluation per step. Read from the optimizer's defaults.
   TORCH_ARG(bool, restore_rng) = true;
+  // Full or low-rank perturbations, and the rank of a low-rank one: an int
+  // in [1, 65536], at most the smaller side (rows, or the rest) of every
+  // parameter of two or more dimensions, which a step checks.
+  TORCH_ARG(Perturbation, perturbation) = Perturbation::Full;
+  TORCH_ARG(int64_t, rank) = 1;
 
  public:
   // Throws c10::Error naming the first invalid option and its value.

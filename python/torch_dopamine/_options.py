@@ -30,6 +30,8 @@ OPTION_NAMES = (
     "antithetic",
     "num_perturbations",
     "restore_rng",
+    "perturbation",
+    "rank",
 )
 # The options of the first saved states: every Dopamine state has them, and a
 # state without one is another optimizer's. Options added since may be
@@ -44,6 +46,7 @@ OLDER_STATE_VALUES = {"antithetic": False, "num_perturbations": 1, "restore_rng"
 ENUM_NAMES = {
     "lr_adaptation": ("none", "rpe_normalized", "rpe_tracking", "loss_spread"),
     "noise": ("gaussian", "rademacher"),
+    "perturbation": ("full", "lowrank"),
     "non_finite_loss": ("skip", "raise"),
 }
 _FLOATS = ("lr", "sigma", "beta", "beta_s", "beta_eta", "eps", "weight_decay")
@@ -87,6 +90,7 @@ def op_arguments(group: Dict[str, Any]) -> Dict[str, Any]:
         arguments[name] = code(name, group[name])
     arguments["seed"] = _as_int("seed", group["seed"], -(2**63), 2**63, "an int in [-2**63, 2**63)")
     arguments["num_perturbations"] = _as_int("num_perturbations", group["num_perturbations"], 1, 2**63, "an int >= 1")
+    arguments["rank"] = _as_int("rank", group["rank"], 1, 2**63, "an int >= 1")
     return arguments
 
 

@@ -205,6 +205,16 @@ class Dopamine(Optimizer):
             every evaluation and the losses differ by the perturbation
             alone; the generators advance across steps as with one
             evaluation per step. Read from the defaults. Default True.
+        perturbation: ``"full"`` (default; ``z`` draws every element) or
+            ``"lowrank"``: a parameter of two or more dimensions, viewed as
+            rows by the rest, takes ``z = (u_0 v_0^T + ... + u_{r-1} v_{r-1}^T)
+            / sqrt(r)``, its factors the first ``r (rows + cols)`` draws of its
+            noise, so a pass draws ``r (rows + cols)`` numbers instead of
+            ``rows x cols``; one-dimensional parameters are perturbed in full.
+            CPU only; not over DTensor shards.
+        rank: the rank ``r`` of a ``"lowrank"`` perturbation (an int >= 1, at
+            most the smaller side of every parameter of two or more
+            dimensions; a step raises ValueError otherwise). Default 1.
         process_group: a ``torch.distributed`` process group: a step
             all-reduces the losses (8 bytes per evaluation, plus 8) and every
             rank applies the same update; the parameters never travel. Every
@@ -252,6 +262,8 @@ class Dopamine(Optimizer):
         antithetic: bool = False,
         num_perturbations: int = 4,
         restore_rng: bool = True,
+        perturbation: str = "full",
+        rank: int = 1,
         process_group: Optional[Any] = None,
         parallel: str = "data",
         verify_every: int = 0,
@@ -365,6 +377,13 @@ class Dopamine(Optimizer):
             # changed since (through param_groups) is checked again.
             if any(param not in self.state for param in group["params"]):
                 _check_params(group["params"], g)
+            if group["perturbation"] == "lowrank" and any(replicated(p) is None for p in group["params"]):
+                # A shard would draw its own rows' factors, not the whole
+                # parameter's (docs/DESIGN.md, "The noise").
+                raise ValueError(
+                    f"Dopamine: perturbation='lowrank' over sharded DTensor parameters is not supported "
+                    f"(group {g}); use perturbation='full'"
+                )
             state = self._group_state_of(group, g)
             trainable = [p for p in group["params"] if p.requires_grad]
             index += len(group["params"])
@@ -466,7 +485,7 @@ class Dopamine(Optimizer):
             starts = [sum(step.table.group_sizes[:t]) for t in range(len(step.groups))]
             step.record = recorder.begin(
                 [(tuple(step.table.indices[start:start + size]), group["seed"], float(group["sigma"]),
-                  code("noise", group["noise"]))
+                  code("noise", group["noise"]), code("perturbation", group["perturbation"]), group["rank"])
                  for start, size, group in zip(starts, step.table.group_sizes, step.groups)],
                 [int(state[0].item()) + 1 for state in step.table.states],
             )

@@ -20,15 +20,16 @@ from ._options import ENUM_NAMES, OPTION_NAMES, pack
 
 __all__ = ["Recorder", "load_trajectory", "replay"]
 
-# 2: moves name their direction, and plans end with one step size per
-# direction (num_perturbations).
-FORMAT = 2
+# 3: layouts give each group's perturbation and rank, and plans their rank
+# (2: moves name their direction, and plans end with one step size per
+# direction).
+FORMAT = 3
 
 
 class Recorder:
     """Records the steps of one optimizer into a trajectory: a dict of
     ``format``, ``master_weights``, ``layouts`` (per group: the parameters'
-    global indices, seed, sigma and noise code; stored once per change) and
+    global indices, seed, sigma, noise code, perturbation code and rank; stored once per change) and
     ``steps`` (per step: its layout, each group's step number, the
     perturbations moved through as ``(offset, direction, groups moved)``, and each
     group's plan as a list of floats, or None for a step abandoned when the
@@ -39,8 +40,8 @@ class Recorder:
         self.trajectory: Dict[str, Any] = dict(format=FORMAT, master_weights=master_weights, layouts=[], steps=[])
         self._layout_of: Dict[Tuple, int] = {}
 
-    def begin(self, groups: Sequence[Tuple[Tuple[int, ...], int, float, int]], steps: Sequence[int]) -> Dict[str, Any]:
-        """A new step over groups given as (indices, seed, sigma, noise code),
+    def begin(self, groups: Sequence[Tuple[Tuple[int, ...], int, float, int, int, int]], steps: Sequence[int]) -> Dict[str, Any]:
+        """A new step over groups given as (indices, seed, sigma, noise code, perturbation code, rank),
         numbered `steps`; returns its record, which the step fills in."""
         key = tuple(groups)
         if key not in self._layout_of:
@@ -79,10 +80,8 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
     which replay does not know."""
     if not isinstance(trajectory, dict) or trajectory.get("format") != FORMAT:
         found = trajectory.get("format") if isinstance(trajectory, dict) else None
-        raise ValueError(
-            f"replay: not a trajectory of format {FORMAT} (from Dopamine.trajectory()); got "
-            f"{'format ' + repr(found) if found is not None else type(trajectory).__name__}"
-        )
+        got = f"format {found!r} (an earlier version's: replay it with that version)" if found is not None else type(trajectory).__name__
+        raise ValueError(f"replay: not a trajectory of format {FORMAT} (from Dopamine.trajectory()); got {got}")
     params = list(params)
     # Checked before anything is written.
     needed = 1 + max((i for layout in trajectory["layouts"] for group in layout for i in group[0]), default=-1)
@@ -96,7 +95,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
                 f"replay: step {number} of the trajectory moved {moved} of its {groups} groups (a move that "
                 "failed part-way); it cannot be replayed"
             )
-    # move_ reads sigma, the seed and the noise of the options; the others
+    # move_ reads sigma, the seed, the noise and the perturbation of the options; the others
     # are the optimizer's defaults.
     from .optimizer import Dopamine
 
@@ -108,14 +107,15 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
     for record in trajectory["steps"]:
         layout = trajectory["layouts"][record["layout"]]
         table = StepTable()
-        for (indices, seed, sigma, noise), step in zip(layout, record["steps"]):
+        for (indices, seed, sigma, noise, perturbation, rank), step in zip(layout, record["steps"]):
             halves = [i for i in indices if trajectory["master_weights"] and params[i].dtype in (torch.bfloat16, torch.float16)]
             for i in halves:
                 masters.setdefault(i, params[i].detach().float().contiguous())
             # move_ keys the noise by the state's step + 1.
             state = torch.zeros(5, dtype=torch.float64)
             state[0] = step - 1
-            packed = pack({**defaults, "seed": seed, "sigma": sigma, "noise": ENUM_NAMES["noise"][noise]})
+            packed = pack({**defaults, "seed": seed, "sigma": sigma, "noise": ENUM_NAMES["noise"][noise],
+                           "perturbation": ENUM_NAMES["perturbation"][perturbation], "rank": rank})
             table.add_group([params[i] for i in indices], list(indices), [masters[i] for i in halves], state, packed,
                             [0] * len(indices))
         for offset, direction, _ in record["moves"]:

@@ -20,6 +20,10 @@ void emulate_update(const ops::KernelTable& table,
   ops::cuda::for_each_launch(
       table, sms, [&](const ops::cuda::Launch& launch, auto zero) {
         using scalar_t = decltype(zero);
+        ops::cuda::LaunchTable arguments = launch.table;
+        if (!launch.lowrank.empty()) {
+          arguments.lowrank = launch.lowrank.data();
+        }
         std::vector<int64_t> blocks(launch.blocks);
         std::iota(blocks.begin(), blocks.end(), 0);
         std::shuffle(blocks.begin(), blocks.end(), order);
@@ -29,12 +33,8 @@ void emulate_update(const ops::KernelTable& table,
           for (int phase = 0; phase < ops::cuda::kUpdatePhases; ++phase) {
             std::shuffle(threads.begin(), threads.end(), order);
             for (const int thread : threads) {
-              ops::cuda::update_phase<scalar_t>(phase,
-                                                launch.table,
-                                                block,
-                                                thread,
-                                                ops::cuda::kThreads,
-                                                shared);
+              ops::cuda::update_phase<scalar_t>(
+                  phase, arguments, block, thread, ops::cuda::kThreads, shared);
             }
           }
         }

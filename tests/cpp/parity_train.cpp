@@ -11,7 +11,8 @@
 // A GROUP is comma-separated key=value pairs: `size` (how many of the
 // module's parameters, in order, the group takes) and any of lr, sigma,
 // lr_adaptation, beta, beta_s, beta_eta, eps, lr_min, lr_max, weight_decay,
-// seed, noise (enums by their to_string names) and num_perturbations.
+// seed, noise, perturbation (enums by their to_string names),
+// num_perturbations and rank.
 // --antithetic sets every
 // group's antithetic option.
 #include <dopamine/dopamine.h>
@@ -84,6 +85,12 @@ std::pair<size_t, dopamine::DopamineOptions> parse_group(
       o.seed(std::stoll(value));
     } else if (key == "num_perturbations") {
       o.num_perturbations(std::stoll(value));
+    } else if (key == "perturbation") {
+      o.perturbation(parse_enum(
+          value,
+          {dopamine::Perturbation::Full, dopamine::Perturbation::LowRank}));
+    } else if (key == "rank") {
+      o.rank(std::stoll(value));
     } else {
       const auto setter = kRealOptions.find(key);
       if (setter == kRealOptions.end()) {

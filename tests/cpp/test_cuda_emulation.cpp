@@ -55,6 +55,10 @@ struct Case {
   std::vector<int64_t> offsets;
   std::vector<uint32_t> group_of;
   std::vector<GroupEntry> groups;
+  // Per parameter, if not empty: its columns and low-rank factors (undefined
+  // for a parameter perturbed in full).
+  std::vector<int64_t> cols;
+  std::vector<torch::Tensor> factors;
 
   KernelTable table_over(const Tensors& t) const {
     KernelTable table;
@@ -71,6 +75,11 @@ struct Case {
            static_cast<uint32_t>(3 + i),
            group_of.empty() ? 0 : group_of[i],
            t.params[i].scalar_type()});
+      if (!factors.empty() && factors[i].defined()) {
+        table.tensors.back().cols = cols[i];
+        table.tensors.back().rows = t.params[i].numel() / cols[i];
+        table.tensors.back().factors = factors[i].data_ptr<float>();
+      }
     }
     return table;
   }
@@ -175,6 +184,36 @@ GroupEntry move(const engine::GroupOptions& o,
 }
 
 const std::vector<double> kState = {6, 0, 0.2, 0, 0.1};
+
+// Low-rank tensors (their factors arbitrary numbers here, the same for both
+// kernels) beside one perturbed in full, in a move between directions and a
+// three-direction finish, with a master weight: the emulated kernels read
+// the factors through the launch's low-rank table as the CPU kernels do.
+TEST(CudaEmulation, LowRankTensorsMatchTheCpuKernels) {
+  for (const auto kind : {noise::Kind::Gaussian, noise::Kind::Rademacher}) {
+    auto o = options_of(3, false, kind);
+    o.rank = 2;
+    const Plan plan(o);
+    for (const bool finish : {false, true}) {
+      Case c;
+      c.add(7 * 5, torch::kFloat);
+      c.add(300 * 6, torch::kBFloat16, 1, true);
+      c.add(40, torch::kFloat);
+      c.cols = {5, 6, 0};
+      // Three directions' factors: 2 (rows + cols) floats each.
+      c.factors = {torch::randn({3 * 2 * (7 + 5)}),
+                   torch::randn({3 * 2 * (300 + 6)}),
+                   torch::Tensor()};
+      if (finish) {
+        c.groups = {plan.finish(false), plan.finish(true)};
+      } else {
+        c.groups = {move(o, kState, {1, 0}, {1, 1}, false),
+                    move(o, kState, {1, 0}, {1, 1}, true)};
+      }
+      expect_same_bits(c);
+    }
+  }
+}
 
 TEST(CudaEmulation, LaunchesHoldAHundredTensorsAndThreeGroups) {
   KernelTable table;

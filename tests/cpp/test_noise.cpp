@@ -64,6 +64,69 @@ TEST(Noise, KernelsDrawTheDefinedNoise) {
   }
 }
 
+// A low-rank perturbation's z from the kernels equals lowrank_noise_at()
+// bit for bit (the same fmaf chain and scale, noise.h), for matrices, a
+// 3-D tensor (rows by the rest), tiles across rows and rows across tiles;
+// a vector is perturbed in full.
+TEST(Noise, LowRankKernelsDrawTheDefinedNoise) {
+  const std::vector<std::vector<int64_t>> shapes = {
+      {7, 5}, {3, 130}, {300, 2, 3}, {40}};
+  for (const auto kind : {Noise::Gaussian, Noise::Rademacher}) {
+    for (const int64_t rank : {1, 3}) {
+      for (size_t index = 0; index < shapes.size(); ++index) {
+        auto z = torch::zeros(shapes[index]);
+        ops::move_({z},
+                   {},
+                   {state_at(4)},
+                   ops::pack_options(DopamineOptions()
+                                         .seed(9)
+                                         .sigma(1)
+                                         .noise(kind)
+                                         .perturbation(Perturbation::LowRank)
+                                         .rank(rank)),
+                   {static_cast<int64_t>(index)},
+                   {1},
+                   {0, 0},
+                   {1, 2});
+        const auto key = noise::direction_key(noise::key_of(9), 2);
+        const int64_t rows = z.size(0), cols = z.numel() / rows;
+        const auto* data = z.data_ptr<float>();
+        int64_t mismatches = 0;
+        for (int64_t e = 0; e < z.numel(); ++e) {
+          const auto k = static_cast<noise::Kind>(kind);
+          const auto i = static_cast<uint32_t>(index);
+          const float expected =
+              z.dim() == 1
+                  ? noise::noise_at(k, key, i, 4, static_cast<uint64_t>(e))
+                  : noise::lowrank_noise_at(k,
+                                            key,
+                                            i,
+                                            4,
+                                            rows,
+                                            cols,
+                                            static_cast<uint32_t>(rank),
+                                            e);
+          mismatches += data[e] != expected;
+        }
+        EXPECT_EQ(mismatches, 0)
+            << to_string(kind) << " rank " << rank << " shape " << z.sizes();
+      }
+    }
+  }
+}
+
+// A rank above a weight's smaller side is refused at the step, naming it,
+// before any parameter moves.
+TEST(Noise, LowRankAboveASmallerSideIsRefused) {
+  auto wide = torch::ones({2, 8}).requires_grad_();
+  Dopamine optimizer(
+      {wide}, DopamineOptions().perturbation(Perturbation::LowRank).rank(3));
+  expect_error(
+      [&] { optimizer.step([&] { return wide.sum(); }); },
+      {"invalid rank: 3 is above the smaller side of params[0]", "[2, 8]"});
+  EXPECT_TRUE(torch::equal(wide, torch::ones({2, 8})));
+}
+
 // The radius's refined bottom cell through the kernels: the first counter
 // (seed 0, step 1, index 0) with a radius word whose top 23 bits are 0 (one
 // word in 2^23, so the other tests almost never see one). Both normals of

@@ -292,6 +292,10 @@ TEST(InvalidOptions, RejectedAtConstruction) {
            .lr_adaptation(LrAdaptation::LossSpread)
            .num_perturbations(1),
        {"num_perturbations: 1 with lr_adaptation=loss_spread"}},
+      {DopamineOptions().rank(0), {"invalid rank: 0", "[1, 65536]"}},
+      {DopamineOptions().rank(65537), {"invalid rank: 65537"}},
+      {DopamineOptions().perturbation(static_cast<Perturbation>(2)),
+       {"invalid perturbation code 2", "0 full, 1 lowrank"}},
   };
   for (const auto& c : cases) {
     auto param = torch::zeros({2});

@@ -26,7 +26,8 @@ std::vector<torch::Tensor> train_xor(XorNet& net,
 class Resume : public ::testing::TestWithParam<LrAdaptation> {};
 
 // The rpe_tracking case is antithetic, the none case takes three directions
-// and the loss_spread case two: the options are saved with the group.
+// and the loss_spread case two, with a low-rank perturbation: the options are
+// saved with the group.
 TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
   const auto options =
       DopamineOptions(0.1)
@@ -35,7 +36,10 @@ TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
           .antithetic(GetParam() == LrAdaptation::RpeTracking)
           .num_perturbations(GetParam() == LrAdaptation::None         ? 3
                              : GetParam() == LrAdaptation::LossSpread ? 2
-                                                                      : 1);
+                                                                      : 1)
+          .perturbation(GetParam() == LrAdaptation::LossSpread
+                            ? Perturbation::LowRank
+                            : Perturbation::Full);
   auto straight = make_xor_net(1);
   Dopamine straight_optimizer(straight->parameters(), options);
   const auto expected = train_xor(straight, straight_optimizer, 40);

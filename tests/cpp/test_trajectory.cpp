@@ -82,7 +82,7 @@ TEST(Trajectory, ReplayRefusesWhatItCannotUseBeforeWriting) {
   auto other_format = trajectory.copy();
   other_format.insert_or_assign("format", int64_t{1});
   expect_error([&] { replay(replayed, other_format); },
-               {"not a trajectory of format 2"});
+               {"not a trajectory of format 3", "got format 1"});
   EXPECT_TRUE(bitwise_equal(replayed, initial));
 
   Dopamine stepped(params);

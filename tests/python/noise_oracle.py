@@ -88,3 +88,27 @@ def tolerance(radius):
     transform's rounding, a few units of 2^-24 times the radius r (the sine or
     cosine's absolute error times r, r's relative error times |z| <= r)."""
     return 1e-6 * np.maximum(1.0, radius)
+
+
+def perturbation(kind, seed, step, index, shape, direction=0, rank=0):
+    """z of a parameter of `shape`, float64 and flat, and its tolerance: the
+    noise itself (rank 0, or one dimension), or the low-rank z of
+    docs/DESIGN.md, "The noise": viewed as rows by the rest, the sum over l <
+    rank of the outer product of u_l (elements l (rows + cols) + [0, rows) of
+    the noise) and v_l (the next cols), over sqrt(rank)."""
+    numel = int(np.prod(shape))
+    if rank == 0 or len(shape) < 2:
+        return noise(kind, seed, step, index, numel, direction)
+    rows = shape[0]
+    cols = numel // rows
+    factors, factor_tolerance = noise(kind, seed, step, index, rank * (rows + cols), direction)
+    z = np.zeros((rows, cols))
+    bound = np.zeros((rows, cols))
+    for l in range(rank):
+        first = l * (rows + cols)
+        u, v = factors[first:first + rows], factors[first + rows:first + rows + cols]
+        du, dv = factor_tolerance[first:first + rows], factor_tolerance[first + rows:first + rows + cols]
+        z += np.outer(u, v)
+        bound += np.outer(np.abs(u) + du, np.abs(v) + dv) - np.outer(np.abs(u), np.abs(v))
+        bound += np.outer(np.abs(u), np.abs(v)) * (rank + 1) * 2.0**-23  # float32 products, sums and scale
+    return (z / np.sqrt(rank)).ravel(), (bound / np.sqrt(rank)).ravel()

@@ -33,31 +33,38 @@ def state_at(step, device="cpu"):
 
 
 def move(params, state, *, indices, seed=0, sigma=1.0, noise="gaussian", carried=(0, 0), to=(1, 0), masters=(),
-         element_offsets=()):
+         element_offsets=(), rank=0):
     """dopamine::move_ over one group: its parameters come from carrying
-    carried = (offset, direction) to carrying `to`."""
+    carried = (offset, direction) to carrying `to`; with `rank`, a low-rank
+    perturbation of that rank."""
+    perturbation = dict(perturbation="lowrank", rank=rank) if rank else {}
     torch.ops.dopamine.move_(
-        params, list(masters), [state], options=pack_options(dict(seed=seed, sigma=sigma, noise=noise)),
+        params, list(masters), [state], options=pack_options(dict(seed=seed, sigma=sigma, noise=noise, **perturbation)),
         indices=indices, group_sizes=[len(params)], carried=list(carried), to=list(to),
         element_offsets=list(element_offsets),
     )
 
 
-def ops_noise(like, seed, step, index, kind="gaussian", direction=0):
-    """z for parameter `index` at `step` (of direction `direction`) as the ops
-    draw it (float32, on like's device): perturbing zeros by sigma = 1 yields
-    z itself."""
+def ops_noise(like, seed, step, index, kind="gaussian", direction=0, rank=0):
+    """z for parameter `index` at `step` (of direction `direction`; of a
+    low-rank perturbation of `rank`, if not 0) as the ops draw it (float32, on
+    like's device): perturbing zeros by sigma = 1 yields z itself."""
     noise = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    move([noise], state_at(step, like.device), indices=[index], seed=seed, noise=kind, to=(1, direction))
+    move([noise], state_at(step, like.device), indices=[index], seed=seed, noise=kind, to=(1, direction), rank=rank)
     return noise
 
 
-def noise_of(like, seed, step, index, kind="gaussian", direction=0):
+def rank_of(options):
+    """The rank of a group's perturbation, 0 for a full one."""
+    return options.get("rank", 1) if options.get("perturbation", "full") == "lowrank" else 0
+
+
+def noise_of(like, seed, step, index, kind="gaussian", direction=0, rank=0):
     """The ops' z in like's dtype, after checking every element against the
     oracle (noise_oracle.py), so that the reference's noise is not the ops' word
     alone."""
-    noise = ops_noise(like, seed, step, index, kind, direction)
-    expected, tolerance = noise_oracle.noise(kind, seed, step, index, noise.numel(), direction)
+    noise = ops_noise(like, seed, step, index, kind, direction, rank)
+    expected, tolerance = noise_oracle.perturbation(kind, seed, step, index, tuple(noise.shape), direction, rank)
     drawn = noise.cpu().double().flatten().numpy()
     wrong = np.flatnonzero(~(np.abs(drawn - expected) <= tolerance))
     assert wrong.size == 0, (
@@ -97,7 +104,8 @@ class ReferenceDopamine:
         for g in self.groups:
             for i, theta in enumerate(g["theta"]):
                 if offset:
-                    z = noise_of(theta, g["o"]["seed"], g["t"] + 1, g["first"] + i, g["o"]["noise"], direction)
+                    z = noise_of(theta, g["o"]["seed"], g["t"] + 1, g["first"] + i, g["o"]["noise"], direction,
+                                 rank_of(g["o"]))
                     if self.storage is None:
                         theta = theta + offset * g["o"]["sigma"] * z
                     else:
@@ -159,7 +167,7 @@ class ReferenceDopamine:
             for i, theta in enumerate(g["theta"]):
                 move = o["lr"] * o.get("weight_decay", 0.0) * theta
                 for j, delta in enumerate(deltas):
-                    z = noise_of(theta, o["seed"], g["t"], g["first"] + i, o["noise"], j)
+                    z = noise_of(theta, o["seed"], g["t"], g["first"] + i, o["noise"], j, rank_of(o))
                     move = move + eta * (delta / o["sigma"]) * z / directions
                 theta.sub_(move)
         return sum(losses) / len(losses) if antithetic else losses[0]

@@ -16,6 +16,10 @@ from torch_dopamine._options import op_arguments
 from parity import ParityModel, train_both
 from reference import LR_ADAPTATIONS, XOR_INPUTS, XOR_TARGETS, move, same_bits, snapshot, state_at, xor_loss, xor_net
 
+# engine::kPlanHeader: the plan's entries before its step sizes (the next
+# state's 5, decay, finite, sigma, the key's two words, noise and rank).
+PLAN_HEADER = 12
+
 
 def step_args(device):
     """Arguments of a whole step's ops over parameters of three dtypes, one
@@ -89,7 +93,7 @@ def test_pack_options_names_every_option_once_and_plan_step_checks_a_packed_list
     assert set(names) == set(torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults)
     state, losses = state_at(1), torch.tensor([1.0, 1.5], dtype=torch.float64)
     packed = plan_options()["options"]
-    with pytest.raises(RuntimeError, match="options must be the 21 numbers pack_options returns, got 20"):
+    with pytest.raises(RuntimeError, match=f"options must be the {len(packed)} numbers pack_options returns, got {len(packed) - 1}"):
         torch.ops.dopamine.plan_step(state, losses, options=packed[:-1])
     for field, bad, message in ((2, 4.0, "invalid lr_adaptation code 4"), (1, -1.0, "invalid sigma: -1"),
                                 (19, 2.5, "invalid num_perturbations: 2.5")):
@@ -114,7 +118,7 @@ def test_fake_kernels_check_arguments_without_computing():
         params, masters, state, losses = step_args("cpu")
         move(params, state, masters=masters, indices=[0, 1, 2])
         plan = torch.ops.dopamine.plan_step(state, losses, **plan_options())
-        assert plan.shape == (12,) and plan.dtype == torch.float64
+        assert plan.shape == (PLAN_HEADER + 1,) and plan.dtype == torch.float64
         taken = torch.ops.dopamine.finish_step_(params, masters, [state], [plan], indices=[0, 1, 2], group_sizes=[3])
         assert taken.shape == ()
         with pytest.raises(RuntimeError, match="must be a strided float32, float64, bfloat16 or float16"):
@@ -130,19 +134,19 @@ def test_loss_spread_divides_lr_by_the_sample_deviation_of_the_perturbed_losses(
     plan = torch.ops.dopamine.plan_step(state_at(1), losses, **plan_options(lr_adaptation=3, num_perturbations=2)).tolist()
     lr = 0.1 / (math.sqrt(0.5) + 1e-8)  # the deviation of {1.5, 0.5}
     assert plan[4] == pytest.approx(lr, rel=1e-15)
-    assert plan[11:13] == pytest.approx([lr * 0.5 / 0.01 / 2, -lr * 0.5 / 0.01 / 2], rel=1e-15)
+    assert plan[PLAN_HEADER:PLAN_HEADER + 2] == pytest.approx([lr * 0.5 / 0.01 / 2, -lr * 0.5 / 0.01 / 2], rel=1e-15)
     losses = torch.tensor([1.0, 2.0, 4.0, 1.0], dtype=torch.float64)
     plan = torch.ops.dopamine.plan_step(
         state_at(1), losses, **plan_options(lr_adaptation=3, num_perturbations=2, antithetic=True)
     ).tolist()
     assert plan[4] == pytest.approx(0.1 / (statistics.stdev([1.0, 2.0, 4.0, 1.0]) + 1e-8), rel=1e-15)
     lr = plan[4]
-    assert plan[11:13] == pytest.approx([lr * -0.5 / 0.01 / 2, lr * 1.5 / 0.01 / 2], rel=1e-15)
+    assert plan[PLAN_HEADER:PLAN_HEADER + 2] == pytest.approx([lr * -0.5 / 0.01 / 2, lr * 1.5 / 0.01 / 2], rel=1e-15)
     # Equal perturbed losses: no scale, so no move, however far they are from L0.
     plan = torch.ops.dopamine.plan_step(
         state_at(1), torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), **plan_options(lr_adaptation=3, num_perturbations=2)
     ).tolist()
-    assert plan[4] == 0 and plan[11:13] == [0, 0] and plan[6] == 1
+    assert plan[4] == 0 and plan[PLAN_HEADER:PLAN_HEADER + 2] == [0, 0] and plan[6] == 1
     with pytest.raises(ValueError, match="invalid num_perturbations: 1 with lr_adaptation=loss_spread"):
         torch.ops.dopamine.pack_options(**option_arguments(lr_adaptation=3))
     with pytest.raises(ValueError, match="invalid num_perturbations: 1 with lr_adaptation=loss_spread"):
@@ -157,7 +161,7 @@ def test_plan_computes_the_spec_rule():
     trace = 0.1 * 0.5 / 0.01
     lr = 0.1 / (trace / (1 - 0.9) + 1e-8)
     assert plan[:5] == pytest.approx([1, 0, trace, 0, lr])
-    assert plan[11] == pytest.approx(lr * 0.5 / 0.01) and plan[5] == pytest.approx(0.1 * 0.01) and plan[6] == 1
+    assert plan[PLAN_HEADER] == pytest.approx(lr * 0.5 / 0.01) and plan[5] == pytest.approx(0.1 * 0.01) and plan[6] == 1
     state = torch.tensor([1, 0, 0, 1.0, 0.2], dtype=torch.float64)
     losses = torch.tensor([1.0, 0.5], dtype=torch.float64)
     plan = torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=2, beta_s=0.5, beta_eta=0.25, lr_max=0.06))

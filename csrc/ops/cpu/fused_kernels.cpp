@@ -33,6 +33,42 @@ using noise::kTile;
 // Tiles per parallel task: about 64K elements, to amortise thread start-up.
 constexpr int64_t kGrainTiles = 512;
 
+// z of elements [element, element + count) of a low-rank perturbation into
+// z: noise::lowrank_element's arithmetic, a row's run of columns at a time
+// so that it vectorizes.
+C10_ALWAYS_INLINE void lowrank_noise(const float* factors,
+                                     int64_t rows,
+                                     int64_t cols,
+                                     uint32_t rank,
+                                     int64_t element,
+                                     int64_t count,
+                                     float* z) {
+  const float scale = noise::lowrank_scale(rank);
+  while (count > 0) {
+    const int64_t row = element / cols, col = element % cols;
+    const int64_t length = std::min(count, cols - col);
+    const float u = factors[row];
+    const float* v = factors + rows + col;
+    for (int64_t e = 0; e < length; ++e) {
+      z[e] = u * v[e];
+    }
+    for (uint32_t l = 1; l < rank; ++l) {
+      const float* factor = factors + l * (rows + cols);
+      const float ul = factor[row];
+      const float* vl = factor + rows + col;
+      for (int64_t e = 0; e < length; ++e) {
+        z[e] = fmaf(ul, vl[e], z[e]);
+      }
+    }
+    for (int64_t e = 0; e < length; ++e) {
+      z[e] = z[e] * scale;
+    }
+    z += length;
+    element += length;
+    count -= length;
+  }
+}
+
 // The tiles [begin, end) of one tensor (counted from the first its elements
 // lie in): x' = apply(c, x, z), where x is the master weight when there is
 // one (the parameter then becomes x' rounded), less the moves along the
@@ -43,16 +79,11 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
                                     int64_t begin,
                                     int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const NoiseStream stream{step.kind,
-                           noise::direction_key(step.key, step.direction),
-                           entry.index,
-                           step.step};
   const engine::Coefficients& c = step.coefficients;
   alignas(64) float z[kTile];
   alignas(64) opmath_t x[kTile];
   const int64_t first_tile = first_tile_of(entry.offset);
   for (int64_t tile = first_tile + begin; tile < first_tile + end; ++tile) {
-    cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
     // The tile's elements [from, to) that are this tensor's, as offsets in
     // the tile; element `from` is the tensor's element `first`.
     const int64_t from = std::max<int64_t>(0, entry.offset - tile * kTile);
@@ -60,6 +91,30 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
         std::min<int64_t>(kTile, entry.offset + entry.numel - tile * kTile);
     const int64_t first = tile * kTile + from - entry.offset;
     const int64_t count = to - from;
+    // z of the tile's elements [from, to) along the step's direction
+    // (slot 0) or its other direction slot - 1.
+    const auto draw = [&](int64_t slot) {
+      if (entry.factors != nullptr) {
+        lowrank_noise(
+            factors_of(entry.factors, entry.rows, entry.cols, step.rank, slot),
+            entry.rows,
+            entry.cols,
+            step.rank,
+            tile * kTile + from,
+            count,
+            z + from);
+        return;
+      }
+      const uint32_t direction =
+          slot == 0 ? step.direction
+                    : step.other_first + static_cast<uint32_t>(slot - 1);
+      const NoiseStream stream{step.kind,
+                               noise::direction_key(step.key, direction),
+                               entry.index,
+                               step.step};
+      cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
+    };
+    draw(0);
     const float* zt = z + from;
     scalar_t* p = static_cast<scalar_t*>(entry.data) + first;
     float* m = entry.master != nullptr ? entry.master + first : nullptr;
@@ -74,13 +129,7 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
       }
     }
     for (int64_t j = 0; j < step.other_directions; ++j) {
-      const NoiseStream other{
-          step.kind,
-          noise::direction_key(step.key,
-                               step.other_first + static_cast<uint32_t>(j)),
-          entry.index,
-          step.step};
-      cpu::fill_tile<philox>(other, static_cast<uint64_t>(tile), z);
+      draw(1 + j);
       const auto move = static_cast<opmath_t>(other_step_size(step, j));
       for (int64_t e = 0; e < count; ++e) {
         x[e] = x[e] - move * static_cast<opmath_t>(zt[e]);

@@ -1,8 +1,9 @@
 // The CUDA backend, with the semantics of the CPU one
 // (csrc/ops/cpu/fused_kernels.cpp) and the same noise (noise.h). The launch
 // plan and the kernels' bodies are in launch.h, which the CUDA emulation
-// tests run on the CPU too; here they are launched. Nothing is allocated, the
-// launches are ordered on the current stream and nothing waits for them.
+// tests run on the CPU too; here they are launched. Nothing is allocated but
+// a low-rank launch's small table, the launches are ordered on the current
+// stream and nothing waits for them.
 //
 // When a capturable step keeps its state on the GPU, the kernels read the
 // step and the coefficients from device memory (kernel_common.h), and the
@@ -61,9 +62,29 @@ int64_t sm_count() {
 void update(const KernelTable& table) {
   cuda::for_each_launch(table, sm_count(), [](const Launch& launch, auto zero) {
     using scalar_t = decltype(zero);
-    update_kernel<scalar_t>
-        <<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            launch.table);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    LaunchTable arguments = launch.table;
+    // The low-rank tensors' rows, columns and factors, copied to the device
+    // (from pageable memory: staged before the call returns); the caching
+    // allocator keeps the copy until the stream has run the kernel.
+    at::Tensor lowrank;
+    if (!launch.lowrank.empty()) {
+      const auto bytes = static_cast<int64_t>(launch.lowrank.size() *
+                                              sizeof(cuda::LowRankTensor));
+      lowrank =
+          at::empty({bytes},
+                    at::TensorOptions(c10::Device(c10::DeviceType::CUDA,
+                                                  c10::cuda::current_device()))
+                        .dtype(at::kByte));
+      C10_CUDA_CHECK(cudaMemcpyAsync(lowrank.data_ptr(),
+                                     launch.lowrank.data(),
+                                     bytes,
+                                     cudaMemcpyHostToDevice,
+                                     stream));
+      arguments.lowrank =
+          static_cast<const cuda::LowRankTensor*>(lowrank.data_ptr());
+    }
+    update_kernel<scalar_t><<<launch.blocks, kThreads, 0, stream>>>(arguments);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -39,6 +39,15 @@ constexpr int kThreads = 256;
 // into pieces of at most this many elements, each with its own offset.
 constexpr int64_t kMaxPieceElements = int64_t{1} << 30;
 
+// A tensor's low-rank perturbation (TensorEntry's rows, cols and factors),
+// in memory the kernel reads through LaunchTable::lowrank: the table has no
+// room for it. factors is null for a tensor perturbed in full.
+struct LowRankTensor {
+  const float* factors;
+  int64_t rows;
+  int64_t cols;
+};
+
 // The kernel's argument: struct of arrays, so that 100 tensors fit.
 struct LaunchTable {
   void* data[kMaxTensors];
@@ -48,6 +57,9 @@ struct LaunchTable {
   uint32_t index[kMaxTensors];
   uint8_t group[kMaxTensors];
   GroupEntry groups[kMaxGroups];
+  // One per tensor where the kernel runs, or null when none of the launch's
+  // tensors is perturbed at low rank.
+  const LowRankTensor* lowrank;
   int64_t chunk_tiles;
   int32_t tensors;
 };
@@ -59,6 +71,9 @@ static_assert(kThreads >= kMaxTensors,
 struct Launch {
   LaunchTable table;
   int64_t blocks;
+  // The launch's LowRankTensor of each tensor on the host, to be copied where
+  // the kernel runs and given to table.lowrank; empty when none has factors.
+  std::vector<LowRankTensor> lowrank;
 };
 
 // The launches that run the tensors of `dtype` in `table`: chunks of a size
@@ -117,6 +132,10 @@ inline std::vector<Launch> plan_launches(const KernelTable& table,
       launch.index[t] = tensor.index;
       launch.group[t] = static_cast<uint8_t>(group - launch_groups.begin());
       launch_tiles += tile_count(launch.offset[t], numel);
+      if (tensor.factors != nullptr) {
+        launches.back().lowrank.resize(kMaxTensors);
+        launches.back().lowrank[t] = {tensor.factors, tensor.rows, tensor.cols};
+      }
     }
   }
   close();
@@ -162,6 +181,47 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void counter_noise(noise::Kind kind,
   }
 }
 
+// The four z of counter `lane` of tile `tile` of tensor t along the step's
+// own direction (slot 0) or its other direction slot - 1: the noise, or the
+// low-rank perturbation of the tensor's factors (elements past the
+// parameter's end get 0; nothing writes them).
+C10_HOST_DEVICE C10_ALWAYS_INLINE void tensor_noise(const LaunchTable& table,
+                                                    int t,
+                                                    const TensorStep& step,
+                                                    int64_t slot,
+                                                    uint64_t tile,
+                                                    int lane,
+                                                    float* z) {
+  if (table.lowrank != nullptr && table.lowrank[t].factors != nullptr) {
+    const LowRankTensor& low = table.lowrank[t];
+    const float* factors =
+        factors_of(low.factors, low.rows, low.cols, step.rank, slot);
+    for (int l = 0; l < 4; ++l) {
+      const auto element =
+          static_cast<int64_t>(tile) * kTile + lane + l * kLanes;
+      z[l] = element < low.rows * low.cols
+                 ? noise::lowrank_element(factors,
+                                          low.rows,
+                                          low.cols,
+                                          step.rank,
+                                          element / low.cols,
+                                          element % low.cols)
+                 : 0.0f;
+    }
+    return;
+  }
+  const uint32_t direction =
+      slot == 0 ? step.direction
+                : step.other_first + static_cast<uint32_t>(slot - 1);
+  counter_noise(step.kind,
+                noise::direction_key(step.key, direction),
+                table.index[t],
+                step.step,
+                tile,
+                lane,
+                z);
+}
+
 // A block's shared memory: first_tile[t] is the number of the launch's
 // tiles before tensor t's.
 struct BlockShared {
@@ -190,13 +250,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_counter(const LaunchTable& table,
       static_cast<uint64_t>(first_tile_of(offset) + counter / kLanes);
   const int lane = static_cast<int>(counter % kLanes);
   float z[4];
-  counter_noise(step.kind,
-                noise::direction_key(step.key, step.direction),
-                table.index[t],
-                step.step,
-                tile,
-                lane,
-                z);
+  tensor_noise(table, t, step, 0, tile, lane, z);
   // The tensor's element that is element `lane` of the tile.
   const int64_t first = static_cast<int64_t>(tile) * kTile + lane - offset;
   opmath_t x[4] = {};
@@ -210,14 +264,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_counter(const LaunchTable& table,
     }
   }
   for (int64_t j = 0; j < step.other_directions; ++j) {
-    counter_noise(step.kind,
-                  noise::direction_key(
-                      step.key, step.other_first + static_cast<uint32_t>(j)),
-                  table.index[t],
-                  step.step,
-                  tile,
-                  lane,
-                  z);
+    tensor_noise(table, t, step, 1 + j, tile, lane, z);
     const auto move = static_cast<opmath_t>(other_step_size(step, j));
     for (int l = 0; l < 4; ++l) {
       x[l] = x[l] - move * static_cast<opmath_t>(z[l]);
