@@ -364,6 +364,9 @@ def sharded(rank, world_size):
         ),
         "master_weights": error_of(lambda: torch_dopamine.Dopamine([sharded_weight], master_weights=True)),
         "record_trajectory": error_of(lambda: torch_dopamine.Dopamine([sharded_weight], record_trajectory=True)),
+        "lowrank": error_of(
+            lambda: torch_dopamine.Dopamine([sharded_weight], perturbation="lowrank").step(lambda: torch.tensor(0.0))
+        ),
         "Shard(2)": error_of(
             lambda: torch_dopamine.Dopamine([distribute_tensor(torch.zeros(2, 2, 8), mesh, [Shard(2)]).requires_grad_()])
         ),

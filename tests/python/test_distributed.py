@@ -169,6 +169,10 @@ def test_sharded_parameters_draw_the_noise_of_the_unsharded_model(ranks):
     assert refused["population"][0] == "ValueError" and "'population' with sharded DTensor" in refused["population"][1]
     assert refused["master_weights"] == ("ValueError", "Dopamine: master_weights is not supported with DTensor parameters")
     assert refused["record_trajectory"][1] == "Dopamine: record_trajectory is not supported with DTensor parameters"
+    assert refused["lowrank"] == (
+        "ValueError", "Dopamine: perturbation='lowrank' over sharded DTensor parameters is not supported (group 0); "
+        "use perturbation='full'"
+    )
     assert refused["Shard(2)"][0] == "ValueError" and "supports Shard(0), Shard(1) and Replicate() on a 1-D mesh" in refused["Shard(2)"][1]
 
 

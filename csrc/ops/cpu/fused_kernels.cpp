@@ -69,6 +69,39 @@ C10_ALWAYS_INLINE void lowrank_noise(const float* factors,
   }
 }
 
+// z of tile `tile`'s elements [from, from + count) into z + from, along the
+// step's own direction (slot 0) or its other direction slot - 1: the noise,
+// or the low-rank perturbation of the entry's factors. A function, not a
+// lambda: a lambda's body would not inherit the path's instruction set.
+template <auto philox>
+C10_ALWAYS_INLINE void draw_tile(const TensorEntry& entry,
+                                 const TensorStep& step,
+                                 int64_t slot,
+                                 int64_t tile,
+                                 int64_t from,
+                                 int64_t count,
+                                 float* z) {
+  if (entry.factors != nullptr) {
+    lowrank_noise(
+        factors_of(entry.factors, entry.rows, entry.cols, step.rank, slot),
+        entry.rows,
+        entry.cols,
+        step.rank,
+        tile * kTile + from,
+        count,
+        z + from);
+    return;
+  }
+  const uint32_t direction =
+      slot == 0 ? step.direction
+                : step.other_first + static_cast<uint32_t>(slot - 1);
+  const NoiseStream stream{step.kind,
+                           noise::direction_key(step.key, direction),
+                           entry.index,
+                           step.step};
+  cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
+}
+
 // The tiles [begin, end) of one tensor (counted from the first its elements
 // lie in): x' = apply(c, x, z), where x is the master weight when there is
 // one (the parameter then becomes x' rounded), less the moves along the
@@ -91,30 +124,7 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
         std::min<int64_t>(kTile, entry.offset + entry.numel - tile * kTile);
     const int64_t first = tile * kTile + from - entry.offset;
     const int64_t count = to - from;
-    // z of the tile's elements [from, to) along the step's direction
-    // (slot 0) or its other direction slot - 1.
-    const auto draw = [&](int64_t slot) {
-      if (entry.factors != nullptr) {
-        lowrank_noise(
-            factors_of(entry.factors, entry.rows, entry.cols, step.rank, slot),
-            entry.rows,
-            entry.cols,
-            step.rank,
-            tile * kTile + from,
-            count,
-            z + from);
-        return;
-      }
-      const uint32_t direction =
-          slot == 0 ? step.direction
-                    : step.other_first + static_cast<uint32_t>(slot - 1);
-      const NoiseStream stream{step.kind,
-                               noise::direction_key(step.key, direction),
-                               entry.index,
-                               step.step};
-      cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
-    };
-    draw(0);
+    draw_tile<philox>(entry, step, 0, tile, from, count, z);
     const float* zt = z + from;
     scalar_t* p = static_cast<scalar_t*>(entry.data) + first;
     float* m = entry.master != nullptr ? entry.master + first : nullptr;
@@ -129,7 +139,7 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
       }
     }
     for (int64_t j = 0; j < step.other_directions; ++j) {
-      draw(1 + j);
+      draw_tile<philox>(entry, step, 1 + j, tile, from, count, z);
       const auto move = static_cast<opmath_t>(other_step_size(step, j));
       for (int64_t e = 0; e < count; ++e) {
         x[e] = x[e] - move * static_cast<opmath_t>(zt[e]);
