@@ -73,9 +73,27 @@ C10_ALWAYS_INLINE void lowrank_noise(const float* factors,
 // step's own direction (slot 0) or its other direction slot - 1: the noise,
 // or the low-rank perturbation of the entry's factors. A function, not a
 // lambda: a lambda's body would not inherit the path's instruction set.
+// The noise stream of the step's own direction (slot 0) or of its other
+// direction slot - 1, for the entry.
+C10_ALWAYS_INLINE NoiseStream stream_of(const TensorEntry& entry,
+                                        const TensorStep& step,
+                                        int64_t slot) {
+  const uint32_t direction =
+      slot == 0 ? step.direction
+                : step.other_first + static_cast<uint32_t>(slot - 1);
+  return {step.kind,
+          noise::direction_key(step.key, direction),
+          entry.index,
+          step.step};
+}
+
+// The streams of a call's first slots, keyed once rather than per tile.
+constexpr int64_t kKeyedSlots = 16;
+
 template <auto philox>
 C10_ALWAYS_INLINE void draw_tile(const TensorEntry& entry,
                                  const TensorStep& step,
+                                 const NoiseStream* streams,
                                  int64_t slot,
                                  int64_t tile,
                                  int64_t from,
@@ -92,14 +110,10 @@ C10_ALWAYS_INLINE void draw_tile(const TensorEntry& entry,
         z + from);
     return;
   }
-  const uint32_t direction =
-      slot == 0 ? step.direction
-                : step.other_first + static_cast<uint32_t>(slot - 1);
-  const NoiseStream stream{step.kind,
-                           noise::direction_key(step.key, direction),
-                           entry.index,
-                           step.step};
-  cpu::fill_tile<philox>(stream, static_cast<uint64_t>(tile), z);
+  cpu::fill_tile<philox>(
+      slot < kKeyedSlots ? streams[slot] : stream_of(entry, step, slot),
+      static_cast<uint64_t>(tile),
+      z);
 }
 
 // The tiles [begin, end) of one tensor (counted from the first its elements
@@ -115,6 +129,12 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
   const engine::Coefficients& c = step.coefficients;
   alignas(64) float z[kTile];
   alignas(64) opmath_t x[kTile];
+  NoiseStream streams[kKeyedSlots];
+  for (int64_t slot = 0;
+       slot < std::min(1 + step.other_directions, kKeyedSlots);
+       ++slot) {
+    streams[slot] = stream_of(entry, step, slot);
+  }
   const int64_t first_tile = first_tile_of(entry.offset);
   for (int64_t tile = first_tile + begin; tile < first_tile + end; ++tile) {
     // The tile's elements [from, to) that are this tensor's, as offsets in
@@ -124,7 +144,7 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
         std::min<int64_t>(kTile, entry.offset + entry.numel - tile * kTile);
     const int64_t first = tile * kTile + from - entry.offset;
     const int64_t count = to - from;
-    draw_tile<philox>(entry, step, 0, tile, from, count, z);
+    draw_tile<philox>(entry, step, streams, 0, tile, from, count, z);
     const float* zt = z + from;
     scalar_t* p = static_cast<scalar_t*>(entry.data) + first;
     float* m = entry.master != nullptr ? entry.master + first : nullptr;
@@ -139,7 +159,7 @@ C10_ALWAYS_INLINE void update_tiles(const TensorEntry& entry,
       }
     }
     for (int64_t j = 0; j < step.other_directions; ++j) {
-      draw_tile<philox>(entry, step, 1 + j, tile, from, count, z);
+      draw_tile<philox>(entry, step, streams, 1 + j, tile, from, count, z);
       const auto move = static_cast<opmath_t>(other_step_size(step, j));
       for (int64_t e = 0; e < count; ++e) {
         x[e] = x[e] - move * static_cast<opmath_t>(zt[e]);
