@@ -172,6 +172,7 @@ def test_a_lowrank_run_replays_bit_for_bit():
         (dict(perturbation="lowrank", rank=1.5), "invalid rank: 1.5 .expected an int >= 1"),
         (dict(perturbation="lowrank", rank=True), "invalid rank: True"),
         (dict(perturbation="lowrank", rank=70000), "invalid rank: 70000 .expected an int in .1, 65536"),
+        (dict(perturbation="lowrank", capturable=True), "invalid perturbation: lowrank with capturable=True"),
     ],
 )
 def test_bad_lowrank_options_are_value_errors(options, message):
@@ -200,3 +201,26 @@ def test_lowrank_is_refused_over_shards_and_off_the_cpu():
     )
     with pytest.raises(ValueError, match="invalid rank: 4 is above the smaller side"):
         torch.ops.dopamine.finish_step_([torch.zeros(3, 9)], [], [state_at(1)], [plan], indices=[0], group_sizes=[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_cpu_and_cuda_draw_the_same_lowrank_perturbations(noise):
+    """The factors drawn on the device and read through the launch's low-rank
+    table give the CPU's bits: a move between directions, and a finish of
+    three directions (the same plan on both)."""
+    shapes = [(300, 7), (5, 2, 130), (9,)]
+    options = pack_options(dict(lr_adaptation="none", lr=0.01, sigma=0.05, seed=4, noise=noise, num_perturbations=3,
+                                perturbation="lowrank", rank=2))
+    plan = torch.ops.dopamine.plan_step(state_at(3), torch.tensor([1.0, 1.5, 0.75, 1.25], dtype=torch.float64),
+                                        options=options)
+    results = {}
+    for device in ("cpu", "cuda"):
+        x = [torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(device) for i, shape in enumerate(shapes)]
+        # The state on the host, as without capturable (which lowrank refuses).
+        torch.ops.dopamine.move_(x, [], [state_at(3)], options=options, indices=[0, 1, 2], group_sizes=[3],
+                                 carried=[1, 0], to=[1, 2])
+        moved = [t.cpu().clone() for t in x]
+        torch.ops.dopamine.finish_step_(x, [], [state_at(3)], [plan.clone()], indices=[0, 1, 2], group_sizes=[3])
+        results[device] = moved + [t.cpu() for t in x]
+    assert same_bits(results["cpu"], results["cuda"])
