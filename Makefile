@@ -70,8 +70,9 @@ define run_bench
 	  --cpp-json results/bench_cpp.json --noise-json results/noise_cpp.json
 endef
 
-# Quick: under 15 minutes on 2 cores (12.6 for the suite on 2026-12-06, and
-# 1.5 more the first time, to pretrain the fine-tuning tasks' model). Scores
+# Quick: about 15 minutes on 2 cores (13.3 for the suite on 2026-12-06, and
+# about 1.5 more since for dopamine[lowrank]'s fine-tuning runs; 1.5 more the
+# first time, to pretrain the fine-tuning tasks' model). Scores
 # every optimizer at the configuration benchmarks/tuned.json holds for it.
 bench: build python
 	$(call run_bench,2000,)

@@ -372,7 +372,7 @@ LM_EVALUATION_WINDOWS = 64
 LM_TARGET_GAIN = 0.05  # nats/byte below the pretrained model's held-out loss
 # The contenders: Dopamine's defaults, MeZO's and FZOO's estimators, and the
 # gradient references (docs/BENCHMARKS.md, "Fine-tuning").
-FINETUNE_CONTENDERS = ("dopamine", "zo-sgd[central]", "fzoo", "sgd", "adam")
+FINETUNE_CONTENDERS = ("dopamine", "dopamine[lowrank]", "zo-sgd[central]", "fzoo", "sgd", "adam")
 _LM: Dict[str, object] = {}
 
 
