@@ -279,7 +279,7 @@ def tiny_pretrained_lm(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["finetune-full", "finetune-lora"])
 def test_fine_tuning_starts_from_the_pretrained_model_and_judges_it_against_it(tiny_pretrained_lm, name):
     task = tasks.task_named(name, False)
-    assert list(task.contenders) == ["dopamine", "zo-sgd[central]", "fzoo", "sgd", "adam"]
+    assert list(task.contenders) == ["dopamine", "dopamine[lowrank]", "zo-sgd[central]", "fzoo", "sgd", "adam"]
     validation, test = task.setup(0, "validation"), task.setup(0, "test")
     model = validation["model"]
     trainable = {id(p) for p in validation["params"]}
@@ -304,7 +304,7 @@ def test_the_budget_study_gives_the_forward_only_contenders_ten_times_adams_forw
 
     task = tasks.task_named("finetune-lora", False)
     steps = finetune_budget.horizons(task, 10)
-    assert steps == {"dopamine": 1800, "zo-sgd[central]": 4500, "fzoo": 1800, "sgd": 300, "adam": 300}
+    assert steps == {"dopamine": 1800, "dopamine[lowrank]": 1800, "zo-sgd[central]": 4500, "fzoo": 1800, "sgd": 300, "adam": 300}
     assert {steps[name] * CONTENDERS[name].forward_equivalents_per_step for name in ("dopamine", "zo-sgd[central]", "fzoo")} == {
         10 * 300 * CONTENDERS["adam"].forward_equivalents_per_step
     }
