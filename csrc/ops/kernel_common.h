@@ -45,6 +45,14 @@ struct TensorStep {
   double other_step;
 };
 
+// The direction a step draws in slot `slot`: its own (slot 0), or its other
+// direction slot - 1.
+C10_HOST_DEVICE inline uint32_t direction_of(const TensorStep& step,
+                                             int64_t slot) {
+  return slot == 0 ? step.direction
+                   : step.other_first + static_cast<uint32_t>(slot - 1);
+}
+
 C10_HOST_DEVICE inline double other_step_size(const TensorStep& step,
                                               int64_t j) {
   return step.other_step_sizes != nullptr ? step.other_step_sizes[j]

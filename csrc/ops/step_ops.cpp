@@ -276,9 +276,7 @@ std::vector<at::Tensor> draw_factors(KernelTable& table,
         draw.resolved = true;
         draw.step = step;
         draw.step.rank = 0;
-        draw.step.direction =
-            slot == 0 ? step.direction
-                      : step.other_first + static_cast<uint32_t>(slot - 1);
+        draw.step.direction = direction_of(step, slot);
         draw.step.coefficients = engine::Coefficients{1, -1, 0, false};
         draw.step.other_directions = 0;
         draw.step.other_step_sizes = nullptr;

@@ -69,20 +69,12 @@ C10_ALWAYS_INLINE void lowrank_noise(const float* factors,
   }
 }
 
-// z of tile `tile`'s elements [from, from + count) into z + from, along the
-// step's own direction (slot 0) or its other direction slot - 1: the noise,
-// or the low-rank perturbation of the entry's factors. A function, not a
-// lambda: a lambda's body would not inherit the path's instruction set.
-// The noise stream of the step's own direction (slot 0) or of its other
-// direction slot - 1, for the entry.
+// The noise stream of the entry in slot `slot` of the step (direction_of).
 C10_ALWAYS_INLINE NoiseStream stream_of(const TensorEntry& entry,
                                         const TensorStep& step,
                                         int64_t slot) {
-  const uint32_t direction =
-      slot == 0 ? step.direction
-                : step.other_first + static_cast<uint32_t>(slot - 1);
   return {step.kind,
-          noise::direction_key(step.key, direction),
+          noise::direction_key(step.key, direction_of(step, slot)),
           entry.index,
           step.step};
 }
@@ -90,6 +82,10 @@ C10_ALWAYS_INLINE NoiseStream stream_of(const TensorEntry& entry,
 // The streams of a call's first slots, keyed once rather than per tile.
 constexpr int64_t kKeyedSlots = 16;
 
+// z of tile `tile`'s elements [from, from + count) into z + from, in slot
+// `slot` of the step: the noise, or the low-rank perturbation of the entry's
+// factors. A function, not a lambda: a lambda's body would not inherit the
+// path's instruction set.
 template <auto philox>
 C10_ALWAYS_INLINE void draw_tile(const TensorEntry& entry,
                                  const TensorStep& step,

@@ -210,11 +210,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void tensor_noise(const LaunchTable& table,
     }
     return;
   }
-  const uint32_t direction =
-      slot == 0 ? step.direction
-                : step.other_first + static_cast<uint32_t>(slot - 1);
   counter_noise(step.kind,
-                noise::direction_key(step.key, direction),
+                noise::direction_key(step.key, direction_of(step, slot)),
                 table.index[t],
                 step.step,
                 tile,
