@@ -52,7 +52,7 @@ enum class Perturbation : int64_t {
   // A parameter of two or more dimensions, as rows by the rest, takes the
   // rank-`rank` z = U V^T / sqrt(rank), its factors drawn from the noise:
   // rank (rows + cols) draws instead of rows x cols. One-dimensional
-  // parameters are perturbed in full. CPU only.
+  // parameters are perturbed in full. Not with capturable.
   LowRank = 1,
 };
 

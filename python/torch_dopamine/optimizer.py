@@ -211,7 +211,7 @@ class Dopamine(Optimizer):
             / sqrt(r)``, its factors the first ``r (rows + cols)`` draws of its
             noise, so a pass draws ``r (rows + cols)`` numbers instead of
             ``rows x cols``; one-dimensional parameters are perturbed in full.
-            CPU only; not over DTensor shards.
+            Not with ``capturable``, nor over sharded DTensor parameters.
         rank: the rank ``r`` of a ``"lowrank"`` perturbation (an int >= 1, at
             most the smaller side of every parameter of two or more
             dimensions; a step raises ValueError otherwise). Default 1.
