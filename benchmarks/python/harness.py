@@ -91,6 +91,49 @@ CONTENDERS = {
         Contender("adam[fused]", "adam", True, lambda p, lr, sigma, seed: torch.optim.Adam(p, lr=lr, fused=True)),
     ]
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectionMethod:
+    """A forward-only method of the directions study (directions.py): its
+    lr grid family, its options but the number of directions, and the
+    numbers of directions it is tuned over."""
+
+    family: str
+    options: Dict[str, object]
+    counts: tuple = (1, 2, 4, 8)
+
+
+# Each forward-only method with k directions. WP takes the defaults'
+# Rademacher noise, so that WP and Dopamine at the same k differ in the
+# step-size rule alone (the study's ablation); loss_spread needs two
+# perturbed losses, so FZOO starts at k = 2.
+DIRECTION_METHODS = {
+    "dopamine": DirectionMethod("dopamine", {}),
+    "wp": DirectionMethod("wp", dict(lr_adaptation="none")),
+    "zo-sgd[central]": DirectionMethod("wp", dict(lr_adaptation="none", antithetic=True, noise="gaussian")),
+    "spsa": DirectionMethod("wp", dict(lr_adaptation="none", antithetic=True, noise="rademacher")),
+    "fzoo": DirectionMethod("fzoo", dict(lr_adaptation="loss_spread", noise="rademacher"), (2, 4, 8)),
+}
+
+
+def with_directions(method: str, k: int) -> str:
+    """The study's name of `method` with k directions: "wp[k=2]",
+    "zo-sgd[central,k=8]"."""
+    return f"{method[:-1]},k={k}]" if method.endswith("]") else f"{method}[k={k}]"
+
+
+def _register_direction_contenders() -> None:
+    """Every method of the study at each of its k, beside the contenders of
+    the same options under their usual names ("dopamine[k=1]", "wp[k=4]")."""
+    for method, spec in DIRECTION_METHODS.items():
+        for k in spec.counts:
+            name = with_directions(method, k)
+            CONTENDERS.setdefault(name, _forward_only(name, spec.family, num_perturbations=k, **spec.options))
+
+
+_register_direction_contenders()
+
 # The contenders of the paper's tasks: Dopamine's variants, the forward-only
 # peers, and the gradient baselines.
 TASK_CONTENDERS = [

@@ -31,7 +31,7 @@ import math
 import multiprocessing
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -174,13 +174,18 @@ def final_value(task: tasks.Task, run: dict) -> float:
     return worst(task) if run["diverged"] or value is None or not math.isfinite(value) else value
 
 
+def equal_forwards_steps(task: tasks.Task, contender_name: str) -> int:
+    """The steps in which the contender spends the budget of forward passes
+    (BUDGET_FORWARDS_PER_STEP x the task's horizon, a backward counting as
+    two)."""
+    return BUDGET_FORWARDS_PER_STEP * task.steps // CONTENDERS[contender_name].forward_equivalents_per_step
+
+
 def value_at_forwards(task: tasks.Task, run: dict, contender_name: str) -> float:
-    """The metric when the run had spent the budget of forward passes
-    (BUDGET_FORWARDS_PER_STEP x the horizon, a backward counting as two):
-    the last evaluation at or before that step; the worst if it diverged
+    """The metric when the run had spent the budget of forward passes: the
+    last evaluation at or before that step; the worst if it diverged
     before, or had no evaluation by then."""
-    last_step = BUDGET_FORWARDS_PER_STEP * task.steps // CONTENDERS[contender_name].forward_equivalents_per_step
-    return _value_by(task, run, "steps", last_step)
+    return _value_by(task, run, "steps", equal_forwards_steps(task, contender_name))
 
 
 def value_at_seconds(task: tasks.Task, run: dict, seconds: float) -> float:
@@ -240,13 +245,22 @@ def trial_score(task: tasks.Task, runs: List[dict]) -> tuple:
 # --- Tuning ----------------------------------------------------------------------
 
 
-def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: int, progress) -> Dict[str, dict]:
+# A contender's horizon in steps, where it is not the task's (the
+# directions study's equal budget of forward passes).
+Horizon = Optional[Callable[[tasks.Task, str], int]]
+
+
+def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: int, progress, horizon: Horizon = None) -> Dict[str, dict]:
     """Every contender's trials on the tuning seeds and the configuration
     the task's rule selects, for benchmarks/tuned.json."""
     if task.prepare:
         task.prepare(progress)
     trials = [(name, lr, schedule) for name in contender_names for lr in grid(task, name) for schedule in SCHEDULES]
-    jobs = [Job(task.name, full, name, lr, schedule, seed, "validation") for name, lr, schedule in trials for seed in TUNING_SEEDS]
+    jobs = [
+        Job(task.name, full, name, lr, schedule, seed, "validation", horizon(task, name) if horizon else None)
+        for name, lr, schedule in trials
+        for seed in TUNING_SEEDS
+    ]
     results = run_jobs(jobs, workers, progress, f"tuning {task.name}")
     tuned: Dict[str, dict] = {}
     for i, (name, lr, schedule) in enumerate(trials):
@@ -280,21 +294,25 @@ def runs_by_contender(names: Sequence[str], seeds: int, results: List[dict]) -> 
     return {name: results[i * seeds : (i + 1) * seeds] for i, name in enumerate(names)}
 
 
-def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, progress) -> List[dict]:
+def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, progress, horizon: Horizon = None) -> List[dict]:
     """One record per contender: its tuned configuration on the scoring
-    seeds."""
+    seeds, for the task's horizon or `horizon`'s."""
     if task.prepare:
         task.prepare(progress)
     names = list(tuned)
-    jobs = [Job(task.name, full, name, tuned[name]["lr"], tuned[name]["schedule"], seed, "test") for name in names for seed in task.seeds]
+    jobs = [
+        Job(task.name, full, name, tuned[name]["lr"], tuned[name]["schedule"], seed, "test", horizon(task, name) if horizon else None)
+        for name in names
+        for seed in task.seeds
+    ]
     results = run_jobs(jobs, workers, progress, f"scoring {task.name}")
     runs_of = runs_by_contender(names, len(task.seeds), results)
     # Equal time: the median time the fastest contender takes for the
     # horizon (a run stopped early counted at its pace); every contender is
-    # read at that time.
+    # read at that time. Not where the horizons differ.
     equal_seconds = (
         None
-        if task.stop_at_target
+        if task.stop_at_target or horizon
         else min(statistics.median(r["seconds"] / r["steps"] * task.steps for r in runs) for runs in runs_of.values())
     )
     memory = {}
@@ -309,7 +327,7 @@ def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, pr
         solved = [r for r in runs if r["steps_to_target"] is not None]
         finals = [final_value(task, r) for r in runs]
         at_budget = [value_at_forwards(task, r, name) for r in runs]
-        budget_steps = BUDGET_FORWARDS_PER_STEP * task.steps // contender.forward_equivalents_per_step
+        budget_steps = equal_forwards_steps(task, name)
         steps = [steps_or_inf(r) for r in runs]
         records.append(
             record(
@@ -339,6 +357,7 @@ def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, pr
                 at_grid_edge=entry["at_grid_edge"],
                 chosen_by=task.chosen_by,
                 scoring_seeds=list(task.seeds),
+                horizon_steps=horizon(task, name) if horizon else task.steps,
                 curve=runs[0]["curve"],
             )
         )
@@ -399,15 +418,17 @@ def performance_profile(rows_by_task: Dict[str, Dict[str, dict]], taus: Sequence
     return {name: [sum(r <= tau for r in ratios[name]) / tasks_count for tau in taus] for name in names}
 
 
-def beats(row: dict, other: dict) -> bool:
-    """The issue's rule: XOR by success rate, then median steps; the others
-    by the median final metric; and no more divergences."""
+def beats(row: dict, other: dict, per_forward: bool = False) -> bool:
+    """The issue's rule: XOR by success rate, then median steps (forward
+    passes, `per_forward`); the others by the median final metric; and no
+    more divergences."""
     if row["divergences"] > other["divergences"]:
         return False
     if row["task"] == "xor":
         if row["success_rate"] != other["success_rate"]:
             return row["success_rate"] > other["success_rate"]
-        return (row["median_steps_to_target"] or math.inf) < (other["median_steps_to_target"] or math.inf)
+        key = "median_forwards_to_target" if per_forward else "median_steps_to_target"
+        return (row[key] or math.inf) < (other[key] or math.inf)
     if row["higher_is_better"]:
         return row["final_metric"] > other["final_metric"]
     return row["final_metric"] < other["final_metric"]

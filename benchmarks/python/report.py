@@ -13,7 +13,9 @@ except ImportError:  # a machine without it (a lent GPU) still gets the tables
 
 import math
 
+import directions
 import protocol
+from harness import DOPAMINE_DEFAULTS, with_directions
 
 TASKS = ["xor", "lorenz", "rossler", "digits", "spirals"]
 FINETUNE_TASKS = ["finetune-full", "finetune-lora"]
@@ -47,7 +49,7 @@ def _selected(records, task, front_end="python"):
     return {
         r["optimizer"]: r
         for r in records
-        if r["task"] == task and r["front_end"] == front_end and r["config"].get("selected", True)
+        if r["task"] == task and r["front_end"] == front_end and r["config"].get("selected", True) and "study" not in r
     }
 
 
@@ -186,6 +188,79 @@ def _rule_ablation(records) -> List[str]:
         for other in (name for name in RULES if name != "dopamine"):
             cells.append(f"{'**beats**' if protocol.beats(d, rows[other]) else 'loses'} ({_versus(task, d, rows[other])})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _at_budget(task: str, r: dict) -> str:
+    """A directions-study row's figure at its budget of forward passes:
+    XOR the seeds solved and the median forward passes to target over every
+    seed (a failure infinite), the others the median final metric; each
+    with its 95% interval and the divergences."""
+    if task == "xor":
+        per_step = r["forward_equivalents_per_step"]
+        interval = [per_step * bound for bound in r["ci95_steps"]] if r.get("ci95_steps") else None
+        figure = f"{r['success_rate']:.0%}, {_fmt(per_step * r['median_steps_all_runs'])} fwd {_ci(interval)}"
+    else:
+        figure = f"{_fmt(r['final_metric'], 3)} {_ci(r.get('ci95'))}"
+    return f"{figure}; {r['divergences']}/{r['config'].get('seeds', '?')} div."
+
+
+def _directions(records) -> List[str]:
+    """The directions study (directions.py): each forward-only method at the
+    k its tuning chose, and the RPE rule against WP at every k, all at an
+    equal budget of forward passes."""
+    rows = [r for r in records if r.get("study") == "directions"]
+    if not rows:
+        return []
+    by_task: Dict[str, Dict[str, dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], {})[r["optimizer"]] = r
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        "## Every forward-only method at its best number of directions",
+        "",
+        f"Each method with k directions ran the budget of forward passes ({protocol.BUDGET_FORWARDS_PER_STEP} x the task's "
+        "horizon) in as many steps as that buys, tuned with the same grid and seeds at that horizon; its tuning seeds chose "
+        "its k. XOR: seeds solved and median forward passes to target [95% CI]; the others: median final metric [95% CI]; "
+        "then divergences.",
+        "",
+        f"| task | Dopamine's defaults (k={DOPAMINE_DEFAULTS['num_perturbations']}) | " + " | ".join(f"{method} at its k" for method in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    wins = {method: 0 for method in methods if method != directions.RULE}
+    for task, named in by_task.items():
+        default = named[with_directions(directions.RULE, DOPAMINE_DEFAULTS["num_perturbations"])]
+        chosen = {r["method"]: r for r in named.values() if r["chosen"]}
+        cells = [_at_budget(task, default)]
+        for method in methods:
+            r = chosen[method]
+            if method == directions.RULE:
+                cells.append(f"k={r['directions']}: {_at_budget(task, r)}")
+                continue
+            won = protocol.beats(default, r, per_forward=True)
+            wins[method] += won
+            cells.append(f"k={r['directions']}: {_at_budget(task, r)} ({'beaten' if won else 'not beaten'})")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "- Dopamine's defaults beat, at equal forward passes, "
+        + "; ".join(f"{method} at its k on {wins[method]} of {len(by_task)} tasks" for method in wins)
+        + ". The target (every task against every peer) is "
+        + ("met" if all(n == len(by_task) for n in wins.values()) else "**not met**")
+        + " by this run.",
+        "",
+        "The ablation: the RPE rule (`dopamine[k=K]`) against no adaptation (`wp[k=K]`), the same K Rademacher directions, "
+        "noise and tuning, at equal forward passes.",
+        "",
+        "| task | k | RPE | none (WP) | RPE against none |",
+        "|---|---|---|---|---|",
+    ]
+    for task, named in by_task.items():
+        pairs = sorted((r["directions"], r["optimizer"]) for r in named.values() if r["method"] == directions.RULE)
+        for k, name in pairs:
+            rule, without = named[name], named[with_directions(directions.WITHOUT_RULE, k)]
+            verdict = "**beats**" if protocol.beats(rule, without, per_forward=True) else "loses"
+            lines.append(f"| {task} | {k} | {_at_budget(task, rule)} | {_at_budget(task, without)} | {verdict} |")
     return lines + [""]
 
 
@@ -503,6 +578,7 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         *_cost_claims(records),
         "",
         *_rule_ablation(records),
+        *_directions(records),
     ]
     rows_by_task = _rows_by_task(records, TASKS)
     profile = _plot_profile(rows_by_task, out)

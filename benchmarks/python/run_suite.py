@@ -3,7 +3,8 @@ would pick instead (standard WP, WP with the defaults' four directions,
 MeZO's central difference, SPSA, FZOO), SGD and Adam on XOR, Lorenz and
 Rössler forecasting, scikit-learn's digits, two spirals and fine-tuning a
 pretrained language model (all parameters, and adapters),
-under the tuning/scoring protocol of protocol.py; then MLP scaling, the
+under the tuning/scoring protocol of protocol.py; every forward-only method
+at its best number of directions (directions.py); then MLP scaling, the
 scale-out section and the op benchmark. Writes results/bench.json, results/REPORT.md
 and the plots.
 
@@ -18,8 +19,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
+import directions
 import protocol
 import report
 import scaleout
@@ -113,18 +115,29 @@ def ops_record(device, progress):
     )
 
 
-def load_tuned(path: Path, mode: str, contenders_by_task: Dict[str, List[str]]) -> dict:
-    """The tuned configurations of `mode` for each task's contenders, or
-    SystemExit saying which are missing or were tuned for other options
-    (on the validation split), and how to make them."""
+def _stale(entries: Dict[str, dict], names: List[str]) -> List[str]:
+    """The names whose entry is missing or was tuned for other options, or
+    on another split than validation."""
+    return [
+        name
+        for name in names
+        if entries.get(name) is None or entries[name].get("identity") != protocol.identity(name) or entries[name].get("split") != "validation"
+    ]
+
+
+def load_tuned(path: Path, mode: str, contenders_by_task: Dict[str, List[str]], directions_tasks: Sequence[str] = ()) -> dict:
+    """The tuned configurations of `mode` for each task's contenders and
+    the directions study of `directions_tasks`, or SystemExit saying which
+    are missing or were tuned for other options (on the validation split),
+    and how to make them."""
     tuned = json.loads(path.read_text()) if path.exists() else {}
     entries = tuned.get(mode, {}).get("tasks", {})
-    stale = []
-    for task, contenders in contenders_by_task.items():
-        for name in contenders:
-            entry = entries.get(task, {}).get(name)
-            if entry is None or entry.get("identity") != protocol.identity(name) or entry.get("split") != "validation":
-                stale.append(f"{task}/{name}")
+    stale = [f"{task}/{name}" for task, contenders in contenders_by_task.items() for name in _stale(entries.get(task, {}), contenders)]
+    studies = tuned.get(mode, {}).get("directions", {})
+    for task in directions_tasks:
+        study = studies.get(task, {})
+        every = [name for method in directions.DIRECTION_METHODS for name in directions.contenders(method)]
+        stale += [f"{task}/directions/{name}" for name in _stale(study.get("contenders", {}), every)]
     if stale:
         raise SystemExit(
             f"{path} has no {mode} tuning of the current contenders for {', '.join(stale)}; run `make bench-tune` "
@@ -142,24 +155,13 @@ def tune(args, task_list, progress) -> None:
     entry = tuned.setdefault(mode, {})
     entry.setdefault("tasks", {})
     for task in task_list:
-        contenders = protocol.contenders_of(task, args.contenders)
-        progress(
-            f"tuning {task.name}: {len(contenders)} optimizers x {len(protocol.GRID_FACTORS)} learning rates x "
-            f"{len(protocol.SCHEDULES)} schedules x {len(protocol.TUNING_SEEDS)} seeds, {task.steps} steps, {args.workers} workers"
-        )
-        task_started = time.time()
-        tuned_now = protocol.tune(task, contenders, args.full, args.workers, progress)
-        seconds = entry.setdefault("seconds", {})
-        if args.contenders:
-            # Some contenders retuned: the other current ones keep their
-            # trials, and the task's time adds up the tunings that made its
-            # entry.
-            kept = {name: e for name, e in entry["tasks"].get(task.name, {}).items() if name in protocol.contenders_of(task)}
-            entry["tasks"][task.name] = dict(kept, **tuned_now)
-            seconds[task.name] = seconds.get(task.name, 0.0) + time.time() - task_started
-        else:
-            entry["tasks"][task.name] = tuned_now
-            seconds[task.name] = time.time() - task_started
+        if not args.directions_only:
+            tune_task(args, task, entry, progress)
+        if task.name in directions.TASKS and "directions" not in args.skip and not args.contenders:
+            progress(f"tuning the directions study on {task.name}: every forward-only method at each k, at equal forward passes")
+            task_started = time.time()
+            entry.setdefault("directions", {})[task.name] = directions.tune(task, args.full, args.workers, progress)
+            entry.setdefault("seconds_directions", {})[task.name] = time.time() - task_started
         entry.update(
             protocol=protocol.description(tasks.all_tasks(args.full)),
             machine=machine(),
@@ -171,6 +173,29 @@ def tune(args, task_list, progress) -> None:
         progress(f"wrote {TUNED.name} with {task.name} ({(time.time() - started) / 60:.1f} minutes so far)")
 
 
+def tune_task(args, task, entry: dict, progress) -> None:
+    """Tunes the task's contenders (--contenders only, when given) into
+    `entry`, tuned.json's entry of the mode."""
+    contenders = protocol.contenders_of(task, args.contenders)
+    progress(
+        f"tuning {task.name}: {len(contenders)} optimizers x {len(protocol.GRID_FACTORS)} learning rates x "
+        f"{len(protocol.SCHEDULES)} schedules x {len(protocol.TUNING_SEEDS)} seeds, {task.steps} steps, {args.workers} workers"
+    )
+    task_started = time.time()
+    tuned_now = protocol.tune(task, contenders, args.full, args.workers, progress)
+    seconds = entry.setdefault("seconds", {})
+    if args.contenders:
+        # Some contenders retuned: the other current ones keep their
+        # trials, and the task's time adds up the tunings that made its
+        # entry.
+        kept = {name: e for name, e in entry["tasks"].get(task.name, {}).items() if name in protocol.contenders_of(task)}
+        entry["tasks"][task.name] = dict(kept, **tuned_now)
+        seconds[task.name] = seconds.get(task.name, 0.0) + time.time() - task_started
+    else:
+        entry["tasks"][task.name] = tuned_now
+        seconds[task.name] = time.time() - task_started
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="paper-size configurations (hours on a CPU)")
@@ -180,7 +205,12 @@ def main(argv=None):
     parser.add_argument("--cpp-json", help="records written by the C++ benchmark, merged into bench.json")
     parser.add_argument("--noise-json", help="the C++ noise benchmark's breakdown of a CPU op, added to the ops record")
     parser.add_argument("--device", default="cpu", help="device of the scaling and op benchmarks (cpu or cuda)")
-    parser.add_argument("--skip", nargs="*", default=[], help=f"tasks to leave out ({' '.join(tasks.TASK_NAMES)} scaling scaleout ops)")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help=f"tasks or parts to leave out ({' '.join(tasks.TASK_NAMES)} directions scaling scaleout ops)"
+    )
+    parser.add_argument(
+        "--directions-only", action="store_true", help="tune, or score, only the directions study of the tasks (not their contenders)"
+    )
     parser.add_argument(
         "--contenders", nargs="+", choices=TASK_CONTENDERS, help="score, or with --tune retune, only these of the task contenders"
     )
@@ -214,16 +244,25 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mode = "full" if args.full else "quick"
-    contenders_by_task = {task.name: protocol.contenders_of(task, args.contenders) for task in task_list}
-    tuned = load_tuned(TUNED, mode, contenders_by_task)
+    contenders_by_task = {} if args.directions_only else {task.name: protocol.contenders_of(task, args.contenders) for task in task_list}
+    studied = [] if "directions" in args.skip else [task for task in task_list if task.name in directions.TASKS]
+    tuned = load_tuned(TUNED, mode, contenders_by_task, [task.name for task in studied])
     records = []
     for task in task_list:
-        contenders = contenders_by_task[task.name]
-        progress(
-            f"{task.name}: {len(contenders)} optimizers at their tuned configurations x {len(task.seeds)} scoring seeds, "
-            f"{task.steps} steps, {args.workers} workers"
-        )
-        records += protocol.score(task, {name: tuned["tasks"][task.name][name] for name in contenders}, args.full, args.workers, progress)
+        contenders = contenders_by_task.get(task.name, [])
+        if contenders:
+            progress(
+                f"{task.name}: {len(contenders)} optimizers at their tuned configurations x {len(task.seeds)} scoring seeds, "
+                f"{task.steps} steps, {args.workers} workers"
+            )
+            records += protocol.score(task, {name: tuned["tasks"][task.name][name] for name in contenders}, args.full, args.workers, progress)
+        if task in studied:
+            study = tuned["directions"][task.name]
+            progress(
+                f"{task.name}, directions study: {len(directions.scored(study))} forward-only contenders x {len(task.seeds)} scoring "
+                f"seeds, {protocol.BUDGET_FORWARDS_PER_STEP * task.steps} forward passes each"
+            )
+            records += directions.score(task, study, args.full, args.workers, progress)
     if "scaling" not in args.skip:
         sizes = args.scaling_sizes or default_scaling_sizes(args.device, args.full)
         records += scaling_records(sizes, args.device, progress)
@@ -246,7 +285,13 @@ def main(argv=None):
         seconds=time.time() - started,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         workers=args.workers,
-        tuning=dict(date=tuned.get("date"), seconds=tuned.get("seconds"), machine=tuned.get("machine"), workers=tuned.get("workers")),
+        tuning=dict(
+            date=tuned.get("date"),
+            seconds=tuned.get("seconds"),
+            seconds_directions=tuned.get("seconds_directions"),
+            machine=tuned.get("machine"),
+            workers=tuned.get("workers"),
+        ),
     )
     (out / "bench.json").write_text(
         json.dumps({"meta": meta, "protocol": protocol.description(task_list), "records": records}, indent=1)

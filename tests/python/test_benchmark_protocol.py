@@ -14,9 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "python"))
 np = pytest.importorskip("numpy")
 
+import directions  # noqa: E402
 import protocol  # noqa: E402
 import tasks  # noqa: E402
-from harness import CONTENDERS, Run, schedule_factor  # noqa: E402
+from harness import CONTENDERS, DIRECTION_METHODS, Run, schedule_factor, with_directions  # noqa: E402
 
 
 def run(final_metric, diverged=False, steps_to_target=None, steps=3000, curve=()):
@@ -240,6 +241,89 @@ def test_a_tuning_records_what_it_tuned_and_scoring_refuses_another():
                 run_suite.load_tuned(path, "quick", {"xor": ["dopamine"]})
         with pytest.raises(SystemExit, match="xor/wp"):
             run_suite.load_tuned(tuned_file(tmp, protocol.identity("dopamine")), "quick", {"xor": ["dopamine", "wp"]})
+
+
+def test_the_directions_study_gives_each_method_at_each_k_the_same_budget_of_forwards():
+    task = tasks.chaotic_task("lorenz", False)
+    budget = protocol.BUDGET_FORWARDS_PER_STEP * task.steps
+    for method, spec in DIRECTION_METHODS.items():
+        for k in spec.counts:
+            name = with_directions(method, k)
+            contender = CONTENDERS[name]
+            defaults = contender.make([torch.nn.Parameter(torch.ones(3))], 0.01, 0.01, 0).defaults
+            assert defaults["num_perturbations"] == k
+            assert all(defaults[option] == value for option, value in spec.options.items())
+            steps = directions.horizon(task, name)
+            assert budget - contender.forwards_per_step < steps * contender.forwards_per_step <= budget
+    # The ablation's pair differs in the step-size rule alone.
+    rule, without = (protocol.identity(with_directions(m, 2)) for m in (directions.RULE, directions.WITHOUT_RULE))
+    assert {key for key in rule if rule[key] != without[key]} == {"lr_adaptation"}
+    assert with_directions("zo-sgd[central]", 8) == "zo-sgd[central,k=8]"
+
+
+def study_entry(task_name, scores):
+    """Tuned entries of every method at each k, with `scores[name]` (else a
+    poor one) as the score of its one trial."""
+    poor = [0.0, -math.inf] if task_name == "xor" else [-3, -1.0]
+    names = [name for method in DIRECTION_METHODS for name in directions.contenders(method)]
+    return {name: dict(trials=[dict(score=scores.get(name, poor))]) for name in names}
+
+
+def test_the_study_chooses_the_k_whose_best_trial_wins_xor_counting_forwards_and_fewer_on_a_tie():
+    xor, lorenz = tasks.xor_task(False), tasks.chaotic_task("lorenz", False)
+    # k=2 takes fewer steps (80 at 3 forwards: 240) than k=1 (100 at 2: 200)
+    # but more forward passes.
+    chosen = directions.choose_directions(xor, study_entry("xor", {"dopamine[k=1]": [1.0, -100], "dopamine[k=2]": [1.0, -80]}))
+    assert chosen["dopamine"] == 1
+    # A trial with fewer divergences wins over a better median; a tie goes
+    # to the fewer directions.
+    scores = {"wp[k=4]": [0, -0.002], "wp[k=8]": [-1, -0.001], "fzoo[k=4]": [0, -0.003], "fzoo[k=8]": [0, -0.003]}
+    chosen = directions.choose_directions(lorenz, study_entry("lorenz", scores))
+    assert chosen["wp"] == 4 and chosen["fzoo"] == 4
+    assert chosen["spsa"] == 1  # every k alike
+    assert directions.scored(dict(chosen=chosen))[: len(DIRECTION_METHODS)] == [
+        "dopamine[k=1]", "wp[k=4]", "zo-sgd[central,k=1]", "spsa[k=1]", "fzoo[k=4]"
+    ]
+    # Then the ablation's pair at every k, each name once.
+    rest = directions.scored(dict(chosen=chosen))[len(DIRECTION_METHODS) :]
+    assert sorted(rest) == sorted(["dopamine[k=2]", "dopamine[k=4]", "dopamine[k=8]", "wp[k=1]", "wp[k=2]", "wp[k=8]"])
+
+
+def test_beating_per_forward_counts_xor_in_forward_passes():
+    fewer_forwards = dict(scored("xor", "d", 0.0, steps=100, forwards=2), median_forwards_to_target=200)
+    fewer_steps = dict(scored("xor", "w", 0.0, steps=60, forwards=5), median_forwards_to_target=300)
+    assert protocol.beats(fewer_forwards, fewer_steps, per_forward=True)
+    assert not protocol.beats(fewer_forwards, fewer_steps)
+
+
+def test_the_report_pairs_the_rule_with_wp_at_every_k_and_judges_the_defaults_against_each_peer_s_k():
+    import report
+
+    chosen = dict(dopamine=2, wp=2, **{"zo-sgd[central]": 1, "spsa": 1, "fzoo": 4})
+    rows = []
+    for name in directions.scored(dict(chosen=chosen)):
+        method = next(m for m in DIRECTION_METHODS if name in directions.contenders(m))
+        k = int(name.split("k=")[1].rstrip("]"))
+        # Dopamine at every k: an MSE of 0.001; fzoo better, the others worse.
+        final = 0.001 if method == "dopamine" else 0.0005 if method == "fzoo" else 0.002
+        rows.append(dict(scored("lorenz", name, final), study="directions", method=method, directions=k,
+                         chosen=chosen[method] == k, ci95=[final, final], config=dict(seeds=5), front_end="python"))
+    text = "\n".join(report._directions(rows))
+    assert "wp at its k on 1 of 1 tasks; zo-sgd[central] at its k on 1 of 1 tasks" in text
+    assert "fzoo at its k on 0 of 1 tasks" in text and "**not met**" in text
+    assert sum(line.startswith("| lorenz | ") and line.endswith("| **beats** |") for line in text.splitlines()) == 4
+    # The main tables leave the study's rows out.
+    assert report._selected(rows, "lorenz") == {}
+
+
+def test_scoring_refuses_a_missing_directions_study():
+    import run_suite
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tuned.json"
+        path.write_text(json.dumps({"quick": {"tasks": {}, "directions": {}}}))
+        with pytest.raises(SystemExit, match="xor/directions/dopamine.k=1."):
+            run_suite.load_tuned(path, "quick", {}, ["xor"])
 
 
 def test_a_run_with_a_metric_limit_diverges_when_it_ends_above_it():
