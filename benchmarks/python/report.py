@@ -195,14 +195,16 @@ def _at_budget(task: str, r: dict) -> str:
     """A directions-study row's figure at its budget of forward passes:
     XOR the seeds solved and the median forward passes to target over every
     seed (a failure infinite), the others the median final metric; each
-    with its 95% interval and the divergences."""
+    with its 95% interval, the divergences, and whether its lr sat at an
+    end of its grid."""
     if task == "xor":
         per_step = r["forward_equivalents_per_step"]
         interval = [per_step * bound for bound in r["ci95_steps"]] if r.get("ci95_steps") else None
         figure = f"{r['success_rate']:.0%}, {_fmt(per_step * r['median_steps_all_runs'])} fwd {_ci(interval)}"
     else:
         figure = f"{_fmt(r['final_metric'], 3)} {_ci(r.get('ci95'))}"
-    return f"{figure}; {r['divergences']}/{r['config'].get('seeds', '?')} div."
+    edge = ", lr at grid edge" if r.get("at_grid_edge") else ""
+    return f"{figure}; {r['divergences']}/{r['config'].get('seeds', '?')} div.{edge}"
 
 
 def _directions(records) -> List[str]:
