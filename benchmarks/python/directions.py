@@ -3,11 +3,14 @@ directions, at an equal budget of forward passes (docs/BENCHMARKS.md,
 "Every forward-only method at its best number of directions").
 
 Each method of harness.DIRECTION_METHODS with k directions is tuned as any
-contender is (protocol.tune: the same grid, schedules and tuning seeds),
-but its horizon is the budget of forward passes (BUDGET_FORWARDS_PER_STEP
-x the task's horizon) over its forwards per step: k = 8 takes fewer steps
-than k = 1, and a cosine schedule spans the steps it has. Every k gets the
-same trials, so every method gets the same tuning budget per k. On the
+contender is (protocol.tune: the same schedules and tuning seeds, the grid
+about the same centre), but its horizon is the budget of forward passes
+(BUDGET_FORWARDS_PER_STEP x the task's horizon) over its forwards per step:
+k = 8 takes fewer steps than k = 1, and a cosine schedule spans the steps
+it has. The grid is wider (GRID_FACTORS): horizons shorter than the task's
+move the best learning rate, which the main grid put at its ends on digits
+and spirals. Every k gets the same trials, so every method gets the same
+tuning budget per k. On the
 tuning seeds the task's rule then picks each method's k, XOR counting
 forward passes to target rather than steps. Scoring runs each method at
 the k its tuning picked and, for the ablation that isolates the RPE rule,
@@ -24,6 +27,7 @@ TASKS = ("xor", "lorenz", "rossler", "digits", "spirals")
 # The ablation's pair at every k: the RPE rule, and no adaptation.
 RULE = "dopamine"
 WITHOUT_RULE = "wp"
+GRID_FACTORS = (1 / 27, 1 / 9, 1 / 3, 1.0, 3.0, 9.0, 27.0)
 
 
 def horizon(task: tasks.Task, contender_name: str) -> int:
@@ -60,7 +64,7 @@ def tune(task: tasks.Task, full: bool, workers: int, progress) -> dict:
     """The study's entry of benchmarks/tuned.json for the task: every
     method's trials at each k, and the k chosen."""
     names = [name for method in DIRECTION_METHODS for name in contenders(method)]
-    tuned = protocol.tune(task, names, full, workers, progress, horizon)
+    tuned = protocol.tune(task, names, full, workers, progress, horizon, GRID_FACTORS)
     chosen = choose_directions(task, tuned)
     progress(f"directions on {task.name}: " + ", ".join(f"{method} k={k}" for method, k in chosen.items()))
     return dict(contenders=tuned, chosen=chosen)

@@ -60,9 +60,9 @@ def identity(contender_name: str) -> dict:
     return dict(optimizer=type(optimizer).__name__, **{k: optimizer.defaults[k] for k in _IDENTITY_OPTIONS if k in optimizer.defaults})
 
 
-def grid(task: tasks.Task, contender_name: str) -> List[float]:
+def grid(task: tasks.Task, contender_name: str, factors: Sequence[float] = GRID_FACTORS) -> List[float]:
     centre = task.centres[CONTENDERS[contender_name].family]
-    return [float(f"{centre * factor:.3g}") for factor in GRID_FACTORS]
+    return [float(f"{centre * factor:.3g}") for factor in factors]
 
 
 def description(task_list: Sequence[tasks.Task]) -> dict:
@@ -250,12 +250,21 @@ def trial_score(task: tasks.Task, runs: List[dict]) -> tuple:
 Horizon = Optional[Callable[[tasks.Task, str], int]]
 
 
-def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: int, progress, horizon: Horizon = None) -> Dict[str, dict]:
+def tune(
+    task: tasks.Task,
+    contender_names: Sequence[str],
+    full: bool,
+    workers: int,
+    progress,
+    horizon: Horizon = None,
+    factors: Sequence[float] = GRID_FACTORS,
+) -> Dict[str, dict]:
     """Every contender's trials on the tuning seeds and the configuration
-    the task's rule selects, for benchmarks/tuned.json."""
+    the task's rule selects, for benchmarks/tuned.json: `factors` times the
+    centre of the contender's family are its learning rates."""
     if task.prepare:
         task.prepare(progress)
-    trials = [(name, lr, schedule) for name in contender_names for lr in grid(task, name) for schedule in SCHEDULES]
+    trials = [(name, lr, schedule) for name in contender_names for lr in grid(task, name, factors) for schedule in SCHEDULES]
     jobs = [
         Job(task.name, full, name, lr, schedule, seed, "validation", horizon(task, name) if horizon else None)
         for name, lr, schedule in trials
@@ -266,7 +275,7 @@ def tune(task: tasks.Task, contender_names: Sequence[str], full: bool, workers: 
     for i, (name, lr, schedule) in enumerate(trials):
         runs = results[i * len(TUNING_SEEDS) : (i + 1) * len(TUNING_SEEDS)]
         entry = tuned.setdefault(
-            name, dict(identity=identity(name), split="validation", grid=grid(task, name), schedules=list(SCHEDULES), trials=[])
+            name, dict(identity=identity(name), split="validation", grid=grid(task, name, factors), schedules=list(SCHEDULES), trials=[])
         )
         entry["trials"].append(
             dict(
