@@ -191,6 +191,19 @@ def _rule_ablation(records) -> List[str]:
     return lines + [""]
 
 
+def _interval_at_budget(task: str, r: dict) -> Optional[List[float]]:
+    """The 95% interval of a directions-study row's figure: XOR's in forward
+    passes to target."""
+    if task == "xor":
+        return [r["forward_equivalents_per_step"] * bound for bound in r["ci95_steps"]] if r.get("ci95_steps") else None
+    return r.get("ci95")
+
+
+def _intervals_disjoint(task: str, r: dict, other: dict) -> bool:
+    a, b = _interval_at_budget(task, r), _interval_at_budget(task, other)
+    return bool(a and b) and (a[1] < b[0] or b[1] < a[0])
+
+
 def _at_budget(task: str, r: dict) -> str:
     """A directions-study row's figure at its budget of forward passes:
     XOR the seeds solved and the median forward passes to target over every
@@ -198,11 +211,10 @@ def _at_budget(task: str, r: dict) -> str:
     with its 95% interval, the divergences, and whether its lr sat at an
     end of its grid."""
     if task == "xor":
-        per_step = r["forward_equivalents_per_step"]
-        interval = [per_step * bound for bound in r["ci95_steps"]] if r.get("ci95_steps") else None
-        figure = f"{r['success_rate']:.0%}, {_fmt(per_step * r['median_steps_all_runs'])} fwd {_ci(interval)}"
+        median_forwards = r["forward_equivalents_per_step"] * r["median_steps_all_runs"]
+        figure = f"{r['success_rate']:.0%}, {_fmt(median_forwards)} fwd {_ci(_interval_at_budget(task, r))}"
     else:
-        figure = f"{_fmt(r['final_metric'], 3)} {_ci(r.get('ci95'))}"
+        figure = f"{_fmt(r['final_metric'], 3)} {_ci(_interval_at_budget(task, r))}"
     edge = ", lr at grid edge" if r.get("at_grid_edge") else ""
     return f"{figure}; {r['divergences']}/{r['config'].get('seeds', '?')} div.{edge}"
 
@@ -230,6 +242,8 @@ def _directions(records) -> List[str]:
         "|---|---|" + "---|" * len(methods),
     ]
     wins = {method: 0 for method in methods if method != directions.RULE}
+    # Dopamine at the k its tuning chose, against the same peers.
+    wins_at_its_k = dict(wins)
     for task, named in by_task.items():
         default = named[with_directions(directions.RULE, DOPAMINE_DEFAULTS["num_perturbations"])]
         chosen = {r["method"]: r for r in named.values() if r["chosen"]}
@@ -241,6 +255,7 @@ def _directions(records) -> List[str]:
                 continue
             won = protocol.beats(default, r, per_forward=True)
             wins[method] += won
+            wins_at_its_k[method] += protocol.beats(chosen[directions.RULE], r, per_forward=True)
             cells.append(f"k={r['directions']}: {_at_budget(task, r)} ({'beaten' if won else 'not beaten'})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines += [
@@ -250,6 +265,9 @@ def _directions(records) -> List[str]:
         + ". The target (every task against every peer) is "
         + ("met" if all(n == len(by_task) for n in wins.values()) else "**not met**")
         + " by this run.",
+        "- Dopamine at the k its tuning chose beats "
+        + "; ".join(f"{method} on {wins_at_its_k[method]} of {len(by_task)}" for method in wins_at_its_k)
+        + ".",
         "",
         "The ablation: the RPE rule (`dopamine[k=K]`) against no adaptation (`wp[k=K]`), the same K Rademacher directions, "
         "noise and tuning, at equal forward passes.",
@@ -262,6 +280,7 @@ def _directions(records) -> List[str]:
         for k, name in pairs:
             rule, without = named[name], named[with_directions(directions.WITHOUT_RULE, k)]
             verdict = "**beats**" if protocol.beats(rule, without, per_forward=True) else "loses"
+            verdict += ", intervals disjoint" if _intervals_disjoint(task, rule, without) else ", intervals overlap"
             lines.append(f"| {task} | {k} | {_at_budget(task, rule)} | {_at_budget(task, without)} | {verdict} |")
     return lines + [""]
 

@@ -311,7 +311,13 @@ def test_the_report_pairs_the_rule_with_wp_at_every_k_and_judges_the_defaults_ag
     text = "\n".join(report._directions(rows))
     assert "wp at its k on 1 of 1 tasks; zo-sgd[central] at its k on 1 of 1 tasks" in text
     assert "fzoo at its k on 0 of 1 tasks" in text and "**not met**" in text
-    assert sum(line.startswith("| lorenz | ") and line.endswith("| **beats** |") for line in text.splitlines()) == 4
+    assert "Dopamine at the k its tuning chose beats wp on 1 of 1; zo-sgd[central] on 1 of 1; spsa on 1 of 1; fzoo on 0 of 1" in text
+    assert sum(line.startswith("| lorenz | ") and line.endswith("| **beats**, intervals disjoint |") for line in text.splitlines()) == 4
+    # An interval that reaches the other's: the same verdict, marked.
+    wp8 = next(r for r in rows if r["optimizer"] == "wp[k=8]")
+    wp8["ci95"] = [0.0008, 0.002]
+    lines = "\n".join(report._directions(rows)).splitlines()
+    assert [line for line in lines if line.startswith("| lorenz | 8 |")][0].endswith("| **beats**, intervals overlap |")
     # The main tables leave the study's rows out.
     assert report._selected(rows, "lorenz") == {}
 
