@@ -70,18 +70,21 @@ define run_bench
 	  --cpp-json results/bench_cpp.json --noise-json results/noise_cpp.json
 endef
 
-# Quick: about 15 minutes on 2 cores (13.3 for the suite on 2026-12-06, and
-# about 1.5 more since for dopamine[lowrank]'s fine-tuning runs; 1.5 more the
-# first time, to pretrain the fine-tuning tasks' model). Scores
-# every optimizer at the configuration benchmarks/tuned.json holds for it.
+# Quick: about 19 minutes on 2 cores (18.5 for the suite on 2026-12-06 11:04,
+# the directions study's scoring included; 0.6 more the first time, to
+# pretrain the fine-tuning tasks' model). Scores every optimizer at the
+# configuration benchmarks/tuned.json holds for it.
 bench: build python
 	$(call run_bench,2000,)
 
 # Reruns the tuning of the quick tasks (every optimizer: 5 learning rates x
 # 2 schedules x 3 tuning seeds) and rewrites benchmarks/tuned.json: about
-# 100 minutes on 2 cores uninterrupted (42 for XOR, Lorenz, Rössler and
-# digits on 2026-11-29, 6 for spirals, 50 for the two fine-tuning tasks);
-# tuned.json's 150 add up parts run beside other work.
+# 125 minutes on 2 cores uninterrupted (42 for XOR, Lorenz, Rössler and
+# digits on 2026-11-29, 6 for spirals, 50 for the two fine-tuning tasks),
+# and 26 for the directions study (19 contenders x 7 learning rates x 2
+# schedules x 3 tuning seeds a task, on 2026-12-06; alone:
+# `run_suite.py --tune --directions-only`); tuned.json's seconds add up parts
+# run beside other work.
 bench-tune: build python
 	$(PYTHON) benchmarks/python/run_suite.py --tune
 
