@@ -30,10 +30,6 @@ WITHOUT_RULE = "wp"
 GRID_FACTORS = (1 / 27, 1 / 9, 1 / 3, 1.0, 3.0, 9.0, 27.0)
 
 
-def horizon(task: tasks.Task, contender_name: str) -> int:
-    return protocol.equal_forwards_steps(task, contender_name)
-
-
 def contenders(method: str) -> List[str]:
     return [with_directions(method, k) for k in DIRECTION_METHODS[method].counts]
 
@@ -64,7 +60,7 @@ def tune(task: tasks.Task, full: bool, workers: int, progress) -> dict:
     """The study's entry of benchmarks/tuned.json for the task: every
     method's trials at each k, and the k chosen."""
     names = [name for method in DIRECTION_METHODS for name in contenders(method)]
-    tuned = protocol.tune(task, names, full, workers, progress, horizon, GRID_FACTORS)
+    tuned = protocol.tune(task, names, full, workers, progress, protocol.equal_forwards_steps, GRID_FACTORS)
     chosen = choose_directions(task, tuned)
     progress(f"directions on {task.name}: " + ", ".join(f"{method} k={k}" for method, k in chosen.items()))
     return dict(contenders=tuned, chosen=chosen)
@@ -82,7 +78,7 @@ def score(task: tasks.Task, study: dict, full: bool, workers: int, progress) -> 
     """The scored rows of the study, marked with the study, the method, its
     k, and whether its tuning chose that k."""
     names = scored(study)
-    rows = protocol.score(task, {name: study["contenders"][name] for name in names}, full, workers, progress, horizon)
+    rows = protocol.score(task, {name: study["contenders"][name] for name in names}, full, workers, progress, protocol.equal_forwards_steps)
     method_of = {with_directions(method, k): (method, k) for method, spec in DIRECTION_METHODS.items() for k in spec.counts}
     for row in rows:
         method, k = method_of[row["optimizer"]]

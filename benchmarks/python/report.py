@@ -199,9 +199,21 @@ def _interval_at_budget(task: str, r: dict) -> Optional[List[float]]:
     return r.get("ci95")
 
 
-def _intervals_disjoint(task: str, r: dict, other: dict) -> bool:
+def _intervals(task: str, r: dict, other: dict) -> str:
+    """Whether two rows' 95% intervals are disjoint."""
     a, b = _interval_at_budget(task, r), _interval_at_budget(task, other)
-    return bool(a and b) and (a[1] < b[0] or b[1] < a[0])
+    if not (a and b):
+        return "an interval unknown"
+    return "intervals disjoint" if a[1] < b[0] or b[1] < a[0] else "intervals overlap"
+
+
+def _verdict(r: dict, other: dict) -> str:
+    """r against other at equal forward passes (protocol.beats). Neither
+    beats the other on equal figures, or where the better figure has more
+    divergences."""
+    if protocol.beats(r, other, per_forward=True):
+        return "beats"
+    return "loses" if protocol.beats(other, r, per_forward=True) else "neither beats"
 
 
 def _at_budget(task: str, r: dict) -> str:
@@ -213,8 +225,10 @@ def _at_budget(task: str, r: dict) -> str:
     if task == "xor":
         median_forwards = r["forward_equivalents_per_step"] * r["median_steps_all_runs"]
         figure = f"{r['success_rate']:.0%}, {_fmt(median_forwards)} fwd {_ci(_interval_at_budget(task, r))}"
-    else:
+    elif math.isfinite(r["final_metric"]):
         figure = f"{_fmt(r['final_metric'], 3)} {_ci(_interval_at_budget(task, r))}"
+    else:
+        figure = "most runs diverged"
     edge = ", lr at grid edge" if r.get("at_grid_edge") else ""
     return f"{figure}; {r['divergences']}/{r['config'].get('seeds', '?')} div.{edge}"
 
@@ -253,10 +267,11 @@ def _directions(records) -> List[str]:
             if method == directions.RULE:
                 cells.append(f"k={r['directions']}: {_at_budget(task, r)}")
                 continue
-            won = protocol.beats(default, r, per_forward=True)
-            wins[method] += won
-            wins_at_its_k[method] += protocol.beats(chosen[directions.RULE], r, per_forward=True)
-            cells.append(f"k={r['directions']}: {_at_budget(task, r)} ({'beaten' if won else 'not beaten'})")
+            verdict = _verdict(default, r)
+            wins[method] += verdict == "beats"
+            wins_at_its_k[method] += _verdict(chosen[directions.RULE], r) == "beats"
+            outcome = dict(beats="beaten", loses="not beaten").get(verdict, verdict)
+            cells.append(f"k={r['directions']}: {_at_budget(task, r)} ({outcome})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -279,9 +294,11 @@ def _directions(records) -> List[str]:
         pairs = sorted((r["directions"], r["optimizer"]) for r in named.values() if r["method"] == directions.RULE)
         for k, name in pairs:
             rule, without = named[name], named[with_directions(directions.WITHOUT_RULE, k)]
-            verdict = "**beats**" if protocol.beats(rule, without, per_forward=True) else "loses"
-            verdict += ", intervals disjoint" if _intervals_disjoint(task, rule, without) else ", intervals overlap"
-            lines.append(f"| {task} | {k} | {_at_budget(task, rule)} | {_at_budget(task, without)} | {verdict} |")
+            verdict = _verdict(rule, without)
+            lines.append(
+                f"| {task} | {k} | {_at_budget(task, rule)} | {_at_budget(task, without)} | "
+                f"{'**beats**' if verdict == 'beats' else verdict}, {_intervals(task, rule, without)} |"
+            )
     return lines + [""]
 
 

@@ -253,7 +253,7 @@ def test_the_directions_study_gives_each_method_at_each_k_the_same_budget_of_for
             defaults = contender.make([torch.nn.Parameter(torch.ones(3))], 0.01, 0.01, 0).defaults
             assert defaults["num_perturbations"] == k
             assert all(defaults[option] == value for option, value in spec.options.items())
-            steps = directions.horizon(task, name)
+            steps = protocol.equal_forwards_steps(task, name)
             assert budget - contender.forwards_per_step < steps * contender.forwards_per_step <= budget
     # The ablation's pair differs in the step-size rule alone.
     rule, without = (protocol.identity(with_directions(m, 2)) for m in (directions.RULE, directions.WITHOUT_RULE))
@@ -313,11 +313,19 @@ def test_the_report_pairs_the_rule_with_wp_at_every_k_and_judges_the_defaults_ag
     assert "fzoo at its k on 0 of 1 tasks" in text and "**not met**" in text
     assert "Dopamine at the k its tuning chose beats wp on 1 of 1; zo-sgd[central] on 1 of 1; spsa on 1 of 1; fzoo on 0 of 1" in text
     assert sum(line.startswith("| lorenz | ") and line.endswith("| **beats**, intervals disjoint |") for line in text.splitlines()) == 4
-    # An interval that reaches the other's: the same verdict, marked.
-    wp8 = next(r for r in rows if r["optimizer"] == "wp[k=8]")
-    wp8["ci95"] = [0.0008, 0.002]
-    lines = "\n".join(report._directions(rows)).splitlines()
-    assert [line for line in lines if line.startswith("| lorenz | 8 |")][0].endswith("| **beats**, intervals overlap |")
+    # An interval that reaches the other's: the same verdict, marked; equal
+    # figures: neither beats; a diverged median is said so; a missing interval is not
+    # called an overlap.
+    named = {r["optimizer"]: r for r in rows}
+    named["wp[k=8]"]["ci95"] = [0.0008, 0.002]
+    named["wp[k=2]"].update(final_metric=0.001, ci95=[0.001, 0.001])
+    named["wp[k=4]"].update(final_metric=math.inf, ci95=[math.inf, math.inf], divergences=3)
+    named["wp[k=1]"]["ci95"] = None
+    row_of = {line.split(" | ")[1]: line for line in report._directions(rows) if line.startswith("| lorenz | ")}
+    assert row_of["8"].endswith("| **beats**, intervals overlap |")
+    assert row_of["2"].endswith("| neither beats, intervals overlap |")
+    assert "| most runs diverged; 3/5 div. | **beats**, intervals disjoint |" in row_of["4"]
+    assert row_of["1"].endswith("| **beats**, an interval unknown |")
     # The main tables leave the study's rows out.
     assert report._selected(rows, "lorenz") == {}
 
