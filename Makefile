@@ -70,9 +70,12 @@ define run_bench
 	  --cpp-json results/bench_cpp.json --noise-json results/noise_cpp.json
 endef
 
-# Quick: about 19 minutes on 2 cores (18.5 for the suite on 2026-12-06 11:04,
-# the directions study's scoring included; 0.6 more the first time, to
-# pretrain the fine-tuning tasks' model). Scores every optimizer at the
+# Quick: 18.5 minutes on 2 cores for the suite on 2026-12-06 11:04, the
+# directions study's scoring included (0.6 more the first time, to pretrain
+# the fine-tuning tasks' model). This machine's speed varies up to 2x: on
+# 2026-12-07 the same suite took 23.4 minutes for the five small tasks and
+# their directions study alone (7.6 of them the study), and ran past 40
+# before the fine-tuning tasks were done. Scores every optimizer at the
 # configuration benchmarks/tuned.json holds for it.
 bench: build python
 	$(call run_bench,2000,)
