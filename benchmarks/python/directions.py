@@ -10,11 +10,11 @@ k = 8 takes fewer steps than k = 1, and a cosine schedule spans the steps
 it has. The grid is wider (GRID_FACTORS): horizons shorter than the task's
 move the best learning rate, which the main grid put at its ends on digits
 and spirals. Every k gets the same trials, so every method gets the same
-tuning budget per k. On the
-tuning seeds the task's rule then picks each method's k, XOR counting
-forward passes to target rather than steps. Scoring runs each method at
-the k its tuning picked and, for the ablation that isolates the RPE rule,
-Dopamine and WP (the same Rademacher noise, no adaptation) at every k.
+tuning budget per k. On the tuning seeds the task's rule then picks each
+method's k, XOR counting forward passes to target rather than steps.
+Scoring runs each method at the k its tuning picked and, for the ablation
+that isolates the RPE rule, Dopamine and WP (the same Rademacher noise, no
+adaptation) at every k.
 """
 
 from typing import Dict, List

@@ -264,7 +264,8 @@ def tune(
     centre of the contender's family are its learning rates."""
     if task.prepare:
         task.prepare(progress)
-    trials = [(name, lr, schedule) for name in contender_names for lr in grid(task, name, factors) for schedule in SCHEDULES]
+    grids = {name: grid(task, name, factors) for name in contender_names}
+    trials = [(name, lr, schedule) for name in contender_names for lr in grids[name] for schedule in SCHEDULES]
     jobs = [
         Job(task.name, full, name, lr, schedule, seed, "validation", horizon(task, name) if horizon else None)
         for name, lr, schedule in trials
@@ -275,7 +276,7 @@ def tune(
     for i, (name, lr, schedule) in enumerate(trials):
         runs = results[i * len(TUNING_SEEDS) : (i + 1) * len(TUNING_SEEDS)]
         entry = tuned.setdefault(
-            name, dict(identity=identity(name), split="validation", grid=grid(task, name, factors), schedules=list(SCHEDULES), trials=[])
+            name, dict(identity=identity(name), split="validation", grid=grids[name], schedules=list(SCHEDULES), trials=[])
         )
         entry["trials"].append(
             dict(
