@@ -2,7 +2,7 @@
 take them, moved between perturbations and finished (docs/DESIGN.md, "The
 step protocol")."""
 
-from typing import List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,6 +27,21 @@ class StepTable:
         self.element_offsets: List[int] = []
         self.group_sizes: List[int] = []
         self.carried: Tuple[int, int] = (0, 0)
+        self._held: Optional[Tuple[Sequence[Any], ...]] = None
+
+    def held(self) -> Tuple[Sequence[Any], ...]:
+        """The parameters, master weights, indices and element offsets in
+        lists that C++ holds (torch.ScriptList), made once: an op takes such
+        a list whole, where it converts a Python list's every element at
+        every call, and a tensor's reference from C++ then takes the GIL
+        (docs/NOISE_AND_KERNELS.md, "Many small tensors"). An empty list
+        stays a Python list, whose type a ScriptList could not infer."""
+        if self._held is None:
+            self._held = tuple(
+                torch.ScriptList(values) if values else values
+                for values in (self.params, self.masters, self.indices, self.element_offsets)
+            )
+        return self._held
 
     def add_group(self, params: Sequence[torch.Tensor], indices: Sequence[int], masters: Sequence[torch.Tensor],
                   state: torch.Tensor, packed: List[float], element_offsets: Sequence[int]) -> None:
@@ -38,6 +53,12 @@ class StepTable:
         self.states.append(state)
         self.packed.append(packed)
         self.options += packed
+        self._held = None
+
+    def set_options(self, packed: List[List[float]]) -> None:
+        """Each group's options, as pack_options returned them, anew."""
+        self.packed = list(packed)
+        self.options = [number for group in packed for number in group]
 
     def carries(self, offset: int, direction: int = 0) -> bool:
         """Whether the parameters carry offset * sigma * z_direction (any
@@ -49,30 +70,36 @@ class StepTable:
         ``move_`` (nothing to do if it does)."""
         if self.carries(offset, direction):
             return
-        torch.ops.dopamine.move_(
-            self.params,
-            self.masters,
+        # The overload itself: through the packet, torch matches the
+        # arguments to a schema first, which doubles the cost of a call
+        # over thousands of tensors (docs/NOISE_AND_KERNELS.md, "Many
+        # small tensors").
+        params, masters, indices, element_offsets = self.held()
+        torch.ops.dopamine.move_.default(
+            params,
+            masters,
             self.states,
             options=self.options,
-            indices=self.indices,
+            indices=indices,
             group_sizes=self.group_sizes,
             carried=list(self.carried),
             to=[offset, direction],
-            element_offsets=self.element_offsets,
+            element_offsets=element_offsets,
         )
         self.carried = (offset, direction)
 
     def finish(self, plans: List[torch.Tensor]) -> torch.Tensor:
         """``finish_step_`` over every group at once; returns whether the
         step was taken. The parameters then carry no perturbation."""
-        taken = torch.ops.dopamine.finish_step_(
-            self.params,
-            self.masters,
+        params, masters, indices, element_offsets = self.held()
+        taken = torch.ops.dopamine.finish_step_.default(
+            params,
+            masters,
             self.states,
             plans,
-            indices=self.indices,
+            indices=indices,
             group_sizes=self.group_sizes,
-            element_offsets=self.element_offsets,
+            element_offsets=element_offsets,
         )
         self.carried = (0, 0)
         return taken

@@ -3,6 +3,7 @@
 import functools
 import math
 import numbers
+import operator
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -83,7 +84,8 @@ class _Generators:
 
     def __init__(self, params: List[torch.Tensor]):
         self.cpu = torch.get_rng_state()
-        self.cuda = {p.device: None for p in params if p.is_cuda}
+        # No tensor is on a GPU before CUDA is initialised: nothing to scan.
+        self.cuda = {p.device: None for p in params if p.is_cuda} if torch.cuda.is_initialized() else {}
         for device in self.cuda:
             self.cuda[device] = torch.cuda.get_rng_state(device)
 
@@ -93,16 +95,59 @@ class _Generators:
             torch.cuda.set_rng_state(state, device)
 
 
+_requires_grad = operator.attrgetter("requires_grad")
+
+
+class _GroupShare:
+    """A parameter group's share of a step: its trainable parameters, the
+    tensors the ops update for them (``local_pieces``) with their global
+    indices and element offsets, their master weights and the group's state
+    (None before its first step). Once a step commits it, the optimizer
+    keeps it for the next steps while it :meth:`fits`, so that a step costs
+    no Python work per parameter beyond that check (docs/NOISE_AND_KERNELS.md,
+    "Many small tensors")."""
+
+    def __init__(self, group_index: int, params: List[torch.Tensor], first_index: int,
+                 state: Optional[torch.Tensor]):
+        self.group_index = group_index
+        self.params = list(params)
+        self.requires_grad = list(map(_requires_grad, params))
+        self.first_index = first_index
+        self.state = state
+        self.trainable: List[torch.Tensor] = []
+        self.pieces: List[torch.Tensor] = []
+        self.indices: List[int] = []
+        self.offsets: List[int] = []
+        self.masters: List[torch.Tensor] = []
+        self.has_dtensor = False
+        # The optimizer's state as the commit left it: the dict itself, and
+        # its size, which any parameter's record added or removed changes.
+        self.records: Optional[Tuple[Dict[Any, Any], int]] = None
+
+    def fits(self, params: List[torch.Tensor], first_index: int, records: Dict[Any, Any]) -> bool:
+        """Whether the group still holds these parameters, in this order,
+        with the same requires_grad, at the same place among all groups',
+        and the optimizer's state is as the commit left it. A DTensor's
+        pieces are taken anew each step."""
+        return (
+            self.records is not None and self.records[0] is records and self.records[1] == len(records)
+            and first_index == self.first_index and len(params) == len(self.params)
+            and all(map(operator.is_, params, self.params))
+            and list(map(_requires_grad, params)) == self.requires_grad
+            and not self.has_dtensor
+        )
+
+
 class _Step:
     """A step's share of the optimizer, taken when it starts (the snapshot):
     the table the ops take (StepTable), and per group in it the group and
-    its trainable parameters; the evaluations; and the
-    trajectory's record of it, if one is kept."""
+    its share; the evaluations; and the trajectory's record of it, if one
+    is kept."""
 
     def __init__(self, antithetic: bool, directions: int):
         self.table = StepTable()
         self.groups: List[Dict[str, Any]] = []
-        self.trainable: List[List[torch.Tensor]] = []
+        self.shares: List[_GroupShare] = []
         self.antithetic = antithetic
         self.directions = directions
         self.evaluations = _evaluations(antithetic, directions)
@@ -370,56 +415,81 @@ class Dopamine(Optimizer):
         cache = self.__dict__.setdefault("_packed_options", {})
         cache["defaults"] = PackedOptions.of(self.defaults, cache.get("defaults"))
         untrained: List[int] = []
+        states: List[torch.Tensor] = []
+        packed: List[List[float]] = []
         index = 0
+        kept = self.__dict__.setdefault("_shares", {})
         for g, group in enumerate(self.param_groups):
             options = cache[g] = PackedOptions.of(group, cache.get(g))
-            # Parameters that have taken a step were checked then; a group
-            # changed since (through param_groups) is checked again.
-            if any(param not in self.state for param in group["params"]):
-                _check_params(group["params"], g)
-            if group["perturbation"] == "lowrank" and any(replicated(p) is None for p in group["params"]):
-                # A shard would draw its own rows' factors, not the whole
-                # parameter's (docs/DESIGN.md, "The noise").
-                raise ValueError(
-                    f"Dopamine: perturbation='lowrank' over sharded DTensor parameters is not supported "
-                    f"(group {g}); use perturbation='full'"
-                )
-            state = self._group_state_of(group, g)
-            trainable = [p for p in group["params"] if p.requires_grad]
+            share = kept.get(g)
+            if share is None or not share.fits(group["params"], index, self.state):
+                share = self._share_of(group, g, index)
             index += len(group["params"])
-            # A group is left out when it has nothing to train, not when
-            # this rank's shards of it are empty: every rank takes the same
-            # steps (docs/DESIGN.md, "Many processes").
-            if not trainable:
+            if share is None:
                 if group["params"]:
                     untrained.append(g)
                 continue
-            device = trainable[0].device if self.defaults["capturable"] else torch.device("cpu")
-            if self.defaults["capturable"] and any(p.device != device for p in trainable):
+            device = share.trainable[0].device if self.defaults["capturable"] else torch.device("cpu")
+            if self.defaults["capturable"] and any(p.device != device for p in share.trainable):
                 raise RuntimeError(
                     f"Dopamine: with capturable=True every parameter of group {g} must be on one "
-                    f"device; they are on {sorted({str(p.device) for p in trainable})}"
+                    f"device; they are on {sorted({str(p.device) for p in share.trainable})}"
                 )
-            if state is None:
-                state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64, device=device)
-            params, indices, offsets, masters = [], [], [], []
-            for i, param in enumerate(group["params"]):
-                if not param.requires_grad:
-                    continue
-                # A DTensor's shard is updated in pieces that draw the noise
-                # of their places in the whole (docs/DESIGN.md, "Many processes").
-                for piece, offset in local_pieces(param):
-                    params.append(piece)
-                    indices.append(index - len(group["params"]) + i)
-                    offsets.append(offset)
-                if self.defaults["master_weights"] and _is_half(param):
-                    master = self.state[param].get("master_weight") if param in self.state else None
-                    masters.append(master if master is not None else param.detach().float().contiguous())
-            step.table.add_group(params, indices, masters, state.to(device), options.packed, offsets)
+            state = share.state if share.state is not None else torch.zeros(
+                len(STATE_FIELDS), dtype=torch.float64, device=device)
             step.groups.append(group)
-            step.trainable.append(trainable)
+            step.shares.append(share)
+            states.append(state.to(device))
+            packed.append(options.packed)
         self._warn_untrained(untrained, not step.groups)
+        # The last step's table serves while it holds the same shares and
+        # states: its lists, which C++ holds, are then made once.
+        kept_table = self.__dict__.get("_kept_table")
+        if (kept_table is not None and len(kept_table[0]) == len(step.shares)
+                and all(map(operator.is_, kept_table[0], step.shares))
+                and all(map(operator.is_, kept_table[1].states, states))):
+            step.table = kept_table[1]
+        else:
+            for share, state, options_packed in zip(step.shares, states, packed):
+                step.table.add_group(share.pieces, share.indices, share.masters, state, options_packed, share.offsets)
+        step.table.set_options(packed)
         return step
+
+    def _share_of(self, group: Dict[str, Any], g: int, first_index: int) -> Optional["_GroupShare"]:
+        """Group ``g``'s share of a step, its parameters checked, or None
+        when none of them requires grad."""
+        # Parameters that have taken a step were checked then; a group
+        # changed since (through param_groups) is checked again.
+        if any(param not in self.state for param in group["params"]):
+            _check_params(group["params"], g)
+        if group["perturbation"] == "lowrank" and any(replicated(p) is None for p in group["params"]):
+            # A shard would draw its own rows' factors, not the whole
+            # parameter's (docs/DESIGN.md, "The noise").
+            raise ValueError(
+                f"Dopamine: perturbation='lowrank' over sharded DTensor parameters is not supported "
+                f"(group {g}); use perturbation='full'"
+            )
+        # A group is left out when it has nothing to train, not when this
+        # rank's shards of it are empty: every rank takes the same steps
+        # (docs/DESIGN.md, "Many processes").
+        if not any(p.requires_grad for p in group["params"]):
+            return None
+        share = _GroupShare(g, group["params"], first_index, self._group_state_of(group, g))
+        for i, param in enumerate(group["params"]):
+            if not param.requires_grad:
+                continue
+            share.trainable.append(param)
+            share.has_dtensor = share.has_dtensor or is_dtensor(param)
+            # A DTensor's shard is updated in pieces that draw the noise of
+            # their places in the whole (docs/DESIGN.md, "Many processes").
+            for piece, offset in local_pieces(param):
+                share.pieces.append(piece)
+                share.indices.append(first_index + i)
+                share.offsets.append(offset)
+            if self.defaults["master_weights"] and _is_half(param):
+                master = self.state[param].get("master_weight") if param in self.state else None
+                share.masters.append(master if master is not None else param.detach().float().contiguous())
+        return share
 
     def _group_state_of(self, group: Dict[str, Any], g: int) -> Optional[torch.Tensor]:
         """The state tensor the parameters of group ``g`` hold, or None
@@ -601,19 +671,26 @@ class Dopamine(Optimizer):
 
     def _commit(self, step: _Step) -> None:
         """The last phase: every parameter of a group holds the group's
-        state (and its master weight); a process group's ranks compare their
-        parameters every verify_every steps."""
-        masters = iter(step.table.masters)
-        for group, state, trainable in zip(step.groups, step.table.states, step.trainable):
+        state (and its master weight), and the groups' shares are kept for
+        the next steps; a process group's ranks compare their parameters
+        every verify_every steps."""
+        kept = self.__dict__.setdefault("_shares", {})
+        for group, state, share in zip(step.groups, step.table.states, step.shares):
+            if kept.get(share.group_index) is share and share.state is state:
+                continue  # every record is as the step that kept it left it
             for param in group["params"]:
                 self.state[param]["group_state"] = state
-            if self.defaults["master_weights"]:
-                for param in filter(_is_half, trainable):
-                    self.state[param]["master_weight"] = next(masters)
+            for param, master in zip(filter(_is_half, share.trainable), share.masters):
+                self.state[param]["master_weight"] = master
+            share.state = state
+            kept[share.group_index] = share
+        for share in step.shares:
+            share.records = (self.state, len(self.state))
+        self._kept_table = (tuple(step.shares), step.table)
         collective = self.__dict__.get("_collective")
         if collective is not None and collective.verify_every:
             collective.verify(
-                held_alike([p for trainable in step.trainable for p in trainable]) + step.table.masters,
+                held_alike([p for share in step.shares for p in share.trainable]) + step.table.masters,
                 int(step.table.states[0][0].item()),
             )
 

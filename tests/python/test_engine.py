@@ -3,6 +3,7 @@ dtypes, master weights, robust and validated state, a transactional finish,
 frozen and named parameters, and torch.compile inside the closure."""
 
 import contextlib
+import copy
 import math
 import warnings
 
@@ -196,15 +197,15 @@ def test_a_failing_finish_restores_every_group_and_keeps_the_state(monkeypatch):
     opt = torch_dopamine.Dopamine([{"params": params[:2]}, {"params": params[2:], "lr": 0.05, "seed": 2}])
     opt.step(lambda: loss(params))
     before, states = snapshot(params), [opt.group_state(0), opt.group_state(1)]
-    real = torch.ops.dopamine.finish_step_
 
     def failing(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(torch.ops.dopamine, "finish_step_", failing)
+    # The overload the optimizer calls.
+    monkeypatch.setattr(torch.ops.dopamine.finish_step_, "default", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
         opt.step(lambda: loss(params))
-    monkeypatch.setattr(torch.ops.dopamine, "finish_step_", real)
+    monkeypatch.undo()
     # Within the rounding of the perturbation's round trip.
     assert isclose(params, before, rtol=0, atol=1e-14)
     assert [opt.group_state(0), opt.group_state(1)] == states
@@ -269,6 +270,65 @@ def test_frozen_parameters_are_untouched_and_keep_the_others_noise():
     # The trained parameter keeps index 1 and so the noise it draws when
     # the first parameter trains too.
     assert same_bits([trained], [twin])
+
+
+def test_a_kept_group_share_changes_no_bit_and_a_change_to_the_group_is_seen(monkeypatch):
+    params, loss = quadratic([4, 3, 2], "cpu")
+    twins = snapshot(params)
+    opt, twin_opt = torch_dopamine.Dopamine(params), torch_dopamine.Dopamine(twins)
+    scans = []
+    share_of = torch_dopamine.Dopamine._share_of
+
+    def counted(self, group, g, first_index):
+        if self is opt:
+            scans.append(g)
+        return share_of(self, group, g, first_index)
+
+    monkeypatch.setattr(torch_dopamine.Dopamine, "_share_of", counted)
+
+    def step_both():
+        opt.step(lambda: loss(params))
+        twin_opt.__dict__.pop("_shares", None)  # the twin scans its group every step
+        twin_opt.step(lambda: loss(twins))
+
+    for _ in range(3):
+        step_both()
+    # The first step scans the group; the next two reuse what it kept.
+    assert scans == [0]
+    for p in (params[1], twins[1]):
+        p.requires_grad_(False)
+    frozen = params[1].detach().clone()
+    step_both()
+    assert scans == [0, 0]
+    assert torch.equal(params[1], frozen)
+    for p in (params[1], twins[1]):
+        p.requires_grad_(True)
+    for _ in range(2):
+        step_both()
+    assert scans == [0, 0, 0]
+    assert not torch.equal(params[1], frozen)
+    assert same_bits(params, twins)
+
+
+def test_a_state_loaded_into_a_running_optimizer_resumes_bit_identically():
+    params, loss = quadratic([4, 3], "cpu")
+    opt = torch_dopamine.Dopamine(params, master_weights=True)
+    for _ in range(3):
+        opt.step(lambda: loss(params))
+    saved_params, saved_state = snapshot(params), copy.deepcopy(opt.state_dict())
+    for _ in range(2):
+        opt.step(lambda: loss(params))
+    after = snapshot(params)
+    with torch.no_grad():
+        for param, saved in zip(params, saved_params):
+            param.copy_(saved)
+    # The same optimizer, which kept its groups' shares from the steps
+    # before, takes the loaded state.
+    opt.load_state_dict(saved_state)
+    for _ in range(2):
+        opt.step(lambda: loss(params))
+    assert same_bits(params, after)
+    assert opt.group_state(0)["step"] == 5
 
 
 def test_a_group_with_no_trainable_parameter_is_warned_about_once():
