@@ -95,10 +95,13 @@ struct DeviceTable {
   std::vector<std::pair<size_t, bool>> group_keys;
 };
 
-// The checked parameters of a tensor op, their contiguous working copies and
-// master weights, ready to become kernel tables.
+// The checked parameters of a tensor op, contiguous working copies of those
+// that are not contiguous, and master weights, ready to become kernel
+// tables. Per parameter it copies no defined tensor but those: an op may
+// take thousands (docs/NOISE_AND_KERNELS.md, "Many small tensors").
 struct ParamTable {
-  std::vector<at::Tensor> work;
+  at::TensorList params;
+  std::vector<at::Tensor> copies;   // undefined where a parameter is contiguous
   std::vector<at::Tensor> masters;  // undefined where a parameter has none
 
   std::vector<int64_t> offsets;  // each tensor's first element's place
@@ -107,7 +110,11 @@ struct ParamTable {
              at::TensorList master_weights,
              c10::IntArrayRef indices,
              c10::IntArrayRef element_offsets,
-             const char* op) {
+             const char* op)
+      : params(params) {
+    offsets.reserve(params.size());
+    copies.reserve(params.size());
+    masters.reserve(params.size());
     TORCH_CHECK(
         element_offsets.empty() || element_offsets.size() == params.size(),
         "dopamine::",
@@ -152,8 +159,9 @@ struct ParamTable {
                   param.defined() ? c10::toString(param.scalar_type())
                                   : "an undefined tensor");
       // Written in place, each element on its own: a view whose elements
-      // share memory (an expanded tensor) cannot be.
-      TORCH_CHECK(at::has_internal_overlap(param) != at::MemOverlap::Yes,
+      // share memory (an expanded tensor, never contiguous) cannot be.
+      TORCH_CHECK(param.is_contiguous() ||
+                      at::has_internal_overlap(param) != at::MemOverlap::Yes,
                   "dopamine::",
                   op,
                   ": params[",
@@ -189,8 +197,14 @@ struct ParamTable {
                     "device");
       }
       masters.push_back(master);
-      work.push_back(param.is_contiguous() ? param : param.contiguous());
+      copies.push_back(param.is_contiguous() ? at::Tensor()
+                                             : param.contiguous());
     }
+  }
+
+  // The tensor the kernels update for parameter i.
+  const at::Tensor& work(size_t i) const {
+    return copies[i].defined() ? copies[i] : params[i];
   }
 
   // The tensors' kernel tables, one per device in order of first appearance;
@@ -201,11 +215,12 @@ struct ParamTable {
                                   const std::vector<size_t>& group_of,
                                   const GroupEntryOf& group_entry) const {
     std::vector<DeviceTable> tables;
-    for (const auto i : c10::irange(work.size())) {
-      if (work[i].numel() == 0) {
+    for (const auto i : c10::irange(params.size())) {
+      const at::Tensor& work = this->work(i);
+      if (work.numel() == 0) {
         continue;
       }
-      const c10::Device device = work[i].device();
+      const c10::Device device = work.device();
       auto table =
           std::find_if(tables.begin(), tables.end(), [&](const auto& t) {
             return t.device == device;
@@ -213,6 +228,7 @@ struct ParamTable {
       if (table == tables.end()) {
         tables.push_back({device, {}, {}});
         table = std::prev(tables.end());
+        table->table.tensors.reserve(params.size() - i);
       }
       const std::pair<size_t, bool> key{group_of[i], masters[i].defined()};
       auto group =
@@ -224,22 +240,22 @@ struct ParamTable {
         group = std::prev(table->group_keys.end());
       }
       table->table.tensors.push_back(
-          {work[i].data_ptr(),
+          {work.data_ptr(),
            masters[i].defined() ? masters[i].data_ptr<float>() : nullptr,
-           work[i].numel(),
+           work.numel(),
            offsets[i],
            static_cast<uint32_t>(indices[i]),
            static_cast<uint32_t>(group - table->group_keys.begin()),
-           work[i].scalar_type(),
-           work[i].dim() >= 2 ? work[i].numel() / work[i].size(0) : 0});
+           work.scalar_type(),
+           work.dim() >= 2 ? work.numel() / work.size(0) : 0});
     }
     return tables;
   }
 
-  void write_back(at::TensorList params) const {
+  void write_back() const {
     for (const auto i : c10::irange(params.size())) {
-      if (!work[i].is_same(params[i])) {
-        params[i].copy_(work[i]);
+      if (copies[i].defined()) {
+        params[i].copy_(copies[i]);
       }
     }
   }
@@ -479,7 +495,7 @@ void move(at::TensorList params,
                           has_master,
                           on_host);
       }));
-  table.write_back(params);
+  table.write_back();
 }
 
 at::Tensor plan_step(const at::Tensor& state,
@@ -575,7 +591,7 @@ at::Tensor finish_step(at::TensorList params,
   if (on_host) {
     for (const auto i : c10::irange(params.size())) {
       const auto& plan = plans[group_of[i]];
-      const auto device = table.work[i].device();
+      const auto device = table.work(i).device();
       if (plan.size(0) > engine::kPlanHeader + 1 && device != plan.device() &&
           copy_of(group_of[i], device) == copies.end()) {
         copies.emplace_back(
@@ -604,7 +620,7 @@ at::Tensor finish_step(at::TensorList params,
         }
         return entry;
       }));
-  table.write_back(params);
+  table.write_back();
   return taken;
 }
 
@@ -627,6 +643,15 @@ TORCH_LIBRARY_IMPL(dopamine, CUDA, m) {
 }
 TORCH_LIBRARY_IMPL(dopamine, Meta, m) {
   register_step_kernels(m);
+}
+// The step ops have no derivative and run under no_grad. Past autograd's
+// fallback, which would box every call and visit each tensor of its lists,
+// a C++ call stays unboxed (docs/NOISE_AND_KERNELS.md, "Many small
+// tensors").
+TORCH_LIBRARY_IMPL(dopamine, Autograd, m) {
+  for (const char* op : {"move_", "plan_step", "finish_step_"}) {
+    m.impl(op, torch::CppFunction::makeFallthrough());
+  }
 }
 
 }  // namespace dopamine::ops
