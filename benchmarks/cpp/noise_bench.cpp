@@ -2,20 +2,24 @@
 // elements: Philox alone, a tile's noise (Philox + the normal transform, or
 // the Rademacher signs), and the whole move_ op (noise + reading and
 // writing the parameters), on the widest CPU path (noise_tiles.h); and the
-// optimizer-only step from C++ on 1e7 elements as 5, 200 or 2000 tensors.
+// optimizer's step from C++ (its evaluations computing nothing) on 1e7
+// elements as 5, 200 or 2000 tensors.
 //   dopamine_bench_noise [out.json]
 // Prints a table; with a path, also writes the figures as JSON, which
 // benchmarks/python/run_suite.py --noise-json adds to the report's ops
 // section.
 #include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <dopamine/ops.h>
+#include <dopamine/optimizer.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -107,47 +111,34 @@ struct Layout {
 };
 constexpr Layout kLayouts[] = {{5, 2'000'000}, {200, 50'000}, {2000, 5'000}};
 
-// The optimizer's own work in a one-direction step (move_, plan_step,
-// finish_step_) on each layout of kLayouts from C++, interleaved: one step of
-// each layout per round, medians over rounds.
+// The optimizer's step (dopamine::Dopamine::step with the default
+// options but the noise, and a closure that computes nothing) on each
+// layout of kLayouts, interleaved: one step of each layout per round,
+// medians over rounds.
 std::vector<double> layout_ms(dopamine::Noise kind) {
-  std::vector<std::vector<at::Tensor>> tensors;
-  std::vector<std::vector<int64_t>> indices;
+  std::vector<std::unique_ptr<dopamine::Dopamine>> optimizers;
   for (const auto& layout : kLayouts) {
-    tensors.emplace_back();
-    indices.emplace_back();
+    std::vector<at::Tensor> params;
     for (int64_t i = 0; i < layout.count; ++i) {
-      tensors.back().push_back(at::zeros({layout.size}));
-      indices.back().push_back(i);
+      params.push_back(at::zeros({layout.size}).requires_grad_());
     }
+    optimizers.push_back(std::make_unique<dopamine::Dopamine>(
+        params, dopamine::DopamineOptions().noise(kind)));
   }
-  const auto state = at::zeros({5}, at::kDouble);
-  const auto losses = at::zeros({2}, at::kDouble);
-  losses.data_ptr<double>()[1] = 1e-6;
-  const auto options = dopamine::ops::pack_options(
-      dopamine::DopamineOptions(1e-4).sigma(1e-3).noise(kind).num_perturbations(
-          1));
-  auto step = [&](size_t l) {
-    dopamine::ops::move_(tensors[l],
-                         {},
-                         {state},
-                         options,
-                         indices[l],
-                         {kLayouts[l].count},
-                         {0, 0},
-                         {1, 0});
-    const auto plan = dopamine::ops::plan_step(state, losses, options);
-    dopamine::ops::finish_step_(
-        tensors[l], {}, {state}, {plan}, indices[l], {kLayouts[l].count});
+  // Losses that differ, so that every step moves the parameters.
+  int64_t evaluations = 0;
+  const auto closure = [&] {
+    return at::scalar_tensor(1.0 +
+                             1e-6 * static_cast<double>(evaluations++ % 3));
   };
   std::vector<std::vector<double>> times(std::size(kLayouts));
-  for (size_t l = 0; l < std::size(kLayouts); ++l) {
-    step(l);
+  for (auto& optimizer : optimizers) {
+    optimizer->step(closure);
   }
   for (int r = 0; r < kRepeats; ++r) {
     for (size_t l = 0; l < std::size(kLayouts); ++l) {
       const auto start = std::chrono::steady_clock::now();
-      step(l);
+      optimizers[l]->step(closure);
       times[l].push_back(std::chrono::duration<double, std::milli>(
                              std::chrono::steady_clock::now() - start)
                              .count());
@@ -192,7 +183,7 @@ int main(int argc, char** argv) {
     std::printf("%-28s %8.2f\n", row.name, row.ms);
   }
   std::printf(
-      "optimizer-only step on 1e7 elements, %d threads, ms (ratio to the "
+      "Dopamine::step on 1e7 elements, %d threads, ms (ratio to the "
       "first layout)\n",
       threads);
   for (size_t l = 0; l < std::size(kLayouts); ++l) {

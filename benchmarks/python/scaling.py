@@ -10,6 +10,7 @@ Run as a script, it measures one point and prints it as JSON."""
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import resource
@@ -198,7 +199,7 @@ def packed_options(noise, directions, rank=0):
 
 
 def move(params, noise, state, carried=(0, 0), to=(1, 0), directions=1, rank=0):
-    torch.ops.dopamine.move_(
+    torch.ops.dopamine.move_.default(
         params, [], [state], options=packed_options(noise, directions, rank), indices=list(range(len(params))),
         group_sizes=[len(params)], carried=list(carried), to=list(to),
     )
@@ -207,7 +208,7 @@ def move(params, noise, state, carried=(0, 0), to=(1, 0), directions=1, rank=0):
 def finish(params, noise, state, directions=1, rank=0):
     losses = torch.cat([LOSSES[:1], LOSSES[1:].repeat(directions)])
     plan = torch.ops.dopamine.plan_step(state, losses, options=packed_options(noise, directions, rank))
-    torch.ops.dopamine.finish_step_(
+    torch.ops.dopamine.finish_step_.default(
         params, [], [state], [plan], indices=list(range(len(params))), group_sizes=[len(params)]
     )
 
@@ -229,15 +230,24 @@ LAYOUTS = ((5, 2_000_000), (200, 50_000), (2000, 5_000))
 
 
 def layout_benchmark(device: str, repeats: int = 15) -> dict:
-    """The optimizer-only step on each layout of LAYOUTS, interleaved (one
-    step of each layout per round, medians over rounds), and each layout's
-    ratio to the 5-tensor one."""
+    """The optimizer's step (torch_dopamine.Dopamine with the default options
+    but the noise, and a closure that computes nothing) on each layout of
+    LAYOUTS, interleaved (one step of each layout per round, medians over
+    rounds), and each layout's ratio to the 5-tensor one."""
     device = torch.device(device)
-    tensors = {f"{count}x{size}": [torch.zeros(size, device=device) for _ in range(count)] for count, size in LAYOUTS}
-    state = torch.zeros(5, dtype=torch.float64)
+    evaluations = itertools.count()
+
+    def closure():
+        # Losses that differ, so that every step moves the parameters.
+        return torch.tensor(1.0 + 1e-6 * (next(evaluations) % 3))
+
     result = {}
     for noise in ("gaussian", "rademacher"):
-        ms = interleaved({name: functools.partial(engine_step, params, noise, state) for name, params in tensors.items()}, device, repeats)
+        steps = {}
+        for count, size in LAYOUTS:
+            params = [torch.zeros(size, device=device, requires_grad=True) for _ in range(count)]
+            steps[f"{count}x{size}"] = functools.partial(torch_dopamine.Dopamine(params, noise=noise).step, closure)
+        ms = interleaved(steps, device, repeats)
         base = ms[f"{LAYOUTS[0][0]}x{LAYOUTS[0][1]}"]
         result[noise] = {"ms": ms, "ratio": {name: v / base for name, v in ms.items()}}
     return result
