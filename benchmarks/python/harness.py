@@ -28,6 +28,9 @@ class Contender:
     # Forward evaluations a step makes (a forward-only step: k + 1, or 2k
     # with antithetic).
     forwards_per_step: int = 1
+    # A forward-only contender's options, every one resolved (the defaults
+    # where it sets none), as sorted (name, value) pairs.
+    options: tuple = ()
 
     @property
     def backwards_per_step(self) -> int:
@@ -50,7 +53,8 @@ DOPAMINE_DEFAULTS = {name: p.default for name, p in inspect.signature(torch_dopa
 def _forward_only(name, family, **options):
     directions = options.get("num_perturbations", DOPAMINE_DEFAULTS["num_perturbations"])
     forwards = 2 * directions if options.get("antithetic", DOPAMINE_DEFAULTS["antithetic"]) else directions + 1
-    return Contender(name, family, False, _dopamine(**options), forwards)
+    resolved = tuple(sorted({**DOPAMINE_DEFAULTS, **options}.items()))
+    return Contender(name, family, False, _dopamine(**options), forwards, resolved)
 
 
 CONTENDERS = {
@@ -129,7 +133,10 @@ def _register_direction_contenders() -> None:
     for method, spec in DIRECTION_METHODS.items():
         for k in spec.counts:
             name = with_directions(method, k)
-            CONTENDERS.setdefault(name, _forward_only(name, spec.family, num_perturbations=k, **spec.options))
+            contender = _forward_only(name, spec.family, num_perturbations=k, **spec.options)
+            known = CONTENDERS.setdefault(name, contender)
+            if known.options != contender.options or known.family != contender.family:
+                raise RuntimeError(f"the directions study's {name} is not the contender of that name: {known} vs {contender}")
 
 
 _register_direction_contenders()

@@ -238,6 +238,9 @@ def main(argv=None):
             parser.error(f"--seeds must not include the tuning seeds {protocol.TUNING_SEEDS}")
         for task in task_list:
             task.seeds = list(args.seeds)
+    if args.directions_only and args.contenders:
+        parser.error("--contenders picks among the tasks' contenders, which --directions-only leaves out; the study's own "
+                     "contenders are every forward-only method at each k")
     if args.tune:
         tune(args, task_list, progress)
         return 0
@@ -245,7 +248,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     mode = "full" if args.full else "quick"
     contenders_by_task = {} if args.directions_only else {task.name: protocol.contenders_of(task, args.contenders) for task in task_list}
-    studied = [] if "directions" in args.skip else [task for task in task_list if task.name in directions.TASKS]
+    # With --contenders, only those are scored, as only those are retuned.
+    studied = [] if "directions" in args.skip or args.contenders else [task for task in task_list if task.name in directions.TASKS]
     tuned = load_tuned(TUNED, mode, contenders_by_task, [task.name for task in studied])
     records = []
     for task in task_list:
