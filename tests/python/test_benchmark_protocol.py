@@ -340,6 +340,28 @@ def test_scoring_refuses_a_missing_directions_study():
             run_suite.load_tuned(path, "quick", {}, ["xor"])
 
 
+def test_contenders_and_the_directions_study_alone_are_refused_together(capsys):
+    import run_suite
+
+    for tune in ([], ["--tune"]):
+        with pytest.raises(SystemExit):
+            run_suite.main([*tune, "--directions-only", "--contenders", "wp"])
+        assert "--contenders picks among the tasks' contenders" in capsys.readouterr().err
+
+
+def test_the_study_refuses_a_same_named_contender_with_other_options(monkeypatch):
+    import harness
+
+    name = with_directions("wp", 4)
+    other = harness._forward_only(name, "wp", lr_adaptation="none", noise="gaussian")
+    monkeypatch.setitem(harness.CONTENDERS, name, other)
+    with pytest.raises(RuntimeError, match=r"the directions study's wp\[k=4\] is not the contender of that name"):
+        harness._register_direction_contenders()
+    # The suite's own wp[k=4] is the study's.
+    monkeypatch.setitem(harness.CONTENDERS, name, harness._forward_only(name, "wp", lr_adaptation="none"))
+    harness._register_direction_contenders()
+
+
 def test_a_run_with_a_metric_limit_diverges_when_it_ends_above_it():
     """Fine-tuning: a run that ends worse than the pretrained model failed,
     whatever its training losses."""
