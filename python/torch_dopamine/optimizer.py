@@ -449,10 +449,10 @@ class Dopamine(Optimizer):
                 and all(map(operator.is_, kept_table[0], step.shares))
                 and all(map(operator.is_, kept_table[1].states, states))):
             step.table = kept_table[1]
+            step.table.set_options(packed)
         else:
             for share, state, options_packed in zip(step.shares, states, packed):
                 step.table.add_group(share.pieces, share.indices, share.masters, state, options_packed, share.offsets)
-        step.table.set_options(packed)
         return step
 
     def _share_of(self, group: Dict[str, Any], g: int, first_index: int) -> Optional["_GroupShare"]:
