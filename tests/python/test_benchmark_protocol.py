@@ -296,18 +296,24 @@ def test_beating_per_forward_counts_xor_in_forward_passes():
     assert not protocol.beats(fewer_forwards, fewer_steps)
 
 
-def test_the_report_pairs_the_rule_with_wp_at_every_k_and_judges_the_defaults_against_each_peer_s_k():
-    import report
-
-    chosen = dict(dopamine=2, wp=2, **{"zo-sgd[central]": 1, "spsa": 1, "fzoo": 4})
+def study_rows(chosen):
+    """Scored rows of the study on Lorenz: Dopamine at every k an MSE of
+    0.001; fzoo better, the others worse."""
     rows = []
     for name in directions.scored(dict(chosen=chosen)):
         method = next(m for m in DIRECTION_METHODS if name in directions.contenders(m))
         k = int(name.split("k=")[1].rstrip("]"))
-        # Dopamine at every k: an MSE of 0.001; fzoo better, the others worse.
         final = 0.001 if method == "dopamine" else 0.0005 if method == "fzoo" else 0.002
         rows.append(dict(scored("lorenz", name, final), study="directions", method=method, directions=k,
                          chosen=chosen[method] == k, ci95=[final, final], config=dict(seeds=5), front_end="python"))
+    return rows
+
+
+def test_the_report_pairs_the_rule_with_wp_at_every_k_and_judges_the_defaults_against_each_peer_s_k():
+    import report
+
+    chosen = dict(dopamine=2, wp=2, **{"zo-sgd[central]": 1, "spsa": 1, "fzoo": 4})
+    rows = study_rows(chosen)
     text = "\n".join(report._directions(rows))
     assert "wp at its k on 1 of 1 tasks; zo-sgd[central] at its k on 1 of 1 tasks" in text
     assert "fzoo at its k on 0 of 1 tasks" in text and "**not met**" in text
@@ -448,3 +454,23 @@ def test_a_step_s_peak_memory_counts_state_and_activations_and_forward_only_need
     assert adam["step"] >= 3 * weights + adam["inference"]
     # Forward-only: at most inference plus 1% of the parameters' bytes.
     assert dopamine["step"] <= dopamine["inference"] + weights // 100
+
+
+def test_a_report_of_the_study_alone_claims_nothing_of_the_main_suite_and_names_its_seeds(tmp_path):
+    import report
+
+    # As `run_suite.py --directions-only --seeds 300 ... 319` writes it.
+    task = tasks.chaotic_task("lorenz", False)
+    task.seeds = list(range(300, 320))
+    rows = study_rows(dict(dopamine=2, wp=2, **{"zo-sgd[central]": 1, "spsa": 1, "fzoo": 4}))
+    machine = dict(cpu="cpu", cores=2, threads=2, gpu=None, torch=torch.__version__, python="3")
+    meta = dict(machine=machine, mode="quick", date="today", seconds=60.0, workers=2, tuning={})
+    report.write(rows, meta, tmp_path, protocol.description([task]))
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "lorenz: 20 (300-319)" in text
+    assert "## Every forward-only method at its best number of directions" in text
+    # No table of the defaults against the main suite's peers, and no verdict
+    # on it: before, "0 of 0 tasks" read as "the target is met".
+    assert "## Claims" not in text and "is met" not in text
+    assert text.count("**not met**") == 1
+    assert report._seed_list([5, 1, 2]) == "3 [5, 1, 2]"
