@@ -99,6 +99,13 @@ def _task_heading(level: str, task: str, first: dict, scoring: str) -> List[str]
     return [f"{level} {task}", "", f"Configuration: {configuration}", "", f"Selection: {first.get('chosen_by')}. {scoring}", ""]
 
 
+def _claims_section(records) -> List[str]:
+    """The claims of the main suite and of the scaling runs under one
+    heading, or nothing where the run has neither."""
+    body = [*_claims(records), "", *_cost_claims(records)]
+    return ["## Claims", "", *body, ""] if any(body) else []
+
+
 def _claims(records) -> List[str]:
     # Only tasks whose main suite scored the defaults: a run of the directions
     # study alone has none, and "every task" of none would read as met.
@@ -106,8 +113,6 @@ def _claims(records) -> List[str]:
     if not rows_by_task:
         return []
     lines = [
-        "## Claims",
-        "",
         "Dopamine with its default options against the forward-only peers on each task's rule (XOR: success rate, then "
         "median steps to target; the others: median final metric over the scoring seeds), and no more divergences:",
         "",
@@ -621,10 +626,7 @@ def write(records: List[dict], meta: dict, out: Path, protocol_description: Opti
         "optimizer steps only (not evaluations).",
         "",
         *_protocol(meta, protocol_description),
-        *_claims(records),
-        "",
-        *_cost_claims(records),
-        "",
+        *_claims_section(records),
         *_rule_ablation(records),
         *_directions(records),
     ]
