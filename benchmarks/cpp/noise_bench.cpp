@@ -96,7 +96,7 @@ double move_ms(dopamine::Noise kind) {
   for (int i = 0; i < 4; ++i) {
     params.push_back(at::zeros({kElements / 4}));
   }
-  const auto state = at::zeros({5}, at::kDouble);
+  const auto state = at::zeros({dopamine::ops::kGroupStateSize}, at::kDouble);
   const auto options = dopamine::ops::pack_options(
       dopamine::DopamineOptions().sigma(1e-3).noise(kind));
   return median_ms([&] {

@@ -150,7 +150,7 @@ def measure_point(optimizer: str, params: int, device: str, repeats: int) -> dic
         optimizer_ms = timed(opt.step, device, repeats)
     else:
         noise, directions = opt.param_groups[0]["noise"], opt.param_groups[0]["num_perturbations"]
-        state = torch.zeros(5, dtype=torch.float64)
+        state = torch.zeros(len(torch_dopamine.STATE_FIELDS), dtype=torch.float64)
         with torch.no_grad():
             optimizer_ms = timed(lambda: engine_step(weights, noise, state, directions), device, repeats)
     return {
@@ -263,7 +263,7 @@ def ops_benchmark(device: str, numel: int = 10_000_000, tensors: int = 5, repeat
     size = numel // tensors
     params = [torch.zeros(1000, size // 1000, device=device) for _ in range(tensors)]
     others = [torch.zeros_like(p) for p in params]
-    state = torch.zeros(5, dtype=torch.float64)
+    state = torch.zeros(len(torch_dopamine.STATE_FIELDS), dtype=torch.float64)
     k = DOPAMINE_DEFAULTS["num_perturbations"]
     fns = {}
     for noise in ("gaussian", "rademacher"):

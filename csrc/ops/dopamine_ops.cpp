@@ -7,6 +7,8 @@
 // every argument after the tensors is keyword-only.
 #include <dopamine/ops.h>
 
+#include "engine.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <c10/util/irange.h>
@@ -20,6 +22,8 @@
 
 namespace dopamine::ops {
 
+static_assert(kGroupStateSize == engine::kStateSize);
+
 TORCH_LIBRARY(dopamine, m) {
   // The only schema that names the options (docs/DESIGN.md, "Adding an
   // option"); the other ops take the list it returns.
@@ -28,8 +32,8 @@ TORCH_LIBRARY(dopamine, m) {
       "float beta_s, float beta_eta, float eps, float? lr_min, float? lr_max, "
       "float weight_decay, int seed, int noise, int non_finite_loss, "
       "bool capturable, bool master_weights, bool antithetic, "
-      "int num_perturbations, bool restore_rng, int perturbation, int rank) "
-      "-> float[]");
+      "int num_perturbations, bool restore_rng, int perturbation, int rank, "
+      "float? beta_baseline) -> float[]");
   m.def("check_state(Tensor state) -> ()");
   // Every group's parameters come from carrying the perturbation `carried`
   // to carrying `to`, each [offset, direction]: offset * sigma * z_direction.

@@ -22,7 +22,10 @@ constexpr int64_t kSkippedSteps = 1;  // skipped for a non-finite loss or step
 constexpr int64_t kRpeTrace = 2;      // m_t, EMA of |delta| / sigma
 constexpr int64_t kRpeMagnitude = 3;  // s_t, EMA of |delta| (rpe_tracking)
 constexpr int64_t kCurrentLr = 4;     // eta_t of the last completed step
-constexpr int64_t kStateSize = 5;
+// b_t, EMA of the steps' mean delta, the prediction of the next one
+// (beta_baseline)
+constexpr int64_t kRpeBaseline = 5;
+constexpr int64_t kStateSize = 6;
 
 // A group's plan for one step: the state it commits if the step is taken,
 // then everything the update needs, so that finish_step_ takes no options;
@@ -91,6 +94,8 @@ enum Field : int64_t {
   kRestoreRng,
   kPerturbation,
   kRank,
+  kHasBetaBaseline,
+  kBetaBaseline,
   kSize
 };
 }  // namespace packed
@@ -99,6 +104,10 @@ enum Field : int64_t {
 struct GroupOptions {
   Adaptation mode;
   double lr, sigma, beta, beta_s, beta_eta, eps, weight_decay;
+  // Whether the update's RPEs are taken against the running baseline, and
+  // its EMA constant (beta_baseline; unused with antithetic).
+  bool has_baseline;
+  double beta_baseline;
   bool has_lr_min, has_lr_max;
   double lr_min, lr_max;
   noise::Key key;
@@ -123,6 +132,8 @@ C10_HOST_DEVICE inline GroupOptions unpack(const double* p) {
       p[packed::kBetaEta],
       p[packed::kEps],
       p[packed::kWeightDecay],
+      p[packed::kHasBetaBaseline] != 0,
+      p[packed::kBetaBaseline],
       p[packed::kHasLrMin] != 0,
       p[packed::kHasLrMax] != 0,
       p[packed::kLrMin],
@@ -215,6 +226,22 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
   const double updates = step - state[kSkippedSteps];
   double trace = state[kRpeTrace];
   double magnitude = state[kRpeMagnitude];
+  double baseline = state[kRpeBaseline];
+  if (o.has_baseline && !o.antithetic) {
+    // The update's RPE is delta_j less the prediction b of the earlier
+    // updates (none before the first), so it stays unbiased; the trace keeps
+    // |delta_j| (docs/DESIGN.md, "The algorithm").
+    const double prediction =
+        updates > 1 ? baseline / (1 - std::pow(o.beta_baseline, updates - 1))
+                    : 0;
+    double delta_sum = 0;
+    for (int64_t j = 0; j < o.directions; ++j) {
+      delta_sum += plan[kStepSizes + j];
+      plan[kStepSizes + j] -= prediction;
+    }
+    baseline =
+        o.beta_baseline * baseline + (1 - o.beta_baseline) * delta_sum / k;
+  }
   double lr = o.lr;
   if (o.mode == Adaptation::RpeNormalized) {
     trace = o.beta * trace + (1 - o.beta) * mean_magnitude / o.sigma;
@@ -247,9 +274,10 @@ C10_HOST_DEVICE inline void plan_group(const double* state,
   plan[kNextState + kRpeTrace] = trace;
   plan[kNextState + kRpeMagnitude] = magnitude;
   plan[kNextState + kCurrentLr] = lr;
+  plan[kNextState + kRpeBaseline] = baseline;
   plan[kDecay] = o.lr * o.weight_decay;
   finite = finite && std::isfinite(trace) && std::isfinite(magnitude) &&
-           std::isfinite(lr);
+           std::isfinite(baseline) && std::isfinite(lr);
   plan[kFinite] = finite ? 1 : 0;
   plan[kSigma] = o.antithetic ? -o.sigma : o.sigma;
   plan[kKeyLo] = o.key.lo;

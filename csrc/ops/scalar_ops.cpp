@@ -41,6 +41,12 @@ void check_packed(const double* p) {
         p[kBetaEta],
         "in [0, 1]");
   check(std::isfinite(eps) && eps > 0, "eps", eps, "> 0");
+  if (p[kHasBetaBaseline] != 0) {
+    check(p[kBetaBaseline] >= 0 && p[kBetaBaseline] < 1,
+          "beta_baseline",
+          p[kBetaBaseline],
+          "in [0, 1), or None");
+  }
   check(std::isfinite(weight_decay) && weight_decay >= 0,
         "weight_decay",
         weight_decay,
@@ -99,7 +105,8 @@ void check_packed(const double* p) {
               "Dopamine: invalid non_finite_loss code ",
               p[kNonFiniteLoss],
               " (0 skip, 1 raise)");
-  for (const auto field : {kHasLrMin,
+  for (const auto field : {kHasBetaBaseline,
+                           kHasLrMin,
                            kHasLrMax,
                            kCapturable,
                            kMasterWeights,
@@ -148,7 +155,8 @@ std::vector<double> pack_options_kernel(double lr,
                                         int64_t num_perturbations,
                                         bool restore_rng,
                                         int64_t perturbation,
-                                        int64_t rank) {
+                                        int64_t rank,
+                                        std::optional<double> beta_baseline) {
   using namespace engine::packed;
   const noise::Key key = noise::key_of(seed);
   std::vector<double> p(kSize);
@@ -175,6 +183,8 @@ std::vector<double> pack_options_kernel(double lr,
   p[kRestoreRng] = restore_rng;
   p[kPerturbation] = static_cast<double>(perturbation);
   p[kRank] = static_cast<double>(rank);
+  p[kHasBetaBaseline] = beta_baseline.has_value();
+  p[kBetaBaseline] = beta_baseline.value_or(0);
   check_packed(p.data());
   return p;
 }
@@ -251,6 +261,10 @@ void check_state_kernel(const at::Tensor& state) {
         "state skipped_steps",
         skipped,
         "an integer in [0, step]");
+  check(std::isfinite(v[engine::kRpeBaseline]),
+        "state rpe_baseline",
+        v[engine::kRpeBaseline],
+        "finite");
   for (const auto field :
        {engine::kRpeTrace, engine::kRpeMagnitude, engine::kCurrentLr}) {
     check(std::isfinite(v[field]) && v[field] >= 0,

@@ -221,8 +221,10 @@ class Generators {
   std::vector<std::pair<at::Generator, torch::Tensor>> cuda_;
 };
 
-// The version of the layout of a checkpoint (save()).
-constexpr int64_t kCheckpointFormat = 1;
+// The version of the layout of a checkpoint (save()): 2 added rpe_baseline
+// to the group state. A checkpoint of format 1, or saved before formats were
+// numbered, loads with its group states given b = 0.
+constexpr int64_t kCheckpointFormat = 2;
 
 // The losses of a step as one float64 tensor, on the first loss's device;
 // 0 for a loss another rank evaluates (undefined in `values`). Without
@@ -393,7 +395,8 @@ detail::StepTable Dopamine::snapshot() {
         std::move(masters),
         state.defined()
             ? state.to(device)
-            : torch::zeros({5}, torch::dtype(torch::kDouble).device(device)));
+            : torch::zeros({ops::kGroupStateSize},
+                           torch::dtype(torch::kDouble).device(device)));
   }
   if (recorder_ && !table.states.empty()) {
     recorder_->begin(table);
@@ -589,13 +592,15 @@ void Dopamine::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void Dopamine::load(torch::serialize::InputArchive& archive) {
-  // A checkpoint saved before formats were numbered has this layout too.
+  // A checkpoint saved before formats were numbered has format 1's layout.
   c10::IValue saved_format;
-  TORCH_CHECK(!archive.try_read("dopamine_format", saved_format) ||
-                  saved_format.toInt() == kCheckpointFormat,
+  const int64_t format = !archive.try_read("dopamine_format", saved_format) ? 1
+                         : saved_format.isInt() ? saved_format.toInt()
+                                                : -1;
+  TORCH_CHECK(format == 1 || format == kCheckpointFormat,
               "Dopamine::load: the checkpoint is of format ",
-              saved_format.isInt() ? saved_format.toInt() : -1,
-              "; this version reads format ",
+              format,
+              "; this version reads formats 1 to ",
               kCheckpointFormat,
               " (and checkpoints saved before formats were numbered)");
   c10::IValue names;
@@ -619,6 +624,9 @@ void Dopamine::load(torch::serialize::InputArchive& archive) {
   }
   try {
     serialize(*this, archive);
+    if (format == 1) {
+      pad_loaded_states();
+    }
     check_loaded_states();
   } catch (...) {
     state_ = std::move(saved_state);
@@ -626,6 +634,18 @@ void Dopamine::load(torch::serialize::InputArchive& archive) {
       param_groups_[g].set_options(std::move(saved_options[g]));
     }
     throw;
+  }
+}
+
+void Dopamine::pad_loaded_states() {
+  for (auto& [key, value] : state_) {
+    auto& state = static_cast<DopamineParamState&>(*value);
+    const auto& group_state = state.group_state();
+    // Any other shape is check_state's to refuse.
+    if (group_state.defined() && group_state.dim() == 1 &&
+        group_state.size(0) == ops::kGroupStateSize - 1) {
+      state.group_state(torch::cat({group_state, group_state.new_zeros({1})}));
+    }
   }
 }
 

@@ -97,6 +97,7 @@ void for_each_option(Options& o, Visit&& visit) {
   visit("restore_rng", o.restore_rng());
   visit("perturbation", o.perturbation());
   visit("rank", o.rank());
+  visit("beta_baseline", o.beta_baseline());
 }
 
 // Whether every Dopamine checkpoint holds the option: those listed before
@@ -118,9 +119,13 @@ std::optional<c10::IValue> older_checkpoint_value(const std::string& name) {
   if (name == "num_perturbations") {
     return c10::IValue(int64_t{1});
   }
-  // Nor did it restore the random generators between evaluations.
+  // Nor did it restore the random generators between evaluations, nor keep
+  // a baseline of the RPEs.
   if (name == "restore_rng") {
     return c10::IValue(false);
+  }
+  if (name == "beta_baseline") {
+    return c10::IValue();
   }
   return std::nullopt;
 }
@@ -151,7 +156,7 @@ void from_ivalue(const c10::IValue& stored, T& value) {
 std::vector<std::pair<const char*, c10::IValue>> DopamineOptions::named_values()
     const {
   std::vector<std::pair<const char*, c10::IValue>> values;
-  values.reserve(20);
+  values.reserve(21);
   for_each_option(*this, [&](const char* name, const auto& value) {
     values.emplace_back(name, to_ivalue(value));
   });
@@ -225,6 +230,9 @@ double DopamineParamState::rpe_magnitude() const {
 }
 double DopamineParamState::current_lr() const {
   return state_entry(group_state(), 4);
+}
+double DopamineParamState::rpe_baseline() const {
+  return state_entry(group_state(), 5);
 }
 
 namespace {

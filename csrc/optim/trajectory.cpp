@@ -273,7 +273,7 @@ void replay(const std::vector<at::Tensor>& params,
         }
       }
       // move_ keys the noise by the state's step + 1.
-      auto state = at::zeros({5}, at::kDouble);
+      auto state = at::zeros({ops::kGroupStateSize}, at::kDouble);
       state.data_ptr<double>()[0] = static_cast<double>(numbers[t].toInt() - 1);
       table.add_group(options,
                       ops::pack_options(options),

@@ -23,13 +23,14 @@ class TrajectoryRecorder;
 
 // The state of one parameter. Every parameter of a group holds the group's
 // state tensor (ops.h: step, skipped_steps, rpe_trace, rpe_magnitude,
-// current_lr), one tensor shared by all of them, so that reordering the
-// group or replacing some of its parameters keeps it (docs/DESIGN.md,
-// "State"). O(1) per parameter, but for the master weight of a
+// current_lr, rpe_baseline), one tensor shared by all of them, so that
+// reordering the group or replacing some of its parameters keeps it
+// (docs/DESIGN.md, "State"). O(1) per parameter, but for the master weight of a
 // bfloat16/float16 parameter under master_weights.
 struct DopamineParamState
     : public torch::optim::OptimizerCloneableParamState<DopamineParamState> {
-  // float64 [5], on the CPU, or on the parameters' device when capturable.
+  // float64 [ops::kGroupStateSize], on the CPU, or on the parameters' device
+  // when capturable.
   TORCH_ARG(torch::Tensor, group_state);
   // float32 copy of a bfloat16/float16 parameter; undefined otherwise.
   TORCH_ARG(torch::Tensor, master_weight);
@@ -41,6 +42,7 @@ struct DopamineParamState
   double rpe_trace() const;
   double rpe_magnitude() const;
   double current_lr() const;
+  double rpe_baseline() const;
 
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
@@ -177,6 +179,9 @@ class Dopamine : public torch::optim::Optimizer {
   void warn_untrained(const std::vector<size_t>& untrained,
                       bool step_trains_nothing);
 
+  // Gives the group states of a checkpoint of format 1 (five entries) the
+  // baseline b = 0.
+  void pad_loaded_states();
   // Checks the group states just loaded and lets each group's parameters
   // share one state tensor again.
   void check_loaded_states();

@@ -118,6 +118,12 @@ struct DopamineOptions
   // parameter of two or more dimensions, which a step checks.
   TORCH_ARG(Perturbation, perturbation) = Perturbation::Full;
   TORCH_ARG(int64_t, rank) = 1;
+  // The update's RPE of direction j is delta_j less b, the EMA with this
+  // constant (in [0, 1)) of the earlier steps' mean delta: the prediction of
+  // the shared curvature offset of one-sided RPEs (docs/DESIGN.md, "The
+  // algorithm"). nullopt: against L0 alone, the paper's RPE. Unused with
+  // antithetic, whose RPEs have no such offset.
+  TORCH_ARG(std::optional<double>, beta_baseline) = std::nullopt;
 
  public:
   // Throws c10::Error naming the first invalid option and its value.

@@ -6,6 +6,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+# The fields of a group's state tensor (docs/DESIGN.md, "State").
+STATE_FIELDS = ("step", "skipped_steps", "rpe_trace", "rpe_magnitude", "current_lr", "rpe_baseline")
+
 
 class StepTable:
     """Every group of a step, as ``move_`` and ``finish_step_`` take them:

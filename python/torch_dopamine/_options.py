@@ -32,6 +32,7 @@ OPTION_NAMES = (
     "restore_rng",
     "perturbation",
     "rank",
+    "beta_baseline",
 )
 # The options of the first saved states: every Dopamine state has them, and a
 # state without one is another optimizer's. Options added since may be
@@ -39,8 +40,8 @@ OPTION_NAMES = (
 IN_EVERY_STATE = OPTION_NAMES[: OPTION_NAMES.index("non_finite_loss") + 1]
 # The values such a state takes where this optimizer's defaults would change
 # its behaviour (the others take the defaults): it was not antithetic, took
-# one direction and did not restore the random generators.
-OLDER_STATE_VALUES = {"antithetic": False, "num_perturbations": 1, "restore_rng": False}
+# one direction, did not restore the random generators and kept no baseline.
+OLDER_STATE_VALUES = {"antithetic": False, "num_perturbations": 1, "restore_rng": False, "beta_baseline": None}
 # The names of the C++ enums' values, in the order of their codes
 # (include/dopamine/options.h): the ops take the codes.
 ENUM_NAMES = {
@@ -50,7 +51,7 @@ ENUM_NAMES = {
     "non_finite_loss": ("skip", "raise"),
 }
 _FLOATS = ("lr", "sigma", "beta", "beta_s", "beta_eta", "eps", "weight_decay")
-_OPTIONAL_FLOATS = ("lr_min", "lr_max")
+_OPTIONAL_FLOATS = ("lr_min", "lr_max", "beta_baseline")
 _BOOLS = ("capturable", "master_weights", "antithetic", "restore_rng")
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from ._engine import StepTable
+from ._engine import STATE_FIELDS, StepTable
 from ._options import IN_EVERY_STATE, OLDER_STATE_VALUES, OPTION_NAMES, PackedOptions, code, pack
 from .distributed import (
     Collective, check_parallel, check_sharding, checksum, describe, held_alike, is_dtensor, local_pieces, replicated,
@@ -20,11 +20,10 @@ from .trajectory import Recorder
 
 __all__ = ["Dopamine", "STATE_FIELDS"]
 
-# The version of the layout of state_dict(); a state saved before it was
-# numbered has the same layout.
-STATE_FORMAT = 1
-# The fields of a group's state tensor (docs/DESIGN.md, "State").
-STATE_FIELDS = ("step", "skipped_steps", "rpe_trace", "rpe_magnitude", "current_lr")
+# The version of the layout of state_dict(): 2 added rpe_baseline to the
+# group state. A state of format 1, or saved before formats were numbered,
+# loads with its group states given b = 0.
+STATE_FORMAT = 2
 
 Loss = Union[torch.Tensor, float]
 
@@ -260,6 +259,12 @@ class Dopamine(Optimizer):
         rank: the rank ``r`` of a ``"lowrank"`` perturbation (an int >= 1, at
             most the smaller side of every parameter of two or more
             dimensions; a step raises ValueError otherwise). Default 1.
+        beta_baseline: ``None`` (default: ``delta_j = L_j - L0``, the paper's
+            RPE) or an EMA constant in [0, 1): the update takes ``delta_j - b``,
+            ``b`` the bias-corrected EMA of the earlier steps' mean
+            ``delta_j``, which predicts the curvature offset that one-sided
+            RPEs share; the trace still takes ``|delta_j|``. Unused with
+            ``antithetic``. One float of state.
         process_group: a ``torch.distributed`` process group: a step
             all-reduces the losses (8 bytes per evaluation, plus 8) and every
             rank applies the same update; the parameters never travel. Every
@@ -281,7 +286,7 @@ class Dopamine(Optimizer):
 
     The state of every parameter of a group holds the same ``group_state``
     tensor, float64 ``[step, skipped_steps, rpe_trace, rpe_magnitude,
-    current_lr]`` (see :meth:`group_state`), and, with ``master_weights``,
+    current_lr, rpe_baseline]`` (see :meth:`group_state`), and, with ``master_weights``,
     its ``master_weight``.
     """
 
@@ -309,6 +314,7 @@ class Dopamine(Optimizer):
         restore_rng: bool = True,
         perturbation: str = "full",
         rank: int = 1,
+        beta_baseline: Optional[float] = None,
         process_group: Optional[Any] = None,
         parallel: str = "data",
         verify_every: int = 0,
@@ -750,11 +756,11 @@ class Dopamine(Optimizer):
         ValueError and leaves this optimizer as it was."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("Dopamine.load_state_dict: expected a dict with 'state' and 'param_groups'")
-        saved_format = state_dict.get("dopamine_format", STATE_FORMAT)
-        if saved_format != STATE_FORMAT:
+        saved_format = state_dict.get("dopamine_format", 1)
+        if saved_format not in (1, STATE_FORMAT):
             raise ValueError(
                 f"Dopamine.load_state_dict: the state is of format {saved_format!r}; this version of torch_dopamine "
-                f"reads format {STATE_FORMAT} (and states saved before formats were numbered)"
+                f"reads formats 1 to {STATE_FORMAT} (and states saved before formats were numbered)"
             )
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
@@ -790,6 +796,11 @@ class Dopamine(Optimizer):
                     f"{sorted(entry) if isinstance(entry, dict) else entry!r}, expected group_state "
                     "(and master_weight); the state is not a Dopamine optimizer's"
                 )
+            group_state = entry["group_state"]
+            if saved_format == 1 and isinstance(group_state, torch.Tensor) and group_state.shape == (len(STATE_FIELDS) - 1,):
+                # Format 1 had no rpe_baseline: b = 0. Any other shape is
+                # check_state's to refuse.
+                entry = {**entry, "group_state": torch.cat([group_state, group_state.new_zeros(1)])}
             try:
                 torch.ops.dopamine.check_state(entry["group_state"])
             except RuntimeError as error:

@@ -15,7 +15,7 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
-from ._engine import StepTable
+from ._engine import STATE_FIELDS, StepTable
 from ._options import ENUM_NAMES, OPTION_NAMES, pack
 
 __all__ = ["Recorder", "load_trajectory", "replay"]
@@ -112,7 +112,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Dict[str, Any]) -> None:
             for i in halves:
                 masters.setdefault(i, params[i].detach().float().contiguous())
             # move_ keys the noise by the state's step + 1.
-            state = torch.zeros(5, dtype=torch.float64)
+            state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64)
             state[0] = step - 1
             packed = pack({**defaults, "seed": seed, "sigma": sigma, "noise": ENUM_NAMES["noise"][noise],
                            "perturbation": ENUM_NAMES["perturbation"][perturbation], "rank": rank})

@@ -11,7 +11,7 @@
 // A GROUP is comma-separated key=value pairs: `size` (how many of the
 // module's parameters, in order, the group takes) and any of lr, sigma,
 // lr_adaptation, beta, beta_s, beta_eta, eps, lr_min, lr_max, weight_decay,
-// seed, noise, perturbation (enums by their to_string names),
+// beta_baseline, seed, noise, perturbation (enums by their to_string names),
 // num_perturbations and rank.
 // --antithetic sets every
 // group's antithetic option.
@@ -56,6 +56,7 @@ const std::map<std::string,
         {"lr_min", [](auto& o, double x) { o.lr_min(x); }},
         {"lr_max", [](auto& o, double x) { o.lr_max(x); }},
         {"weight_decay", [](auto& o, double x) { o.weight_decay(x); }},
+        {"beta_baseline", [](auto& o, double x) { o.beta_baseline(x); }},
 };
 
 // The group's size and options, from "size=2,lr=0.1,...".
@@ -179,7 +180,7 @@ int main(int argc, char** argv) {
     const auto* state = optimizer.group_state(g);
     std::cout << state->step() << " " << state->skipped_steps() << " "
               << state->rpe_trace() << " " << state->rpe_magnitude() << " "
-              << state->current_lr() << "\n";
+              << state->current_lr() << " " << state->rpe_baseline() << "\n";
   }
   return 0;
 }

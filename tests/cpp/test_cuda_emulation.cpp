@@ -138,6 +138,8 @@ engine::GroupOptions options_of(int64_t directions,
   o.sigma = sigma;
   o.beta = 0.9;
   o.eps = 1e-8;
+  o.has_baseline = true;
+  o.beta_baseline = 0.8;
   o.key = noise::key_of(11);
   o.noise = kind;
   o.antithetic = antithetic;
@@ -148,7 +150,7 @@ engine::GroupOptions options_of(int64_t directions,
 // A group's state and the plan of a step of `o` from losses that differ by
 // direction (NaN among them if `fail`); owns the memory the entries read.
 struct Plan {
-  std::vector<double> state = {4, 1, 0.3, 0, 0.1};
+  std::vector<double> state = {4, 1, 0.3, 0, 0.1, 0.02};
   std::vector<double> plan;
   double taken = 1;
 
@@ -183,7 +185,7 @@ GroupEntry move(const engine::GroupOptions& o,
   return ops::move_group(o, state.data(), carried, to, has_master, on_host);
 }
 
-const std::vector<double> kState = {6, 0, 0.2, 0, 0.1};
+const std::vector<double> kState = {6, 0, 0.2, 0, 0.1, 0.01};
 
 // Low-rank tensors (their factors arbitrary numbers here, the same for both
 // kernels) beside one perturbed in full, in a move between directions and a

@@ -1,5 +1,6 @@
 // Bad input gets a clear error and loses nothing (docs/DESIGN.md,
 // "Guarantees").
+#include <cmath>
 #include <functional>
 #include <limits>
 #include <stdexcept>
@@ -281,6 +282,9 @@ TEST(InvalidOptions, RejectedAtConstruction) {
       {DopamineOptions().beta(-0.1), {"beta", "-0.1"}},
       {DopamineOptions().beta_s(1.5), {"beta_s", "1.5"}},
       {DopamineOptions().beta_eta(2), {"beta_eta", "2"}},
+      {DopamineOptions().beta_baseline(1), {"beta_baseline", "1", "[0, 1)"}},
+      {DopamineOptions().beta_baseline(-0.5), {"beta_baseline", "-0.5"}},
+      {DopamineOptions().beta_baseline(std::nan("")), {"beta_baseline", "nan"}},
       {DopamineOptions().eps(0), {"eps", "0"}},
       {DopamineOptions().weight_decay(-1), {"weight_decay", "-1"}},
       {DopamineOptions().lr_min(-1), {"lr_min", "-1"}},
@@ -322,11 +326,8 @@ TEST(InvalidParams, RejectedAtConstruction) {
   const auto leaf = torch::ones({2}, torch::requires_grad());
   expect_error([] { Dopamine({torch::ones({2}, torch::kLong)}); },
                {"parameter 0 of group 0", "Long", "floating-point"});
-  expect_error(
-      [] {
-        Dopamine({torch::ones({2}), torch::eye(2).to_sparse()});
-      },
-      {"parameter 1 of group 0", "Sparse"});
+  expect_error([] { Dopamine({torch::ones({2}), torch::eye(2).to_sparse()}); },
+               {"parameter 1 of group 0", "Sparse"});
   expect_error([&] { Dopamine({leaf * 2}); }, {"not a leaf"});
   expect_error([&] { Dopamine({leaf, leaf}); }, {"more than once"});
   expect_error([] { Dopamine({torch::Tensor()}); }, {"undefined"});

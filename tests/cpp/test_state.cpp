@@ -26,8 +26,8 @@ std::vector<torch::Tensor> train_xor(XorNet& net,
 class Resume : public ::testing::TestWithParam<LrAdaptation> {};
 
 // The rpe_tracking case is antithetic, the none case takes three directions
-// and the loss_spread case two, with a low-rank perturbation: the options are
-// saved with the group.
+// and the loss_spread case two, with a low-rank perturbation, the
+// rpe_normalized case keeps a baseline: the options are saved with the group.
 TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
   const auto options =
       DopamineOptions(0.1)
@@ -39,7 +39,10 @@ TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
                                                                       : 1)
           .perturbation(GetParam() == LrAdaptation::LossSpread
                             ? Perturbation::LowRank
-                            : Perturbation::Full);
+                            : Perturbation::Full)
+          .beta_baseline(GetParam() == LrAdaptation::RpeNormalized
+                             ? std::optional<double>(0.9)
+                             : std::nullopt);
   auto straight = make_xor_net(1);
   Dopamine straight_optimizer(straight->parameters(), options);
   const auto expected = train_xor(straight, straight_optimizer, 40);
@@ -69,6 +72,48 @@ TEST_P(Resume, SavedAndLoadedRunIsBitIdentical) {
   std::filesystem::remove(optimizer_path);
 }
 
+// Format 1's group states had five entries, no rpe_baseline: such a
+// checkpoint loads with b = 0; format 2 must have the six.
+TEST(Checkpoint, OfFormat1LoadsWithNoBaseline) {
+  auto net = make_xor_net(1);
+  Dopamine optimizer(net->parameters(), DopamineOptions(0.1));
+  train_xor(net, optimizer, 5);
+  const auto trace = optimizer.group_state(0)->rpe_trace();
+  for (auto& [key, state] : optimizer.state()) {
+    auto& param_state = static_cast<DopamineParamState&>(*state);
+    param_state.group_state(param_state.group_state().slice(0, 0, 5));
+  }
+  const auto path = temp_path("format1.pt");
+  for (const int64_t format : {int64_t{1}, int64_t{2}}) {
+    torch::serialize::OutputArchive archive;
+    optimizer.save(archive);
+    archive.write("dopamine_format", c10::IValue(format));
+    archive.save_to(path);
+    Dopamine loaded(net->parameters(), DopamineOptions(0.1));
+    if (format == 2) {
+      EXPECT_THROW(
+          {
+            try {
+              torch::load(loaded, path);
+            } catch (const c10::Error& error) {
+              EXPECT_NE(std::string(error.what()).find("of shape [6]"),
+                        std::string::npos)
+                  << error.what();
+              throw;
+            }
+          },
+          c10::Error);
+      EXPECT_EQ(loaded.group_state(0), nullptr);
+      continue;
+    }
+    torch::load(loaded, path);
+    EXPECT_EQ(loaded.group_state(0)->step(), 5);
+    EXPECT_EQ(loaded.group_state(0)->rpe_trace(), trace);
+    EXPECT_EQ(loaded.group_state(0)->rpe_baseline(), 0);
+  }
+  std::filesystem::remove(path);
+}
+
 INSTANTIATE_TEST_SUITE_P(AllModes,
                          Resume,
                          ::testing::Values(LrAdaptation::None,
@@ -93,17 +138,18 @@ TEST(Resume, TheCheckpointSaysItsFormatAndAnUnknownOneIsRefused) {
   torch::serialize::InputArchive archive;
   archive.load_from(stream);
   ASSERT_TRUE(archive.try_read("dopamine_format", format));
-  EXPECT_EQ(format.toInt(), 1);
+  EXPECT_EQ(format.toInt(), 2);
 
   torch::serialize::OutputArchive newer;
-  newer.write("dopamine_format", int64_t{2});
+  newer.write("dopamine_format", int64_t{3});
   std::stringstream newer_stream;
   newer.save_to(newer_stream);
   torch::serialize::InputArchive newer_archive;
   newer_archive.load_from(newer_stream);
   const auto before = *optimizer.group_state(0);
   expect_error([&] { optimizer.load(newer_archive); },
-               {"the checkpoint is of format 2; this version reads format 1"});
+               {"the checkpoint is of format 3; this version reads formats 1 "
+                "to 2"});
   EXPECT_EQ(*optimizer.group_state(0), before);
 }
 
@@ -207,7 +253,7 @@ TEST(ParamGroups, EachGroupUsesItsOwnOptions) {
   };
   EXPECT_TRUE(group_state_of(params[1]).is_same(group_state_of(params[2])));
   EXPECT_FALSE(group_state_of(params[0]).is_same(group_state_of(params[1])));
-  EXPECT_EQ(group_state_of(params[0]).numel(), 5);
+  EXPECT_EQ(group_state_of(params[0]).numel(), ops::kGroupStateSize);
 }
 
 TEST(ParamGroups, GroupAddedLaterStartsItsOwnCount) {

@@ -31,7 +31,7 @@ inline std::string temp_path(const std::string& name) {
 
 // A group state whose next step is `step`.
 inline torch::Tensor state_at(int64_t step) {
-  auto state = torch::zeros({5}, torch::kDouble);
+  auto state = torch::zeros({dopamine::ops::kGroupStateSize}, torch::kDouble);
   state[0] = static_cast<double>(step - 1);
   return state;
 }

@@ -27,7 +27,7 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat1
 
 def state_at(step, device="cpu"):
     """A group state whose next step is `step`."""
-    state = torch.zeros(5, dtype=torch.float64, device=device)
+    state = torch.zeros(len(torch_dopamine.STATE_FIELDS), dtype=torch.float64, device=device)
     state[0] = step - 1
     return state
 
@@ -94,7 +94,7 @@ class ReferenceDopamine:
         index = 0
         for params, options in groups:
             theta = [p.detach().to(torch.float64).clone() for p in params]
-            self.groups.append(dict(theta=theta, o=dict(options), first=index, t=0, n=0, m=0.0, s=0.0, eta=0.0))
+            self.groups.append(dict(theta=theta, o=dict(options), first=index, t=0, n=0, m=0.0, s=0.0, eta=0.0, b=0.0))
             index += len(params)
 
     def params(self, offset=0, direction=0):
@@ -136,7 +136,14 @@ class ReferenceDopamine:
             if lrs is not None:
                 o["lr"] = lrs[k]
             n = g["n"] + 1
-            m, s, eta = g["m"], g["s"], o["lr"]
+            m, s, eta, b = g["m"], g["s"], o["lr"], g["b"]
+            # The update's RPEs: against the prediction L0 + b of the earlier
+            # updates with a baseline (one-sided only), else delta_j.
+            moved = deltas
+            if o.get("beta_baseline") is not None and not antithetic:
+                prediction = b / (1 - o["beta_baseline"] ** (n - 1)) if n > 1 else 0.0
+                moved = [delta - prediction for delta in deltas]
+                b = o["beta_baseline"] * b + (1 - o["beta_baseline"]) * sum(deltas) / directions
             if o["lr_adaptation"] == "rpe_normalized":
                 m = o["beta"] * g["m"] + (1 - o["beta"]) * magnitude / o["sigma"]
                 eta = o["lr"] / (m / (1 - o["beta"] ** n) + o["eps"])
@@ -153,20 +160,20 @@ class ReferenceDopamine:
                 eta = max(eta, o["lr_min"])
             if o.get("lr_max") is not None:
                 eta = min(eta, o["lr_max"])
-            finite = finite and all(math.isfinite(x) for x in (m, s, eta)) and all(
-                math.isfinite(eta * delta / o["sigma"]) for delta in deltas
+            finite = finite and all(math.isfinite(x) for x in (m, s, eta, b)) and all(
+                math.isfinite(eta * delta / o["sigma"]) for delta in moved
             )
-            planned.append((m, s, eta))
-        for g, (m, s, eta) in zip(self.groups, planned):
+            planned.append((m, s, eta, b, moved))
+        for g, (m, s, eta, b, moved) in zip(self.groups, planned):
             o = g["o"]
             g["t"] += 1
             if not finite:
                 continue
             g["n"] += 1
-            g["m"], g["s"], g["eta"] = m, s, eta
+            g["m"], g["s"], g["eta"], g["b"] = m, s, eta, b
             for i, theta in enumerate(g["theta"]):
                 move = o["lr"] * o.get("weight_decay", 0.0) * theta
-                for j, delta in enumerate(deltas):
+                for j, delta in enumerate(moved):
                     z = noise_of(theta, o["seed"], g["t"], g["first"] + i, o["noise"], j, rank_of(o))
                     move = move + eta * (delta / o["sigma"]) * z / directions
                 theta.sub_(move)

@@ -17,8 +17,8 @@ from parity import ParityModel, train_both
 from reference import LR_ADAPTATIONS, XOR_INPUTS, XOR_TARGETS, move, same_bits, snapshot, state_at, xor_loss, xor_net
 
 # engine::kPlanHeader: the plan's entries before its step sizes (the next
-# state's 5, decay, finite, sigma, the key's two words, noise and rank).
-PLAN_HEADER = 12
+# state's 6, decay, finite, sigma, the key's two words, noise and rank).
+PLAN_HEADER = 13
 
 
 def step_args(device):
@@ -146,7 +146,7 @@ def test_loss_spread_divides_lr_by_the_sample_deviation_of_the_perturbed_losses(
     plan = torch.ops.dopamine.plan_step(
         state_at(1), torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), **plan_options(lr_adaptation=3, num_perturbations=2)
     ).tolist()
-    assert plan[4] == 0 and plan[PLAN_HEADER:PLAN_HEADER + 2] == [0, 0] and plan[6] == 1
+    assert plan[4] == 0 and plan[PLAN_HEADER:PLAN_HEADER + 2] == [0, 0] and plan[7] == 1
     with pytest.raises(ValueError, match="invalid num_perturbations: 1 with lr_adaptation=loss_spread"):
         torch.ops.dopamine.pack_options(**option_arguments(lr_adaptation=3))
     with pytest.raises(ValueError, match="invalid num_perturbations: 1 with lr_adaptation=loss_spread"):
@@ -160,9 +160,9 @@ def test_plan_computes_the_spec_rule():
     plan = torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=1)).tolist()
     trace = 0.1 * 0.5 / 0.01
     lr = 0.1 / (trace / (1 - 0.9) + 1e-8)
-    assert plan[:5] == pytest.approx([1, 0, trace, 0, lr])
-    assert plan[PLAN_HEADER] == pytest.approx(lr * 0.5 / 0.01) and plan[5] == pytest.approx(0.1 * 0.01) and plan[6] == 1
-    state = torch.tensor([1, 0, 0, 1.0, 0.2], dtype=torch.float64)
+    assert plan[:6] == pytest.approx([1, 0, trace, 0, lr, 0])
+    assert plan[PLAN_HEADER] == pytest.approx(lr * 0.5 / 0.01) and plan[6] == pytest.approx(0.1 * 0.01) and plan[7] == 1
+    state = torch.tensor([1, 0, 0, 1.0, 0.2, 0], dtype=torch.float64)
     losses = torch.tensor([1.0, 0.5], dtype=torch.float64)
     plan = torch.ops.dopamine.plan_step(state, losses, **plan_options(lr_adaptation=2, beta_s=0.5, beta_eta=0.25, lr_max=0.06))
     # s = 0.5 * 1 + 0.5 * 0.5 = 0.75; eta = 0.75 * 0.2 + 0.25 * 0.75 = 0.3375, clamped.
@@ -171,7 +171,7 @@ def test_plan_computes_the_spec_rule():
         torch.ops.dopamine.pack_options(**option_arguments(lr_adaptation=4))
     for bad in ([1.0, math.nan], [math.inf, 1.0]):
         plan = torch.ops.dopamine.plan_step(state, torch.tensor(bad, dtype=torch.float64), **plan_options())
-        assert plan[6].item() == 0
+        assert plan[7].item() == 0
 
 
 @pytest.mark.parametrize("antithetic", [False, True])
@@ -242,7 +242,7 @@ def test_cpp_and_python_optimizers_compute_the_same_bits(build_dir, tmp_path, mo
     groups = [
         (2, dict(lr=0.05 * scale, sigma=0.02, lr_adaptation=mode, noise=noise, weight_decay=weight_decay, seed=5)),
         (2, dict(lr=0.02 * scale, sigma=0.05, lr_adaptation=mode, noise=noise, weight_decay=weight_decay, seed=-9,
-                 beta=0.8, beta_s=0.9, beta_eta=0.01, lr_min=1e-3, lr_max=0.5)),
+                 beta=0.8, beta_s=0.9, beta_eta=0.01, lr_min=1e-3, lr_max=0.5, beta_baseline=0.9)),
     ]
     (cpp_params, cpp_states), (python_params, python_states) = train_both(build_dir, tmp_path, groups, 30, antithetic)
     assert not same_bits(cpp_params, list(ParityModel().parameters()))

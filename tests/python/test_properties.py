@@ -145,6 +145,7 @@ group_options = st.fixed_dictionaries(
         beta_eta=st.floats(0.0, 0.5),
         lr_min=st.one_of(st.none(), st.floats(0.0, 1e-3)),
         lr_max=st.one_of(st.none(), st.floats(0.5, 2.0)),
+        beta_baseline=st.one_of(st.none(), st.floats(0.0, 0.99)),
     )
 )
 

@@ -70,7 +70,8 @@ def resumed_in_a_default_optimizer(device, **options):
 
 
 @pytest.mark.parametrize(
-    "name,value,before_it_existed", [("antithetic", True, False), ("num_perturbations", 3, 1), ("restore_rng", True, False)]
+    "name,value,before_it_existed",
+    [("antithetic", True, False), ("num_perturbations", 3, 1), ("restore_rng", True, False), ("beta_baseline", 0.9, None)],
 )
 def test_added_options_resume_bit_identical_and_old_states_load(device, name, value, before_it_existed):
     """antithetic and num_perturbations are saved with the groups, so a
@@ -87,6 +88,29 @@ def test_added_options_resume_bit_identical_and_old_states_load(device, name, va
     plain = torch_dopamine.Dopamine([p.detach().clone().requires_grad_() for p in params], **{name: value})
     plain.load_state_dict(old)
     assert plain.param_groups[0][name] == before_it_existed
+
+
+def test_a_state_of_format_1_loads_with_no_baseline_and_continues_the_run(device):
+    """Format 1's group states had five entries, no rpe_baseline: such a state
+    loads with b = 0, continues a run without a baseline bit for bit, and
+    starts one with it from b = 0. Format 2 must have the six."""
+    params, opt, resumed, resumed_opt = resumed_in_a_default_optimizer(device)
+    saved = opt.state_dict()
+    assert saved["dopamine_format"] == 2
+    assert opt.group_state(0)["rpe_baseline"] == 0
+    old = dict(saved, dopamine_format=1, state={i: dict(s, group_state=s["group_state"][:5]) for i, s in saved["state"].items()})
+    loaded = torch_dopamine.Dopamine([p.detach().clone().requires_grad_() for p in params], lr=0.05, sigma=0.05)
+    loaded.load_state_dict(old)
+    assert loaded.group_state(0) == opt.group_state(0)
+    del old["dopamine_format"]
+    loaded.load_state_dict(old)
+    assert loaded.group_state(0) == opt.group_state(0)
+    load_fails_and_changes_nothing(loaded, loaded.param_groups[0]["params"], dict(old, dopamine_format=2), r"of shape \[6\]")
+    baseline = torch_dopamine.Dopamine([p.detach().clone().requires_grad_() for p in params], lr=0.05, sigma=0.05)
+    old["param_groups"] = [dict(group, beta_baseline=0.9) for group in old["param_groups"]]
+    baseline.load_state_dict(old)
+    baseline.step(lambda: sum(p.square().sum() for p in baseline.param_groups[0]["params"]))
+    assert baseline.group_state(0)["rpe_baseline"] != 0
 
 
 def test_a_checkpoint_with_gaussian_noise_keeps_it_under_the_rademacher_default(device):
@@ -108,7 +132,7 @@ def test_state_is_one_shared_tensor_per_group():
     assert sorted(state) == [0, 1, 2]
     for record in state.values():
         assert sorted(record) == ["group_state"]
-        assert record["group_state"].shape == (5,) and record["group_state"].dtype == torch.float64
+        assert record["group_state"].shape == (len(torch_dopamine.STATE_FIELDS),) and record["group_state"].dtype == torch.float64
     assert state[1]["group_state"] is state[2]["group_state"]
     assert state[0]["group_state"] is not state[1]["group_state"]
     assert sorted(opt.group_state(1)) == sorted(torch_dopamine.STATE_FIELDS)
@@ -148,9 +172,9 @@ def test_the_state_says_its_format_and_an_unknown_one_is_refused():
     opt = torch_dopamine.Dopamine(params)
     opt.step(lambda: loss(params))
     saved = opt.state_dict()
-    assert saved["dopamine_format"] == torch_dopamine.optimizer.STATE_FORMAT == 1
-    load_fails_and_changes_nothing(opt, params, {**saved, "dopamine_format": 2},
-                                   "the state is of format 2; this version of torch_dopamine reads format 1")
+    assert saved["dopamine_format"] == torch_dopamine.optimizer.STATE_FORMAT == 2
+    load_fails_and_changes_nothing(opt, params, {**saved, "dopamine_format": 3},
+                                   "the state is of format 3; this version of torch_dopamine reads formats 1 to 2")
     # A state saved before formats were numbered loads.
     unnumbered = {key: value for key, value in saved.items() if key != "dopamine_format"}
     again = torch_dopamine.Dopamine(params)
