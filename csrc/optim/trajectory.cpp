@@ -21,10 +21,11 @@
 namespace dopamine {
 namespace {
 
-// 3: layouts give each group's perturbation and rank, and plans their rank
-// (2: moves name their direction, and plans end with one step size per
-// direction); the same number as torch_dopamine's.
-constexpr int64_t kTrajectoryFormat = 3;
+// 4: plans carry the next state's rpe_baseline (3: layouts give each
+// group's perturbation and rank, and plans their rank; 2: moves name their
+// direction, and plans end with one step size per direction); the same
+// number as torch_dopamine's.
+constexpr int64_t kTrajectoryFormat = 4;
 
 c10::impl::GenericList any_list() {
   return c10::impl::GenericList(c10::AnyType::get());

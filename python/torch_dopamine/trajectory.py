@@ -20,10 +20,10 @@ from ._options import ENUM_NAMES, OPTION_NAMES, pack
 
 __all__ = ["Recorder", "load_trajectory", "replay"]
 
-# 3: layouts give each group's perturbation and rank, and plans their rank
-# (2: moves name their direction, and plans end with one step size per
-# direction).
-FORMAT = 3
+# 4: plans carry the next state's rpe_baseline (3: layouts give each
+# group's perturbation and rank, and plans their rank; 2: moves name their
+# direction, and plans end with one step size per direction).
+FORMAT = 4
 
 
 class Recorder:

@@ -75,14 +75,12 @@ TEST(Trajectory, ReplayRefusesWhatItCannotUseBeforeWriting) {
   auto trajectory = train_and_record(params, DopamineOptions(0.05), 2);
   auto replayed = clones(initial);
   expect_error(
-      [&] {
-        replay({replayed[0], replayed[1]}, trajectory);
-      },
+      [&] { replay({replayed[0], replayed[1]}, trajectory); },
       {"the trajectory moves parameter 2, but 2 parameters were given"});
   auto other_format = trajectory.copy();
-  other_format.insert_or_assign("format", int64_t{1});
+  other_format.insert_or_assign("format", int64_t{3});
   expect_error([&] { replay(replayed, other_format); },
-               {"not a trajectory of format 3", "got format 1"});
+               {"not a trajectory of format 4", "got format 3"});
   EXPECT_TRUE(bitwise_equal(replayed, initial));
 
   Dopamine stepped(params);

@@ -156,8 +156,8 @@ def test_trajectory_and_replay_refuse_what_they_cannot_use():
     before = copies(params)
     with pytest.raises(ValueError, match="the trajectory moves parameter 3, but 2 parameters were given"):
         torch_dopamine.replay(params[:2], opt.trajectory())
-    with pytest.raises(ValueError, match="not a trajectory of format 3 .*; got format 1"):
-        torch_dopamine.replay(params, {**opt.trajectory(), "format": 1})
+    with pytest.raises(ValueError, match="not a trajectory of format 4 .*; got format 3"):
+        torch_dopamine.replay(params, {**opt.trajectory(), "format": 3})
     # A move that stopped part-way (per-group moves of earlier versions).
     partial = copy.deepcopy(opt.trajectory())
     partial["steps"][0]["moves"][0] = (1, 0, 0)
