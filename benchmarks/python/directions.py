@@ -17,7 +17,7 @@ that isolates the RPE rule, Dopamine and WP (the same Rademacher noise, no
 adaptation) at every k.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import protocol
 import tasks
@@ -56,11 +56,17 @@ def choose_directions(task: tasks.Task, tuned: Dict[str, dict]) -> Dict[str, int
     return chosen
 
 
-def tune(task: tasks.Task, full: bool, workers: int, progress) -> dict:
+def tune(task: tasks.Task, full: bool, workers: int, progress, methods: Sequence[str] = tuple(DIRECTION_METHODS), earlier: Optional[dict] = None) -> dict:
     """The study's entry of benchmarks/tuned.json for the task: every
-    method's trials at each k, and the k chosen."""
-    names = [name for method in DIRECTION_METHODS for name in contenders(method)]
-    tuned = protocol.tune(task, names, full, workers, progress, protocol.equal_forwards_steps, GRID_FACTORS)
+    method's trials at each k, and the k chosen. Tunes `methods`; the
+    others keep their trials from `earlier`, the task's entry before."""
+    names = [name for method in methods for name in contenders(method)]
+    kept = {
+        name: entry
+        for name, entry in (earlier or {}).get("contenders", {}).items()
+        if name not in names and any(name in contenders(method) for method in DIRECTION_METHODS)
+    }
+    tuned = dict(kept, **protocol.tune(task, names, full, workers, progress, protocol.equal_forwards_steps, GRID_FACTORS))
     chosen = choose_directions(task, tuned)
     progress(f"directions on {task.name}: " + ", ".join(f"{method} k={k}" for method, k in chosen.items()))
     return dict(contenders=tuned, chosen=chosen)

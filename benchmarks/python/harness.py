@@ -57,37 +57,56 @@ def _forward_only(name, family, **options):
     return Contender(name, family, False, _dopamine(**options), forwards, resolved)
 
 
+# Options that keep the paper's RPE: no running baseline (the update's
+# RPEs against L0 alone).
+PAPER_RPE = dict(beta_baseline=None)
+
 CONTENDERS = {
     c.name: c
     for c in [
-        # The defaults (num_perturbations=4, Rademacher noise; docs/DESIGN.md
-        # "Defaults"), then what each part of them buys: one direction (the
-        # paper's rule), two, one direction measured centrally at the cost of
-        # two forwards, and the paper's Gaussian noise.
+        # The defaults (two Rademacher directions, the RPEs against a running
+        # baseline; docs/DESIGN.md "Defaults"), the defaults without the
+        # baseline (the paper's RPE), and with rank-1 perturbations
+        # (perturbation="lowrank": r (rows + cols) draws per weight instead of
+        # rows x cols; rank 1 is the rank every task's weights admit, an
+        # output layer of one row).
         _forward_only("dopamine", "dopamine"),
-        _forward_only("dopamine[k=1]", "dopamine", num_perturbations=1),
-        _forward_only("dopamine[k=2]", "dopamine", num_perturbations=2),
-        _forward_only("dopamine[k=1,antithetic]", "dopamine", num_perturbations=1, antithetic=True),
-        _forward_only("dopamine[rpe_tracking]", "rpe_tracking", lr_adaptation="rpe_tracking"),
-        _forward_only("dopamine[gaussian]", "dopamine", noise="gaussian"),
-        # Rank-1 perturbations (perturbation="lowrank"): r (rows + cols)
-        # draws per weight instead of rows x cols, of each noise. Rank 1 is
-        # the rank every task's weights admit (an output layer of one row).
+        _forward_only("dopamine[no_baseline]", "dopamine", **PAPER_RPE),
         _forward_only("dopamine[lowrank]", "dopamine", perturbation="lowrank", rank=1),
-        _forward_only("dopamine[lowrank,gaussian]", "dopamine", perturbation="lowrank", rank=1, noise="gaussian"),
+        # The paper's RPE with four directions (the earlier defaults), and
+        # what each part of them buys: one direction (the paper's rule), one
+        # measured centrally at the cost of two forwards (no baseline
+        # applies), the paper's Gaussian noise, rank-1 perturbations.
+        _forward_only("dopamine[k=4,no_baseline]", "dopamine", num_perturbations=4, **PAPER_RPE),
+        _forward_only("dopamine[k=1,no_baseline]", "dopamine", num_perturbations=1, **PAPER_RPE),
+        _forward_only("dopamine[k=1,antithetic]", "dopamine", num_perturbations=1, antithetic=True, **PAPER_RPE),
+        _forward_only("dopamine[rpe_tracking]", "rpe_tracking", lr_adaptation="rpe_tracking"),
+        _forward_only("dopamine[k=4,no_baseline,gaussian]", "dopamine", num_perturbations=4, noise="gaussian", **PAPER_RPE),
+        _forward_only("dopamine[k=4,no_baseline,lowrank]", "dopamine", num_perturbations=4, perturbation="lowrank", rank=1, **PAPER_RPE),
+        _forward_only(
+            "dopamine[k=4,no_baseline,lowrank,gaussian]",
+            "dopamine",
+            num_perturbations=4,
+            perturbation="lowrank",
+            rank=1,
+            noise="gaussian",
+            **PAPER_RPE,
+        ),
+        # The forward-only peers keep their published rules: no baseline.
         # Standard WP: Gaussian noise, one direction, no adaptation.
-        _forward_only("wp", "wp", lr_adaptation="none", noise="gaussian", num_perturbations=1),
-        # The defaults without the RPE rule: WP with their four Rademacher
-        # directions, the ablation that tells the rule from the averaging.
-        _forward_only("wp[k=4]", "wp", lr_adaptation="none"),
+        _forward_only("wp", "wp", lr_adaptation="none", noise="gaussian", num_perturbations=1, **PAPER_RPE),
+        # The earlier defaults without the RPE rule: WP with their four
+        # Rademacher directions, the ablation that tells the rule from the
+        # averaging.
+        _forward_only("wp[k=4]", "wp", lr_adaptation="none", num_perturbations=4, **PAPER_RPE),
         # MeZO's estimator: the central difference of Gaussian noise along one
         # direction, no adaptation; SPSA's: the same with Rademacher noise.
-        _forward_only("zo-sgd[central]", "wp", lr_adaptation="none", antithetic=True, noise="gaussian", num_perturbations=1),
-        _forward_only("spsa", "wp", lr_adaptation="none", antithetic=True, noise="rademacher", num_perturbations=1),
+        _forward_only("zo-sgd[central]", "wp", lr_adaptation="none", antithetic=True, noise="gaussian", num_perturbations=1, **PAPER_RPE),
+        _forward_only("spsa", "wp", lr_adaptation="none", antithetic=True, noise="rademacher", num_perturbations=1, **PAPER_RPE),
         # FZOO's estimator (arXiv 2506.09034): one-sided Rademacher
         # directions against one base loss, the step divided by the spread of
-        # their losses; as many directions as the defaults.
-        _forward_only("fzoo", "fzoo", lr_adaptation="loss_spread", noise="rademacher"),
+        # their losses; four directions, as the RPE ablation's.
+        _forward_only("fzoo", "fzoo", lr_adaptation="loss_spread", noise="rademacher", num_perturbations=4, **PAPER_RPE),
         Contender("sgd", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr)),
         Contender("sgd[foreach]", "sgd", True, lambda p, lr, sigma, seed: torch.optim.SGD(p, lr=lr, foreach=True)),
         Contender("adam", "adam", True, lambda p, lr, sigma, seed: torch.optim.Adam(p, lr=lr)),
@@ -114,10 +133,10 @@ class DirectionMethod:
 # perturbed losses, so FZOO starts at k = 2.
 DIRECTION_METHODS = {
     "dopamine": DirectionMethod("dopamine", {}),
-    "wp": DirectionMethod("wp", dict(lr_adaptation="none")),
-    "zo-sgd[central]": DirectionMethod("wp", dict(lr_adaptation="none", antithetic=True, noise="gaussian")),
-    "spsa": DirectionMethod("wp", dict(lr_adaptation="none", antithetic=True, noise="rademacher")),
-    "fzoo": DirectionMethod("fzoo", dict(lr_adaptation="loss_spread", noise="rademacher"), (2, 4, 8)),
+    "wp": DirectionMethod("wp", dict(lr_adaptation="none", **PAPER_RPE)),
+    "zo-sgd[central]": DirectionMethod("wp", dict(lr_adaptation="none", antithetic=True, noise="gaussian", **PAPER_RPE)),
+    "spsa": DirectionMethod("wp", dict(lr_adaptation="none", antithetic=True, noise="rademacher", **PAPER_RPE)),
+    "fzoo": DirectionMethod("fzoo", dict(lr_adaptation="loss_spread", noise="rademacher", **PAPER_RPE), (2, 4, 8)),
 }
 
 
@@ -145,12 +164,14 @@ _register_direction_contenders()
 # peers, and the gradient baselines.
 TASK_CONTENDERS = [
     "dopamine",
-    "dopamine[k=1]",
-    "dopamine[k=2]",
-    "dopamine[k=1,antithetic]",
-    "dopamine[gaussian]",
+    "dopamine[no_baseline]",
     "dopamine[lowrank]",
-    "dopamine[lowrank,gaussian]",
+    "dopamine[k=4,no_baseline]",
+    "dopamine[k=1,no_baseline]",
+    "dopamine[k=1,antithetic]",
+    "dopamine[k=4,no_baseline,gaussian]",
+    "dopamine[k=4,no_baseline,lowrank]",
+    "dopamine[k=4,no_baseline,lowrank,gaussian]",
     "wp",
     "wp[k=4]",
     "zo-sgd[central]",

@@ -49,7 +49,7 @@ BUDGET_FORWARDS_PER_STEP = 2
 
 
 # The options that make a contender what it is, as its optimizer reports them.
-_IDENTITY_OPTIONS = ("lr_adaptation", "noise", "antithetic", "num_perturbations", "perturbation", "rank", "foreach", "fused")
+_IDENTITY_OPTIONS = ("lr_adaptation", "noise", "antithetic", "num_perturbations", "perturbation", "rank", "beta_baseline", "foreach", "fused")
 
 
 def identity(contender_name: str) -> dict:

@@ -1,5 +1,5 @@
 """The benchmark suite: Dopamine against the forward-only methods a user
-would pick instead (standard WP, WP with the defaults' four directions,
+would pick instead (standard WP, WP with four Rademacher directions,
 MeZO's central difference, SPSA, FZOO), SGD and Adam on XOR, Lorenz and
 Rössler forecasting, scikit-learn's digits, two spirals and fine-tuning a
 pretrained language model (all parameters, and adapters),
@@ -30,7 +30,7 @@ import tasks
 from harness import CONTENDERS, DOPAMINE_DEFAULTS, TASK_CONTENDERS, Progress, machine, record
 
 TUNED = Path(__file__).resolve().parents[1] / "tuned.json"
-SCALING_CONTENDERS = ["dopamine", "dopamine[k=1]", "dopamine[gaussian]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
+SCALING_CONTENDERS = ["dopamine", "dopamine[k=1]", "dopamine[k=4,no_baseline,gaussian]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
 
 
 def scaling_records(sizes, device, progress):
@@ -157,11 +157,17 @@ def tune(args, task_list, progress) -> None:
     for task in task_list:
         if not args.directions_only:
             tune_task(args, task, entry, progress)
-        if task.name in directions.TASKS and "directions" not in args.skip and not args.contenders:
-            progress(f"tuning the directions study on {task.name}: every forward-only method at each k, at equal forward passes")
+        # The study's methods of --contenders, when given, or all of them.
+        methods = [method for method in directions.DIRECTION_METHODS if not args.contenders or method in args.contenders]
+        if task.name in directions.TASKS and "directions" not in args.skip and methods:
+            progress(f"tuning the directions study on {task.name}: {', '.join(methods)} at each k, at equal forward passes")
             task_started = time.time()
-            entry.setdefault("directions", {})[task.name] = directions.tune(task, args.full, args.workers, progress)
-            entry.setdefault("seconds_directions", {})[task.name] = time.time() - task_started
+            studies = entry.setdefault("directions", {})
+            studies[task.name] = directions.tune(task, args.full, args.workers, progress, methods, studies.get(task.name))
+            # As a task's: the time adds up the tunings that made the entry.
+            seconds = entry.setdefault("seconds_directions", {})
+            earlier = seconds.get(task.name, 0.0) if args.contenders else 0.0
+            seconds[task.name] = earlier + time.time() - task_started
         entry.update(
             protocol=protocol.description(tasks.all_tasks(args.full)),
             machine=machine(),
@@ -212,7 +218,10 @@ def main(argv=None):
         "--directions-only", action="store_true", help="tune, or score, only the directions study of the tasks (not their contenders)"
     )
     parser.add_argument(
-        "--contenders", nargs="+", choices=TASK_CONTENDERS, help="score, or with --tune retune, only these of the task contenders"
+        "--contenders",
+        nargs="+",
+        choices=TASK_CONTENDERS,
+        help="score, or with --tune retune, only these of the task contenders (and with --tune the study's methods of these names)",
     )
     parser.add_argument(
         "--seeds",
@@ -238,9 +247,11 @@ def main(argv=None):
             parser.error(f"--seeds must not include the tuning seeds {protocol.TUNING_SEEDS}")
         for task in task_list:
             task.seeds = list(args.seeds)
-    if args.directions_only and args.contenders:
-        parser.error("--contenders picks among the tasks' contenders, which --directions-only leaves out; the study's own "
-                     "contenders are every forward-only method at each k")
+    if args.directions_only and args.contenders and not (args.tune and set(args.contenders) <= set(directions.DIRECTION_METHODS)):
+        parser.error(
+            "--contenders picks among the tasks' contenders, which --directions-only leaves out; with --tune it may name "
+            f"the study's methods ({', '.join(directions.DIRECTION_METHODS)}), whose every k it retunes"
+        )
     if args.tune:
         tune(args, task_list, progress)
         return 0

@@ -125,7 +125,7 @@ def measure(params: int, rank: int, world_size: int, rounds: int, byte_steps: in
 def payload_bytes(name: str, params: int) -> int:
     """What the step's collectives carry: for Dopamine one all-reduce of its
     losses and a failure flag, float64 (a step's forwards plus one: 6
-    numbers, 48 bytes, with the default four directions); for DDP the
+    numbers, 32 bytes, with the default two directions); for DDP the
     float32 gradient."""
     base = CONTENDERS[SCALEOUT_CONTENDERS[name]]
     return 8 * (base.forwards_per_step + 1) if not base.gradient else 4 * params

@@ -17,7 +17,7 @@ np = pytest.importorskip("numpy")
 import directions  # noqa: E402
 import protocol  # noqa: E402
 import tasks  # noqa: E402
-from harness import CONTENDERS, DIRECTION_METHODS, Run, schedule_factor, with_directions  # noqa: E402
+from harness import CONTENDERS, DIRECTION_METHODS, DOPAMINE_DEFAULTS, Run, schedule_factor, with_directions  # noqa: E402
 
 
 def run(final_metric, diverged=False, steps_to_target=None, steps=3000, curve=()):
@@ -139,15 +139,15 @@ def test_xor_trials_rank_by_success_rate_then_median_steps():
 def test_the_metric_at_equal_forwards_is_read_at_the_budget_step():
     task = tasks.chaotic_task("lorenz", False)  # 3000 steps: a budget of 6000 forwards
     curve = [(step, 0.0, 1.0, 1.0 / step) for step in range(50, 3001, 50)]
-    # Adam costs 3 forwards a step: 2000 steps; the default Dopamine (four
-    # directions) 5: 1200 steps; one direction 2: 3000 steps.
+    # Adam costs 3 forwards a step: 2000 steps; Dopamine with four
+    # directions 5: 1200 steps; one direction 2: 3000 steps.
     assert protocol.value_at_forwards(task, run(None, curve=curve), "adam") == pytest.approx(1 / 2000)
-    assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine") == pytest.approx(1 / 1200)
+    assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine[k=4]") == pytest.approx(1 / 1200)
     assert protocol.value_at_forwards(task, run(None, curve=curve), "dopamine[k=1]") == pytest.approx(1 / 3000)
     diverged_early = run(None, diverged=True, steps=700, curve=curve[:14])
     assert protocol.value_at_forwards(task, diverged_early, "adam") == math.inf
     diverged_late = run(None, diverged=True, steps=2500, curve=curve[:50])
-    assert protocol.value_at_forwards(task, diverged_late, "dopamine") == pytest.approx(1 / 1200)
+    assert protocol.value_at_forwards(task, diverged_late, "dopamine[k=4]") == pytest.approx(1 / 1200)
 
 
 def test_the_bootstrap_interval_brackets_the_median_and_keeps_failures():
@@ -206,17 +206,27 @@ def test_a_forward_only_contender_counts_the_forwards_its_step_makes(name):
     assert len(calls) == contender.forwards_per_step == contender.forward_equivalents_per_step
 
 
-@pytest.mark.parametrize("name", ["wp", "zo-sgd[central]", "spsa", "dopamine[k=1]", "dopamine[k=1,antithetic]"])
+@pytest.mark.parametrize("name", ["wp", "zo-sgd[central]", "spsa", "dopamine[k=1]", "dopamine[k=1,no_baseline]", "dopamine[k=1,antithetic]"])
 def test_the_peers_and_the_one_direction_variants_take_one_direction_whatever_the_default(name):
     optimizer = CONTENDERS[name].make([torch.nn.Parameter(torch.ones(3))], 0.01, 0.01, 0)
     assert optimizer.defaults["num_perturbations"] == 1
     assert optimizer.defaults["lr_adaptation"] == ("none" if name in ("wp", "zo-sgd[central]", "spsa") else "rpe_normalized")
 
 
+def test_the_peers_keep_their_published_rules_whatever_the_default_baseline():
+    peers = ["wp", "wp[k=4]", "zo-sgd[central]", "spsa", "fzoo"]
+    peers += [name for method in DIRECTION_METHODS if method != directions.RULE for name in directions.contenders(method)]
+    for name in peers:
+        assert CONTENDERS[name].make([torch.nn.Parameter(torch.ones(3))], 0.01, 0.01, 0).defaults["beta_baseline"] is None, name
+    assert DOPAMINE_DEFAULTS["beta_baseline"] is not None
+    assert protocol.identity("dopamine")["beta_baseline"] == DOPAMINE_DEFAULTS["beta_baseline"]
+    assert protocol.identity("dopamine[no_baseline]")["beta_baseline"] is None
+
+
 def test_a_tuning_records_what_it_tuned_and_scoring_refuses_another():
     import run_suite
 
-    assert protocol.identity("dopamine")["num_perturbations"] == 4
+    assert protocol.identity("dopamine")["num_perturbations"] == DOPAMINE_DEFAULTS["num_perturbations"] == 2
     assert protocol.identity("dopamine[k=1]")["num_perturbations"] == 1
     assert protocol.identity("adam")["optimizer"] == "Adam"
 
@@ -255,9 +265,10 @@ def test_the_directions_study_gives_each_method_at_each_k_the_same_budget_of_for
             assert all(defaults[option] == value for option, value in spec.options.items())
             steps = protocol.equal_forwards_steps(task, name)
             assert budget - contender.forwards_per_step < steps * contender.forwards_per_step <= budget
-    # The ablation's pair differs in the step-size rule alone.
+    # The ablation's pair differs in the step-size rule alone: the RPE's
+    # adaptation and its baseline.
     rule, without = (protocol.identity(with_directions(m, 2)) for m in (directions.RULE, directions.WITHOUT_RULE))
-    assert {key for key in rule if rule[key] != without[key]} == {"lr_adaptation"}
+    assert {key for key in rule if rule[key] != without[key]} == {"lr_adaptation", "beta_baseline"}
     assert with_directions("zo-sgd[central]", 8) == "zo-sgd[central,k=8]"
 
 
@@ -349,10 +360,33 @@ def test_scoring_refuses_a_missing_directions_study():
 def test_contenders_and_the_directions_study_alone_are_refused_together(capsys):
     import run_suite
 
-    for tune in ([], ["--tune"]):
+    # Scoring the study alone takes no contenders; retuning it takes only
+    # the study's methods (a real retune is not run here: it would rewrite
+    # benchmarks/tuned.json).
+    for arguments in (["--contenders", "wp"], ["--tune", "--contenders", "wp", "adam"]):
         with pytest.raises(SystemExit):
-            run_suite.main([*tune, "--directions-only", "--contenders", "wp"])
+            run_suite.main(["--directions-only", *arguments])
         assert "--contenders picks among the tasks' contenders" in capsys.readouterr().err
+
+
+def test_retuning_some_methods_of_the_study_keeps_the_others_trials(monkeypatch):
+    lorenz = tasks.chaotic_task("lorenz", False)
+    earlier = dict(contenders=study_entry("lorenz", {"wp[k=8]": [0, -0.001]}), chosen={})
+    earlier["contenders"]["gone[k=1]"] = dict(trials=[])  # no longer a method: dropped
+
+    def tune(task, names, *rest):
+        return {name: dict(trials=[dict(score=[0, -0.0005 if name == "dopamine[k=2]" else -0.01])]) for name in names}
+
+    monkeypatch.setattr(protocol, "tune", tune)
+    study = directions.tune(lorenz, False, 1, lambda message: None, ["dopamine"], earlier)
+    every = [name for method in DIRECTION_METHODS for name in directions.contenders(method)]
+    assert sorted(study["contenders"]) == sorted(every)
+    for name in every:
+        if name.startswith("dopamine"):
+            assert study["contenders"][name] == tune(lorenz, [name])[name]
+        else:
+            assert study["contenders"][name] is earlier["contenders"][name]
+    assert study["chosen"]["dopamine"] == 2 and study["chosen"]["wp"] == 8
 
 
 def test_the_study_refuses_a_same_named_contender_with_other_options(monkeypatch):
@@ -364,7 +398,7 @@ def test_the_study_refuses_a_same_named_contender_with_other_options(monkeypatch
     with pytest.raises(RuntimeError, match=r"the directions study's wp\[k=4\] is not the contender of that name"):
         harness._register_direction_contenders()
     # The suite's own wp[k=4] is the study's.
-    monkeypatch.setitem(harness.CONTENDERS, name, harness._forward_only(name, "wp", lr_adaptation="none"))
+    monkeypatch.setitem(harness.CONTENDERS, name, harness._forward_only(name, "wp", lr_adaptation="none", num_perturbations=4, **harness.PAPER_RPE))
     harness._register_direction_contenders()
 
 
@@ -430,12 +464,12 @@ def test_the_budget_study_gives_the_forward_only_contenders_ten_times_adams_forw
 
     task = tasks.task_named("finetune-lora", False)
     steps = finetune_budget.horizons(task, 10)
-    assert steps == {"dopamine": 1800, "dopamine[lowrank]": 1800, "zo-sgd[central]": 4500, "fzoo": 1800, "sgd": 300, "adam": 300}
+    assert steps == {"dopamine": 3000, "dopamine[lowrank]": 3000, "zo-sgd[central]": 4500, "fzoo": 1800, "sgd": 300, "adam": 300}
     assert {steps[name] * CONTENDERS[name].forward_equivalents_per_step for name in ("dopamine", "zo-sgd[central]", "fzoo")} == {
         10 * 300 * CONTENDERS["adam"].forward_equivalents_per_step
     }
     run = dict(curve=[(25, 0.1, 2.2, 2.10), (50, 0.2, 2.1, 1.99), (75, 0.3, 2.0, 1.90)])
-    assert finetune_budget.forwards_to(run, "dopamine", 2.0) == 50 * 5
+    assert finetune_budget.forwards_to(run, "dopamine", 2.0) == 50 * CONTENDERS["dopamine"].forward_equivalents_per_step == 50 * 3
     assert finetune_budget.forwards_to(run, "adam", 1.9) == 75 * 3
     assert finetune_budget.forwards_to(run, "dopamine", 1.5) == math.inf
 
