@@ -103,9 +103,9 @@ struct DopamineOptions
   // Directions per step, k >= 1: z_j is keyed by (seed, step, j, parameter,
   // element) and the update is the mean over j of lr (delta_j / sigma) z_j;
   // k + 1 evaluations (2k with antithetic). Like antithetic, the same in
-  // every group (docs/DESIGN.md, "Several directions"). Four by default: the
+  // every group (docs/DESIGN.md, "Several directions"). Two by default: the
   // benchmark's choice (docs/DESIGN.md, "Defaults"); 1 is the paper's rule.
-  TORCH_ARG(int64_t, num_perturbations) = 4;
+  TORCH_ARG(int64_t, num_perturbations) = 2;
   // Restore torch's random generators (the CPU's, and those of the CUDA
   // devices the parameters are on) before every evaluation of a step after
   // the first, so that dropout, or anything else the closure samples, draws
@@ -121,9 +121,10 @@ struct DopamineOptions
   // The update's RPE of direction j is delta_j less b, the EMA with this
   // constant (in [0, 1)) of the earlier steps' mean delta: the prediction of
   // the shared curvature offset of one-sided RPEs (docs/DESIGN.md, "The
-  // algorithm"). nullopt: against L0 alone, the paper's RPE. Unused with
-  // antithetic, whose RPEs have no such offset.
-  TORCH_ARG(std::optional<double>, beta_baseline) = std::nullopt;
+  // algorithm"). 0.98 by default (docs/DESIGN.md, "Defaults"); nullopt:
+  // against L0 alone, the paper's RPE. Unused with antithetic, whose RPEs
+  // have no such offset. A checkpoint without the option loads it unset.
+  TORCH_ARG(std::optional<double>, beta_baseline) = 0.98;
 
  public:
   // Throws c10::Error naming the first invalid option and its value.

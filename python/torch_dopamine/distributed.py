@@ -4,7 +4,7 @@ parameters (docs/DESIGN.md, "Many processes").
 The noise is a pure function of (seed, step, direction, parameter index,
 element index), so every rank can draw every other rank's perturbation. A step
 sums ``[losses..., failed]`` over the ranks in one all-reduce of float64
-numbers (8 per evaluation plus 8: 48 bytes with the default four directions,
+numbers (8 per evaluation plus 8: 32 bytes with the default two directions,
 whatever the model's size), and every
 rank applies the same update to its own copy of the parameters. With
 ``parallel="data"`` each rank's closure returns the loss of its own shard of

@@ -184,12 +184,14 @@ class Dopamine(Optimizer):
             - \eta_0 \lambda \theta
         \end{aligned}
 
-    in the same pass that removes the perturbation. The default takes four
-    directions ``z_0 ... z_3`` (five evaluations: ``L0`` and one along each),
+    in the same pass that removes the perturbation. The default takes two
+    directions ``z_0, z_1`` (three evaluations: ``L0`` and one along each),
     the trace takes the mean of their ``|delta_j| / sigma`` and the update
-    the mean of their ``eta_t (delta_j / sigma) z_j``; on the benchmark's
-    tasks that beats one direction at equal steps, and at equal forward
-    passes on two tasks of four (docs/DESIGN.md, "Defaults"). The arithmetic is the
+    the mean of their ``eta_t ((delta_j - b) / sigma) z_j``, where ``b``
+    (``beta_baseline``) is a running prediction of the part of every
+    ``delta_j`` that one-sided differences share; ``num_perturbations=1,
+    beta_baseline=None, noise="gaussian"`` is the paper's rule. The defaults
+    are the benchmark's choice (docs/DESIGN.md, "Defaults"). The arithmetic is the
     registered ops ``torch.ops.dopamine.*``, which the C++ optimizer calls too
     (docs/DESIGN.md has the whole protocol).
 
@@ -241,7 +243,7 @@ class Dopamine(Optimizer):
             trace takes the mean of ``|delta_j| / sigma`` and the update is
             the mean over j of ``eta_t (delta_j / sigma) z_j``. k + 1
             evaluations per step (2k with ``antithetic``); the same in every
-            group. k = 1 is the rule above, to the bit. Default 4.
+            group. k = 1 is the rule above, to the bit. Default 2.
         restore_rng: restore torch's random generators (the CPU's, and
             those of the CUDA devices the parameters are on) before every
             evaluation of a step after the first, so that dropout, or
@@ -259,12 +261,13 @@ class Dopamine(Optimizer):
         rank: the rank ``r`` of a ``"lowrank"`` perturbation (an int >= 1, at
             most the smaller side of every parameter of two or more
             dimensions; a step raises ValueError otherwise). Default 1.
-        beta_baseline: ``None`` (default: ``delta_j = L_j - L0``, the paper's
-            RPE) or an EMA constant in [0, 1): the update takes ``delta_j - b``,
-            ``b`` the bias-corrected EMA of the earlier steps' mean
-            ``delta_j``, which predicts the curvature offset that one-sided
-            RPEs share; the trace still takes ``|delta_j|``. Unused with
-            ``antithetic``. One float of state.
+        beta_baseline: an EMA constant in [0, 1) (default 0.98), or ``None``
+            (``delta_j = L_j - L0``, the paper's RPE): the update takes
+            ``delta_j - b``, ``b`` the bias-corrected EMA of the earlier
+            steps' mean ``delta_j``, which predicts the curvature offset that
+            one-sided RPEs share; the trace still takes ``|delta_j|``. Unused
+            with ``antithetic``. One float of state. A checkpoint saved
+            without the option loads it as ``None``.
         process_group: a ``torch.distributed`` process group: a step
             all-reduces the losses (8 bytes per evaluation, plus 8) and every
             rank applies the same update; the parameters never travel. Every
@@ -310,11 +313,11 @@ class Dopamine(Optimizer):
         capturable: bool = False,
         master_weights: bool = False,
         antithetic: bool = False,
-        num_perturbations: int = 4,
+        num_perturbations: int = 2,
         restore_rng: bool = True,
         perturbation: str = "full",
         rank: int = 1,
-        beta_baseline: Optional[float] = None,
+        beta_baseline: Optional[float] = 0.98,
         process_group: Optional[Any] = None,
         parallel: str = "data",
         verify_every: int = 0,

@@ -12,7 +12,8 @@
 // module's parameters, in order, the group takes) and any of lr, sigma,
 // lr_adaptation, beta, beta_s, beta_eta, eps, lr_min, lr_max, weight_decay,
 // beta_baseline, seed, noise, perturbation (enums by their to_string names),
-// num_perturbations and rank.
+// num_perturbations and rank; lr_min, lr_max and beta_baseline may be
+// `none` (unset).
 // --antithetic sets every
 // group's antithetic option.
 #include <dopamine/dopamine.h>
@@ -59,6 +60,14 @@ const std::map<std::string,
         {"beta_baseline", [](auto& o, double x) { o.beta_baseline(x); }},
 };
 
+// The optional real-valued options, which "none" unsets (Python's None).
+const std::map<std::string, std::function<void(dopamine::DopamineOptions&)>>
+    kUnsetOptions = {
+        {"lr_min", [](auto& o) { o.lr_min(std::nullopt); }},
+        {"lr_max", [](auto& o) { o.lr_max(std::nullopt); }},
+        {"beta_baseline", [](auto& o) { o.beta_baseline(std::nullopt); }},
+};
+
 // The group's size and options, from "size=2,lr=0.1,...".
 std::pair<size_t, dopamine::DopamineOptions> parse_group(
     const std::string& spec) {
@@ -92,6 +101,8 @@ std::pair<size_t, dopamine::DopamineOptions> parse_group(
           {dopamine::Perturbation::Full, dopamine::Perturbation::LowRank}));
     } else if (key == "rank") {
       o.rank(std::stoll(value));
+    } else if (value == "none" && kUnsetOptions.count(key) != 0) {
+      kUnsetOptions.at(key)(o);
     } else {
       const auto setter = kRealOptions.find(key);
       if (setter == kRealOptions.end()) {

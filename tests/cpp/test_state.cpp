@@ -153,12 +153,15 @@ TEST(Resume, TheCheckpointSaysItsFormatAndAnUnknownOneIsRefused) {
   EXPECT_EQ(*optimizer.group_state(0), before);
 }
 
-// Options saved before antithetic, num_perturbations and restore_rng
-// existed (no such keys) load as not antithetic, with one direction, not
-// restoring the random generators.
+// Options saved before antithetic, num_perturbations, restore_rng and
+// beta_baseline existed (no such keys) load as not antithetic, with one
+// direction, not restoring the random generators, with no baseline.
 TEST(Resume, OptionsSavedBeforeAntitheticLoadAsNotAntithetic) {
-  const auto saved =
-      DopamineOptions(0.3).seed(4).num_perturbations(1).restore_rng(false);
+  const auto saved = DopamineOptions(0.3)
+                         .seed(4)
+                         .num_perturbations(1)
+                         .restore_rng(false)
+                         .beta_baseline(std::nullopt);
   torch::serialize::OutputArchive old;
   old.write("lr", saved.lr());
   old.write("sigma", saved.sigma());
@@ -185,6 +188,7 @@ TEST(Resume, OptionsSavedBeforeAntitheticLoadAsNotAntithetic) {
   EXPECT_FALSE(loaded.antithetic());
   EXPECT_EQ(loaded.num_perturbations(), 1);
   EXPECT_FALSE(loaded.restore_rng());
+  EXPECT_FALSE(loaded.beta_baseline().has_value());
 }
 
 TEST(Scheduler, StepLRDrivesTheLearningRate) {
@@ -193,7 +197,8 @@ TEST(Scheduler, StepLRDrivesTheLearningRate) {
       torch::ones({6}, torch::kDouble).requires_grad_()};
   const auto options = DopamineOptions(0.2)
                            .lr_adaptation(LrAdaptation::None)
-                           .num_perturbations(1);
+                           .num_perturbations(1)
+                           .beta_baseline(std::nullopt);
   ReferenceDopamine reference;
   reference.add_group(params, options);
   Dopamine optimizer(params, options);
@@ -218,12 +223,16 @@ TEST(ParamGroups, EachGroupUsesItsOwnOptions) {
       torch::randn({4}, torch::kDouble).requires_grad_(),
       torch::randn({3}, torch::kDouble).requires_grad_(),
       torch::randn({2, 3}, torch::kDouble).requires_grad_()};
-  const auto defaults =
-      DopamineOptions(0.05).sigma(1e-3).seed(1).num_perturbations(1);
+  const auto defaults = DopamineOptions(0.05)
+                            .sigma(1e-3)
+                            .seed(1)
+                            .num_perturbations(1)
+                            .beta_baseline(std::nullopt);
   const auto second = DopamineOptions(0.3)
                           .sigma(1e-2)
                           .seed(8)
                           .num_perturbations(1)
+                          .beta_baseline(std::nullopt)
                           .lr_adaptation(LrAdaptation::RpeTracking)
                           .weight_decay(0.01);
   std::vector<torch::optim::OptimizerParamGroup> groups;
@@ -332,8 +341,11 @@ TEST(Cuda, UpdateMatchesReferenceAndXorTrains) {
   std::vector<torch::Tensor> params = {
       torch::randn({5}, torch::kDouble).to(cuda).requires_grad_(),
       torch::randn({2, 3}, torch::kDouble).to(cuda).requires_grad_()};
-  const auto options =
-      DopamineOptions(0.05).sigma(1e-3).weight_decay(0.1).num_perturbations(1);
+  const auto options = DopamineOptions(0.05)
+                           .sigma(1e-3)
+                           .weight_decay(0.1)
+                           .num_perturbations(1)
+                           .beta_baseline(std::nullopt);
   ReferenceDopamine reference;
   reference.add_group(params, options);
   Dopamine optimizer(params, options);

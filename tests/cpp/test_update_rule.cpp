@@ -35,7 +35,8 @@ TEST_P(UpdateRule, MatchesSpecOnQuadratic) {
                            .noise(noise)
                            .seed(42)
                            .antithetic(antithetic)
-                           .num_perturbations(1);
+                           .num_perturbations(1)
+                           .beta_baseline(std::nullopt);
   const auto with_skips = [&] {
     const LossFn loss = [&](const auto& p) { return quadratic(p); };
     return non_finite_at(loss, {{1, 1, std::nan("")}, {4, 0, INFINITY}});
@@ -113,7 +114,8 @@ TEST(UpdateRule, LrMinAndLrMaxClamp) {
         tracking(1e-6).lr_min(0.02),
         // Tracking fast, so the rate moves between the clamps.
         tracking(0.5).beta_s(0.5).beta_eta(0.5).lr_min(0.1).lr_max(0.2)}) {
-    options.num_perturbations(1);  // as the reference
+    options.num_perturbations(1).beta_baseline(
+        std::nullopt);  // as the reference
     std::vector<torch::Tensor> params = {
         torch::ones({4}, torch::kDouble).requires_grad_()};
     ReferenceDopamine reference;

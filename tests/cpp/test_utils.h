@@ -124,12 +124,13 @@ class ReferenceDopamine {
     double m = 0, s = 0, eta = 0;
   };
 
-  // The reference follows one direction (docs/DESIGN.md, "The algorithm");
-  // several are checked against the Python reference, and C++ against Python.
+  // The reference follows the paper's rule, one direction and no baseline
+  // (docs/DESIGN.md, "The algorithm"); several directions and the baseline
+  // are checked against the Python reference, and C++ against Python.
   void add_group(const std::vector<torch::Tensor>& params,
                  const DopamineOptions& options) {
-    TORCH_CHECK(options.num_perturbations() == 1,
-                "ReferenceDopamine follows one direction");
+    TORCH_CHECK(options.num_perturbations() == 1 && !options.beta_baseline(),
+                "ReferenceDopamine follows one direction with no baseline");
     Group group{{}, options, first_index_};
     for (const auto& p : params) {
       group.theta.push_back(p.detach().clone());

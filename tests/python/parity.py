@@ -30,9 +30,10 @@ class ParityModel(torch.nn.Module):
 
 
 def group_argument(size, options):
-    """parity_train's GROUP argument."""
-    return ",".join([f"size={size}"] + [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
-                                        for key, value in options.items() if value is not None])
+    """parity_train's GROUP argument: None as "none" (an optional option
+    unset, whatever the C++ default)."""
+    return ",".join([f"size={size}"] + [f"{key}={value!r}" if isinstance(value, float) else f"{key}={'none' if value is None else value}"
+                                        for key, value in options.items()])
 
 
 def train_both(build_dir, directory, groups, steps, antithetic=False):

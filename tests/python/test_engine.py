@@ -534,7 +534,8 @@ def test_a_network_with_dropout_trains():
         with torch.no_grad():
             initial = torch.nn.functional.mse_loss(net.eval()(x), y).item()
         net.train()
-        for _ in range(400):
+        # 2000 forward passes, as many steps as the default directions allow.
+        for _ in range(2000 // (1 + opt.defaults["num_perturbations"])):
             opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
         with torch.no_grad():
             finals[restore] = torch.nn.functional.mse_loss(net.eval()(x), y).item()

@@ -37,10 +37,10 @@ def step_args(device):
 
 def option_arguments(**overrides):
     """Every argument of pack_options, by name: the optimizer's defaults as
-    the op takes them (one direction, weight decay 0.01, seed 3), with
-    `overrides` in the op's terms (enum codes)."""
+    the op takes them (one direction, no baseline, weight decay 0.01, seed 3),
+    with `overrides` in the op's terms (enum codes)."""
     defaults = torch_dopamine.Dopamine([torch.zeros(1, requires_grad=True)]).defaults
-    options = op_arguments({**defaults, "num_perturbations": 1, "weight_decay": 0.01, "seed": 3})
+    options = op_arguments({**defaults, "num_perturbations": 1, "beta_baseline": None, "weight_decay": 0.01, "seed": 3})
     options.update(overrides)
     return options
 

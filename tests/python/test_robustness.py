@@ -167,9 +167,9 @@ def test_a_non_finite_loss_along_a_direction_names_it(device):
 
 def test_num_perturbations_must_agree_across_groups():
     params, loss = quadratic([4, 3], "cpu")
-    opt = torch_dopamine.Dopamine([{"params": params[:1]}, {"params": params[1:], "num_perturbations": 2}])
+    opt = torch_dopamine.Dopamine([{"params": params[:1]}, {"params": params[1:], "num_perturbations": 3}])
     before = snapshot(params)
-    with pytest.raises(ValueError, match="invalid num_perturbations: 2 in parameter group 1.*same in every group"):
+    with pytest.raises(ValueError, match="invalid num_perturbations: 3 in parameter group 1.*same in every group"):
         opt.step(lambda: loss(params))
     assert same_bits(params, before) and opt.group_state(0) is None
 
@@ -192,7 +192,7 @@ def test_non_finite_loss_is_skipped(device, value, which):
     returned = opt.step(closure)
     # Every evaluation runs (the unperturbed one and one along each default
     # direction): the losses are checked together, on the device.
-    assert closure.calls == 1 + opt.defaults["num_perturbations"] == 5
+    assert closure.calls == 1 + opt.defaults["num_perturbations"] == 3
     if which == "unperturbed":
         assert math.isnan(returned.item()) if math.isnan(value) else returned.item() == value
     assert all(torch.allclose(p, b, rtol=0, atol=1e-12) for p, b in zip(params, before))

@@ -94,7 +94,7 @@ def test_a_state_of_format_1_loads_with_no_baseline_and_continues_the_run(device
     """Format 1's group states had five entries, no rpe_baseline: such a state
     loads with b = 0, continues a run without a baseline bit for bit, and
     starts one with it from b = 0. Format 2 must have the six."""
-    params, opt, resumed, resumed_opt = resumed_in_a_default_optimizer(device)
+    params, opt, resumed, resumed_opt = resumed_in_a_default_optimizer(device, beta_baseline=None)
     saved = opt.state_dict()
     assert saved["dopamine_format"] == 2
     assert opt.group_state(0)["rpe_baseline"] == 0
@@ -113,13 +113,15 @@ def test_a_state_of_format_1_loads_with_no_baseline_and_continues_the_run(device
     assert baseline.group_state(0)["rpe_baseline"] != 0
 
 
-def test_a_checkpoint_with_gaussian_noise_keeps_it_under_the_rademacher_default(device):
-    """The noise is saved with each group, so a run saved with the Gaussian
-    noise (the default before Rademacher) continues bit-identically in an
-    optimizer built with today's defaults."""
-    params, opt, resumed, resumed_opt = resumed_in_a_default_optimizer(device, noise="gaussian")
-    assert resumed_opt.defaults["noise"] == "rademacher"
-    assert resumed_opt.param_groups[0]["noise"] == "gaussian"
+@pytest.mark.parametrize("earlier", [dict(noise="gaussian"), dict(num_perturbations=4, beta_baseline=None)])
+def test_a_checkpoint_keeps_the_earlier_defaults_it_was_saved_with(device, earlier):
+    """The options are saved with each group, so a run saved with earlier
+    defaults (Gaussian noise; four directions without a baseline) continues
+    bit-identically in an optimizer built with today's defaults."""
+    params, opt, resumed, resumed_opt = resumed_in_a_default_optimizer(device, **earlier)
+    for name, value in earlier.items():
+        assert resumed_opt.defaults[name] != value
+        assert resumed_opt.param_groups[0][name] == value
     assert same_bits(params, resumed)
     assert resumed_opt.group_state(0) == opt.group_state(0)
 

@@ -43,7 +43,8 @@ DEFAULTS = dict(
     capturable=False,
     master_weights=False,
     antithetic=False,
-    num_perturbations=4,
+    num_perturbations=2,
+    beta_baseline=0.98,
 )
 
 
@@ -90,13 +91,19 @@ def train_beside_reference(device, **overrides):
 @pytest.mark.parametrize("antithetic", [False, True])
 @pytest.mark.parametrize("directions", [1, 3])
 def test_update_matches_reference(device, mode, weight_decay, noise, antithetic, directions):
-    """With antithetic the skipped evaluations are the second and the first,
-    and step() returns the mean of the losses; with several directions the
-    update is the mean of each direction's."""
+    """The paper's RPE (no baseline). With antithetic the skipped evaluations
+    are the second and the first, and step() returns the mean of the losses;
+    with several directions the update is the mean of each direction's."""
     if mode == "loss_spread" and directions == 1 and not antithetic:
         pytest.skip("loss_spread needs two perturbed losses; test_interop tests the refusal")
     train_beside_reference(
-        device, lr_adaptation=mode, weight_decay=weight_decay, noise=noise, antithetic=antithetic, num_perturbations=directions
+        device,
+        lr_adaptation=mode,
+        weight_decay=weight_decay,
+        noise=noise,
+        antithetic=antithetic,
+        num_perturbations=directions,
+        beta_baseline=None,
     )
 
 
