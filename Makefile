@@ -73,10 +73,9 @@ endef
 # Quick: 18.5 minutes on 2 cores for the suite on 2026-12-06 11:04, the
 # directions study's scoring included (0.6 more the first time, to pretrain
 # the fine-tuning tasks' model). This machine's speed varies up to 2x: on
-# 2026-12-07 the same suite took 23.4 minutes for the five small tasks and
-# their directions study alone (7.6 of them the study), and ran past 40
-# before the fine-tuning tasks were done. Scores every optimizer at the
-# configuration benchmarks/tuned.json holds for it.
+# 2026-12-07 the suite took 40.4 minutes (42.7 with the rebuild), nothing
+# else running. Scores every optimizer at the configuration
+# benchmarks/tuned.json holds for it.
 bench: build python
 	$(call run_bench,2000,)
 
@@ -87,7 +86,10 @@ bench: build python
 # and 26 for the directions study (19 contenders x 7 learning rates x 2
 # schedules x 3 tuning seeds a task, on 2026-12-06; alone:
 # `run_suite.py --tune --directions-only`); tuned.json's seconds add up parts
-# run beside other work.
+# run beside other work. Not yet timed whole. Retuning some contenders:
+# `run_suite.py --tune --contenders NAME...`, which retunes the directions
+# study's methods of those names too (64 minutes for dopamine and
+# dopamine[lowrank] on 2026-12-07, beside builds).
 bench-tune: build python
 	$(PYTHON) benchmarks/python/run_suite.py --tune
 
