@@ -66,9 +66,11 @@ TEST(Engine, MixedDtypesTrainInOneGroup) {
     return torch::mse_loss(torch::sigmoid(net->output->forward(hidden)),
                            targets);
   };
-  Dopamine optimizer(net->parameters(), DopamineOptions().master_weights(true));
+  const auto options = DopamineOptions().master_weights(true);
+  Dopamine optimizer(net->parameters(), options);
   const double initial = loss().item<double>();
-  for (int t = 0; t < 1500; ++t) {
+  // 7500 forward passes, as many steps as the default directions allow.
+  for (int64_t t = 0; t < 7500 / (1 + options.num_perturbations()); ++t) {
     optimizer.step(loss);
   }
   EXPECT_EQ(net->hidden->weight.scalar_type(), torch::kBFloat16);
