@@ -58,14 +58,13 @@ def choose_directions(task: tasks.Task, tuned: Dict[str, dict]) -> Dict[str, int
 
 def tune(task: tasks.Task, full: bool, workers: int, progress, methods: Sequence[str] = tuple(DIRECTION_METHODS), earlier: Optional[dict] = None) -> dict:
     """The study's entry of benchmarks/tuned.json for the task: every
-    method's trials at each k, and the k chosen. Tunes `methods`; the
-    others keep their trials from `earlier`, the task's entry before."""
-    names = [name for method in methods for name in contenders(method)]
-    kept = {
-        name: entry
-        for name, entry in (earlier or {}).get("contenders", {}).items()
-        if name not in names and any(name in contenders(method) for method in DIRECTION_METHODS)
-    }
+    method's trials at each k, and the k chosen. Tunes `methods`, and any
+    method that `earlier` (the task's entry before) lacks; the others keep
+    their trials from it."""
+    before = (earlier or {}).get("contenders", {})
+    retuned = [m for m in DIRECTION_METHODS if m in methods or any(name not in before for name in contenders(m))]
+    names = [name for method in retuned for name in contenders(method)]
+    kept = {name: entry for name, entry in before.items() if name not in names and any(name in contenders(m) for m in DIRECTION_METHODS)}
     tuned = dict(kept, **protocol.tune(task, names, full, workers, progress, protocol.equal_forwards_steps, GRID_FACTORS))
     chosen = choose_directions(task, tuned)
     progress(f"directions on {task.name}: " + ", ".join(f"{method} k={k}" for method, k in chosen.items()))

@@ -387,6 +387,8 @@ def test_retuning_some_methods_of_the_study_keeps_the_others_trials(monkeypatch)
         else:
             assert study["contenders"][name] is earlier["contenders"][name]
     assert study["chosen"]["dopamine"] == 2 and study["chosen"]["wp"] == 8
+    # Without an earlier study every method is tuned.
+    assert sorted(directions.tune(lorenz, False, 1, lambda message: None, ["dopamine"], None)["contenders"]) == sorted(every)
 
 
 def test_the_study_refuses_a_same_named_contender_with_other_options(monkeypatch):
