@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import tasks
-from harness import CONTENDERS, SCHEDULES, TASK_CONTENDERS, median, peak_step_bytes, record, train
+from harness import CONTENDERS, EVIDENCE_CONTENDERS, SCHEDULES, TASK_CONTENDERS, median, peak_step_bytes, record, train
 
 TUNING_SEEDS = (1000, 1001, 1002)
 GRID_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
@@ -91,9 +91,13 @@ class Job:
 
 
 def contenders_of(task: tasks.Task, chosen: Optional[Sequence[str]] = None) -> List[str]:
-    """The task's contenders, or those of `chosen` that are among them."""
-    own = list(task.contenders or TASK_CONTENDERS)
-    return [name for name in chosen if name in own] if chosen else own
+    """The task's contenders, or those of `chosen` that it may be scored on:
+    its contenders, and on the paper's tasks the evidence contenders too
+    (harness.EVIDENCE_CONTENDERS)."""
+    if not chosen:
+        return list(task.contenders or TASK_CONTENDERS)
+    known = task.contenders or TASK_CONTENDERS + EVIDENCE_CONTENDERS
+    return [name for name in chosen if name in known]
 
 
 def _one_thread() -> None:

@@ -27,7 +27,7 @@ import report
 import scaleout
 import scaling
 import tasks
-from harness import CONTENDERS, DOPAMINE_DEFAULTS, TASK_CONTENDERS, Progress, machine, record
+from harness import CONTENDERS, DOPAMINE_DEFAULTS, EVIDENCE_CONTENDERS, TASK_CONTENDERS, Progress, machine, record
 
 TUNED = Path(__file__).resolve().parents[1] / "tuned.json"
 SCALING_CONTENDERS = ["dopamine", "dopamine[k=1]", "dopamine[k=4,no_baseline,gaussian]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
@@ -191,10 +191,11 @@ def tune_task(args, task, entry: dict, progress) -> None:
     tuned_now = protocol.tune(task, contenders, args.full, args.workers, progress)
     seconds = entry.setdefault("seconds", {})
     if args.contenders:
-        # Some contenders retuned: the other current ones keep their
-        # trials, and the task's time adds up the tunings that made its
-        # entry.
-        kept = {name: e for name, e in entry["tasks"].get(task.name, {}).items() if name in protocol.contenders_of(task)}
+        # Some contenders retuned: the other current ones (the evidence
+        # contenders too) keep their trials, and the task's time adds up the
+        # tunings that made its entry.
+        earlier = entry["tasks"].get(task.name, {})
+        kept = {name: earlier[name] for name in protocol.contenders_of(task, list(earlier))}
         entry["tasks"][task.name] = dict(kept, **tuned_now)
         seconds[task.name] = seconds.get(task.name, 0.0) + time.time() - task_started
     else:
@@ -220,8 +221,9 @@ def main(argv=None):
     parser.add_argument(
         "--contenders",
         nargs="+",
-        choices=TASK_CONTENDERS,
-        help="score, or with --tune retune, only these of the task contenders (and with --tune the study's methods of these names)",
+        choices=TASK_CONTENDERS + EVIDENCE_CONTENDERS,
+        help="score, or with --tune retune, only these of the task contenders, or the evidence contenders make bench leaves "
+        "out (and with --tune the study's methods of these names)",
     )
     parser.add_argument(
         "--seeds",

@@ -391,6 +391,31 @@ def test_retuning_some_methods_of_the_study_keeps_the_others_trials(monkeypatch)
     assert sorted(directions.tune(lorenz, False, 1, lambda message: None, ["dopamine"], None)["contenders"]) == sorted(every)
 
 
+def test_make_bench_leaves_the_evidence_contenders_out_and_a_partial_retune_keeps_their_tunings(monkeypatch):
+    import argparse
+
+    import run_suite
+    from harness import EVIDENCE_CONTENDERS, TASK_CONTENDERS
+
+    lorenz, finetune = tasks.chaotic_task("lorenz", False), tasks.finetune_task(False, False)
+    assert protocol.contenders_of(lorenz) == TASK_CONTENDERS and not set(EVIDENCE_CONTENDERS) & set(TASK_CONTENDERS)
+    # Named, they are scored or retuned on the paper's tasks; fine-tuning has its own contenders.
+    assert protocol.contenders_of(lorenz, ["dopamine[k=4,no_baseline]", "wp", "adam[fused]"]) == ["dopamine[k=4,no_baseline]", "wp"]
+    assert protocol.contenders_of(finetune, ["dopamine[k=4,no_baseline]", "fzoo"]) == ["fzoo"]
+
+    monkeypatch.setattr(protocol, "tune", lambda task, names, *rest: {name: dict(trials=["new"]) for name in names})
+    entry = {"tasks": {"lorenz": {name: dict(trials=["old"]) for name in TASK_CONTENDERS + EVIDENCE_CONTENDERS + ["gone"]}}}
+    args = argparse.Namespace(contenders=["wp"], full=False, workers=1)
+    run_suite.tune_task(args, lorenz, entry, lambda message: None)
+    retuned = entry["tasks"]["lorenz"]
+    assert sorted(retuned) == sorted(TASK_CONTENDERS + EVIDENCE_CONTENDERS)
+    assert [name for name, e in retuned.items() if e["trials"] == ["new"]] == ["wp"]
+    # A whole retune (make bench-tune) tunes make bench's contenders only.
+    args.contenders = None
+    run_suite.tune_task(args, lorenz, entry, lambda message: None)
+    assert sorted(entry["tasks"]["lorenz"]) == sorted(TASK_CONTENDERS)
+
+
 def test_the_study_refuses_a_same_named_contender_with_other_options(monkeypatch):
     import harness
 
