@@ -164,10 +164,7 @@ def tune(args, task_list, progress) -> None:
             task_started = time.time()
             studies = entry.setdefault("directions", {})
             studies[task.name] = directions.tune(task, args.full, args.workers, progress, methods, studies.get(task.name))
-            # As a task's: the time adds up the tunings that made the entry.
-            seconds = entry.setdefault("seconds_directions", {})
-            earlier = seconds.get(task.name, 0.0) if args.contenders else 0.0
-            seconds[task.name] = earlier + time.time() - task_started
+            _record_time(entry, "seconds_directions", task.name, task_started, partial=bool(args.contenders))
         entry.update(
             protocol=protocol.description(tasks.all_tasks(args.full)),
             machine=machine(),
@@ -189,18 +186,21 @@ def tune_task(args, task, entry: dict, progress) -> None:
     )
     task_started = time.time()
     tuned_now = protocol.tune(task, contenders, args.full, args.workers, progress)
-    seconds = entry.setdefault("seconds", {})
     if args.contenders:
         # Some contenders retuned: the other current ones (the evidence
-        # contenders too) keep their trials, and the task's time adds up the
-        # tunings that made its entry.
+        # contenders too) keep their trials.
         earlier = entry["tasks"].get(task.name, {})
-        kept = {name: earlier[name] for name in protocol.contenders_of(task, list(earlier))}
-        entry["tasks"][task.name] = dict(kept, **tuned_now)
-        seconds[task.name] = seconds.get(task.name, 0.0) + time.time() - task_started
-    else:
-        entry["tasks"][task.name] = tuned_now
-        seconds[task.name] = time.time() - task_started
+        tuned_now = dict({name: earlier[name] for name in protocol.contenders_of(task, list(earlier))}, **tuned_now)
+    entry["tasks"][task.name] = tuned_now
+    _record_time(entry, "seconds", task.name, task_started, partial=bool(args.contenders))
+
+
+def _record_time(entry: dict, key: str, task: str, started: float, partial: bool) -> None:
+    """Records the time of a task's tuning under entry[key]; a partial
+    retune's adds to the time of the tunings that made the rest of the
+    entry."""
+    seconds = entry.setdefault(key, {})
+    seconds[task] = (seconds.get(task, 0.0) if partial else 0.0) + time.time() - started
 
 
 def main(argv=None):
