@@ -70,23 +70,23 @@ define run_bench
 	  --cpp-json results/bench_cpp.json --noise-json results/noise_cpp.json
 endef
 
-# Quick: 18.5 minutes on 2 cores for the suite on 2026-12-06 11:04, the
-# directions study's scoring included (0.6 more the first time, to pretrain
-# the fine-tuning tasks' model). This machine's speed varies up to 2x: on
-# 2026-12-07 the suite took 40.4 minutes (42.7 with the rebuild), nothing
-# else running. Scores every optimizer at the configuration
-# benchmarks/tuned.json holds for it.
+# Quick: 35.2 minutes on 2 cores for the suite (35.8 with the rebuild) on
+# 2026-12-07 13:52 on an AVX2 VM, nothing else running; with the evidence
+# contenders (docs/BENCHMARKS.md, "Contenders"), which it no longer scores,
+# 40.4 there and 18.5 on 2026-12-06 on an AVX-512 VM. The first run also
+# pretrains the fine-tuning tasks' model (1.5 minutes). Scores every
+# optimizer at the configuration benchmarks/tuned.json holds for it.
 bench: build python
 	$(call run_bench,2000,)
 
-# Reruns the tuning of the quick tasks (every optimizer: 5 learning rates x
-# 2 schedules x 3 tuning seeds) and rewrites benchmarks/tuned.json: about
-# 125 minutes on 2 cores uninterrupted (42 for XOR, Lorenz, Rössler and
-# digits on 2026-11-29, 6 for spirals, 50 for the two fine-tuning tasks),
-# and 26 for the directions study (19 contenders x 7 learning rates x 2
-# schedules x 3 tuning seeds a task, on 2026-12-06; alone:
-# `run_suite.py --tune --directions-only`); tuned.json's seconds add up parts
-# run beside other work. Not yet timed whole. Retuning some contenders:
+# Reruns the tuning of the quick tasks (make bench's contenders: 5 learning
+# rates x 2 schedules x 3 tuning seeds) and of the directions study, and
+# rewrites benchmarks/tuned.json. Not timed whole: its parts added up to
+# about 125 minutes on 2 cores on the faster VM (42 for XOR, Lorenz, Rössler
+# and digits on 2026-11-29 with fewer contenders, 6 for spirals, 50 for the
+# two fine-tuning tasks, 26 for the directions study), about twice that on an
+# AVX2 VM; tuned.json's seconds add up parts run beside other work.
+# Retuning some contenders, the evidence contenders included:
 # `run_suite.py --tune --contenders NAME...`, which retunes the directions
 # study's methods of those names too (64 minutes for dopamine and
 # dopamine[lowrank] on 2026-12-07, beside builds).
