@@ -95,8 +95,7 @@ bench-tune: build python
 
 # Fine-tuning with adapters, the forward-only contenders at ten times the
 # gradient references' forward passes (benchmarks/python/finetune_budget.py):
-# about 16 minutes on 2 cores before dopamine[lowrank] joined the fine-tuning
-# contenders, whose 1800 steps add about 5 more (estimated, not yet run).
+# 69 minutes on 2 cores on 2026-12-07, most of it beside a CI run.
 bench-finetune-budget: build python
 	$(PYTHON) benchmarks/python/finetune_budget.py --out results
 
