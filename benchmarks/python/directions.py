@@ -64,7 +64,7 @@ def tune(task: tasks.Task, full: bool, workers: int, progress, methods: Sequence
     before = (earlier or {}).get("contenders", {})
     retuned = [m for m in DIRECTION_METHODS if m in methods or any(name not in before for name in contenders(m))]
     names = [name for method in retuned for name in contenders(method)]
-    kept = {name: entry for name, entry in before.items() if name not in names and any(name in contenders(m) for m in DIRECTION_METHODS)}
+    kept = {name: before[name] for method in DIRECTION_METHODS if method not in retuned for name in contenders(method)}
     tuned = dict(kept, **protocol.tune(task, names, full, workers, progress, protocol.equal_forwards_steps, GRID_FACTORS))
     chosen = choose_directions(task, tuned)
     progress(f"directions on {task.name}: " + ", ".join(f"{method} k={k}" for method, k in chosen.items()))

@@ -90,13 +90,18 @@ class Job:
     steps: Optional[int] = None  # the horizon, when not the task's
 
 
+# What --contenders may name on the paper's tasks: make bench's contenders
+# and the evidence contenders it leaves out.
+NAMED_CONTENDERS = TASK_CONTENDERS + EVIDENCE_CONTENDERS
+
+
 def contenders_of(task: tasks.Task, chosen: Optional[Sequence[str]] = None) -> List[str]:
     """The task's contenders, or those of `chosen` that it may be scored on:
     its contenders, and on the paper's tasks the evidence contenders too
     (harness.EVIDENCE_CONTENDERS)."""
     if not chosen:
         return list(task.contenders or TASK_CONTENDERS)
-    known = task.contenders or TASK_CONTENDERS + EVIDENCE_CONTENDERS
+    known = task.contenders or NAMED_CONTENDERS
     return [name for name in chosen if name in known]
 
 

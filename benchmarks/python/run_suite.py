@@ -27,7 +27,7 @@ import report
 import scaleout
 import scaling
 import tasks
-from harness import CONTENDERS, DOPAMINE_DEFAULTS, EVIDENCE_CONTENDERS, TASK_CONTENDERS, Progress, machine, record
+from harness import CONTENDERS, DOPAMINE_DEFAULTS, Progress, machine, record
 
 TUNED = Path(__file__).resolve().parents[1] / "tuned.json"
 SCALING_CONTENDERS = ["dopamine", "dopamine[k=1]", "dopamine[k=4,no_baseline,gaussian]", "sgd", "adam", "adam[foreach]", "adam[fused]"]
@@ -221,7 +221,7 @@ def main(argv=None):
     parser.add_argument(
         "--contenders",
         nargs="+",
-        choices=TASK_CONTENDERS + EVIDENCE_CONTENDERS,
+        choices=protocol.NAMED_CONTENDERS,
         help="score, or with --tune retune, only these of the task contenders, or the evidence contenders make bench leaves "
         "out (and with --tune the study's methods of these names)",
     )
