@@ -376,6 +376,10 @@ def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, pr
                 at_grid_edge=entry["at_grid_edge"],
                 chosen_by=task.chosen_by,
                 scoring_seeds=list(task.seeds),
+                # Each seed's figure of the task's rule, for the comparisons
+                # seed by seed (paired): XOR its steps to target (inf:
+                # unsolved), the others its final metric (diverged: the worst).
+                per_seed=steps if task.name == "xor" else finals,
                 horizon_steps=horizon(task, name) if horizon else task.steps,
                 curve=runs[0]["curve"],
             )
@@ -405,16 +409,38 @@ def score(task: tasks.Task, tuned: Dict[str, dict], full: bool, workers: int, pr
 # --- Comparing -------------------------------------------------------------------
 
 
+def _as_cost(row: dict, figure: float, per_forward: bool) -> float:
+    """A figure of the row's task as a cost, lower is better: XOR's steps to
+    target (in forward passes, `per_forward`), the error for accuracy, else
+    the metric."""
+    if row["task"] == "xor":
+        return figure * row["forward_equivalents_per_step"] if per_forward else figure
+    return 1.0 - figure if row["higher_is_better"] else figure
+
+
 def cost(row: dict, at_equal_forwards: bool = False) -> float:
     """A scored row as one number, lower is better, for the performance
     profile: XOR the median steps (or forward passes) to target over every
     scoring seed, a failure counting as infinite; the others the median
     final metric (test error for accuracy)."""
     if row["task"] == "xor":
-        middle = row["median_steps_all_runs"]
-        return middle * row["forward_equivalents_per_step"] if at_equal_forwards else middle
-    value = row["metric_at_equal_forwards"] if at_equal_forwards else row["final_metric"]
-    return 1.0 - value if row["higher_is_better"] else value
+        return _as_cost(row, row["median_steps_all_runs"], at_equal_forwards)
+    return _as_cost(row, row["metric_at_equal_forwards"] if at_equal_forwards else row["final_metric"], False)
+
+
+def paired(row: dict, other: dict, per_forward: bool = False) -> dict:
+    """Row against other seed by seed. A scoring seed starts both from the
+    same initialisation and data, so the ratio of their costs on each seed
+    (< 1: row better; 1 where they are equal, two failures included) leaves
+    out what the seeds share, which two medians and their intervals keep.
+    The seeds row won and lost, the median ratio and its 95% interval."""
+    if row["scoring_seeds"] != other["scoring_seeds"]:
+        raise ValueError(f"{row['optimizer']} and {other['optimizer']} were scored on different seeds: no pairs")
+    ratios = []
+    for a, b in zip(row["per_seed"], other["per_seed"]):
+        a, b = _as_cost(row, a, per_forward), _as_cost(other, b, per_forward)
+        ratios.append(1.0 if a == b else a / b if b > 0 else math.inf)
+    return dict(won=sum(r < 1 for r in ratios), lost=sum(r > 1 for r in ratios), ratio=statistics.median(ratios), ci95=bootstrap_ci(ratios))
 
 
 def performance_profile(rows_by_task: Dict[str, Dict[str, dict]], taus: Sequence[float], at_equal_forwards: bool = False) -> Dict[str, List[float]]:

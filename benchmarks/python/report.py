@@ -1,7 +1,7 @@
 """results/REPORT.md and the plots, from the records of one run."""
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 try:
     import matplotlib
@@ -227,6 +227,22 @@ def _verdict(r: dict, other: dict) -> str:
     return "loses" if protocol.beats(other, r, per_forward=True) else "neither beats"
 
 
+def _paired(r: dict, other: dict) -> Tuple[str, str]:
+    """r against other seed by seed at equal forward passes
+    (protocol.paired): the median ratio of their costs [95% CI] with the
+    seeds r won and lost; and where the interval lies: below 1 (r better on
+    the seeds), above 1, or across 1 (the seeds do not tell)."""
+    pair = protocol.paired(r, other, per_forward=True)
+    low, high = pair["ci95"]
+    side = "below 1" if high < 1 else "above 1" if low > 1 else "across 1"
+    return f"{_fmt(pair['ratio'])} {_ci(pair['ci95'])}, won {pair['won']}, lost {pair['lost']} of {len(r['per_seed'])}", side
+
+
+def _sides(pairs: Dict[str, List[str]]) -> str:
+    """`pairs` (cells by the side of 1 their interval lies on) in a sentence."""
+    return "; ".join(f"{side}: {', '.join(cells) if cells else 'none'}" for side, cells in pairs.items())
+
+
 def _at_budget(task: str, r: dict) -> str:
     """A directions-study row's figure at its budget of forward passes:
     XOR the seeds solved and the median forward passes to target over every
@@ -295,21 +311,44 @@ def _directions(records) -> List[str]:
         + "; ".join(f"{method} on {wins_at_its_k[method]} of {len(by_task)}" for method in wins_at_its_k)
         + ".",
         "",
-        "The ablation: the RPE rule (`dopamine[k=K]`) against no adaptation (`wp[k=K]`), the same K Rademacher directions, "
-        "noise and tuning, at equal forward passes.",
+        "Seed by seed: a scoring seed starts every contender from the same initialisation and data, so the ratio of the "
+        "defaults' cost to a peer's on each seed (< 1: the defaults better; XOR forward passes to target, accuracy the "
+        "error) leaves out what the seeds share. Median ratio [95% CI], and the seeds the defaults won and lost:",
         "",
-        "| task | k | RPE | none (WP) | RPE against none |",
-        "|---|---|---|---|---|",
+        "| task | " + " | ".join(f"vs {method} at its k" for method in wins) + " |",
+        "|---|" + "---|" * len(wins),
     ]
+    sides: Dict[str, List[str]] = {"below 1": [], "across 1": [], "above 1": []}
+    for task, named in by_task.items():
+        default = named[with_directions(directions.RULE, DOPAMINE_DEFAULTS["num_perturbations"])]
+        chosen = {r["method"]: r for r in named.values() if r["chosen"]}
+        cells = [_paired(default, chosen[method]) for method in wins]
+        lines.append(f"| {task} | " + " | ".join(text for text, _ in cells) + " |")
+        for method, (_, side) in zip(wins, cells):
+            sides[side].append(f"{method} on {task}")
+    lines += [
+        "",
+        f"- The defaults' paired interval against each peer at its k lies {_sides(sides)}.",
+        "",
+        "The ablation: the RPE rule (`dopamine[k=K]`) against no adaptation (`wp[k=K]`), the same K Rademacher directions, "
+        "noise and tuning, at equal forward passes; then the same seed by seed (RPE's cost over WP's).",
+        "",
+        "| task | k | RPE | none (WP) | RPE against none | per seed: RPE / none |",
+        "|---|---|---|---|---|---|",
+    ]
+    sides = {"below 1": [], "across 1": [], "above 1": []}
     for task, named in by_task.items():
         pairs = sorted((r["directions"], r["optimizer"]) for r in named.values() if r["method"] == directions.RULE)
         for k, name in pairs:
             rule, without = named[name], named[with_directions(directions.WITHOUT_RULE, k)]
             verdict = _verdict(rule, without)
+            text, side = _paired(rule, without)
             lines.append(
                 f"| {task} | {k} | {_at_budget(task, rule)} | {_at_budget(task, without)} | "
-                f"{'**beats**' if verdict == 'beats' else verdict}, {_intervals(task, rule, without)} |"
+                f"{'**beats**' if verdict == 'beats' else verdict}, {_intervals(task, rule, without)} | {text} |"
             )
+            sides[side].append(f"{task} k={k}")
+    lines += ["", f"- The rule's paired interval against WP at the same k lies {_sides(sides)}."]
     return lines + [""]
 
 

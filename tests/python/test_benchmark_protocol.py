@@ -300,6 +300,52 @@ def test_the_study_chooses_the_k_whose_best_trial_wins_xor_counting_forwards_and
     assert sorted(rest) == sorted(["dopamine[k=2]", "dopamine[k=4]", "dopamine[k=8]", "wp[k=1]", "wp[k=2]", "wp[k=8]"])
 
 
+def test_the_paired_ratio_compares_each_seed_s_cost_and_keeps_failures():
+    seeds = dict(scoring_seeds=[0, 1, 2, 3])
+    # MSE: per seed 0.5, 1 (equal), 0 (the other diverged), inf (this one did).
+    row = dict(scored("lorenz", "d", 1.0), per_seed=[1.0, 2.0, 3.0, math.inf], **seeds)
+    other = dict(scored("lorenz", "w", 1.0), per_seed=[2.0, 2.0, math.inf, 4.0], **seeds)
+    pair = protocol.paired(row, other)
+    assert (pair["won"], pair["lost"], pair["ratio"]) == (2, 1, 0.75)
+    assert pair["ci95"] == protocol.bootstrap_ci([0.5, 1.0, 0.0, math.inf])
+    # Accuracy: the ratio of the errors; two failures (or two perfect runs) tie.
+    row = dict(scored("digits", "d", 0.9, higher_is_better=True), per_seed=[0.9, 1.0, -math.inf, 0.8], **seeds)
+    other = dict(scored("digits", "w", 0.9, higher_is_better=True), per_seed=[0.8, 1.0, -math.inf, 0.9], **seeds)
+    pair = protocol.paired(row, other)
+    assert (pair["won"], pair["lost"]) == (1, 1) and pair["ratio"] == pytest.approx(1.0)
+    assert protocol.paired(other, row)["ratio"] == pytest.approx(1.0)
+    # XOR: steps to target, in forward passes with per_forward; a perfect
+    # other against a positive cost is infinitely better.
+    row = dict(scored("xor", "d", 0.0, forwards=3), per_seed=[100.0, math.inf, 50.0, 10.0], **seeds)
+    other = dict(scored("xor", "w", 0.0, forwards=2), per_seed=[100.0, math.inf, 100.0, 0.0], **seeds)
+    assert protocol.paired(row, other)["won"] == 1
+    pair = protocol.paired(row, other, per_forward=True)
+    assert (pair["won"], pair["lost"], pair["ratio"]) == (1, 2, 1.25)  # 1.5, 1, 0.75, inf
+    with pytest.raises(ValueError, match="different seeds"):
+        protocol.paired(row, dict(other, scoring_seeds=[4, 5, 6, 7]))
+
+
+@pytest.mark.parametrize("name", ["lorenz", "xor"])
+def test_a_scored_row_keeps_each_seed_s_figure_in_seed_order(monkeypatch, name):
+    task = tasks.task_named(name, False)
+    task.seeds = [7, 8, 9]
+    # Seed 8 diverged (XOR: did not solve).
+    finals = {7: 0.3, 8: 0.1, 9: 0.2}
+    reached = {7: 40, 8: None, 9: 20}
+
+    def fake_runs(jobs, workers, progress, label, work=None):
+        return [dict(steps_to_target=reached[job.seed], seconds_to_target=None if reached[job.seed] is None else 1.0,
+                     final_metric=finals[job.seed], final_loss=finals[job.seed], diverged=job.seed == 8 and name != "xor",
+                     seconds=1.0, steps=task.steps, curve=[(task.steps, 1.0, finals[job.seed], finals[job.seed])],
+                     metric_limit=None) for job in jobs]
+
+    monkeypatch.setattr(protocol, "run_jobs", fake_runs)
+    tuned = {"wp": dict(lr=0.01, schedule="constant", grid=[0.01], at_grid_edge=True)}
+    (row,) = protocol.score(task, tuned, False, 1, lambda message: None)
+    assert row["scoring_seeds"] == [7, 8, 9]
+    assert row["per_seed"] == ([40.0, math.inf, 20.0] if name == "xor" else [0.3, math.inf, 0.2])
+
+
 def test_beating_per_forward_counts_xor_in_forward_passes():
     fewer_forwards = dict(scored("xor", "d", 0.0, steps=100, forwards=2), median_forwards_to_target=200)
     fewer_steps = dict(scored("xor", "w", 0.0, steps=60, forwards=5), median_forwards_to_target=300)
@@ -316,7 +362,8 @@ def study_rows(chosen):
         k = int(name.split("k=")[1].rstrip("]"))
         final = 0.001 if method == "dopamine" else 0.0005 if method == "fzoo" else 0.002
         rows.append(dict(scored("lorenz", name, final), study="directions", method=method, directions=k,
-                         chosen=chosen[method] == k, ci95=[final, final], config=dict(seeds=5), front_end="python"))
+                         chosen=chosen[method] == k, ci95=[final, final], config=dict(seeds=5), front_end="python",
+                         per_seed=[final] * 5, scoring_seeds=list(range(5))))
     return rows
 
 
@@ -329,20 +376,32 @@ def test_the_report_pairs_the_rule_with_wp_at_every_k_and_judges_the_defaults_ag
     assert "wp at its k on 1 of 1 tasks; zo-sgd[central] at its k on 1 of 1 tasks" in text
     assert "fzoo at its k on 0 of 1 tasks" in text and "**not met**" in text
     assert "Dopamine at the k its tuning chose beats wp on 1 of 1; zo-sgd[central] on 1 of 1; spsa on 1 of 1; fzoo on 0 of 1" in text
-    assert sum(line.startswith("| lorenz | ") and line.endswith("| **beats**, intervals disjoint |") for line in text.splitlines()) == 4
+    half = "| 0.5 [0.5, 0.5], won 5, lost 0 of 5 |"
+    assert sum(line.startswith("| lorenz | ") and line.endswith(f"| **beats**, intervals disjoint {half}") for line in text.splitlines()) == 4
+    # Seed by seed: the defaults (0.001 on every seed) at half the MSE of
+    # WP, MeZO and SPSA, at twice FZOO's.
+    assert f"| lorenz {half} 0.5 [0.5, 0.5], won 5, lost 0 of 5 {half} 2 [2, 2], won 0, lost 5 of 5 |" in text
+    assert ("lies below 1: wp on lorenz, zo-sgd[central] on lorenz, spsa on lorenz; across 1: none; above 1: fzoo on lorenz"
+            in text)
     # An interval that reaches the other's: the same verdict, marked; equal
     # figures: neither beats; a diverged median is said so; a missing interval is not
     # called an overlap.
     named = {r["optimizer"]: r for r in rows}
     named["wp[k=8]"]["ci95"] = [0.0008, 0.002]
-    named["wp[k=2]"].update(final_metric=0.001, ci95=[0.001, 0.001])
-    named["wp[k=4]"].update(final_metric=math.inf, ci95=[math.inf, math.inf], divergences=3)
+    named["wp[k=2]"].update(final_metric=0.001, ci95=[0.001, 0.001], per_seed=[0.002, 0.0005, 0.001, 0.001, 0.001])
+    named["wp[k=4]"].update(final_metric=math.inf, ci95=[math.inf, math.inf], divergences=3,
+                            per_seed=[math.inf] * 3 + [0.002] * 2)
     named["wp[k=1]"]["ci95"] = None
-    row_of = {line.split(" | ")[1]: line for line in report._directions(rows) if line.startswith("| lorenz | ")}
-    assert row_of["8"].endswith("| **beats**, intervals overlap |")
-    assert row_of["2"].endswith("| neither beats, intervals overlap |")
-    assert "| most runs diverged; 3/5 div. | **beats**, intervals disjoint |" in row_of["4"]
-    assert row_of["1"].endswith("| **beats**, an interval unknown |")
+    text = "\n".join(report._directions(rows))
+    row_of = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| lorenz | ")}
+    assert row_of["8"].endswith(f"| **beats**, intervals overlap {half}")
+    # Per seed 0.5, 2, 1, 1, 1: one won, one lost, the median a tie.
+    pair = protocol.paired(named["dopamine[k=2]"], named["wp[k=2]"])
+    assert pair["won"] == 1 and pair["lost"] == 1 and pair["ratio"] == 1.0
+    assert row_of["2"].endswith(f"| neither beats, intervals overlap | 1 {report._ci(pair['ci95'])}, won 1, lost 1 of 5 |")
+    assert "| most runs diverged; 3/5 div. | **beats**, intervals disjoint | 0 [0, 0.5], won 5, lost 0 of 5 |" in row_of["4"]
+    assert row_of["1"].endswith(f"| **beats**, an interval unknown {half}")
+    assert "against WP at the same k lies below 1: lorenz k=1, lorenz k=4, lorenz k=8; across 1: lorenz k=2; above 1: none" in text
     # The main tables leave the study's rows out.
     assert report._selected(rows, "lorenz") == {}
 
