@@ -227,6 +227,11 @@ def _verdict(r: dict, other: dict) -> str:
     return "loses" if protocol.beats(other, r, per_forward=True) else "neither beats"
 
 
+# Where the interval of a paired ratio lies: r better on the seeds, the
+# seeds do not tell, r worse.
+SIDES = ("below 1", "across 1", "above 1")
+
+
 def _paired(r: dict, other: dict) -> Tuple[str, str]:
     """r against other seed by seed at equal forward passes
     (protocol.paired): the median ratio of their costs [95% CI] with the
@@ -234,12 +239,12 @@ def _paired(r: dict, other: dict) -> Tuple[str, str]:
     the seeds), above 1, or across 1 (the seeds do not tell)."""
     pair = protocol.paired(r, other, per_forward=True)
     low, high = pair["ci95"]
-    side = "below 1" if high < 1 else "above 1" if low > 1 else "across 1"
+    side = SIDES[0] if high < 1 else SIDES[2] if low > 1 else SIDES[1]
     return f"{_fmt(pair['ratio'])} {_ci(pair['ci95'])}, won {pair['won']}, lost {pair['lost']} of {len(r['per_seed'])}", side
 
 
 def _sides(pairs: Dict[str, List[str]]) -> str:
-    """`pairs` (cells by the side of 1 their interval lies on) in a sentence."""
+    """`pairs` (cells by the SIDES their interval lies on) in a sentence."""
     return "; ".join(f"{side}: {', '.join(cells) if cells else 'none'}" for side, cells in pairs.items())
 
 
@@ -285,9 +290,12 @@ def _directions(records) -> List[str]:
     wins = {method: 0 for method in methods if method != directions.RULE}
     # Dopamine at the k its tuning chose, against the same peers.
     wins_at_its_k = dict(wins)
+    # The defaults against each peer at its k, seed by seed, per task.
+    paired_cells = {}
     for task, named in by_task.items():
         default = named[with_directions(directions.RULE, DOPAMINE_DEFAULTS["num_perturbations"])]
         chosen = {r["method"]: r for r in named.values() if r["chosen"]}
+        paired_cells[task] = [_paired(default, chosen[method]) for method in wins]
         cells = [_at_budget(task, default)]
         for method in methods:
             r = chosen[method]
@@ -318,11 +326,8 @@ def _directions(records) -> List[str]:
         "| task | " + " | ".join(f"vs {method} at its k" for method in wins) + " |",
         "|---|" + "---|" * len(wins),
     ]
-    sides: Dict[str, List[str]] = {"below 1": [], "across 1": [], "above 1": []}
-    for task, named in by_task.items():
-        default = named[with_directions(directions.RULE, DOPAMINE_DEFAULTS["num_perturbations"])]
-        chosen = {r["method"]: r for r in named.values() if r["chosen"]}
-        cells = [_paired(default, chosen[method]) for method in wins]
+    sides = {side: [] for side in SIDES}
+    for task, cells in paired_cells.items():
         lines.append(f"| {task} | " + " | ".join(text for text, _ in cells) + " |")
         for method, (_, side) in zip(wins, cells):
             sides[side].append(f"{method} on {task}")
@@ -336,7 +341,7 @@ def _directions(records) -> List[str]:
         "| task | k | RPE | none (WP) | RPE against none | per seed: RPE / none |",
         "|---|---|---|---|---|---|",
     ]
-    sides = {"below 1": [], "across 1": [], "above 1": []}
+    sides = {side: [] for side in SIDES}
     for task, named in by_task.items():
         pairs = sorted((r["directions"], r["optimizer"]) for r in named.values() if r["method"] == directions.RULE)
         for k, name in pairs:
