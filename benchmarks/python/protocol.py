@@ -425,7 +425,12 @@ def cost(row: dict, at_equal_forwards: bool = False) -> float:
     final metric (test error for accuracy)."""
     if row["task"] == "xor":
         return _as_cost(row, row["median_steps_all_runs"], at_equal_forwards)
-    return _as_cost(row, row["metric_at_equal_forwards"] if at_equal_forwards else row["final_metric"], False)
+    return _as_cost(row, row["metric_at_equal_forwards"] if at_equal_forwards else row["final_metric"], at_equal_forwards)
+
+
+def _ratio(difference: float) -> float:
+    """The ratio a / b of two costs from (a - b) / (a + b), in [-1, 1]."""
+    return math.inf if difference == 1 else (1 + difference) / (1 - difference)
 
 
 def paired(row: dict, other: dict, per_forward: bool = False) -> dict:
@@ -433,14 +438,25 @@ def paired(row: dict, other: dict, per_forward: bool = False) -> dict:
     same initialisation and data, so the ratio of their costs on each seed
     (< 1: row better; 1 where they are equal, two failures included) leaves
     out what the seeds share, which two medians and their intervals keep.
-    The seeds row won and lost, the median ratio and its 95% interval."""
+    The seeds row won and lost, the median ratio and its 95% interval. The
+    median and the interval are taken of (a - b) / (a + b), finite where a
+    failure makes the ratio 0 or infinite, and turned back into ratios, so
+    that swapping the pair inverts them (two middle ratios of 0.5 and 2 are
+    a median of 1 either way). Each seed's figure is the row's at its own
+    horizon (the directions study's: the budget of forward passes);
+    `per_forward` counts XOR's steps to target in forward passes."""
     if row["scoring_seeds"] != other["scoring_seeds"]:
         raise ValueError(f"{row['optimizer']} and {other['optimizer']} were scored on different seeds: no pairs")
-    ratios = []
+    differences = []
     for a, b in zip(row["per_seed"], other["per_seed"]):
         a, b = _as_cost(row, a, per_forward), _as_cost(other, b, per_forward)
-        ratios.append(1.0 if a == b else a / b if b > 0 else math.inf)
-    return dict(won=sum(r < 1 for r in ratios), lost=sum(r > 1 for r in ratios), ratio=statistics.median(ratios), ci95=bootstrap_ci(ratios))
+        differences.append(0.0 if a == b else 1.0 if math.isinf(a) else -1.0 if math.isinf(b) else (a - b) / (a + b))
+    return dict(
+        won=sum(d < 0 for d in differences),
+        lost=sum(d > 0 for d in differences),
+        ratio=_ratio(statistics.median(differences)),
+        ci95=[_ratio(bound) for bound in bootstrap_ci(differences)],
+    )
 
 
 def performance_profile(rows_by_task: Dict[str, Dict[str, dict]], taus: Sequence[float], at_equal_forwards: bool = False) -> Dict[str, List[float]]:

@@ -236,7 +236,8 @@ def _paired(r: dict, other: dict) -> Tuple[str, str]:
     """r against other seed by seed at equal forward passes
     (protocol.paired): the median ratio of their costs [95% CI] with the
     seeds r won and lost; and where the interval lies: below 1 (r better on
-    the seeds), above 1, or across 1 (the seeds do not tell)."""
+    the seeds), above 1, or across 1 (the seeds do not tell; an interval
+    that reaches 1 is across it)."""
     pair = protocol.paired(r, other, per_forward=True)
     low, high = pair["ci95"]
     side = SIDES[0] if high < 1 else SIDES[2] if low > 1 else SIDES[1]
@@ -287,7 +288,8 @@ def _directions(records) -> List[str]:
         f"| task | Dopamine's defaults (k={DOPAMINE_DEFAULTS['num_perturbations']}) | " + " | ".join(f"{method} at its k" for method in methods) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
-    wins = {method: 0 for method in methods if method != directions.RULE}
+    peers = [method for method in methods if method != directions.RULE]
+    wins = {method: 0 for method in peers}
     # Dopamine at the k its tuning chose, against the same peers.
     wins_at_its_k = dict(wins)
     # The defaults against each peer at its k, seed by seed, per task.
@@ -295,7 +297,7 @@ def _directions(records) -> List[str]:
     for task, named in by_task.items():
         default = named[with_directions(directions.RULE, DOPAMINE_DEFAULTS["num_perturbations"])]
         chosen = {r["method"]: r for r in named.values() if r["chosen"]}
-        paired_cells[task] = [_paired(default, chosen[method]) for method in wins]
+        paired_cells[task] = [_paired(default, chosen[method]) for method in peers]
         cells = [_at_budget(task, default)]
         for method in methods:
             r = chosen[method]
@@ -323,13 +325,13 @@ def _directions(records) -> List[str]:
         "defaults' cost to a peer's on each seed (< 1: the defaults better; XOR forward passes to target, accuracy the "
         "error) leaves out what the seeds share. Median ratio [95% CI], and the seeds the defaults won and lost:",
         "",
-        "| task | " + " | ".join(f"vs {method} at its k" for method in wins) + " |",
-        "|---|" + "---|" * len(wins),
+        "| task | " + " | ".join(f"vs {method} at its k" for method in peers) + " |",
+        "|---|" + "---|" * len(peers),
     ]
     sides = {side: [] for side in SIDES}
     for task, cells in paired_cells.items():
         lines.append(f"| {task} | " + " | ".join(text for text, _ in cells) + " |")
-        for method, (_, side) in zip(wins, cells):
+        for method, (_, side) in zip(peers, cells):
             sides[side].append(f"{method} on {task}")
     lines += [
         "",

@@ -302,25 +302,42 @@ def test_the_study_chooses_the_k_whose_best_trial_wins_xor_counting_forwards_and
 
 def test_the_paired_ratio_compares_each_seed_s_cost_and_keeps_failures():
     seeds = dict(scoring_seeds=[0, 1, 2, 3])
-    # MSE: per seed 0.5, 1 (equal), 0 (the other diverged), inf (this one did).
+    # MSE: per seed 0.5, 1 (equal), 0 (the other diverged), inf (this one
+    # did); as (a - b) / (a + b): -1/3, 0, -1, 1, whose median -1/6 is a
+    # ratio of 5/7.
     row = dict(scored("lorenz", "d", 1.0), per_seed=[1.0, 2.0, 3.0, math.inf], **seeds)
     other = dict(scored("lorenz", "w", 1.0), per_seed=[2.0, 2.0, math.inf, 4.0], **seeds)
     pair = protocol.paired(row, other)
-    assert (pair["won"], pair["lost"], pair["ratio"]) == (2, 1, 0.75)
-    assert pair["ci95"] == protocol.bootstrap_ci([0.5, 1.0, 0.0, math.inf])
-    # Accuracy: the ratio of the errors; two failures (or two perfect runs) tie.
-    row = dict(scored("digits", "d", 0.9, higher_is_better=True), per_seed=[0.9, 1.0, -math.inf, 0.8], **seeds)
-    other = dict(scored("digits", "w", 0.9, higher_is_better=True), per_seed=[0.8, 1.0, -math.inf, 0.9], **seeds)
-    pair = protocol.paired(row, other)
-    assert (pair["won"], pair["lost"]) == (1, 1) and pair["ratio"] == pytest.approx(1.0)
-    assert protocol.paired(other, row)["ratio"] == pytest.approx(1.0)
-    # XOR: steps to target, in forward passes with per_forward; a perfect
-    # other against a positive cost is infinitely better.
+    assert (pair["won"], pair["lost"]) == (2, 1) and pair["ratio"] == pytest.approx(5 / 7)
+    # The interval of those differences, as ratios: its top, a difference
+    # of 1, is an infinite ratio.
+    low, high = protocol.bootstrap_ci([-1 / 3, 0.0, -1.0, 1.0])
+    assert high == 1.0 and pair["ci95"] == pytest.approx([(1 + low) / (1 - low), math.inf])
+    swapped = protocol.paired(other, row)
+    assert (swapped["won"], swapped["lost"]) == (1, 2) and swapped["ratio"] == pytest.approx(7 / 5)
+    # Swapping a pair inverts the ratio and its interval, also where an even
+    # number of seeds puts two ratios in the middle (2 and 4/3 here).
+    row = dict(scored("lorenz", "d", 1.0), per_seed=[1.0, 2.0, 4.0, 4.0], **seeds)
+    other = dict(scored("lorenz", "w", 1.0), per_seed=[2.0, 1.0, 3.0, 2.0], **seeds)
+    pair, swapped = protocol.paired(row, other), protocol.paired(other, row)
+    assert pair["ratio"] == pytest.approx(1 / swapped["ratio"]) and pair["ratio"] > 1
+    assert pair["ci95"] == pytest.approx([1 / swapped["ci95"][1], 1 / swapped["ci95"][0]])
+    # Accuracy: the ratio of the errors, 0.1 against 0.2; two failures, or
+    # two perfect runs, tie.
+    one = dict(scoring_seeds=[0])
+    better = dict(scored("digits", "d", 0.9, higher_is_better=True), per_seed=[0.9], **one)
+    worse = dict(scored("digits", "w", 0.8, higher_is_better=True), per_seed=[0.8], **one)
+    assert protocol.paired(better, worse)["ratio"] == pytest.approx(0.5)
+    assert protocol.paired(better, worse)["won"] == 1
+    row = dict(scored("digits", "d", 0.9, higher_is_better=True), per_seed=[1.0, -math.inf], scoring_seeds=[0, 1])
+    assert protocol.paired(row, row) == dict(won=0, lost=0, ratio=1.0, ci95=[1.0, 1.0])
+    # XOR: steps to target, in forward passes with per_forward: 300 against
+    # 200, two failures, 150 against 200, 30 against a perfect 0.
     row = dict(scored("xor", "d", 0.0, forwards=3), per_seed=[100.0, math.inf, 50.0, 10.0], **seeds)
     other = dict(scored("xor", "w", 0.0, forwards=2), per_seed=[100.0, math.inf, 100.0, 0.0], **seeds)
     assert protocol.paired(row, other)["won"] == 1
     pair = protocol.paired(row, other, per_forward=True)
-    assert (pair["won"], pair["lost"], pair["ratio"]) == (1, 2, 1.25)  # 1.5, 1, 0.75, inf
+    assert (pair["won"], pair["lost"]) == (1, 2) and pair["ratio"] == pytest.approx(11 / 9)  # median of 0, 0.2
     with pytest.raises(ValueError, match="different seeds"):
         protocol.paired(row, dict(other, scoring_seeds=[4, 5, 6, 7]))
 
@@ -330,20 +347,26 @@ def test_a_scored_row_keeps_each_seed_s_figure_in_seed_order(monkeypatch, name):
     task = tasks.task_named(name, False)
     task.seeds = [7, 8, 9]
     # Seed 8 diverged (XOR: did not solve).
+    # WP's figures; SPSA's are ten times them. Seed 8 diverged (XOR: did
+    # not solve).
     finals = {7: 0.3, 8: 0.1, 9: 0.2}
     reached = {7: 40, 8: None, 9: 20}
 
     def fake_runs(jobs, workers, progress, label, work=None):
-        return [dict(steps_to_target=reached[job.seed], seconds_to_target=None if reached[job.seed] is None else 1.0,
-                     final_metric=finals[job.seed], final_loss=finals[job.seed], diverged=job.seed == 8 and name != "xor",
-                     seconds=1.0, steps=task.steps, curve=[(task.steps, 1.0, finals[job.seed], finals[job.seed])],
-                     metric_limit=None) for job in jobs]
+        scale = {"wp": 1, "spsa": 10}
+        return [dict(steps_to_target=None if reached[job.seed] is None else scale[job.contender] * reached[job.seed],
+                     seconds_to_target=None if reached[job.seed] is None else 1.0,
+                     final_metric=scale[job.contender] * finals[job.seed], final_loss=finals[job.seed],
+                     diverged=job.seed == 8 and name != "xor", seconds=1.0, steps=task.steps,
+                     curve=[(task.steps, 1.0, finals[job.seed], finals[job.seed])], metric_limit=None) for job in jobs]
 
     monkeypatch.setattr(protocol, "run_jobs", fake_runs)
-    tuned = {"wp": dict(lr=0.01, schedule="constant", grid=[0.01], at_grid_edge=True)}
-    (row,) = protocol.score(task, tuned, False, 1, lambda message: None)
-    assert row["scoring_seeds"] == [7, 8, 9]
-    assert row["per_seed"] == ([40.0, math.inf, 20.0] if name == "xor" else [0.3, math.inf, 0.2])
+    configuration = dict(lr=0.01, schedule="constant", grid=[0.01], at_grid_edge=True)
+    wp, spsa = protocol.score(task, {"wp": configuration, "spsa": configuration}, False, 1, lambda message: None)
+    assert wp["scoring_seeds"] == spsa["scoring_seeds"] == [7, 8, 9]
+    expected = [40.0, math.inf, 20.0] if name == "xor" else [0.3, math.inf, 0.2]
+    assert wp["per_seed"] == expected
+    assert spsa["per_seed"] == pytest.approx([10 * value for value in expected])
 
 
 def test_beating_per_forward_counts_xor_in_forward_passes():
