@@ -433,12 +433,22 @@ def _ratio(difference: float) -> float:
     return math.inf if difference == 1 else (1 + difference) / (1 - difference)
 
 
+def sign_test(won: int, lost: int) -> float:
+    """The two-sided exact sign test of `won` against `lost` seeds (ties
+    left out): the chance of a split at least this uneven if each seed were
+    a coin toss; 1 for no seeds. With five seeds it is 0.0625 at best."""
+    seeds = won + lost
+    tail = sum(math.comb(seeds, i) for i in range(min(won, lost) + 1)) / 2**seeds
+    return min(1.0, 2 * tail)
+
+
 def paired(row: dict, other: dict, per_forward: bool = False) -> dict:
     """Row against other seed by seed. A scoring seed starts both from the
     same initialisation and data, so the ratio of their costs on each seed
     (< 1: row better; 1 where they are equal, two failures included) leaves
     out what the seeds share, which two medians and their intervals keep.
-    The seeds row won and lost, the median ratio and its 95% interval. The
+    The seeds row won and lost with their sign test (`p`), the median ratio
+    and its 95% interval. The
     median and the interval are taken of (a - b) / (a + b), finite where a
     failure makes the ratio 0 or infinite, and turned back into ratios, so
     that swapping the pair inverts them (two middle ratios of 0.5 and 2 are
@@ -451,9 +461,11 @@ def paired(row: dict, other: dict, per_forward: bool = False) -> dict:
     for a, b in zip(row["per_seed"], other["per_seed"]):
         a, b = _as_cost(row, a, per_forward), _as_cost(other, b, per_forward)
         differences.append(0.0 if a == b else 1.0 if math.isinf(a) else -1.0 if math.isinf(b) else (a - b) / (a + b))
+    won, lost = sum(d < 0 for d in differences), sum(d > 0 for d in differences)
     return dict(
-        won=sum(d < 0 for d in differences),
-        lost=sum(d > 0 for d in differences),
+        won=won,
+        lost=lost,
+        p=sign_test(won, lost),
         ratio=_ratio(statistics.median(differences)),
         ci95=[_ratio(bound) for bound in bootstrap_ci(differences)],
     )

@@ -235,13 +235,14 @@ SIDES = ("below 1", "across 1", "above 1")
 def _paired(r: dict, other: dict) -> Tuple[str, str]:
     """r against other seed by seed at equal forward passes
     (protocol.paired): the median ratio of their costs [95% CI] with the
-    seeds r won and lost; and where the interval lies: below 1 (r better on
-    the seeds), above 1, or across 1 (the seeds do not tell; an interval
-    that reaches 1 is across it)."""
+    seeds r won and lost and their sign test; and where the interval lies:
+    below 1 (r better on the seeds), above 1, or across 1 (the seeds do not
+    tell; an interval that reaches 1 is across it)."""
     pair = protocol.paired(r, other, per_forward=True)
     low, high = pair["ci95"]
     side = SIDES[0] if high < 1 else SIDES[2] if low > 1 else SIDES[1]
-    return f"{_fmt(pair['ratio'])} {_ci(pair['ci95'])}, won {pair['won']}, lost {pair['lost']} of {len(r['per_seed'])}", side
+    seeds = f"won {pair['won']}, lost {pair['lost']} of {len(r['per_seed'])} (p {pair['p']:.2g})"
+    return f"{_fmt(pair['ratio'])} {_ci(pair['ci95'])}, {seeds}", side
 
 
 def _sides(pairs: Dict[str, List[str]]) -> str:
@@ -323,7 +324,8 @@ def _directions(records) -> List[str]:
         "",
         "Seed by seed: a scoring seed starts every contender from the same initialisation and data, so the ratio of the "
         "defaults' cost to a peer's on each seed (< 1: the defaults better; XOR forward passes to target, accuracy the "
-        "error) leaves out what the seeds share. Median ratio [95% CI], and the seeds the defaults won and lost:",
+        "error) leaves out what the seeds share. Median ratio [95% CI], the seeds the defaults won and lost, and the "
+        "two-sided sign test of that split (p):",
         "",
         "| task | " + " | ".join(f"vs {method} at its k" for method in peers) + " |",
         "|---|" + "---|" * len(peers),

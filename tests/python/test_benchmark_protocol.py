@@ -330,7 +330,7 @@ def test_the_paired_ratio_compares_each_seed_s_cost_and_keeps_failures():
     assert protocol.paired(better, worse)["ratio"] == pytest.approx(0.5)
     assert protocol.paired(better, worse)["won"] == 1
     row = dict(scored("digits", "d", 0.9, higher_is_better=True), per_seed=[1.0, -math.inf], scoring_seeds=[0, 1])
-    assert protocol.paired(row, row) == dict(won=0, lost=0, ratio=1.0, ci95=[1.0, 1.0])
+    assert protocol.paired(row, row) == dict(won=0, lost=0, p=1.0, ratio=1.0, ci95=[1.0, 1.0])
     # XOR: steps to target, in forward passes with per_forward: 300 against
     # 200, two failures, 150 against 200, 30 against a perfect 0.
     row = dict(scored("xor", "d", 0.0, forwards=3), per_seed=[100.0, math.inf, 50.0, 10.0], **seeds)
@@ -340,6 +340,20 @@ def test_the_paired_ratio_compares_each_seed_s_cost_and_keeps_failures():
     assert (pair["won"], pair["lost"]) == (1, 2) and pair["ratio"] == pytest.approx(11 / 9)  # median of 0, 0.2
     with pytest.raises(ValueError, match="different seeds"):
         protocol.paired(row, dict(other, scoring_seeds=[4, 5, 6, 7]))
+
+
+def test_the_sign_test_gives_the_exact_two_sided_binomial_chance():
+    # Five seeds of five: 2 / 32; 32 of 65 against 33: as even as it gets;
+    # 19 of 20: 2 * 21 / 2**20; ties are left out by the caller.
+    assert protocol.sign_test(5, 0) == protocol.sign_test(0, 5) == pytest.approx(0.0625)
+    assert protocol.sign_test(32, 33) == 1.0
+    assert protocol.sign_test(19, 1) == pytest.approx(42 / 2**20)
+    assert protocol.sign_test(35, 30) == pytest.approx(0.6201, abs=1e-4)
+    assert protocol.sign_test(0, 0) == 1.0
+    # paired() counts only the seeds either side won.
+    row = dict(scored("lorenz", "d", 1.0), per_seed=[1.0, 1.0, 1.0, 2.0], scoring_seeds=[0, 1, 2, 3])
+    other = dict(scored("lorenz", "w", 1.0), per_seed=[2.0, 2.0, 2.0, 2.0], scoring_seeds=[0, 1, 2, 3])
+    assert protocol.paired(row, other)["p"] == pytest.approx(protocol.sign_test(3, 0)) == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("name", ["lorenz", "xor"])
@@ -399,11 +413,11 @@ def test_the_report_pairs_the_rule_with_wp_at_every_k_and_judges_the_defaults_ag
     assert "wp at its k on 1 of 1 tasks; zo-sgd[central] at its k on 1 of 1 tasks" in text
     assert "fzoo at its k on 0 of 1 tasks" in text and "**not met**" in text
     assert "Dopamine at the k its tuning chose beats wp on 1 of 1; zo-sgd[central] on 1 of 1; spsa on 1 of 1; fzoo on 0 of 1" in text
-    half = "| 0.5 [0.5, 0.5], won 5, lost 0 of 5 |"
+    half = "| 0.5 [0.5, 0.5], won 5, lost 0 of 5 (p 0.062) |"
     assert sum(line.startswith("| lorenz | ") and line.endswith(f"| **beats**, intervals disjoint {half}") for line in text.splitlines()) == 4
     # Seed by seed: the defaults (0.001 on every seed) at half the MSE of
     # WP, MeZO and SPSA, at twice FZOO's.
-    assert f"| lorenz {half} 0.5 [0.5, 0.5], won 5, lost 0 of 5 {half} 2 [2, 2], won 0, lost 5 of 5 |" in text
+    assert f"| lorenz {half} 0.5 [0.5, 0.5], won 5, lost 0 of 5 (p 0.062) {half} 2 [2, 2], won 0, lost 5 of 5 (p 0.062) |" in text
     assert ("lies below 1: wp on lorenz, zo-sgd[central] on lorenz, spsa on lorenz; across 1: none; above 1: fzoo on lorenz"
             in text)
     # An interval that reaches the other's: the same verdict, marked; equal
@@ -421,8 +435,8 @@ def test_the_report_pairs_the_rule_with_wp_at_every_k_and_judges_the_defaults_ag
     # Per seed 0.5, 2, 1, 1, 1: one won, one lost, the median a tie.
     pair = protocol.paired(named["dopamine[k=2]"], named["wp[k=2]"])
     assert pair["won"] == 1 and pair["lost"] == 1 and pair["ratio"] == 1.0
-    assert row_of["2"].endswith(f"| neither beats, intervals overlap | 1 {report._ci(pair['ci95'])}, won 1, lost 1 of 5 |")
-    assert "| most runs diverged; 3/5 div. | **beats**, intervals disjoint | 0 [0, 0.5], won 5, lost 0 of 5 |" in row_of["4"]
+    assert row_of["2"].endswith(f"| neither beats, intervals overlap | 1 {report._ci(pair['ci95'])}, won 1, lost 1 of 5 (p 1) |")
+    assert "| most runs diverged; 3/5 div. | **beats**, intervals disjoint | 0 [0, 0.5], won 5, lost 0 of 5 (p 0.062) |" in row_of["4"]
     assert row_of["1"].endswith(f"| **beats**, an interval unknown {half}")
     assert "against WP at the same k lies below 1: lorenz k=1, lorenz k=4, lorenz k=8; across 1: lorenz k=2; above 1: none" in text
     # The main tables leave the study's rows out.
