@@ -85,7 +85,9 @@ bench: build python
 # about 125 minutes on 2 cores on the faster VM (42 for XOR, Lorenz, Rössler
 # and digits on 2026-11-29 with fewer contenders, 6 for spirals, 50 for the
 # two fine-tuning tasks, 26 for the directions study), about twice that on an
-# AVX2 VM; tuned.json's seconds add up parts run beside other work.
+# AVX2 VM (there, nothing else running, 2026-12-07: XOR 5.0 minutes, digits
+# 25.7, spirals 27.1, each its main suite and study); tuned.json's seconds
+# add up parts run beside other work.
 # Retuning some contenders, the evidence contenders included:
 # `run_suite.py --tune --contenders NAME...`, which retunes the directions
 # study's methods of those names too (64 minutes for dopamine and
