@@ -448,13 +448,13 @@ def paired(row: dict, other: dict, per_forward: bool = False) -> dict:
     (< 1: row better; 1 where they are equal, two failures included) leaves
     out what the seeds share, which two medians and their intervals keep.
     The seeds row won and lost with their sign test (`p`), the median ratio
-    and its 95% interval. The
-    median and the interval are taken of (a - b) / (a + b), finite where a
-    failure makes the ratio 0 or infinite, and turned back into ratios, so
-    that swapping the pair inverts them (two middle ratios of 0.5 and 2 are
-    a median of 1 either way). Each seed's figure is the row's at its own
-    horizon (the directions study's: the budget of forward passes);
-    `per_forward` counts XOR's steps to target in forward passes."""
+    and its 95% interval. The median and the interval are taken of
+    (a - b) / (a + b), finite where a failure makes the ratio 0 or infinite,
+    and turned back into ratios, so that swapping the pair inverts them (two
+    middle ratios of 0.5 and 2 are a median of 1 either way). Each seed's
+    figure is the row's at its own horizon (the directions study's: the
+    budget of forward passes); `per_forward` counts XOR's steps to target in
+    forward passes."""
     if row["scoring_seeds"] != other["scoring_seeds"]:
         raise ValueError(f"{row['optimizer']} and {other['optimizer']} were scored on different seeds: no pairs")
     differences = []
