@@ -360,7 +360,6 @@ def test_the_sign_test_gives_the_exact_two_sided_binomial_chance():
 def test_a_scored_row_keeps_each_seed_s_figure_in_seed_order(monkeypatch, name):
     task = tasks.task_named(name, False)
     task.seeds = [7, 8, 9]
-    # Seed 8 diverged (XOR: did not solve).
     # WP's figures; SPSA's are ten times them. Seed 8 diverged (XOR: did
     # not solve).
     finals = {7: 0.3, 8: 0.1, 9: 0.2}
