@@ -70,12 +70,12 @@ define run_bench
 	  --cpp-json results/bench_cpp.json --noise-json results/noise_cpp.json
 endef
 
-# Quick: 35.2 minutes on 2 cores for the suite (35.8 with the rebuild) on
-# 2026-12-07 13:52 on an AVX2 VM, nothing else running; with the evidence
-# contenders (docs/BENCHMARKS.md, "Contenders"), which it no longer scores,
-# 40.4 there and 18.5 on 2026-12-06 on an AVX-512 VM. The first run also
-# pretrains the fine-tuning tasks' model (1.5 minutes). Scores every
-# optimizer at the configuration benchmarks/tuned.json holds for it.
+# Quick: 19.2 minutes whole on 2 cores on 2026-12-07 22:18 on an AVX-512 VM
+# (Intel Xeon; the first run there, so with the 1.5-minute pretraining of the
+# fine-tuning tasks' model, which later runs take from results/lm_cache);
+# 35.8 (35.2 the suite) at 13:52 on an AVX2 VM; nothing else running either
+# time. Scores every optimizer at the configuration benchmarks/tuned.json
+# holds for it.
 bench: build python
 	$(call run_bench,2000,)
 
