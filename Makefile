@@ -81,13 +81,11 @@ bench: build python
 
 # Reruns the tuning of the quick tasks (make bench's contenders: 5 learning
 # rates x 2 schedules x 3 tuning seeds) and of the directions study, and
-# rewrites benchmarks/tuned.json. Not timed whole: its parts added up to
-# about 125 minutes on 2 cores on the faster VM (42 for XOR, Lorenz, Rössler
-# and digits on 2026-11-29 with fewer contenders, 6 for spirals, 50 for the
-# two fine-tuning tasks, 26 for the directions study), about twice that on an
-# AVX2 VM (there, nothing else running, 2026-12-07: XOR 5.0 minutes, digits
-# 25.7, spirals 27.1, each its main suite and study); tuned.json's seconds
-# add up parts run beside other work.
+# rewrites benchmarks/tuned.json: 96.1 minutes whole on 2 cores on 2026-12-07
+# 22:19 on an AVX-512 VM, nothing else running; about 3 to 4 hours on an
+# AVX2 VM, where XOR took 5.0 minutes, digits 25.7 and spirals 27.1. Choices
+# sensitive to rounding differ between CPUs (docs/BENCHMARKS.md, "The
+# committed tuning and a whole retune").
 # Retuning some contenders, the evidence contenders included:
 # `run_suite.py --tune --contenders NAME...`, which retunes the directions
 # study's methods of those names too (64 minutes for dopamine and
